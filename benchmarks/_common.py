@@ -1,0 +1,52 @@
+"""Shared pieces of the benchmark scripts: the machine header and writing a result table.
+
+Each benchmark writes its table to ``benchmarks/results/<name>.md``;
+``benchmarks/run_all.py`` runs them all and assembles ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def write_result(name: str, title: str, table: str, notes: str = "") -> Path:
+    """Write one result section with the machine, the date and the exact command on top."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    text = (f"## {title}\n\n"
+            f"- machine: {machine()}\n"
+            f"- date: {datetime.date.today().isoformat()}\n"
+            f"- command: `{command}`\n\n"
+            f"{table.strip()}\n")
+    if notes:
+        text += f"\n{notes.strip()}\n"
+    path = RESULTS_DIR / f"{name}.md"
+    path.write_text(text)
+    print(text)
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

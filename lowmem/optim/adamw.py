@@ -1,0 +1,11 @@
+"""AdamW (Loshchilov & Hutter, 2019): the full-state baseline, ``torch.optim.AdamW``.
+
+    m_t = b1 m_{t-1} + (1-b1) g ;  v_t = b2 v_{t-1} + (1-b2) g^2
+    W  <- W (1 - lr wd) - lr m_t/(1-b1^t) / (sqrt(v_t/(1-b2^t)) + eps)
+"""
+
+import torch
+
+from lowmem.optim.registry import OptimizerSpec, register
+
+register(OptimizerSpec(name="adamw", cls=torch.optim.AdamW))

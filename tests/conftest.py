@@ -1,0 +1,70 @@
+"""Shared test set-up.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined,
+so it is set here, at collection time, before lowmem.kernels is imported.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _tiny_config(arch: str = "llama", tied: bool = False, layers: int = 2, vocab: int = 128, hidden: int = 32):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab, tie_word_embeddings=tied)
+    if arch == "llama":
+        return AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=256, **common)
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                                    bos_token_id=0, eos_token_id=1, **common)
+    if arch == "opt":
+        return AutoConfig.for_model("opt", hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                                    num_attention_heads=4, max_position_embeddings=256,
+                                    word_embed_proj_dim=hidden, **common)
+    raise ValueError(arch)
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model(arch="llama"|"gpt2"|"opt", tied=False, layers=2, seed=0, dtype=torch.float32)``
+    returns a randomly initialised Hugging Face causal LM built from a config (no download)."""
+    from transformers import AutoModelForCausalLM
+
+    def make(arch: str = "llama", tied: bool = False, layers: int = 2, seed: int = 0,
+             dtype: torch.dtype = torch.float32, vocab: int = 128, hidden: int = 32):
+        torch.manual_seed(seed)
+        cfg = _tiny_config(arch, tied, layers, vocab, hidden)
+        model = AutoModelForCausalLM.from_config(cfg)
+        return model.to(dtype)
+
+    return make
+
+
+@pytest.fixture
+def tiny_batch():
+    """Factory: ``tiny_batch(batch=2, seq=16, vocab=128, seed=0)`` -> dict(input_ids, labels)."""
+
+    def make(batch: int = 2, seq: int = 16, vocab: int = 128, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
