@@ -56,3 +56,16 @@ def gaussian_like(tensor: torch.Tensor, seed: int) -> torch.Tensor:
 def perturb_(tensor: torch.Tensor, seed: int, scale: float) -> None:
     """In place: ``tensor += scale * z(seed)`` with one tensor-sized temporary."""
     tensor.add_(gaussian_like(tensor, seed), alpha=scale)
+
+
+@torch.no_grad()
+def sgd_update_(tensor: torch.Tensor, seed: int, lr: float, projected_grad: float, weight_decay: float) -> None:
+    """MeZO's update for one tensor, in place: ``tensor -= lr * (g * z(seed) + wd * tensor)``.
+
+    The single place this rule is written: in-memory MeZO and the ZO2 offload
+    engine both call it, so the two stay bit-identical.
+    """
+    step = gaussian_like(tensor, seed).mul_(projected_grad)
+    if weight_decay:
+        step.add_(tensor, alpha=weight_decay)
+    tensor.sub_(step.mul_(lr))
