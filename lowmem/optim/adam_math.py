@@ -1,0 +1,118 @@
+"""The Adam-moment update shared by GaLore, APOLLO and FRUGAL, written once in fp32.
+
+Adam (Kingma & Ba, 2015) on a (possibly projected) gradient ``R``, step ``t``::
+
+    M <- b1 M + (1 - b1) R
+    V <- b2 V + (1 - b2) R^2
+    N  = M / (sqrt(V) + eps')          step_size = lr * sqrt(1 - b2^t) / (1 - b1^t)
+
+and the caller applies ``W -= step_size * f(N)``. With ``eps' = eps`` this is the
+"HF-style" rule of galore-torch / apollo-torch (eps not bias-corrected); with
+``eps' = eps * sqrt(1 - b2^t)`` it is algebraically torch.optim.AdamW's rule
+(FRUGAL's state-full part, and bitsandbytes' fused kernel).
+
+The moments live in a :class:`~lowmem.optim.state_store.MomentStore` (fp32, or
+8-bit blockwise with ``state_bits=8``); the math sees fp32 tensors either way.
+:class:`MomentOptimizer` is the small base class of the three optimizers: it
+validates the common arguments, owns the store and runs the per-param loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def has_moments(state: dict) -> bool:
+    return any(k.startswith("exp_avg") for k in state)
+
+
+def clear_moments(state: dict) -> None:
+    """Drop both moments (any storage layout)."""
+    for key in [k for k in state if k.startswith("exp_avg")]:
+        del state[key]
+
+
+def adam_normalized(state: dict, store, grad: torch.Tensor, lr: float, betas: tuple[float, float],
+                    eps: float, t: int, torch_eps: bool = False,
+                    correct_bias: bool = True) -> tuple[torch.Tensor, float]:
+    """Update the moments of ``state`` with the fp32 ``grad`` and return ``(N, step_size)``.
+
+    Moments are created on first use; ``t`` is the step count after increment.
+    """
+    beta1, beta2 = betas
+    if not has_moments(state):
+        for key in MOMENT_KEYS:
+            store.init(state, key, grad)
+    m = store.load(state, "exp_avg", grad.shape, signed=True)
+    v = store.load(state, "exp_avg_sq", grad.shape, signed=False)
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    bias2 = 1.0 - beta2 ** t
+    step_size = lr
+    if correct_bias:
+        step_size = step_size * math.sqrt(bias2) / (1.0 - beta1 ** t)
+    denom = v.sqrt().add_(eps * math.sqrt(bias2) if torch_eps else eps)
+    normalized = m / denom
+    store.store(state, "exp_avg", m, signed=True)
+    store.store(state, "exp_avg_sq", v, signed=False)
+    return normalized, step_size
+
+
+def decoupled_weight_decay(p: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """``W <- W - lr * wd * W`` (Loshchilov & Hutter), as the reference packages write it."""
+    if weight_decay > 0.0:
+        p.add_(p, alpha=-lr * weight_decay)
+
+
+def check_positive_int(group: dict, key: str, minimum: int = 1) -> None:
+    value = group[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"optim.args.{key}: must be an integer >= {minimum}, got {value!r}")
+
+
+class MomentOptimizer(torch.optim.Optimizer):
+    """Base of GaLore/APOLLO/FRUGAL: common argument checks, the moment store and the param loop.
+
+    Subclasses implement ``_update(p, group, state)`` for one parameter with a gradient.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 state_bits: int, **extra_defaults):
+        from lowmem.optim.state_store import MomentStore  # 8-bit kernels load on first use
+
+        if lr < 0.0:
+            raise ValueError(f"optim.args.lr: must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"optim.args.betas: each must be in [0, 1), got {tuple(betas)}")
+        if eps < 0.0:
+            raise ValueError(f"optim.args.eps: must be >= 0, got {eps}")
+        if weight_decay < 0.0:
+            raise ValueError(f"optim.args.weight_decay: must be >= 0, got {weight_decay}")
+        self.store = MomentStore(state_bits)
+        self.state_bits = state_bits
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **extra_defaults)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                state.setdefault("step", 0)
+                self._update(p, group, state)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError

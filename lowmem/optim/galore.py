@@ -1,0 +1,58 @@
+"""GaLore-AdamW: Adam in a low-rank gradient subspace (Zhao et al., 2024, "GaLore:
+Memory-Efficient LLM Training by Gradient Low-Rank Projection", Algorithm 2).
+
+For a 2-D weight ``W`` (m x n) with gradient ``G`` at step ``t = k + 1``::
+
+    if k % T == 0:  U, S, Vh = svd(G);  P = Vh[:r] (right, m >= n) or U[:, :r] (left)   # refresh
+    R  = G P^T  (or P^T G)                            # (m, r) / (r, n): the state is this small
+    M, V = Adam moments of R ;  N = M / (sqrt(V) + eps)
+    W <- W - lr * sqrt(1-b2^t)/(1-b1^t) * alpha * N P   (or alpha * P N)
+    W <- W - lr * wd * W                              # decoupled, after the update
+
+Moments are neither reset nor rotated at a refresh (as in the reference). Params
+in groups without ``rank`` get the same HF-style AdamW without projection.
+Per-group keys as in galore-torch: ``rank``, ``update_proj_gap``, ``scale``,
+``proj_type`` (std, reverse_std, left, right, full). Defaults: eps 1e-6, wd 0.
+"""
+
+from __future__ import annotations
+
+from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, decoupled_weight_decay
+from lowmem.optim.projection import check_projected_group, current_factors, project, project_back
+from lowmem.optim.registry import OptimizerSpec, register
+
+GROUP_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+
+
+class GaLoreAdamW(MomentOptimizer):
+    """Drop-in for ``galore_torch.GaLoreAdamW`` (same group keys, same numbers in fp32)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True, state_bits: int = 32):
+        super().__init__(params, lr, betas, eps, weight_decay, state_bits, correct_bias=correct_bias)
+        for group in self.param_groups:
+            if "rank" in group:
+                check_projected_group(group, GROUP_DEFAULTS, "GaLoreAdamW")
+
+    def _update(self, p, group, state) -> None:
+        g = p.grad.float()
+        u = v = None
+        if "rank" in group:
+            # 1. refresh P from the SVD of this gradient when k % T == 0; 2. project
+            u, v = current_factors(state, g, group["rank"], group["proj_type"], group["update_proj_gap"],
+                                   random=False, dtype=p.dtype)
+            g = project(g, u, v)
+        state["step"] += 1
+        # 3. Adam on the low-rank gradient
+        normalized, step_size = adam_normalized(state, self.store, g, group["lr"], group["betas"], group["eps"],
+                                                state["step"], correct_bias=group["correct_bias"])
+        if "rank" in group:
+            # 4. project the normalized update back, times alpha
+            normalized = project_back(normalized, u, v) * group["scale"]
+        p.add_(normalized.to(p.dtype), alpha=-step_size)
+        # 5. decoupled weight decay
+        decoupled_weight_decay(p, group["lr"], group["weight_decay"])
+
+
+register(OptimizerSpec(name="galore_adamw", cls=GaLoreAdamW, target_keys=tuple(GROUP_DEFAULTS),
+                       target_defaults=dict(GROUP_DEFAULTS)))
