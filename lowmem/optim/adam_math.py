@@ -116,3 +116,11 @@ class MomentOptimizer(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError
+
+    def _adamw_update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        """Plain HF-style AdamW for a parameter outside the low-rank groups."""
+        state["step"] += 1
+        normalized, step_size = adam_normalized(state, self.store, p.grad.float(), group["lr"], group["betas"],
+                                                group["eps"], state["step"], correct_bias=group["correct_bias"])
+        p.add_(normalized.to(p.dtype), alpha=-step_size)
+        decoupled_weight_decay(p, group["lr"], group["weight_decay"])

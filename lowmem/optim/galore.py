@@ -35,21 +35,21 @@ class GaLoreAdamW(MomentOptimizer):
                 check_projected_group(group, GROUP_DEFAULTS, "GaLoreAdamW")
 
     def _update(self, p, group, state) -> None:
+        if "rank" not in group:
+            self._adamw_update(p, group, state)
+            return
         g = p.grad.float()
-        u = v = None
-        if "rank" in group:
-            # 1. refresh P from the SVD of this gradient when k % T == 0; 2. project
-            u, v = current_factors(state, g, group["rank"], group["proj_type"], group["update_proj_gap"],
-                                   random=False, dtype=p.dtype)
-            g = project(g, u, v)
+        # 1. refresh P from the SVD of this gradient when k % T == 0; 2. project
+        u, v = current_factors(state, g, group["rank"], group["proj_type"], group["update_proj_gap"],
+                               random=False, dtype=p.dtype)
+        low = project(g, u, v)
         state["step"] += 1
         # 3. Adam on the low-rank gradient
-        normalized, step_size = adam_normalized(state, self.store, g, group["lr"], group["betas"], group["eps"],
+        normalized, step_size = adam_normalized(state, self.store, low, group["lr"], group["betas"], group["eps"],
                                                 state["step"], correct_bias=group["correct_bias"])
-        if "rank" in group:
-            # 4. project the normalized update back, times alpha
-            normalized = project_back(normalized, u, v) * group["scale"]
-        p.add_(normalized.to(p.dtype), alpha=-step_size)
+        # 4. project the normalized update back, times alpha
+        update = project_back(normalized, u, v) * group["scale"]
+        p.add_(update.to(p.dtype), alpha=-step_size)
         # 5. decoupled weight decay
         decoupled_weight_decay(p, group["lr"], group["weight_decay"])
 

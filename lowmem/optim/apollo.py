@@ -1,0 +1,111 @@
+"""APOLLO and APOLLO-Mini (Zhu et al., 2024, "APOLLO: SGD-like Memory, AdamW-level
+Performance", Algorithm 1), with the norm-growth limiter of Fira (Chen et al., 2024).
+
+For a 2-D weight ``W`` (m x n), gradient ``G``, step ``t = k + 1``::
+
+    if k % T == 0:  P ~ N(0, 1/r), shape (r, n) if m >= n else (m, r), drawn from the seed chain
+    R  = G P^T  (or P^T G)                               # (m, r) / (r, n)
+    M, V = Adam moments of R ;  N = M / (sqrt(V) + eps)  # no bias correction inside
+    channel:  s_i = ||N_i|| / (||R_i|| + 1e-8) per row (m >= n) or per column (m < n)
+    tensor:   s   = ||N||_F / (||R||_F + 1e-8)           # APOLLO-Mini: rank 1, tensor
+    S = s * G  (the raw full-rank gradient, rescaled)
+    limiter:  S <- S / (max(||S|| / ||S_prev||, 1.01) / 1.01)   # growth <= 1.01x per step
+    W <- W - lr * sqrt(1-b2^t)/(1-b1^t) * sqrt(alpha) * S ;  W <- W - lr * wd * W
+
+``sqrt(alpha)`` multiplies ``S`` before the limiter with ``scale_front=True``, after it
+otherwise (the reference's semantics). The projection is regenerated each step from
+``state["proj_seed"]`` (never stored); ``state["seed"]`` starts at the parameter's
+1-based position over all groups and advances by apollo-torch's ``next_seed`` at each
+draw, so random mode reproduces apollo-torch's projections on the same device type.
+``proj="svd"`` uses GaLore's SVD projector instead. Group keys as in apollo-torch:
+``rank, proj, scale_type, scale, update_proj_gap, proj_type``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, decoupled_weight_decay
+from lowmem.optim.projection import (assign_seeds, check_projected_group, current_factors, project, sides)
+from lowmem.optim.registry import OptimizerSpec, register
+
+GROUP_DEFAULTS = {"rank": 256, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std",
+                  "proj": "random", "scale_type": "channel"}
+MINI_DEFAULTS = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
+GROWTH_LIMIT = 1.01  # Fira's gamma
+
+
+class APOLLOAdamW(MomentOptimizer):
+    """Drop-in for ``apollo_torch.APOLLOAdamW`` (same group keys and constructor flags)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True, scale_front: bool = False,
+                 disable_nl: bool = False, state_bits: int = 32):
+        super().__init__(params, lr, betas, eps, weight_decay, state_bits, correct_bias=correct_bias)
+        self.scale_front, self.disable_nl = scale_front, disable_nl
+        for group in self.param_groups:
+            if "rank" in group:
+                _check_group(group)
+        assign_seeds(self, lambda group, p: "rank" in group and group["proj"] == "random")
+
+    def _update(self, p, group, state) -> None:
+        if "rank" not in group:
+            self._adamw_update(p, group, state)
+            return
+        g = p.grad.float()
+        # Step 1: project the gradient (redraw P every T steps)
+        u, v = current_factors(state, g, group["rank"], group["proj_type"], group["update_proj_gap"],
+                               random=group["proj"] == "random", dtype=p.dtype)
+        low = project(g, u, v)
+        state["step"] += 1
+        # Step 2: low-rank Adam moments
+        normalized, step_size = adam_normalized(state, self.store, low, group["lr"], group["betas"], group["eps"],
+                                                state["step"], correct_bias=group["correct_bias"])
+        # Steps 3-4: scale the raw gradient channel- or tensor-wise
+        scaled = g * _scaling_factor(normalized, low, group["scale_type"], right=v is not None)
+        if self.scale_front:
+            scaled *= math.sqrt(group["scale"])
+        if not self.disable_nl:
+            scaled = _limit_growth(state, scaled)
+        if not self.scale_front:
+            scaled *= math.sqrt(group["scale"])
+        p.add_(scaled.to(p.dtype), alpha=-step_size)
+        decoupled_weight_decay(p, group["lr"], group["weight_decay"])
+
+
+def _check_group(group: dict) -> None:
+    check_projected_group(group, GROUP_DEFAULTS, "APOLLOAdamW")
+    if group["proj"] not in ("random", "svd"):
+        raise ValueError(f"optim.args.proj: must be 'random' or 'svd', got {group['proj']!r}")
+    if group["scale_type"] not in ("channel", "tensor"):
+        raise ValueError(f"optim.args.scale_type: must be 'channel' or 'tensor', got {group['scale_type']!r}")
+    if group["proj_type"] == "full" and (group["scale_type"] == "channel" or group["proj"] == "random"):
+        raise ValueError("optim.args.proj_type: 'full' needs proj='svd' and scale_type='tensor'")
+
+
+def _scaling_factor(normalized: torch.Tensor, low: torch.Tensor, scale_type: str, right: bool) -> torch.Tensor:
+    """APOLLO Step 3: ||N|| / (||R|| + 1e-8), per channel of the unprojected axis or per tensor."""
+    if scale_type == "tensor":
+        return torch.norm(normalized) / (torch.norm(low) + 1e-8)
+    if right:  # R is (m, r): one factor per row of G
+        return (torch.norm(normalized, dim=1) / (torch.norm(low, dim=1) + 1e-8)).unsqueeze(1)
+    return torch.norm(normalized, dim=0) / (torch.norm(low, dim=0) + 1e-8)  # R is (r, n): per column
+
+
+def _limit_growth(state: dict, scaled: torch.Tensor) -> torch.Tensor:
+    """Fira's norm-growth limiter: ||S_t|| <= 1.01 ||S_{t-1}||; stores the norm after limiting."""
+    norm = torch.norm(scaled)
+    if "scaled_grad" in state:
+        limiter = torch.clamp(norm / (state["scaled_grad"] + 1e-8), min=GROWTH_LIMIT) / GROWTH_LIMIT
+        scaled = scaled / limiter
+        norm = norm / limiter
+    state["scaled_grad"] = norm
+    return scaled
+
+
+_KEYS = tuple(GROUP_DEFAULTS)
+register(OptimizerSpec(name="apollo", cls=APOLLOAdamW, target_keys=_KEYS, target_defaults=dict(GROUP_DEFAULTS)))
+register(OptimizerSpec(name="apollo_mini", cls=APOLLOAdamW, target_keys=_KEYS,
+                       target_defaults={**GROUP_DEFAULTS, **MINI_DEFAULTS}))
