@@ -1,0 +1,111 @@
+"""MeZO: memory-efficient zeroth-order SGD (Malladi et al., 2023, "Fine-Tuning Language
+Models with Just Forward Passes", Algorithm 1), with n-SPSA, momentum and distributed
+shared-seed updates.
+
+Per step, with step seed ``s`` (private generator) and samples ``i = 1..n``
+(``z_i`` regenerated per parameter from ``param_seed(s, stream_i, index)``)::
+
+    g_i   = (L(theta + eps z_i) - L(theta - eps z_i)) / (2 eps)    # in-place perturb, 2 forwards
+    d     = 1/n sum_i g_i z_i + wd * theta                         # wd only where the group says
+    theta <- theta - lr * d                                        # momentum = 0 (reference MeZO)
+    buf   <- mu * buf + d ;  theta <- theta - lr * buf              # momentum mu > 0 (= torch SGD)
+
+* ``n = 1``, ``mu = 0``: each parameter is updated by
+  :func:`lowmem.optim.zo_noise.sgd_update_`, the rule the ZO2 engine shares.
+* n-SPSA: the medium-model MeZO trainer's ``g z / n`` average; streams ``0..n-1``.
+* weight decay: per param group. ``create_optimizer`` gives biases and norms
+  ``weight_decay = 0``, as the reference exempts ``bias``/``layer_norm`` names.
+* distributed (torch.distributed initialised, N > 1 processes): every process
+  evaluates streams ``rank*n .. rank*n+n-1`` on its own batch, the scalars are
+  all-gathered (:mod:`lowmem.optim.zo_distributed`) and all ``N n`` updates are
+  applied everywhere, so replicas stay identical.
+
+Memory equals inference: the forwards run under ``no_grad`` (nothing is kept for
+backward, no ``.grad`` is made) and the only temporary is one ``z`` shaped like the
+parameter being touched (momentum adds one buffer per parameter). Seeds, the
+closure contract and low-precision forwards: :mod:`lowmem.optim.zo_base`.
+The step's ``g`` values (as applied) are in ``last_projected_grads``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem.optim.registry import OptimizerSpec, register
+from lowmem.optim.zo_base import ZerothOrderOptimizer
+from lowmem.optim.zo_distributed import GradExchange
+from lowmem.optim.zo_noise import gaussian_like, param_seed, perturb_, sgd_update_
+
+
+class MeZO(ZerothOrderOptimizer):
+    """ZO-SGD with in-place seeded perturbations; ``loss = opt.step(closure)`` returns L+ (mean over samples)."""
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+                 momentum: float = 0.0, n_samples: int = 1, seed: int = 0, fp32_forward: bool = True,
+                 one_byte: bool = False, levels_per_efold: int = 8, process_group=None):
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+            raise ValueError(f"optim.weight_decay: must be >= 0, got {weight_decay!r}")
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"optim.momentum: must be in [0, 1), got {momentum!r}")
+        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+            raise ValueError(f"optim.n_samples: must be an int >= 1, got {n_samples!r}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
+        super().__init__(params, defaults, eps=eps, seed=seed, fp32_forward=fp32_forward)
+        self.n_samples = n_samples
+        self.exchange = GradExchange(one_byte=one_byte, levels_per_efold=levels_per_efold, group=process_group)
+
+    def _perturb(self, step_seed: int, stream: int, scale: float) -> None:
+        for index, p, _ in self.indexed_params():
+            perturb_(p, param_seed(step_seed, stream, index), scale * self.eps)
+
+    def local_streams(self) -> list[int]:
+        rank, _ = self.exchange.rank_world()
+        return [rank * self.n_samples + j for j in range(self.n_samples)]
+
+    @torch.no_grad()
+    def step(self, closure=None) -> torch.Tensor:
+        self._require_closure(closure)
+        # 1. one step seed, shared by every process (same private generator)
+        step_seed = self.draw_step_seed()
+        # 2. two-point estimates for this process's streams (MeZO Alg. 1, lines 3-7)
+        losses, local_g = [], []
+        for stream in self.local_streams():
+            loss_plus, g = self._two_point(closure, step_seed, stream)
+            losses.append(loss_plus)
+            local_g.append(g)
+        # 3. exchange the scalars (identity on one process; one-byte codec if asked)
+        all_g = self.exchange(local_g)
+        # 4. every process applies every update (MeZO Alg. 1, lines 8-11)
+        apply_updates(self, step_seed, list(enumerate(all_g)))
+        self.last_projected_grads = all_g
+        self._steps += 1
+        return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def apply_updates(opt: MeZO, step_seed: int, samples: list[tuple[int, float]]) -> None:
+    """Apply ``(stream, g)`` pairs of one step: ``theta -= lr * (mean g z + wd theta)`` (or with momentum).
+
+    Public so that a process (or a test) can replay a recorded ``(seed, g)`` list.
+    """
+    n = len(samples)
+    for index, p, group in opt.indexed_params():
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        seeds = [(param_seed(step_seed, stream, index), g) for stream, g in samples]
+        if mu == 0:
+            # weight decay once: lr/n * (n wd) = lr wd; with n = 1 exactly sgd_update_(p, s, lr, g, wd)
+            for k, (seed, g) in enumerate(seeds):
+                sgd_update_(p, seed, lr / n, g, wd * n if k == 0 else 0.0)
+            continue
+        state = opt.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"].mul_(mu)
+        for seed, g in seeds:
+            buf.add_(gaussian_like(p, seed), alpha=g / n)
+        if wd:
+            buf.add_(p, alpha=wd)
+        p.sub_(buf, alpha=lr)
+
+
+register(OptimizerSpec(name="mezo", cls=MeZO, zeroth_order=True))
