@@ -114,6 +114,18 @@ class MomentOptimizer(torch.optim.Optimizer):
                 self._update(p, group, state)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load keeping each state tensor's dtype: ``torch.optim.Optimizer`` casts every state
+        tensor to the parameter's dtype, which would turn fp32 moments of a bf16 model into
+        bf16, 8-bit codes and index tensors into floats."""
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(saved_ids, params):
+            if i in state_dict["state"]:
+                self.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v
+                                 for k, v in state_dict["state"][i].items()}
+
     def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError
 

@@ -50,16 +50,16 @@ def safe_reload(state_dict: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-def check_resume(build, split: int, total: int, seed: int = 0) -> None:
+def check_resume(build, split: int, total: int, seed: int = 0, shapes=SHAPES) -> None:
     """A state_dict round trip at step ``split`` then continuing equals an uninterrupted run, bit for bit.
 
     ``build(params)`` returns a fresh optimizer over ``params``.
     """
-    ref_params = make_params(seed)
+    ref_params = make_params(seed, shapes=shapes)
     ref = build(ref_params)
     run(ref, ref_params, range(total))
 
-    params = make_params(seed)
+    params = make_params(seed, shapes=shapes)
     first = build(params)
     run(first, params, range(split))
     saved = safe_reload(first.state_dict())

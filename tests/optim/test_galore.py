@@ -78,3 +78,29 @@ def test_bad_group_values_raise_value_error_naming_the_field(key, value):
     params = make_params()
     with pytest.raises(ValueError, match=f"optim.args.{key}"):
         GaLoreAdamW(groups_for(params, **{"rank": 3, key: value}))
+
+
+def test_eight_bit_moments_track_fp32_and_resume_bitwise():
+    """state_bits=8: the projected moments live as uint8 codes + fp32 absmax (MomentStore)."""
+    shapes = [(512, 64)]  # R is (512, 16): 8192 entries >= min_8bit_size
+    params8, params32 = make_params(shapes=shapes), make_params(shapes=shapes)
+    opt8 = GaLoreAdamW([{"params": params8, "rank": 16, "update_proj_gap": 3}], lr=1e-3, state_bits=8)
+    opt32 = GaLoreAdamW([{"params": params32, "rank": 16, "update_proj_gap": 3}], lr=1e-3)
+    run(opt8, params8, range(5))
+    run(opt32, params32, range(5))
+    st = opt8.state[params8[0]]
+    assert st["exp_avg_codes"].dtype == torch.uint8 and "exp_avg" not in st
+    drift = (params8[0] - params32[0]).abs().max() / (params32[0] - make_params(shapes=shapes)[0]).abs().max()
+    assert drift < 0.05  # 8-bit moments change the update by a few percent at most
+    check_resume(lambda ps: GaLoreAdamW([{"params": ps, "rank": 16, "update_proj_gap": 3}], lr=1e-3, state_bits=8),
+                 split=4, total=7, shapes=shapes)
+
+
+def test_bf16_params_keep_fp32_moments_across_load():
+    w = torch.nn.Parameter(torch.randn(16, 8, dtype=torch.bfloat16))
+    opt = GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-3)
+    w.grad = torch.randn(16, 8, dtype=torch.bfloat16)
+    opt.step()
+    fresh = GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-3)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[w]["exp_avg"].dtype == torch.float32 and fresh.state[w]["proj_v"].dtype == torch.bfloat16

@@ -1,0 +1,165 @@
+"""FRUGAL: full-rank updates with gradient splitting (Zmushko et al., 2024, "FRUGAL:
+Memory-Efficient Optimization by Reducing State Overhead for Scalable Training", Algorithm 1).
+
+For a projectable weight with gradient ``G`` at step ``k`` (0-based)::
+
+    W <- W * (1 - lr * wd)                                   # decoupled, first (all params)
+    if k % T == 0: choose a subspace S of density rho;        # from G (SVD) or the seed chain
+                   if reset: M = V = 0, t_adam = 0           # state reset on a switch
+    R  = down_S(G) ;  M, V = Adam moments of R (torch-style eps), t_adam += 1
+    W <- W - lr * up_S(M_hat / (sqrt(V_hat) + eps))          # state-full part
+    W <- W - lr * lam * sign(G - up_S(down_S(G)))            # state-free part (or the residual itself)
+
+Subspaces (``proj_type``): ``svd`` / ``random`` (orthonormal) projections of ``round(rho*dim)``
+directions on ``proj_side``; ``columns`` / ``rows`` / ``randk`` coordinates (``int(rho*n)``
+columns, rows or flat entries); ``block``: ``round(rho*K)`` of the group's K tensors are
+entirely state-full, the others entirely state-free (``block_order`` random, ascending or
+descending, wrapping around). Every random choice comes from a generator seeded by a chain
+of seeds kept in the optimizer state (per tensor) or derived from ``seed`` and the switch
+number (blocks), never from the global RNG, so data-parallel ranks choose the same subspace.
+Params outside groups with ``density`` get plain (torch-style) AdamW.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, clear_moments, has_moments
+from lowmem.optim.projection import (assign_seeds, next_seed, orthonormal_factor, project, project_back, sides,
+                                     svd_factors)
+from lowmem.optim.registry import OptimizerSpec, register
+
+GROUP_DEFAULTS = {"density": 0.25, "update_proj_gap": 200, "proj_type": "block", "proj_side": "std",
+                  "block_order": "descending", "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0,
+                  "reset_statistics": True}
+CHOICES = {"proj_type": ("svd", "random", "columns", "rows", "randk", "block"),
+           "proj_side": ("std", "reverse_std", "left", "right"),
+           "block_order": ("random", "ascending", "descending"),
+           "inactive_update_rule": ("sign_sgd", "sgd", "no")}
+_COORD_DIM = {"columns": 1, "rows": 0, "randk": 0}  # randk gathers from the flattened gradient
+
+
+class FRUGAL(MomentOptimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, state_bits: int = 32, seed: int = 0):
+        super().__init__(params, lr, betas, eps, weight_decay, state_bits)
+        self.seed = seed
+        self._blocks: dict[int, tuple[int, int]] = {}  # id(p) -> (position in group, tensors in group)
+        for group in self.param_groups:
+            if "density" in group:
+                _check_group(group)
+                if group["proj_type"] == "block":
+                    self._blocks.update({id(p): (i, len(group["params"])) for i, p in enumerate(group["params"])})
+        assign_seeds(self, lambda group, p: "density" in group, base=seed)
+
+    def _update(self, p, group, state) -> None:
+        g = p.grad.float()
+        # 1. decoupled weight decay on every param, before the update
+        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        if "density" not in group:
+            state["step"] += 1
+            self._adam(p, state, g, group, lambda n: n, "step")
+            return
+        # 2. a new subspace every T steps (and on the first step)
+        if state["step"] % group["update_proj_gap"] == 0:
+            self._switch(p, group, state, g)
+        state["step"] += 1
+        low, up, residual = self._split(p, group, state, g)
+        # 3. state-full part: Adam on the subspace
+        if low is not None and low.numel() > 0:
+            state["adam_step"] = state.get("adam_step", 0) + 1
+            self._adam(p, state, low, group, up, "adam_step")
+        # 4. state-free part: signSGD or SGD on the residual
+        if residual is not None and group["inactive_update_rule"] != "no":
+            free = residual.sign() if group["inactive_update_rule"] == "sign_sgd" else residual
+            p.add_(free.to(p.dtype), alpha=-group["lr"] * group["inactive_lr_scale"])
+
+    def _adam(self, p, state, grad, group, up, step_key: str) -> None:
+        normalized, step_size = adam_normalized(state, self.store, grad, group["lr"], group["betas"], group["eps"],
+                                                state[step_key], torch_eps=True)
+        p.add_(up(normalized).to(p.dtype), alpha=-step_size)
+
+    def _switch(self, p, group, state, g) -> None:
+        """Choose the next subspace; reset the moments (and Adam's step) when asked."""
+        kind = group["proj_type"]
+        if kind == "block" or group["reset_statistics"]:  # inactive blocks keep no state at all
+            clear_moments(state)
+            state["adam_step"] = 0
+        draw_seed = state["seed"]
+        state["seed"] = next_seed(draw_seed)
+        if kind in _COORD_DIM:
+            size = g.numel() if kind == "randk" else g.shape[_COORD_DIM[kind]]
+            gen = torch.Generator().manual_seed(draw_seed)
+            keep = int(size * group["density"])
+            state["idx"] = torch.randperm(size, generator=gen)[:keep].sort().values.to(g.device)
+        elif kind in ("svd", "random"):
+            left, right = sides(g.shape, group["proj_side"])
+            dim = g.shape[0] if left else g.shape[1]
+            rank = round(dim * group["density"])
+            if kind == "svd":
+                u, v = svd_factors(g, rank, left, right)
+            else:
+                f = orthonormal_factor(dim, rank, draw_seed, g.device, g.dtype)  # (rank, dim)
+                u, v = (f.t(), None) if left else (None, f)
+            state.pop("proj_u", None)
+            state.pop("proj_v", None)
+            state.update({k: f.to(p.dtype) for k, f in (("proj_u", u), ("proj_v", v)) if f is not None})
+
+    def _split(self, p, group, state, g):
+        """``(down(G), up, G - up(down(G)))``; ``None`` parts are empty."""
+        kind = group["proj_type"]
+        if kind == "block":
+            active = self._block_active(p, group, state["step"] - 1)
+            return (g, (lambda n: n), None) if active else (None, None, g)
+        if kind in _COORD_DIM:
+            return _coordinate_split(g, state["idx"], _COORD_DIM[kind], flat=kind == "randk")
+        u, v = state.get("proj_u"), state.get("proj_v")
+        u, v = (None if u is None else u.float()), (None if v is None else v.float())
+        rank, dim = (u.shape[1], u.shape[0]) if u is not None else (v.shape[0], v.shape[1])
+        if rank == 0:
+            return None, None, g
+        low = project(g, u, v)
+        residual = None if rank == dim else g - project_back(low, u, v)  # full rank: the residual is 0
+        return low, (lambda n: project_back(n, u, v)), residual
+
+    def _block_active(self, p, group, k: int) -> bool:
+        position, count = self._blocks[id(p)]
+        n_active, switch = round(count * group["density"]), k // group["update_proj_gap"]
+        order = group["block_order"]
+        if order == "random":
+            gen = torch.Generator().manual_seed(self.seed + switch)
+            return position in torch.randperm(count, generator=gen)[:n_active].tolist()
+        start = switch * n_active
+        chosen = {(start + i) % count for i in range(n_active)}
+        return (count - 1 - position if order == "descending" else position) in chosen
+
+
+def _coordinate_split(g: torch.Tensor, idx: torch.Tensor, dim: int, flat: bool):
+    """Gather the chosen columns / rows / flat entries; scatter back into zeros; zero them in the residual."""
+    view = g.reshape(-1) if flat else g
+    low = view.index_select(dim, idx)
+
+    def up(n: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(view).index_copy_(dim, idx, n).view_as(g)
+
+    residual = view.index_fill(dim, idx, 0.0).view_as(g)
+    return low, up, residual
+
+
+def _check_group(group: dict) -> None:
+    for key, value in GROUP_DEFAULTS.items():
+        group.setdefault(key, value)
+    if not 0.0 <= group["density"] <= 1.0:
+        raise ValueError(f"optim.args.density: must be in [0, 1], got {group['density']!r}")
+    gap = group["update_proj_gap"]
+    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
+        raise ValueError(f"optim.args.update_proj_gap: must be an integer >= 1, got {gap!r}")
+    for key, allowed in CHOICES.items():
+        if group[key] not in allowed:
+            raise ValueError(f"optim.args.{key}: must be one of {', '.join(allowed)}, got {group[key]!r}")
+    if group["proj_type"] != "randk" and any(p.dim() != 2 for p in group["params"]):
+        raise ValueError(f"optim.args.proj_type: {group['proj_type']!r} needs 2-D weights")
+
+
+register(OptimizerSpec(name="frugal", cls=FRUGAL, target_keys=tuple(GROUP_DEFAULTS),
+                       target_defaults=dict(GROUP_DEFAULTS)))
