@@ -73,7 +73,7 @@ class WTACRSHandle:
         state = {"generator": self.generator.get_state()}
         for name, module in self.modules.items():
             if module.wta_tracker is not None and module.wta_tracker.ema is not None:
-                state[f"grad_norm.{name}"] = module.wta_tracker.ema.detach().cpu()
+                state[f"grad_norm.{name}"] = module.wta_tracker.ema.detach().cpu().clone()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
