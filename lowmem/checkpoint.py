@@ -1,0 +1,331 @@
+"""Atomic, checksummed checkpoints (safetensors + JSON, no pickle) and exact resume.
+
+A checkpoint is the directory ``run_dir/checkpoints/step-XXXXXXXX`` holding
+
+* ``model.safetensors``     -- trainable parameters by name (tied weights once);
+* ``optimizer.safetensors`` -- optimizer tensors (:func:`optimizer_state_to_tensors`);
+* ``rng.safetensors``       -- torch CPU/CUDA RNG states, numpy's key, private generators;
+* ``trainer.json``          -- step, ``extra``, optimizer meta, scheduler state, rest of the RNG states;
+* ``manifest.json``         -- sha256 and size of every other file, written last.
+
+Crash safety (issue #2): everything is written into ``.tmp-step-...`` beside the final
+directory, every file is fsynced, then the directory, then it is renamed to its final
+name and the parent is fsynced. A kill at any moment leaves the previous checkpoints
+intact; older checkpoints are removed only after the new one is complete (rename to a
+temp name first, so a half-deleted one is never taken for complete). Temp directories
+left by a kill are removed by the next save. One writer per run directory is assumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+FILES = (*TENSOR_FILES, "trainer.json")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_TAGS = ("__tuple__", "__tensor__")  # marks in the JSON form of tuples and tensors
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read; the message is one line naming the file."""
+
+
+def _error(path: Path | str, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}".replace("\n", " "))
+
+
+# ---------------------------------------------------------------- JSON encoding
+def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor] | None) -> Any:
+    """JSON-able form of ``value``: tuples become ``{"__tuple__": [...]}``, tensors are moved
+    to ``tensors[key]`` and replaced by ``{"__tensor__": key}`` (refused when ``tensors`` is None)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        if tensors is None:
+            raise CheckpointError(f"{key}: tensors are not supported here")
+        if key in tensors:
+            raise CheckpointError(f"{key}: two tensors map to the same checkpoint key")
+        tensors[key] = value
+        return {"__tensor__": key}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) and k not in _TAGS for k in value):
+        return {k: _encode(v, f"{key}.{k}", tensors) for k, v in value.items()}
+    raise CheckpointError(f"{key}: cannot store a {type(value).__name__} in a checkpoint "
+                          "(only tensors, numbers, strings, None, lists, tuples and str-keyed dicts)")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    return value
+
+
+def optimizer_state_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into flat tensors (keys ``state.{idx}.{name}``,
+    ``param_groups.{i}.{key}``) and a JSON-able meta that records tuples and key types."""
+    tensors: dict[str, torch.Tensor] = {}
+    state = [[idx, _encode(s, f"state.{idx}", tensors)] for idx, s in state_dict["state"].items()]
+    groups = [_encode(g, f"param_groups.{i}", tensors) for i, g in enumerate(state_dict["param_groups"])]
+    return tensors, {"state": state, "param_groups": groups}
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Exact inverse of :func:`optimizer_state_to_tensors`."""
+    return {"state": {idx: _decode(s, tensors) for idx, s in meta["state"]},
+            "param_groups": [_decode(g, tensors) for g in meta["param_groups"]]}
+
+
+# ---------------------------------------------------------------- RNG states
+def _rng_state(generators: dict[str, torch.Generator] | None) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch.cuda.{i}"] = s
+    for name, gen in (generators or {}).items():
+        tensors[f"generator.{name}"] = gen.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # uint32 keys travel bit-exactly as int32 (safetensors/torch have no full uint32 support)
+    tensors["numpy.keys"] = torch.from_numpy(keys.astype(np.uint32).view(np.int32).copy())
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": _encode(random.getstate(), "python", None)}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generators: dict | None, where: Path) -> None:
+    missing = [n for n in (generators or {}) if f"generator.{n}" not in tensors]
+    if missing:
+        raise _error(where, f"no state for generator {missing[0]!r} (saved: "
+                            f"{sorted(k[10:] for k in tensors if k.startswith('generator.'))})")
+    torch.set_rng_state(tensors["torch.cpu"])
+    if torch.cuda.is_available():  # a GPU checkpoint resumed on CPU keeps only the CPU states
+        for i in range(min(torch.cuda.device_count(), sum(k.startswith("torch.cuda.") for k in tensors))):
+            torch.cuda.set_rng_state(tensors[f"torch.cuda.{i}"], i)
+    for name, gen in (generators or {}).items():
+        gen.set_state(tensors[f"generator.{name}"])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy.keys"].numpy().view(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_decode(meta["python"], {}))
+
+
+# ---------------------------------------------------------------- durable files
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses views and shared storage: copy only the tensors that need it."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    save_file(out, str(path))
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+
+
+def _remove(path: Path) -> None:
+    """Rename to a temp name first, so a kill mid-delete never leaves a 'complete' half."""
+    trash = path.with_name(f"{_TMP_PREFIX}del-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+def _complete_steps(ckpt_root: Path) -> list[tuple[int, Path]]:
+    found = []
+    for d in ckpt_root.iterdir() if ckpt_root.is_dir() else ():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir():
+            try:
+                manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(manifest, dict) and manifest.get("format") == FORMAT \
+                    and isinstance(manifest.get("files"), dict):
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint (manifest present and parses) under ``run_dir/checkpoints``."""
+    steps = _complete_steps(Path(run_dir) / "checkpoints")
+    return steps[-1][1] if steps else None
+
+
+# ---------------------------------------------------------------- save
+def _write_files(tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler, generators, extra: dict | None) -> None:
+    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
+    rng_tensors, rng_meta = _rng_state(generators)
+    trainer = {"step": step, "extra": _encode(extra or {}, "extra", None), "optimizer": opt_meta,
+               "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), "scheduler", None),
+               "rng": rng_meta}
+    _save_tensors(weights, tmp / "model.safetensors")
+    _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+    _save_tensors(rng_tensors, tmp / "rng.safetensors")
+    _write_json(trainer, tmp / "trainer.json")
+    files = {}
+    for name in FILES:
+        _fsync_path(tmp / name)
+        files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+    _write_json({"format": FORMAT, "step": step, "files": files}, tmp / MANIFEST)
+    _fsync_path(tmp / MANIFEST)
+    _fsync_path(tmp)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler=None, generators: dict[str, torch.Generator] | None = None,
+                    extra: dict | None = None, keep_last: int = 2) -> Path:
+    """Write ``run_dir/checkpoints/step-{step:08d}`` atomically; keep the newest ``keep_last``."""
+    if keep_last < 1:
+        raise CheckpointError(f"{run_dir}: keep_last must be >= 1, got {keep_last}")
+    if extra and "step" in extra:
+        raise CheckpointError(f"{run_dir}: extra must not have a 'step' key (the step is stored on its own)")
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for d in root.glob(f"{_TMP_PREFIX}*"):  # left by a kill; one writer per run_dir
+        shutil.rmtree(d, ignore_errors=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        _write_files(tmp, step, model, optimizer, scheduler, generators, extra)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # same step saved again (e.g. a rerun): swap in the new one
+        _remove(final)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    for _, old in _complete_steps(root)[:-keep_last]:
+        _remove(old)
+    return final
+
+
+# ---------------------------------------------------------------- load
+def _verify(path: Path) -> dict:
+    """Check the manifest and every file's size and sha256; return the manifest."""
+    mpath = path / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        missing = [n for n in FILES if n not in files]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _error(mpath, f"missing or unreadable checkpoint manifest ({type(err).__name__})") from None
+    if missing:
+        raise _error(mpath, f"manifest lists no {missing[0]}")
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise _error(f, "checkpoint file is missing")
+        size, want = f.stat().st_size, info.get("bytes") if isinstance(info, dict) else None
+        if size != want:
+            raise _error(f, f"checkpoint file is truncated or altered ({size} bytes, manifest says {want})")
+        if _sha256(f) != info.get("sha256"):
+            raise _error(f, "checkpoint file is corrupted (sha256 does not match the manifest)")
+    return manifest
+
+
+def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name in sorted(set(params) ^ set(tensors)):
+        side = "missing from the checkpoint" if name in params else "not a trainable parameter of the model"
+        raise _error(where, f"parameter {name!r} is {side}")
+    for name, p in params.items():
+        if p.shape != tensors[name].shape:
+            raise _error(where, f"parameter {name!r} has shape {tuple(tensors[name].shape)}, "
+                                f"model has {tuple(p.shape)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, where: Path) -> None:
+    state_dict = optimizer_state_from_tensors(tensors, meta)
+    try:
+        optimizer.load_state_dict(state_dict)
+    except (ValueError, KeyError) as err:
+        raise _error(where, f"optimizer does not match the checkpoint ({err})") from None
+    # torch casts floating state to the param dtype (and would turn 8-bit codes into floats);
+    # an exact resume keeps the saved dtypes.
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, saved in state_dict["state"].items():
+        live = optimizer.state[params[idx]]
+        for key, value in saved.items():
+            if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
+                live[key] = value.to(live[key].device)
+
+
+def _read(path: Path) -> tuple[dict, dict, dict, dict]:
+    loaded = {}
+    for name in TENSOR_FILES:
+        try:
+            loaded[name] = load_file(str(path / name))
+        except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
+            raise _error(path / name, f"unreadable safetensors file ({err})") from None
+    try:
+        trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise _error(path / "trainer.json", f"unreadable JSON ({err})") from None
+    return loaded["model.safetensors"], loaded["optimizer.safetensors"], loaded["rng.safetensors"], trainer
+
+
+def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler=None, generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Verify every checksum, then restore weights, optimizer, scheduler, RNG states and
+    ``generators`` in place; return ``{"step": step, **extra}``."""
+    path = Path(path)
+    _verify(path)
+    weights, opt_tensors, rng_tensors, trainer = _read(path)
+    _load_model(model, weights, path / "model.safetensors")
+    _load_optimizer(optimizer, opt_tensors, trainer["optimizer"], path / "optimizer.safetensors")
+    if scheduler is not None:
+        if trainer["scheduler"] is None:
+            raise _error(path / "trainer.json", "checkpoint has no scheduler state")
+        scheduler.load_state_dict(_decode(trainer["scheduler"], {}))
+    _set_rng_state(rng_tensors, trainer["rng"], generators, path / "rng.safetensors")
+    return {"step": trainer["step"], **_decode(trainer["extra"], {})}
