@@ -1,0 +1,105 @@
+"""Layer-wise updates: each parameter is stepped inside backward, as soon as its gradient is
+complete, and the gradient is freed at once, so the full gradients of all layers never
+coexist (GaLore, Zhao et al. 2024, §4.3 "per-layer weight updates"; Lv et al. 2023, LOMO).
+
+``LayerwiseOptimizer(optimizer, grad_accum_steps=1, max_grad_norm=None)`` wraps an optimizer
+built normally. It is a ``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` are the
+inner optimizer's own objects, so an LR scheduler built on the wrapper drives the LR the hooks
+use. The training loop stays the normal one::
+
+    loss.backward()          # hooks: update each param with its gradient, free the gradient
+    optimizer.step()         # bookkeeping: flush params whose gradient was not consumed
+    scheduler.step()         # once per optimizer step (the reference repos step it per param)
+    optimizer.zero_grad()
+
+Fixes of the reference's layer-wise mode (ALGORITHMS.md §1 "Known problems"):
+
+* LR schedule: one scheduler on the wrapper, stepped once per optimizer step.
+* Gradient accumulation ``A > 1``: a parameter's hook lets its gradient accumulate in ``.grad``
+  and updates only on the A-th gradient since the last ``step()``; ``step()`` updates any
+  parameter left with a partial gradient. The result equals normal accumulation, but gradients
+  are held across micro-batches, so the memory saving then shrinks to the last micro-batch.
+* Gradient clipping is refused: the global norm is known only after every gradient exists,
+  by which time layer-wise mode has already applied and freed most of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem.optim.registry import is_zeroth_order
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, grad_accum_steps: int = 1,
+                 max_grad_norm: float | None = None):
+        if isinstance(optimizer, LayerwiseOptimizer):
+            raise ValueError("optim.layerwise: the optimizer is already layer-wise")
+        if is_zeroth_order(optimizer):
+            raise ValueError("optim.layerwise: zeroth-order optimizers have no backward pass to hook")
+        if max_grad_norm:
+            raise ValueError("optim.layerwise: gradient clipping (max_grad_norm) is not supported, the global "
+                             "gradient norm is known only after the layers were updated; set it to null")
+        if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+            raise ValueError(f"optim.layerwise: grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}")
+        self.optimizer = optimizer
+        self.grad_accum_steps = grad_accum_steps
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self._share_inner()
+        self._where: dict[int, int] = {}  # id(param) -> index of its group
+        self._grads_seen: dict[int, int] = {}  # id(param) -> gradients accumulated since the last step()
+        self._handles = []
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._where[id(p)] = index
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _share_inner(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+
+    @torch.no_grad()
+    def _on_grad(self, p: torch.Tensor) -> None:
+        seen = self._grads_seen.get(id(p), 0) + 1
+        self._grads_seen[id(p)] = seen
+        if seen % self.grad_accum_steps == 0:
+            self._step_param(p)
+
+    def _step_param(self, p: torch.Tensor) -> None:
+        """Run the inner optimizer on ``p`` alone (its group's current hyper-parameters), free the grad."""
+        groups = self.optimizer.param_groups
+        self.optimizer.param_groups = [{**groups[self._where[id(p)]], "params": [p]}]
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = groups
+        p.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update parameters whose gradient was not consumed in backward (fewer than
+        ``grad_accum_steps`` gradients, e.g. a parameter unused by some micro-batches)."""
+        if closure is not None:
+            raise ValueError("optim.layerwise: step(closure) is not supported; call loss.backward() first")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) in self._where:
+                    self._step_param(p)
+        self._grads_seen.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        self._share_inner()
+
+    def remove(self) -> None:
+        """Remove the hooks: the wrapped optimizer can be used normally again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
