@@ -1,0 +1,163 @@
+"""ZO-AdaMU: momentum and uncertainty in the simulated perturbation (Jiang et al., AAAI 2024,
+"ZO-AdaMU Optimizer: Adapting Perturbation by the Momentum and Uncertainty in Zeroth-order
+Optimization", Algorithm 1).
+
+Per step ``k = 0, 1, ...`` with ``(alpha, b1, b2) = Anneal(k)`` and per parameter a
+momentum ``m`` (zero at the start)::
+
+    zdot ~ N(0, alpha),  zdd ~ N(m_{k-1}, 1 - alpha)          # variances, as the reference's std=sqrt(.)
+    z    = b1 zdot + (1 - b1) zdd                             # the perturbation
+    g    = (L(theta + eps z) - L(theta - eps z)) / (2 eps)     # two forwards, in-place perturbation
+    m_k  = b1 zdot + (1 - b1) zdd ;  v_k = b2 zdot^2 + (1 - b2) zdd^2
+    theta <- theta - lr (g m_k / sqrt(v_k + 1e-8) + wd theta)   # wd per param group
+
+Choices where the paper and the released code (MathIsAll/ZO-AdaMU @ d5f7de2) disagree
+or are broken (ALGORITHMS.md §6):
+
+* Anneal: ``1`` for ``k < T1``; then ``0.5 (1 + cos(pi s / L(s)))`` with
+  ``s = min(k, T2) - T1`` and ``L(s) = T3 - phi s (T3 - T2) / (T2 - T1)``, one ``phi`` per
+  quantity, ``phi = (1.0, 0.1, 1.5)`` for ``(alpha, b1, b2)``. This is the code's
+  ``_ema_weight`` evaluated *once per step* (the code shrinks ``L`` on each of its three
+  calls per parameter, which collapses phase 2 and breaks), continuous at ``T1`` and
+  constant from ``T2``. ``T3`` = the run's total steps, ``T2 = 0.8 T3`` (``mezo.sh``),
+  ``T1 = min(1024, 0.05 T3)`` (Table 3's 1024 for the script's 20k steps). The paper's Eq. 7 does not survive extraction and its text
+  states other final values (0.5, 0.9, 0.01); with this form they are about
+  (0.010, 0.13, 0.012): ``b2`` agrees, and ``b1 = 0.13`` on the *new* draw is the text's
+  0.9 in Adam's convention (weight on the history) give or take.
+* The perturbation and the update use the same ``b1`` and the same draws (the code mixes
+  a fixed ``0.9 zdd + 0.1 zdot`` into the perturbation), and ``m`` is stored as ``m``,
+  not ``sign(g) m``: Algorithm 1.
+* The randomness is regenerated from seeds (:mod:`lowmem.optim.zo_noise`): ``zdot``
+  from ``param_seed(s, 0, index)`` -- so phase 1 perturbs exactly like MeZO -- and the
+  unit noise of ``zdd`` from ``mix_seed(s, 0, index, 1)``.
+
+Memory. The reference keeps ``m`` for every parameter from step 0, in the parameter
+dtype. Here, while ``b1 = 1`` (phase 1) ``m_k = zdot_k`` is regenerated from the previous
+step seed, so no buffer exists (memory = inference); from ``T1`` on, ``m`` is one buffer
+per parameter in ``momentum_dtype`` (default: the parameter's; ``"bfloat16"`` halves fp32; the perturbation and the
+update read the same stored ``m``, so rounding it changes the walk, not the estimator's
+consistency). Temporaries: three tensors the size of the parameter being updated.
+Single process only (``mezo`` does distributed ZO).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowmem.optim.registry import OptimizerSpec, register
+from lowmem.optim.zo_base import ZerothOrderOptimizer
+from lowmem.optim.zo_distributed import world
+from lowmem.optim.zo_noise import gaussian_like, mix_seed, param_seed
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_V_EPS = 1e-8  # Algorithm 1's constant under the square root
+
+
+def anneal(k: int, t1: int, t2: int, t3: int, phi: float) -> float:
+    """One of ``(alpha, b1, b2)`` at step ``k`` (0-based): 1, then cosine, then constant."""
+    if k < t1:
+        return 1.0
+    s = min(k, t2) - t1
+    length = t3 - phi * s * (t3 - t2) / (t2 - t1)
+    return 0.5 * (1.0 + math.cos(math.pi * s / length))
+
+
+class ZOAdaMU(ZerothOrderOptimizer):
+    """``loss = opt.step(closure)`` (returns L+). ``total_steps`` is T3; ``t1``, ``t2`` default as above."""
+
+    def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, weight_decay: float = 0.0,
+                 total_steps: int = 20000, t1: int | None = None, t2: int | None = None,
+                 phi: tuple[float, float, float] = (1.0, 0.1, 1.5), momentum_dtype: str | None = None,
+                 seed: int = 0, fp32_forward: bool = True):
+        t1 = min(1024, round(0.05 * total_steps)) if t1 is None else t1
+        t2 = int(0.8 * total_steps) if t2 is None else t2
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+            raise ValueError(f"optim.weight_decay: must be >= 0, got {weight_decay!r}")
+        if not (0 <= t1 < t2 <= total_steps):
+            raise ValueError(f"optim.t1: need 0 <= t1 < t2 <= total_steps, got {t1}, {t2}, {total_steps}")
+        if len(phi) != 3 or any(not 0 <= f * (total_steps - t2) < total_steps for f in phi):
+            raise ValueError(f"optim.phi: three values with 0 <= phi*(T3-T2) < T3, got {phi!r}")
+        if momentum_dtype is not None and momentum_dtype not in _DTYPES:
+            raise ValueError(f"optim.momentum_dtype: one of {', '.join(_DTYPES)}, got {momentum_dtype!r}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, seed=seed,
+                         fp32_forward=fp32_forward)
+        self.t1, self.t2, self.t3, self.phi = t1, t2, total_steps, tuple(float(f) for f in phi)
+        self.momentum_dtype = None if momentum_dtype is None else _DTYPES[momentum_dtype]  # None: param dtype
+        self._prev_seed, self._prev_alpha = -1, 1.0  # m_{k-1} = sqrt(alpha) zdot(prev seed) when no buffer
+
+    def schedule(self, k: int) -> tuple[float, float, float]:
+        """``(alpha, b1, b2)`` at step ``k``."""
+        return tuple(anneal(k, self.t1, self.t2, self.t3, f) for f in self.phi)
+
+    def _previous_m(self, p: torch.Tensor, index: int) -> torch.Tensor | None:
+        if "m" in self.state[p]:
+            return self.state[p]["m"].to(p.dtype)
+        if self._prev_seed < 0:
+            return None  # m_0 = 0
+        return gaussian_like(p, param_seed(self._prev_seed, 0, index)).mul_(math.sqrt(self._prev_alpha))
+
+    def _draws(self, p: torch.Tensor, index: int, step_seed: int, coeffs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(zdot, zdd)``; ``zdd`` is None when neither ``z`` nor ``v`` uses it (b1 = b2 = 1)."""
+        alpha, b1, b2 = coeffs
+        zdot = gaussian_like(p, param_seed(step_seed, 0, index)).mul_(math.sqrt(alpha))
+        if b1 == 1.0 and b2 == 1.0:
+            return zdot, None
+        zdd = gaussian_like(p, mix_seed(step_seed, 0, index, 1)).mul_(math.sqrt(1.0 - alpha))
+        m_prev = self._previous_m(p, index)
+        if m_prev is not None:
+            zdd.add_(m_prev)
+        return zdot, zdd
+
+    def _perturb(self, step_seed: int, stream: int, scale: float) -> None:
+        coeffs = self.schedule(self._steps)
+        for index, p, _ in self.indexed_params():
+            zdot, zdd = self._draws(p, index, step_seed, coeffs)
+            z = zdot.mul_(coeffs[1]) if zdd is None else zdot.mul_(coeffs[1]).add_(zdd, alpha=1.0 - coeffs[1])
+            p.add_(z, alpha=scale * self.eps)
+
+    def _update(self, step_seed: int, g: float) -> None:
+        alpha, b1, b2 = coeffs = self.schedule(self._steps)
+        for index, p, group in self.indexed_params():
+            zdot, zdd = self._draws(p, index, step_seed, coeffs)
+            if zdd is None:  # phase 1: m = zdot, v = zdot^2
+                m, v = zdot, zdot.square()
+            else:
+                m = torch.mul(zdot, b1).add_(zdd, alpha=1.0 - b1)
+                v = zdot.square_().mul_(b2).add_(zdd.square_(), alpha=1.0 - b2)
+                del zdd
+            if b1 == 1.0:
+                self.state[p].pop("m", None)  # m_k = sqrt(alpha) zdot_k: regenerated next step
+            elif "m" in self.state[p]:
+                self.state[p]["m"].copy_(m)
+            else:
+                self.state[p]["m"] = m.to(self.momentum_dtype or p.dtype, copy=True)
+            direction = m.div_(v.add_(_V_EPS).sqrt_()).mul_(g)
+            if group["weight_decay"]:
+                direction.add_(p, alpha=group["weight_decay"])
+            p.sub_(direction.mul_(group["lr"]))
+        self._prev_seed, self._prev_alpha = (step_seed, alpha) if b1 == 1.0 else (-1, 1.0)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> torch.Tensor:
+        self._require_closure(closure)
+        if world()[1] > 1:
+            raise ValueError("optim.name: zo_adamu runs on one process; use mezo for distributed ZO")
+        # Algorithm 1: seed, Perturb(+1) L+, Perturb(-2) L-, Perturb(+1), g
+        step_seed = self.draw_step_seed()
+        loss_plus, g = self._two_point(closure, step_seed, 0)
+        # Algorithm 1: redraw (zdot, zdd) from the seed, m, v, update
+        self._update(step_seed, g)
+        self.last_projected_grads = [g]
+        self._steps += 1
+        return loss_plus
+
+    def _extra_state(self) -> dict:
+        return {"prev_seed": self._prev_seed, "prev_alpha": self._prev_alpha}
+
+    def _load_extra_state(self, zo: dict) -> None:
+        self._prev_seed, self._prev_alpha = int(zo["prev_seed"]), float(zo["prev_alpha"])
+
+
+register(OptimizerSpec(name="zo_adamu", cls=ZOAdaMU, zeroth_order=True))
