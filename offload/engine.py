@@ -1,0 +1,303 @@
+"""ZO2: zeroth-order fine-tuning with the decoder blocks offloaded (Wang et al., 2025,
+"Scalable Zeroth-Order Fine-Tuning for Extremely Large Language Models with Limited
+GPU Memory"; reference liangyuwang/zo2; ALGORITHMS.md §7).
+
+The blocks' parameters live off the device -- host RAM, or NVMe files beyond a
+host budget (:mod:`lowmem.offload.store`); embeddings, final norm and ``lm_head``
+stay on it. One step of MeZO (ALGORITHMS.md §5) with step seed ``s``::
+
+    dual forward of [x; x] (hooks.py): for each unit in forward order
+        block i: upload (prefetched) -> apply the deferred update of step t-1
+                 -> +eps z, branch + -> -2 eps z, branch - -> +eps z -> offload
+    g = (L+ - L-) / (2 eps)                  # float64, as lowmem.optim.mezo
+    resident params: theta -= lr (g z + wd theta) now; blocks: pending until next visit
+
+so each block crosses PCIe once per direction per step. Every parameter goes
+through exactly MeZO's in-place sequence with the same per-parameter seeds
+(:mod:`lowmem.optim.zo_noise`): in fp32 the engine equals in-memory
+:class:`lowmem.optim.mezo.MeZO` bit for bit. Applying a pending update early
+(``flush``) does not change any number, so flushing is always safe.
+
+Contract with the trainer::
+
+    opt = create_optimizer(model, "mezo", lr=..., eps=..., seed=...)   # n_samples=1, momentum=0
+    engine = ZO2Engine(model, opt, OffloadConfig(**recipe.offload))     # model on CPU, weights loaded
+    loss = engine.step(batch)        # batch: dict of tensors with "labels"; returns L+ (tensor)
+    scheduler.step()                 # the LR of a step is read when the step runs
+    engine.eval_loss(batch)          # flushes, then a plain streamed forward (model(**batch) works too)
+    ckpt = {"weights": engine.model_state_dict(), "engine": engine.state_dict()}   # consistent pair
+    engine.load_model_state_dict(ckpt["weights"]); engine.load_state_dict(ckpt["engine"])
+    engine.close()                   # flush, put the blocks back into the model (CPU), remove hooks
+
+``state_dict()`` holds the optimizer's state (its seed generator) and the pending
+update (seed, g, per-group lr and wd): plain numbers and tensors only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowmem.offload.hooks import ModelDriver
+from lowmem.offload.resident import Indexed, ResidentPerturber, perturbed_pair
+from lowmem.offload.rounding import is_lower_precision
+from lowmem.offload.store import BlockStore
+from lowmem.offload.transfer import BlockMover, Packed
+from lowmem.optim.zo_noise import mix_seed, param_seed, sgd_update_
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ROUND_STREAM = 1 << 40  # seeds of the stochastic rounding, apart from the perturbation streams
+
+
+@dataclass
+class OffloadConfig:
+    """The recipe's ``offload:`` section."""
+
+    enabled: bool = True
+    host_dtype: str | None = None           # None: the training dtype; else float32|bfloat16|float16
+    nvme_dir: str | None = None              # where blocks beyond the host budget live
+    host_memory_budget_gb: float | None = None  # None: every block in host RAM
+    prefetch_depth: int = 1                  # blocks uploaded ahead of the one computing
+
+    def validate(self, compute_dtype: torch.dtype) -> torch.dtype:
+        """Check the fields; return the host dtype."""
+        if self.host_dtype is not None and self.host_dtype not in _DTYPES:
+            raise ValueError(f"offload.host_dtype: {self.host_dtype!r} is not one of {', '.join(_DTYPES)}")
+        host = compute_dtype if self.host_dtype is None else _DTYPES[self.host_dtype]
+        if host != compute_dtype and not is_lower_precision(host, compute_dtype):
+            raise ValueError(f"offload.host_dtype: {self.host_dtype} is not coarser than the training "
+                             f"dtype {compute_dtype}; use it or a 16-bit type below fp32")
+        if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
+            raise ValueError(f"offload.prefetch_depth: must be an int >= 1, got {self.prefetch_depth!r}")
+        if self.host_memory_budget_gb is not None and not self.host_memory_budget_gb >= 0:
+            raise ValueError(f"offload.host_memory_budget_gb: must be >= 0, got {self.host_memory_budget_gb!r}")
+        return host
+
+
+def _check_optimizer(optimizer) -> None:
+    if not getattr(optimizer, "zeroth_order", False) or not hasattr(optimizer, "indexed_params"):
+        raise ValueError("optim.name: the ZO2 engine needs the 'mezo' optimizer")
+    if getattr(optimizer, "n_samples", 1) != 1 or any(g.get("momentum", 0) for g in optimizer.param_groups):
+        raise ValueError("optim.args: ZO2 supports MeZO with n_samples=1 and momentum=0")
+    if optimizer.exchange.rank_world()[1] != 1:
+        raise ValueError("offload.enabled: ZO2 runs on one process; distributed ZO needs offload off")
+
+
+class ZO2Engine:
+    """MeZO steps on ``model`` with its blocks offloaded; see the module docstring for the contract."""
+
+    def __init__(self, model: nn.Module, optimizer, config: OffloadConfig | dict | None = None,
+                 device: torch.device | str | None = None):
+        config = OffloadConfig(**config) if isinstance(config, dict) else (config or OffloadConfig())
+        _check_optimizer(optimizer)
+        self.model, self.optimizer = model, optimizer
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.driver = ModelDriver(model, self)
+        group_no = {id(g): n for n, g in enumerate(optimizer.param_groups)}
+        self.index = {id(p): (idx, group_no[id(group)]) for idx, p, group in optimizer.indexed_params()}
+        self._check_coverage()
+        blocks = self.driver.blocks
+        self.compute_dtype = next(blocks.parameters()).dtype
+        host_dtype = config.validate(self.compute_dtype)
+        self.packed = [Packed.of(b, self.compute_dtype) for b in blocks]
+        budget = None if config.host_memory_budget_gb is None else config.host_memory_budget_gb * 2**30
+        self.store = BlockStore([pk.numel for pk in self.packed], host_dtype, budget_bytes=budget,
+                                nvme_dir=config.nvme_dir, pin=self.device.type == "cuda",
+                                prefetch_depth=config.prefetch_depth)
+        self.mover = BlockMover(self.packed, self.store, self.device, self.compute_dtype, config.prefetch_depth)
+        self._offload_blocks(blocks)
+        self.block_params: list[Indexed] = [self._indexed(pk.params) for pk in self.packed]
+        self.resident = ResidentPerturber([self._indexed(list(m.parameters())) for _, m in self.driver.units])
+        self.resident_params = list({id(p): (p, i) for ps in self.resident.unit_params for p, i in ps}.values())
+        for _, module in self.driver.units:
+            module.to(self.device)
+        self.steps = 0              # completed steps; every block holds the updates of all but ``pending``
+        self.pending: dict | None = None
+        self._seed: int | None = None  # step seed of the dual forward in progress
+
+    # ---- set-up --------------------------------------------------------------------
+    def _check_coverage(self) -> None:
+        in_blocks = {id(p) for p in self.driver.blocks.parameters()}
+        in_units = {id(p) for _, m in self.driver.units for p in m.parameters()}
+        if in_blocks & in_units:
+            raise ValueError("model: a parameter is shared between a block and a module outside the blocks")
+        if set(self.index) - in_blocks - in_units:
+            raise ValueError("model: the optimizer holds a parameter outside the model's blocks and modules")
+        if len({p.dtype for p in self.driver.blocks.parameters()}) != 1:
+            raise ValueError("model: the decoder blocks mix parameter dtypes; ZO2 needs one training dtype")
+
+    def _indexed(self, params: list[nn.Parameter]) -> Indexed:
+        return [(p, self.index[id(p)][0]) for p in params if id(p) in self.index]
+
+    def _offload_blocks(self, blocks: nn.ModuleList) -> None:
+        """Move each block's parameters into the store (one block at a time) and its buffers to the device."""
+        for i, (block, pk) in enumerate(zip(blocks, self.packed)):
+            self.store.put(i, pk.pack([p.detach() for p in pk.params], self.store.dtype))
+            self.mover.unbind(i)
+            for name, buf in block.named_buffers():
+                buf.data = buf.data.to(self.device)
+
+    # ---- the visitor called by the hooks -------------------------------------------
+    def visit(self, key: tuple[str, int], runs: list) -> list:
+        kind, k = key
+        if kind == "unit":
+            if len(runs) == 1:
+                return [runs[0]()]
+            return self.resident.visit(k, runs, self._seed, self.optimizer.eps)
+        if not self.mover.in_pass():  # a plain model(**batch) call outside step(): stream the blocks too
+            self.mover.begin(list(range(len(self.packed))))
+        self.mover.acquire(k)
+        changed = self._apply_pending(k)
+        if len(runs) == 2:
+            outs = perturbed_pair(self.block_params[k], runs, self._seed, self.optimizer.eps)
+            changed = True
+        else:
+            outs = [runs[0]()]
+        seed = self._seed if self._seed is not None else (self.pending or {}).get("seed", 0)
+        self.mover.release(k, write_back=changed, version=self.steps,
+                           round_seed=mix_seed(seed, _ROUND_STREAM + (len(runs) == 1), k))
+        return outs
+
+    def _apply_pending(self, k: int) -> bool:
+        """MeZO's update of the previous step on block ``k`` (ZO2's deferred update)."""
+        if self.pending is None or k in self.pending["done"]:
+            return False
+        pend = self.pending
+        for p, idx in self.block_params[k]:
+            gi = self.index[id(p)][1]
+            sgd_update_(p, param_seed(pend["seed"], 0, idx), pend["lr"][gi], pend["grad"], pend["weight_decay"][gi])
+        pend["done"].add(k)
+        return True
+
+    # ---- training ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _forward(self, half_batch: int | None):
+        """Eval mode, no autograd, autocast off (as MeZO's fp32_forward), unit splitting on/off."""
+        was_training = self.model.training
+        self.model.eval()
+        self.driver.half_batch = half_batch
+        autocast = (torch.autocast(self.device.type, enabled=False) if self.optimizer.fp32_forward
+                    else contextlib.nullcontext())
+        try:
+            with torch.no_grad(), autocast:
+                yield
+        except BaseException:
+            self.mover.abort()
+            raise
+        finally:
+            self.driver.half_batch = None
+            self.model.train(was_training)
+
+    def _inputs(self, batch: dict, double: bool) -> dict:
+        out = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        return {k: torch.cat([v, v]) for k, v in out.items()} if double else out
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model.loss_function(logits=logits, labels=labels, vocab_size=self.model.config.vocab_size)
+
+    def step(self, batch: dict) -> torch.Tensor:
+        """One MeZO step (MeZO Alg. 1) through the offloaded blocks; returns L+ like ``MeZO.step``."""
+        labels = batch["labels"].to(self.device)
+        b, eps = labels.shape[0], self.optimizer.eps
+        # 1. step seed from the optimizer's private generator
+        self._seed = seed = self.optimizer.draw_step_seed()
+        # 2. both perturbed forwards in one pass; blocks take the deferred update of step t-1 on the way
+        try:
+            with self._forward(half_batch=b):
+                logits = self.model(**self._inputs(batch, double=True), use_cache=False).logits
+        finally:
+            self.resident.end_forward(seed, eps)
+            self._seed = None
+        loss_plus, loss_minus = self._loss(logits[:b], labels), self._loss(logits[b:], labels)
+        g = (float(loss_plus) - float(loss_minus)) / (2.0 * eps)  # in float64, as MeZO
+        # 3. update: resident parameters now, blocks at their next visit (ZO2's deferred update)
+        groups = self.optimizer.param_groups
+        for p, idx in self.resident_params:
+            group = groups[self.index[id(p)][1]]
+            sgd_update_(p, param_seed(seed, 0, idx), group["lr"], g, group["weight_decay"])
+        self.pending = {"seed": seed, "grad": g, "lr": [gr["lr"] for gr in groups],
+                        "weight_decay": [gr["weight_decay"] for gr in groups], "done": set()}
+        self.steps += 1
+        self.optimizer.last_projected_grads = [g]
+        return loss_plus.detach()
+
+    def flush(self) -> None:
+        """Apply the pending update to every block now (numerically the same as deferring it)."""
+        if self.pending is None:
+            return
+        todo = [k for k in range(len(self.packed)) if k not in self.pending["done"]]
+        with self._forward(half_batch=None):
+            self.mover.begin(todo)
+            for k in todo:
+                self.visit(("block", k), [lambda: None])
+        self.pending = None
+
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        """The model's loss on ``batch`` with the current weights (pending update flushed first)."""
+        self.flush()
+        with self._forward(half_batch=None):
+            out = self.model(**self._inputs(batch, double=False), labels=batch["labels"].to(self.device),
+                             use_cache=False)
+        return out.loss.detach()
+
+    # ---- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Steps, the pending update and the optimizer's state (seed generator): numbers and tensors."""
+        pending = None
+        if self.pending is not None:
+            pending = {k: v for k, v in self.pending.items() if k != "done"}
+        return {"steps": self.steps, "pending": pending, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the block weights must be the ones saved with it."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+        pending = state["pending"]
+        self.pending = None if pending is None else {**pending, "seed": int(pending["seed"]),
+                                                     "grad": float(pending["grad"]), "done": set()}
+
+    def _block_param_slots(self) -> dict[int, tuple[int, int]]:
+        return {id(p): (i, j) for i, pk in enumerate(self.packed) for j, p in enumerate(pk.params)}
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's full state (CPU, training dtype), blocks read from the store.
+        Pairs with :meth:`state_dict` (a pending update is not applied: ``flush()`` first for a final model)."""
+        slots, cache = self._block_param_slots(), {}
+        out = {}
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if id(t) in slots:
+                i, j = slots[id(t)]
+                if i not in cache:
+                    cache[i] = self.packed[i].views(self.store.get(i))
+                out[name] = cache[i][j].to(self.compute_dtype, copy=True)
+            else:
+                out[name] = t.detach().to("cpu", copy=True)
+        return out
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by :meth:`model_state_dict` (blocks go to the store)."""
+        slots = self._block_param_slots()
+        blocks: dict[int, list] = {i: [None] * len(pk.params) for i, pk in enumerate(self.packed)}
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if name not in state:
+                raise ValueError(f"state_dict: missing {name!r}")
+            if id(t) in slots:
+                i, j = slots[id(t)]
+                blocks[i][j] = state[name]
+            else:
+                with torch.no_grad():
+                    t.copy_(state[name])
+        for i, tensors in blocks.items():
+            self.store.put(i, self.packed[i].pack(tensors, self.store.dtype), version=self.steps)
+
+    def close(self) -> None:
+        """Flush, give the blocks' parameters back to the model (CPU, training dtype), remove the hooks."""
+        self.flush()
+        for i, pk in enumerate(self.packed):
+            for p, view in zip(pk.params, pk.views(self.store.get(i))):
+                p.data = view.to(self.compute_dtype, copy=True)
+        self.driver.remove()
+        self.store.close()

@@ -1,0 +1,226 @@
+"""Where offloaded blocks live between visits: host RAM up to a budget, files on NVMe beyond it.
+
+Each decoder block is one flat tensor in ``host_dtype`` (its parameters packed by
+:mod:`lowmem.offload.transfer`). Blocks are placed in order: host RAM (page-locked
+when CUDA is used) while the running total fits ``host_memory_budget_gb``, the rest
+in files under ``nvme_dir`` -- Fuyou's (Liao et al., 2024) SSD tier below ZO2's
+CPU tier.
+
+NVMe tier:
+* reads run ahead on a thread pool (``os.preadv`` straight into a reusable,
+  pinned staging buffer; the GIL is released during the I/O and the checksum);
+  writes go through the same pool from a second set of staging buffers;
+* file = 4 KiB header (magic, format, block version, payload bytes, CRC-32 of the
+  payload) + payload. A read checks size, header and checksum and fails with
+  ``ValueError("<path>: checksum mismatch")`` (or ``truncated``, ``not a ...``);
+* a write goes to ``<file>.tmp`` and is renamed over the file only when complete
+  (``os.replace`` is atomic), so a process killed mid-write leaves the previous
+  complete version in place; ``durable=True`` also fsyncs before the rename
+  (power loss). Stale ``.tmp`` files are removed when a store opens.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import struct
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowmem.offload.streams import host_empty, host_wait
+
+MAGIC = b"LMZO2BLK"
+FORMAT = 1
+HEADER = struct.Struct("<8sIQQI")  # magic, format, block version, payload bytes, crc32
+PAYLOAD_OFFSET = 4096
+
+
+@dataclass
+class HostBlock:
+    """A host tensor holding one block; ``ready`` must be waited on before reading it,
+    ``release(event)`` hands the buffer back once the copy that reads it (``event``) is done."""
+
+    tensor: torch.Tensor
+    ready: object = None
+    release: Callable[[object], None] = lambda event: None
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def write_block_file(path: Path, payload: torch.Tensor, version: int, durable: bool = False) -> None:
+    """Write ``payload`` (flat, CPU) atomically: temp file, then rename over ``path``."""
+    data = _bytes_of(payload)
+    header = HEADER.pack(MAGIC, FORMAT, version, data.nbytes, zlib.crc32(data)).ljust(PAYLOAD_OFFSET, b"\0")
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, header, 0)
+        done = 0
+        while done < data.nbytes:
+            done += os.pwrite(fd, data[done:], PAYLOAD_OFFSET + done)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_block_file(path: Path, out: torch.Tensor) -> int:
+    """Read the payload of ``path`` into ``out`` (flat, CPU), verify it, return the block version."""
+    data = _bytes_of(out)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: block file is missing") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != PAYLOAD_OFFSET + data.nbytes:
+            raise ValueError(f"{path}: truncated or wrong size ({size} bytes, expected {PAYLOAD_OFFSET + data.nbytes})")
+        magic, fmt, version, nbytes, crc = HEADER.unpack(os.pread(fd, HEADER.size, 0))
+        if magic != MAGIC or fmt != FORMAT or nbytes != data.nbytes:
+            raise ValueError(f"{path}: not a lowmem block file of this layout")
+        done = 0
+        while done < data.nbytes:
+            got = os.preadv(fd, [data[done:]], PAYLOAD_OFFSET + done)
+            if got == 0:
+                raise ValueError(f"{path}: truncated while reading")
+            done += got
+    finally:
+        os.close(fd)
+    if zlib.crc32(data) != crc:
+        raise ValueError(f"{path}: checksum mismatch")
+    return version
+
+
+class BlockStore:
+    """Flat host copies of ``len(numels)`` blocks in ``dtype``, on the host or NVMe tier."""
+
+    def __init__(self, numels: list[int], dtype: torch.dtype, *, budget_bytes: float | None,
+                 nvme_dir: str | None, pin: bool, prefetch_depth: int, durable: bool = False):
+        self.numels, self.dtype, self.pin, self.durable = numels, dtype, pin, durable
+        self.versions = [0] * len(numels)
+        self.tiers = self._place(numels, dtype, budget_bytes, nvme_dir)
+        self._host: dict[int, torch.Tensor] = {}
+        self._ready: dict[int, object] = {}   # host tier: event of the last copy into the block
+        self._writes: dict[int, Future] = {}  # NVMe tier: the last write of the block
+        self.dir = Path(nvme_dir) if nvme_dir else None
+        nvme = [i for i, t in enumerate(self.tiers) if t == "nvme"]
+        self._pool = None
+        if nvme:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob("block_*.lmz.tmp"):
+                stale.unlink()
+            biggest = max(numels[i] for i in nvme)
+            self._pool = ThreadPoolExecutor(max_workers=prefetch_depth + 2, thread_name_prefix="lowmem-nvme")
+            self._read_bufs = self._buffers(prefetch_depth + 2, biggest)
+            self._write_bufs = self._buffers(prefetch_depth + 1, biggest)
+
+    @staticmethod
+    def _place(numels, dtype, budget_bytes, nvme_dir) -> list[str]:
+        item = torch.empty((), dtype=dtype).element_size()
+        tiers, used = [], 0
+        for n in numels:
+            fits = budget_bytes is None or used + n * item <= budget_bytes
+            used += n * item if fits else 0
+            tiers.append("host" if fits else "nvme")
+        if "nvme" in tiers and not nvme_dir:
+            total = sum(numels) * item / 2**30
+            raise ValueError(f"offload.host_memory_budget_gb: the blocks need {total:.2f} GiB, more than the "
+                             f"budget, and offload.nvme_dir is not set")
+        return tiers
+
+    def _buffers(self, count: int, numel: int) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+        for _ in range(count):
+            q.put((host_empty(numel, self.dtype, self.pin), None))
+        return q
+
+    def path(self, i: int) -> Path:
+        return self.dir / f"block_{i:05d}.lmz"
+
+    # ---- synchronous access (set-up, checkpoints) ----------------------------------
+    def put(self, i: int, flat: torch.Tensor, version: int = 0) -> None:
+        """Store ``flat`` (CPU, ``dtype``) as block ``i`` now."""
+        self.wait(i)
+        self.versions[i] = version
+        if self.tiers[i] == "host":
+            if i not in self._host:
+                self._host[i] = host_empty(self.numels[i], self.dtype, self.pin)
+            self._host[i].copy_(flat)
+        else:
+            write_block_file(self.path(i), flat, version, self.durable)
+
+    def get(self, i: int) -> torch.Tensor:
+        """A CPU copy of block ``i`` (after every pending write to it)."""
+        self.wait(i)
+        if self.tiers[i] == "host":
+            return self._host[i].clone()
+        out = torch.empty(self.numels[i], dtype=self.dtype)
+        read_block_file(self.path(i), out)
+        return out
+
+    def wait(self, i: int) -> None:
+        host_wait(self._ready.pop(i, None))
+        if i in self._writes:
+            self._writes.pop(i).result()
+
+    def drain(self) -> None:
+        for i in range(len(self.numels)):
+            self.wait(i)
+
+    # ---- asynchronous access (the schedule) ---------------------------------------
+    def fetch(self, i: int) -> Future:
+        """Start bringing block ``i`` into a host tensor; the future gives a :class:`HostBlock`."""
+        if self.tiers[i] == "host":
+            done: Future = Future()
+            done.set_result(HostBlock(self._host[i], ready=self._ready.get(i)))
+            return done
+        return self._pool.submit(self._read, i, self._writes.get(i))
+
+    def _read(self, i: int, last_write: Future | None) -> HostBlock:
+        if last_write is not None:
+            last_write.result()
+        buf, busy = self._read_bufs.get()
+        host_wait(busy)  # the previous upload from this buffer
+        out = buf[:self.numels[i]]
+        try:
+            read_block_file(self.path(i), out)
+        except BaseException:
+            self._read_bufs.put((buf, None))
+            raise
+        return HostBlock(out, release=lambda event: self._read_bufs.put((buf, event)))
+
+    def write_target(self, i: int) -> torch.Tensor:
+        """A host tensor whose first ``numels[i]`` elements should receive block ``i``'s device copy."""
+        if self.tiers[i] == "host":
+            return self._host[i]
+        buf, busy = self._write_bufs.get()  # back-pressure: waits for a finished write
+        host_wait(busy)
+        return buf
+
+    def commit(self, i: int, target: torch.Tensor, copied, version: int) -> None:
+        """The copy into ``target`` (from :meth:`write_target`) is queued; ``copied`` marks its end."""
+        self.versions[i] = version
+        if self.tiers[i] == "host":
+            self._ready[i] = copied
+            return
+        self._writes[i] = self._pool.submit(self._write, i, target, copied, version)
+
+    def _write(self, i: int, target: torch.Tensor, copied, version: int) -> None:
+        host_wait(copied)
+        try:
+            write_block_file(self.path(i), target[:self.numels[i]], version, self.durable)
+        finally:
+            self._write_bufs.put((target, None))
+
+    def close(self) -> None:
+        self.drain()
+        if self._pool is not None:
+            self._pool.shutdown()
