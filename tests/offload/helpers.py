@@ -1,0 +1,42 @@
+"""Shared set-up of the offload tests: a model pair (reference in memory, engine-driven) and batches."""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem.offload import OffloadConfig, ZO2Engine
+from lowmem.optim import create_optimizer
+
+HP = dict(lr=1e-3, eps=1e-3, weight_decay=0.1, seed=7)
+
+
+def batches(n: int, batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def reference(tiny_model, **model_kw):
+    """In-memory MeZO (lowmem.optim.mezo), the outside truth; eval mode as the trainer runs ZO."""
+    model = tiny_model(**model_kw).eval()
+    return model, create_optimizer(model, "mezo", **HP)
+
+
+def engine(tiny_model, config: dict | None = None, **model_kw) -> tuple[torch.nn.Module, ZO2Engine]:
+    model = tiny_model(**model_kw)
+    opt = create_optimizer(model, "mezo", **HP)
+    return model, ZO2Engine(model, opt, OffloadConfig(**(config or {})), device="cpu")
+
+
+def ref_step(model, opt, batch) -> torch.Tensor:
+    return opt.step(lambda: model(**batch).loss)
+
+
+def assert_same_weights(state: dict, model_or_state) -> None:
+    ref = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
+    assert state.keys() == ref.keys()
+    bad = [k for k in ref if not torch.equal(state[k], ref[k])]
+    assert not bad, f"weights differ from in-memory MeZO: {bad[:4]}"
