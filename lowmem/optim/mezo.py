@@ -18,7 +18,12 @@ Per step, with step seed ``s`` (private generator) and samples ``i = 1..n``
 * distributed (torch.distributed initialised, N > 1 processes): every process
   evaluates streams ``rank*n .. rank*n+n-1`` on its own batch, the scalars are
   all-gathered (:mod:`lowmem.optim.zo_distributed`) and all ``N n`` updates are
-  applied everywhere, so replicas stay identical.
+  applied everywhere. Each process also repeats the other processes' perturb/restore
+  cycles (``+eps z, -2 eps z, +eps z``, no forward): those do not give back theta
+  exactly in floating point, so this is what keeps the replicas *bit*-identical
+  (the reference instead restores a snapshot every 16 rounds). Cost: ``3 (N-1) n``
+  extra noise passes per step, no extra forward. :meth:`MeZO.replay` makes a
+  recorded step from ``(step seed, [g])`` alone.
 
 Memory equals inference: the forwards run under ``no_grad`` (nothing is kept for
 backward, no ``.grad`` is made) and the only temporary is one ``z`` shaped like the
@@ -67,12 +72,16 @@ class MeZO(ZerothOrderOptimizer):
         self._require_closure(closure)
         # 1. one step seed, shared by every process (same private generator)
         step_seed = self.draw_step_seed()
-        # 2. two-point estimates for this process's streams (MeZO Alg. 1, lines 3-7)
+        _, size = self.exchange.rank_world()
+        local = set(self.local_streams())
         losses, local_g = [], []
-        for stream in self.local_streams():
-            loss_plus, g = self._two_point(closure, step_seed, stream)
-            losses.append(loss_plus)
-            local_g.append(g)
+        for stream in range(size * self.n_samples):
+            if stream in local:  # 2. two-point estimate on this process's batch (MeZO Alg. 1, lines 3-7)
+                loss_plus, g = self._two_point(closure, step_seed, stream)
+                losses.append(loss_plus)
+                local_g.append(g)
+            else:  # the other processes' perturb/restore, no forward: same rounding everywhere
+                self._perturb_cycle(step_seed, stream)
         # 3. exchange the scalars (identity on one process; one-byte codec if asked)
         all_g = self.exchange(local_g)
         # 4. every process applies every update (MeZO Alg. 1, lines 8-11)
@@ -80,6 +89,18 @@ class MeZO(ZerothOrderOptimizer):
         self.last_projected_grads = all_g
         self._steps += 1
         return torch.stack(losses).mean()
+
+    def _perturb_cycle(self, step_seed: int, stream: int) -> None:
+        for scale in (1.0, -2.0, 1.0):
+            self._perturb(step_seed, stream, scale)
+
+    @torch.no_grad()
+    def replay(self, step_seed: int, projected_grads: list[float]) -> None:
+        """Make one recorded step without forwards: what every replica did with ``(seed, [g])``."""
+        for stream in range(len(projected_grads)):
+            self._perturb_cycle(step_seed, stream)
+        apply_updates(self, step_seed, list(enumerate(projected_grads)))
+        self._steps += 1
 
 
 @torch.no_grad()
