@@ -154,3 +154,18 @@ def test_low_precision_layers_and_autocast(dtype):
     assert gw.dtype == torch.float32  # flows back to the fp32 master weight
     # one sample is noisy but of the right size (a wrong scale would be off by ~1/keep_ratio)
     assert 0.2 < gw.norm() / exact.norm() < 5
+
+
+@pytest.mark.gpu
+def test_cuda_layer_matches_cpu_and_runs_under_fp16_autocast():
+    """The uniforms come from the private CPU generator, so a CUDA layer draws the same rows."""
+    x, gy = _data()
+    cpu_layer, _ = _layer(seed=4)
+    cuda_layer, _ = _layer(seed=4)
+    cuda_layer.cuda()
+    gw_cpu = _grads(cpu_layer, x, gy)[0]
+    gw_cuda = _grads(cuda_layer, x.cuda(), gy.cuda())[0]
+    assert torch.allclose(gw_cuda.cpu(), gw_cpu, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.float16):
+        gw, gx, _ = _grads(cuda_layer, x.cuda(), gy.cuda())
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
