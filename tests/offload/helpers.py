@@ -19,15 +19,16 @@ def batches(n: int, batch: int = 2, seq: int = 12, vocab: int = 128, seed: int =
     return out
 
 
-def reference(tiny_model, **model_kw):
+def reference(tiny_model, hp: dict | None = None, **model_kw):
     """In-memory MeZO (lowmem.optim.mezo), the outside truth; eval mode as the trainer runs ZO."""
     model = tiny_model(**model_kw).eval()
-    return model, create_optimizer(model, "mezo", **HP)
+    return model, create_optimizer(model, "mezo", **{**HP, **(hp or {})})
 
 
-def engine(tiny_model, config: dict | None = None, **model_kw) -> tuple[torch.nn.Module, ZO2Engine]:
+def engine(tiny_model, config: dict | None = None, hp: dict | None = None,
+           **model_kw) -> tuple[torch.nn.Module, ZO2Engine]:
     model = tiny_model(**model_kw)
-    opt = create_optimizer(model, "mezo", **HP)
+    opt = create_optimizer(model, "mezo", **{**HP, **(hp or {})})
     return model, ZO2Engine(model, opt, OffloadConfig(**(config or {})), device="cpu")
 
 
