@@ -20,8 +20,9 @@ or are broken (ALGORITHMS.md §6):
   ``_ema_weight`` evaluated *once per step* (the code shrinks ``L`` on each of its three
   calls per parameter, which collapses phase 2 and breaks), continuous at ``T1`` and
   constant from ``T2``. ``T3`` = the run's total steps, ``T2 = 0.8 T3`` (``mezo.sh``),
-  ``T1 = min(1024, 0.05 T3)`` (Table 3's 1024 for the script's 20k steps). The paper's Eq. 7 does not survive extraction and its text
-  states other final values (0.5, 0.9, 0.01); with this form they are about
+  ``T1 = min(1024, 0.05 T3)`` (Table 3's 1024 for the script's 20k steps). The paper's
+  Eq. 7 does not survive extraction and its text states other final values
+  (0.5, 0.9, 0.01); with this form (T1=1024, T2=16000, T3=20000) they are about
   (0.010, 0.13, 0.012): ``b2`` agrees, and ``b1 = 0.13`` on the *new* draw is the text's
   0.9 in Adam's convention (weight on the history) give or take.
 * The perturbation and the update use the same ``b1`` and the same draws (the code mixes
