@@ -187,7 +187,8 @@ def report(args, results: list[dict], device: str) -> None:
              "(default rule). o_proj's input is the SDPA output, which SDPA saves for its own backward, so "
              "sampling o_proj saves no memory with SDPA/flash attention; gate_proj and up_proj share one input, "
              "saved once by the plain model and sampled twice by WTA-CRS. Step peak = VmHWM reset just before "
-             "the step minus the RSS then (it includes the parameter gradients and the fp32 logits).")
+             "the step minus the RSS then (it includes the parameter gradients and the fp32 logits). Step times "
+             "come from one timed step per ratio; on a shared machine they are noise-prone.")
     write_result("wta_crs" if device == "cpu" else "wta_crs_gpu", f"WTA-CRS activation memory ({device})",
                  markdown_table(header, rows), notes)
 
