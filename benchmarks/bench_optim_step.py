@@ -1,0 +1,70 @@
+"""Optimizer step time on CPU relative to ``torch.optim.AdamW`` on the same parameters, and the
+amortized cost of the projection refresh (SVD for GaLore, a seeded draw for APOLLO, a new
+subspace for FRUGAL) at the default update gap T=200.
+
+Model: Llama-shaped (hidden 512, intermediate 2048, 2 layers, vocab 4096) in fp32, with fixed
+random gradients. "step" is the median of timed steps without a refresh; "refresh" is the
+first step (which always refreshes); amortized = (refresh - step) / T.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+
+import torch
+
+from _common import markdown_table, write_result
+from lowmem import create_optimizer
+
+GAP = 200
+CASES = [("AdamW (torch)", "adamw", {}), ("GaLore r=128", "galore_adamw", dict(rank=128)),
+         ("APOLLO r=128", "apollo", dict(rank=128)), ("APOLLO-Mini", "apollo_mini", {}),
+         ("FRUGAL rho=0.25 blocks", "frugal", dict(density=0.25)),
+         ("FRUGAL rho=0.25 columns", "frugal", dict(density=0.25, proj_type="columns"))]
+
+
+def build_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                               num_attention_heads=8, num_key_value_heads=2, vocab_size=4096)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def time_steps(name: str, hparams: dict, steps: int = 6) -> tuple[float, float]:
+    model = build_model()
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    extra = {} if name == "adamw" else dict(update_proj_gap=GAP)
+    opt = create_optimizer(model, name, lr=1e-4, **hparams, **extra)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), times[0]
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    base, _ = time_steps("adamw", {})
+    rows = []
+    for label, name, hparams in CASES:
+        step, refresh = time_steps(name, hparams)
+        amortized = max(refresh - step, 0.0) / GAP
+        rows.append([label, f"{step * 1e3:.1f}", f"{step / base:.2f}x", f"{refresh * 1e3:.1f}",
+                     f"{amortized * 1e3:.2f}", f"{(step + amortized) / base:.2f}x"])
+        print(rows[-1], flush=True)
+    table = markdown_table(["optimizer", "step ms", "vs AdamW", "refresh step ms", f"amortized refresh ms (T={GAP})",
+                            "vs AdamW incl. refresh"], rows)
+    write_result("optim_step", "Optimizer step time on CPU (1 thread, Llama hidden 512, 2 layers, fp32)", table,
+                 notes="Medians of 6 steps after the first; the machine is shared, so expect +-20% noise.")
+
+
+if __name__ == "__main__":
+    main()
