@@ -1,0 +1,152 @@
+"""8-bit AdamW and 8-bit SGD with momentum: blockwise-quantized states (Dettmers et al., 2021,
+"8-bit Optimizers via Block-wise Quantization", ICLR 2022; bitsandbytes ``AdamW8bit`` / ``SGD8bit``).
+
+AdamW8bit, per parameter with step t (bias-corrected Adam, decoupled decay after the update)::
+
+    m_t = b1 m_{t-1} + (1-b1) g ;  v_t = b2 v_{t-1} + (1-b2) g^2
+    W  <- (W - lr sqrt(1-b2^t)/(1-b1^t) m_t / (sqrt(v_t) + sqrt(1-b2^t) eps)) (1 - lr wd)
+
+SGD8bit (coupled decay, no dampening)::  g <- g + wd W ;  m_t = g (t=1) or b1 m_{t-1} + g ;  W <- W - lr m_t
+
+Storage (paper §2.1-2.2): m with the signed dynamic map, v with the unsigned one, 8-bit codes
+plus one fp32 absmax per block of ``blocksize`` (256) elements: 2 + 8/256 bytes per parameter
+for Adam. The fused step (:mod:`lowmem.kernels.adamw8bit_step`) dequantizes, updates in fp32,
+writes W in its own dtype and requantizes in one pass (Triton on CUDA).
+
+Choices, as bitsandbytes unless noted:
+
+* tensors with fewer than ``min_8bit_size`` (4096) elements keep fp32 state;
+* a gradient element that is NaN/inf wipes that element's moments and leaves W untouched
+  (the 8-bit Adam kernel's rule; we apply it to fp32-state tensors too); SGD8bit has no such rule;
+* stable embedding: instead of swapping in ``bnb.nn.StableEmbedding`` (whose extra LayerNorm changes
+  a pretrained model's function), parameters whose name matches ``fp32_state_params``
+  (default: input/position embeddings, ``*embed*``, ``*wte*``, ``*wpe*``) keep fp32 state, as
+  ``StableEmbedding`` registers ``optim_bits=32``. Names come from the groups' ``param_names``
+  (:func:`lowmem.optim.registry.create_optimizer` sets them); pass ``()`` for all-8-bit;
+* percentile clipping and ``gnorm_scale`` (removed from bitsandbytes in 2026) are not provided.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+
+from lowmem.kernels.adamw8bit_step import (AdamScalars, adam8bit_step, adam_update_, momentum8bit_step,
+                                           momentum_update_)
+from lowmem.kernels.quantize import check_blocksize
+from lowmem.optim.registry import OptimizerSpec, register
+from lowmem.optim.state_store import MomentStore
+
+EMBEDDING_PATTERNS = ("*embed*", "*wte*", "*wpe*")
+
+
+def _check_range(field: str, value: float, low: float, high: float | None = None) -> None:
+    if not (value >= low and (high is None or value < high)):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{field}: must be {bound}, got {value!r}")
+
+
+class _Blockwise8bit(torch.optim.Optimizer):
+    """Shared loop: state creation (8-bit or fp32 by size and name), step counter, safe state loading."""
+
+    moments: tuple[tuple[str, bool], ...] = ()  # (state key, signed map)
+
+    def __init__(self, params, defaults: dict, blocksize: int, min_8bit_size: int,
+                 fp32_state_params: Iterable[str]):
+        _check_range("lr", defaults["lr"], 0.0)
+        _check_range("weight_decay", defaults["weight_decay"], 0.0)
+        check_blocksize(blocksize)
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size: must be a non-negative int, got {min_8bit_size!r}")
+        super().__init__(params, defaults)
+        self.store8 = MomentStore(bits=8, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        self.store32 = MomentStore(bits=32)
+        self.fp32_state_params = tuple(fp32_state_params)
+
+    def _store_for(self, name: str | None) -> MomentStore:
+        if name is not None and any(fnmatch.fnmatchcase(name, pat) for pat in self.fp32_state_params):
+            return self.store32
+        return self.store8
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"grad: {name or 'a parameter'} is sparse; 8-bit optimizers need dense grads")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.int64)
+                    for key, _ in self.moments:
+                        self._store_for(name).init(state, key, p)
+                state["step"] += 1
+                self._update(p, p.grad, state, group, int(state["step"]))
+        return loss
+
+    def _update(self, p, g, state: dict, group: dict, step: int) -> None:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every loaded state tensor to the param's dtype (codes too); put back the saved
+        # uint8 codes and fp32 absmax/moments so the round trip is exact: only the device follows p
+        super().load_state_dict(state_dict)
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+class AdamW8bit(_Blockwise8bit):
+    moments = (("exp_avg", True), ("exp_avg_sq", False))
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, blocksize: int = 256, min_8bit_size: int = 4096,
+                 fp32_state_params: Iterable[str] = EMBEDDING_PATTERNS):
+        _check_range("betas[0]", betas[0], 0.0, 1.0)
+        _check_range("betas[1]", betas[1], 0.0, 1.0)
+        if not eps > 0:
+            raise ValueError(f"eps: must be > 0, got {eps!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, blocksize, min_8bit_size, fp32_state_params)
+
+    def _update(self, p, g, state, group, step):
+        k = AdamScalars.of(group["lr"], *group["betas"], group["eps"], group["weight_decay"], step)
+        if "exp_avg" in state:  # fp32 state: same maths, no quantization
+            p.copy_(adam_update_(p.float(), g.float(), state["exp_avg"], state["exp_avg_sq"], k, p.dtype))
+            return
+        adam8bit_step(p, g, state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
+                      state["exp_avg_sq_absmax"], k, self.store8.blocksize)
+
+
+class SGD8bit(_Blockwise8bit):
+    moments = (("momentum_buffer", True),)
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 blocksize: int = 256, min_8bit_size: int = 4096,
+                 fp32_state_params: Iterable[str] = EMBEDDING_PATTERNS):
+        if not 0.0 < momentum < 1.0:  # without momentum there is no state to quantize: use SGD
+            raise ValueError(f"momentum: must be in (0, 1), got {momentum!r}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(params, defaults, blocksize, min_8bit_size, fp32_state_params)
+
+    def _update(self, p, g, state, group, step):
+        hp = (group["lr"], group["momentum"], group["weight_decay"], step)
+        if "momentum_buffer" in state:
+            p.copy_(momentum_update_(p.float(), g.float(), state["momentum_buffer"], *hp, p.dtype))
+            return
+        momentum8bit_step(p, g, state["momentum_buffer_codes"], state["momentum_buffer_absmax"], *hp,
+                          blocksize=self.store8.blocksize)
+
+
+register(OptimizerSpec(name="adamw8bit", cls=AdamW8bit))
+register(OptimizerSpec(name="sgd8bit", cls=SGD8bit))
