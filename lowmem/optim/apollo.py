@@ -28,7 +28,7 @@ import math
 import torch
 
 from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, decoupled_weight_decay
-from lowmem.optim.projection import (assign_seeds, check_projected_group, current_factors, project, sides)
+from lowmem.optim.projection import assign_seeds, check_projected_group, current_factors, project
 from lowmem.optim.registry import OptimizerSpec, register
 
 GROUP_DEFAULTS = {"rank": 256, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std",

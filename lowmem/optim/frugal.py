@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, clear_moments, has_moments
+from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, clear_moments
 from lowmem.optim.projection import (assign_seeds, next_seed, orthonormal_factor, project, project_back, sides,
                                      svd_factors)
 from lowmem.optim.registry import OptimizerSpec, register
