@@ -65,8 +65,10 @@ def project_back(r: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None
 def svd_factors(g: torch.Tensor, rank: int, left: bool, right: bool):
     """Truncated-SVD factors of ``g`` (computed in fp32 like the reference, cast back to g's dtype)."""
     u_full, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
-    u = u_full[:, :rank].to(g.dtype) if left else None
-    v = vh[:rank, :].to(g.dtype) if right else None
+    # Own, row-major copies: a slice would keep the whole SVD alive, and a checkpoint loads
+    # factors row-major, so a strided factor would round differently after resume.
+    u = u_full[:, :rank].to(g.dtype).clone(memory_format=torch.contiguous_format) if left else None
+    v = vh[:rank, :].to(g.dtype).clone(memory_format=torch.contiguous_format) if right else None
     return u, v
 
 

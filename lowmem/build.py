@@ -1,0 +1,122 @@
+"""Build everything a run needs from a recipe: model, tokenizer, data, optimizer, schedule, samplers.
+
+One function per part, composed by :func:`build_run`; the trainer only sees the :class:`Run`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+
+from lowmem.data import PackedBatches, pack_tokens, split_documents
+from lowmem.models import load_model, load_tokenizer
+from lowmem.optim.registry import create_optimizer, get_spec
+from lowmem.recipe import Recipe, TrainSection
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy (the model shifts labels itself)."""
+    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+
+LOSSES: dict[str, Callable] = {"lm": lm_loss}
+
+
+@dataclass
+class Run:
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer          # what the loop steps (maybe accelerate-wrapped)
+    inner_optimizer: torch.optim.Optimizer    # what a checkpoint saves
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_batches: PackedBatches
+    eval_batches: list[dict[str, torch.Tensor]]
+    loss_fn: Callable
+    zeroth_order: bool = False
+    layerwise: bool = False
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+    def save_model(self, model: torch.nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+
+def lr_lambda(train: TrainSection) -> Callable[[int], float]:
+    """Warmup (linear from 0) then constant, linear or cosine decay to ``min_lr_ratio``."""
+    warm, total, floor = train.warmup_steps, train.steps, train.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if train.lr_schedule == "constant":
+            return 1.0
+        if train.lr_schedule == "linear":
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_data(recipe: Recipe, tokenizer) -> tuple[PackedBatches, list[dict[str, torch.Tensor]]]:
+    tr = recipe.train
+    train_docs, eval_docs = split_documents(recipe.data, tr.seed)
+    train_rows = pack_tokens(train_docs, tokenizer, tr.seq_len, "data.path")
+    eval_rows = pack_tokens(eval_docs, tokenizer, tr.seq_len, recipe.data.eval_path or "data.path (eval split)")
+    eval_rows = eval_rows[: tr.eval_batches * tr.batch_size]
+    evals = [{"input_ids": b, "labels": b.clone()} for b in eval_rows.split(tr.batch_size)]
+    return PackedBatches(train_rows, tr.batch_size, tr.seed), evals
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Accelerator):
+    """Return (optimizer, zeroth_order, layerwise)."""
+    opt = recipe.optim
+    spec = get_spec(opt.name)
+    hparams = dict(opt.args, lr=opt.lr)
+    if opt.weight_decay is not None:
+        hparams["weight_decay"] = opt.weight_decay
+    optimizer = create_optimizer(model, opt.name, target_modules=opt.target_modules, **hparams)
+    if spec.zeroth_order and recipe.train.grad_accum != 1:
+        raise ValueError("train.grad_accum: zeroth-order optimizers take one batch per step (set it to 1)")
+    if spec.zeroth_order and opt.layerwise:
+        raise ValueError("optim.layerwise: has no meaning for zeroth-order optimizers")
+    if opt.layerwise:
+        from lowmem.optim.layerwise import LayerwiseOptimizer
+
+        if accelerator.num_processes > 1:
+            raise ValueError("optim.layerwise: not supported with data parallel (updates would run before "
+                             "the gradient all-reduce)")
+        if recipe.train.mixed_precision == "fp16":
+            raise ValueError("optim.layerwise: not supported with train.mixed_precision=fp16 (loss scaling)")
+        optimizer = LayerwiseOptimizer(optimizer, grad_accum_steps=recipe.train.grad_accum,
+                                       max_grad_norm=opt.max_grad_norm)
+    return optimizer, spec.zeroth_order, opt.layerwise
+
+
+def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
+    tokenizer = load_tokenizer(recipe.model)
+    train_batches, eval_batches = build_data(recipe, tokenizer)
+    model = load_model(recipe.model)
+    generators: dict[str, torch.Generator] = {}
+    if recipe.activations.wta_crs is not None:
+        from lowmem.activations import apply_wta_crs
+
+        wta = recipe.activations.wta_crs
+        handle = apply_wta_crs(model, wta.keep_ratio, targets=wta.targets, seed=recipe.train.seed)
+        generators["wta_crs"] = handle.generator
+    optimizer, zeroth_order, layerwise = build_optimizer(recipe, model, accelerator)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
+    if zeroth_order or layerwise:
+        model = model.to(accelerator.device)
+        stepped = optimizer
+    else:
+        model, stepped = accelerator.prepare(model, optimizer)
+    return Run(model=model, tokenizer=tokenizer, optimizer=stepped, inner_optimizer=optimizer,
+               scheduler=scheduler, train_batches=train_batches, eval_batches=eval_batches,
+               loss_fn=LOSSES[recipe.data.task], zeroth_order=zeroth_order, layerwise=layerwise,
+               generators=generators)

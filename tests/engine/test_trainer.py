@@ -1,0 +1,117 @@
+"""The training loop: exact resume in a new process, non-finite steps, the saved model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem.recipe import load_recipe
+from lowmem.trainer import Trainer, TrainingStopped
+
+CRASH_AFTER = """
+import os, sys
+from lowmem.recipe import load_recipe
+from lowmem.trainer import Trainer
+
+class Crash(Trainer):  # a process that dies (no cleanup) in the middle of step 5
+    def train_step(self):
+        if self.step == 4:
+            os._exit(17)
+        return super().train_step()
+
+Crash(load_recipe(sys.argv[1], sys.argv[2:]), progress=False).train()
+"""
+
+
+def _cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "lowmem.cli", *args, "--quiet"], capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.parametrize("optim", ["adamw", "galore_adamw"])
+def test_resume_in_new_process_is_bit_exact(tiny_recipe, tmp_path, optim):
+    args = {"name": optim, "lr": 1e-3}
+    if optim == "galore_adamw":  # a projection refresh (every 2 steps) falls across the interruption
+        args["args"] = {"rank": 4, "update_proj_gap": 2}
+    recipe = tiny_recipe(optim=args)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    _cli(recipe, f"output.dir={whole}")
+    crash = subprocess.run([sys.executable, "-c", CRASH_AFTER, recipe, f"output.dir={broken}"],
+                           capture_output=True, text=True)
+    assert crash.returncode == 17, crash.stderr[-2000:]
+    assert max(_losses(broken)) == 4  # it really died after step 4, past the checkpoint at step 3
+    _cli(recipe, f"output.dir={broken}", "--resume")
+    assert _losses(broken) == _losses(whole)  # every step's loss, bit for bit
+    a = load_file(whole / "model" / "model.safetensors")
+    b = load_file(broken / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _trainer(recipe_path, *overrides):
+    return Trainer(load_recipe(recipe_path, list(overrides)), progress=False)
+
+
+def test_non_finite_loss_and_grad_skip_the_step_untouched(tiny_recipe):
+    trainer = _trainer(tiny_recipe(), "train.steps=3", "output.save_model=false")
+    run = trainer.run
+    clean_loss = run.loss_fn
+    calls = {"n": 0}
+
+    def faulty(model, batch):
+        calls["n"] += 1
+        loss = clean_loss(model, batch)
+        if calls["n"] == 2:  # attempt 2: a NaN loss
+            return loss * float("nan")
+        if calls["n"] == 3:  # attempt 3: finite loss, NaN gradient in one weight
+            loss.register_hook(lambda g: g)
+            weight = next(run.model.parameters())
+            weight.register_hook(lambda g: torch.full_like(g, float("nan"))) if calls["n"] == 3 else None
+        return loss
+
+    run.loss_fn = faulty
+    trainer.out.mkdir(parents=True, exist_ok=True)
+    first = trainer.train_step()
+    assert not first.get("skipped")
+    params = [p.detach().clone() for p in run.model.parameters()]
+    state = {k: v.clone() for k, v in run.inner_optimizer.state[next(run.model.parameters())].items()}
+    for expected_bad in (1, 2):
+        record = trainer.train_step()
+        assert record["skipped"] and record["bad_steps"] == expected_bad
+        assert all(torch.equal(p, q) for p, q in zip(run.model.parameters(), params))
+        after = run.inner_optimizer.state[next(run.model.parameters())]
+        assert all(torch.equal(after[k], v) for k, v in state.items())
+        assert all(p.grad is None for p in run.model.parameters())
+    assert trainer.step == 1 and trainer.attempt == 3
+
+
+def test_too_many_bad_steps_stop_with_a_checkpoint(tiny_recipe):
+    trainer = _trainer(tiny_recipe(), "train.max_bad_steps=2")
+    clean = trainer.run.loss_fn
+    trainer.run.loss_fn = lambda m, b: clean(m, b) * (float("nan") if trainer.step >= 2 else 1.0)
+    with pytest.raises(TrainingStopped, match=r"train.max_bad_steps: 2 non-finite steps in a row after step 2"):
+        trainer.train()
+    lines = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_steps"] for r in lines if r.get("skipped")] == [1, 2]
+    assert (trainer.out / "checkpoints" / "step-00000002" / "manifest.json").exists()
+
+
+def test_saved_model_loads_with_transformers(tiny_recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _cli(tiny_recipe(), f"output.dir={tmp_path / 'out'}", "train.steps=2")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert model.config.model_type == "llama"
+    assert summary["steps"] == 2 and summary["eval_loss"] < summary["eval_loss_before"]
