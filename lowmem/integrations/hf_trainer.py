@@ -1,0 +1,178 @@
+"""lowmem inside a Hugging Face ``transformers.Trainer``: a callback and a zeroth-order Trainer.
+
+First-order optimizers need nothing but the optimizer and, optionally, the callback::
+
+    opt = lowmem.create_optimizer(model, "apollo_mini", lr=1e-3)
+    Trainer(model, args, train_dataset=ds, optimizers=(opt, None),
+            callbacks=[lowmem.LowMemCallback(layerwise=False, wta_crs_keep_ratio=0.3)]).train()
+
+:class:`LowMemCallback`, at ``on_train_begin`` (after the Trainer built its scheduler,
+prepared the optimizer and loaded a checkpoint):
+
+* applies WTA-CRS to the model (``wta_crs_keep_ratio``) and restores its private
+  generator on resume (kept in ``trainer_state.json`` through ``ExportableState``);
+* switches the optimizer to layer-wise mode (``layerwise=True``): the Trainer's
+  accelerate wrapper then steps a :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`
+  that shares the inner optimizer's param groups, so the Trainer's scheduler still drives it;
+* refuses combinations that would silently train wrong (one-line ``ValueError``).
+
+At every log it adds ``optimizer_state_mb``, ``peak_rss_gb`` (and ``peak_cuda_gb``) to the
+record, in ``trainer.state.log_history`` and in what later callbacks (the printer) receive.
+
+Zeroth-order optimizers (``mezo``, ``zo_adamu``) use :class:`ZOTrainer`, which overrides only
+``training_step`` (the Trainer's loop, logging, evaluation and checkpoints stay as they are).
+
+Checkpoints: the Trainer saves ``optimizer.state_dict()`` with ``torch.save`` and loads it with
+``weights_only=True`` through the accelerate wrapper into lowmem's ``load_state_dict``, which
+keeps every state tensor's dtype (fp32 moments of a bf16 model, 8-bit codes).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
+from lowmem.optim.layerwise import LayerwiseOptimizer
+from lowmem.optim.registry import is_zeroth_order
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer inside accelerate's wrapper(s) (a LayerwiseOptimizer stays as it is)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _tensor_to_json(t: torch.Tensor) -> dict:
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "values": t.flatten().tolist()}
+
+
+def _tensor_from_json(d: dict) -> torch.Tensor:
+    return torch.tensor(d["values"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
+
+
+def _check_layerwise(args) -> None:
+    """Layer-wise updates happen inside backward, before anything the loop does after it."""
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        raise ValueError("LowMemCallback(layerwise=True): set TrainingArguments(max_grad_norm=0); clipping needs "
+                         "every gradient, but layer-wise mode applies and frees them during backward")
+    if args.world_size > 1:
+        raise ValueError("LowMemCallback(layerwise=True): not supported with data parallel (updates would run "
+                         "before the gradient all-reduce)")
+    if args.fp16:
+        raise ValueError("LowMemCallback(layerwise=True): not supported with fp16 (loss scaling); use bf16")
+    if args.deepspeed:
+        raise ValueError("LowMemCallback(layerwise=True): not supported with DeepSpeed (it owns the gradients)")
+
+
+class LowMemCallback(TrainerCallback, ExportableState):
+    """Apply lowmem's layer-wise mode and WTA-CRS in a ``transformers.Trainer`` and log memory.
+
+    ``layerwise``: update each parameter inside backward and free its gradient
+    (needs ``max_grad_norm=0``, one process, no fp16). ``wta_crs_keep_ratio``: keep this fraction
+    of activation rows for backward in the default WTA-CRS targets (or ``wta_crs_targets``
+    glob patterns), sampled from a generator seeded with ``wta_crs_seed``.
+    """
+
+    def __init__(self, layerwise: bool = False, wta_crs_keep_ratio: float | None = None,
+                 wta_crs_targets: list[str] | None = None, wta_crs_seed: int = 0):
+        self.layerwise = layerwise
+        self.wta_crs_keep_ratio = wta_crs_keep_ratio
+        self.wta_crs_targets = wta_crs_targets
+        self.wta_crs_seed = wta_crs_seed
+        self.wta_handle = None
+
+    # ------------------------------------------------------------ checkpoint (trainer_state.json)
+    def state(self) -> dict:
+        wta = None if self.wta_handle is None else \
+            {k: _tensor_to_json(v) for k, v in self.wta_handle.state_dict().items()}
+        return {"args": {"layerwise": self.layerwise, "wta_crs_keep_ratio": self.wta_crs_keep_ratio,
+                         "wta_crs_targets": self.wta_crs_targets, "wta_crs_seed": self.wta_crs_seed},
+                "attributes": {"wta_crs_state": wta}}
+
+    def _saved_wta_state(self, state) -> dict | None:
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if isinstance(saved, list):  # several LowMemCallbacks: the Trainer keeps a list; use the first
+            saved = saved[0] if saved else None
+        return None if saved is None else saved.get("attributes", {}).get("wta_crs_state")
+
+    # ------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        inner = unwrap_optimizer(optimizer)
+        if args.deepspeed:
+            from lowmem.integrations.deepspeed import check_trainer_deepspeed
+
+            check_trainer_deepspeed(args, inner, layerwise=self.layerwise,
+                                    wta_crs=self.wta_crs_keep_ratio is not None)
+        if self.wta_crs_keep_ratio is not None:
+            self._apply_wta_crs(model, state)
+        if self.layerwise:
+            self._make_layerwise(args, optimizer, inner)
+
+    def _apply_wta_crs(self, model, state) -> None:
+        if self.wta_handle is None:  # a second trainer.train() keeps the layers already swapped
+            from lowmem.activations import apply_wta_crs
+
+            self.wta_handle = apply_wta_crs(model, self.wta_crs_keep_ratio, targets=self.wta_crs_targets,
+                                            seed=self.wta_crs_seed)
+        saved = self._saved_wta_state(state)
+        if saved is not None:  # resumed (or a later train() call): continue the same random stream
+            self.wta_handle.load_state_dict({k: _tensor_from_json(v) for k, v in saved.items()})
+
+    @staticmethod
+    def _make_layerwise(args, optimizer, inner) -> None:
+        _check_layerwise(args)
+        if isinstance(inner, LayerwiseOptimizer):
+            return
+        if is_zeroth_order(inner):
+            raise ValueError("LowMemCallback(layerwise=True): zeroth-order optimizers have no backward to hook")
+        if optimizer is inner:
+            raise ValueError("LowMemCallback(layerwise=True): expected the Trainer's accelerate-prepared optimizer")
+        # the wrapper steps the layer-wise view; param_groups/state are the inner optimizer's own
+        # objects, so the Trainer's LR scheduler (built on `inner`) drives the LR the hooks use
+        optimizer.optimizer = LayerwiseOptimizer(inner, grad_accum_steps=args.gradient_accumulation_steps)
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        if logs is None or optimizer is None:
+            return
+        figures = {"optimizer_state_mb": round(state_bytes(unwrap_optimizer(optimizer)) / 2**20, 4),
+                   "peak_rss_gb": round(peak_rss_bytes() / 2**30, 3)}
+        if cuda_peak_bytes() is not None:
+            figures["peak_cuda_gb"] = round(cuda_peak_bytes() / 2**30, 3)
+        logs.update(figures)
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and set(logs) - set(figures) <= set(last):
+            last.update(figures)  # the Trainer appended a copy of `logs` just before calling on_log
+
+
+class ZOTrainer(Trainer):
+    """A ``transformers.Trainer`` for lowmem's zeroth-order optimizers (``mezo``, ``zo_adamu``).
+
+    Only ``training_step`` changes: it runs ``optimizer.step(closure)`` on the batch (two
+    no-grad forwards per perturbation, model in eval mode as in MeZO) and returns the loss
+    at ``theta + eps z``. The loop's own ``optimizer.step()`` that follows is skipped through
+    accelerate's sync flag (the mechanism the loop uses between accumulation micro-batches);
+    the LR scheduler, logging, evaluation and checkpoints run unchanged.
+    """
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        zo = unwrap_optimizer(self.optimizer)
+        if not is_zeroth_order(zo):
+            raise ValueError(f"ZOTrainer: {type(zo).__name__} is not a zeroth-order optimizer; "
+                             "use transformers.Trainer for first-order optimizers")
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError("ZOTrainer: set gradient_accumulation_steps=1 (a zeroth-order step takes one batch)")
+        model.eval()
+        inputs = self._prepare_inputs(inputs)
+
+        def closure() -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return self.compute_loss(model, inputs)
+
+        loss = zo.step(closure)
+        self.accelerator.gradient_state._set_sync_gradients(False)  # the update is done: no second step
+        return loss.detach().to(self.args.device)

@@ -1,0 +1,25 @@
+"""Fixtures for the integration tests: a token dataset and a factory for a real ``transformers.Trainer``."""
+
+import pytest
+
+from .helpers import TokenDataset
+
+
+@pytest.fixture
+def token_dataset():
+    return TokenDataset
+
+
+@pytest.fixture
+def trainer_args(tmp_path):
+    """Factory: ``trainer_args(**overrides)`` -> CPU TrainingArguments logging every step, no reports."""
+    from transformers import TrainingArguments
+
+    def make(**overrides) -> TrainingArguments:
+        kwargs = dict(output_dir=str(tmp_path / "hf"), use_cpu=True, report_to="none", max_steps=6,
+                      per_device_train_batch_size=4, logging_steps=1, save_strategy="no", seed=0,
+                      disable_tqdm=True, lr_scheduler_type="constant", dataloader_num_workers=0)
+        kwargs.update(overrides)
+        return TrainingArguments(**kwargs)
+
+    return make
