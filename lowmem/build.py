@@ -13,18 +13,20 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from lowmem.data import PackedBatches, pack_tokens, split_documents
+from lowmem.data import CandidateBatches, PackedBatches, label_examples, pack_tokens, split_documents
 from lowmem.models import load_model, load_tokenizer
+from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss
 from lowmem.optim.registry import create_optimizer, get_spec
 from lowmem.recipe import Recipe, TrainSection
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy (the model shifts labels itself)."""
-    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+def lm_metrics(model, batch) -> dict[str, torch.Tensor]:
+    return {"eval_loss": causal_lm_loss(model, batch)}
 
 
-LOSSES: dict[str, Callable] = {"lm": lm_loss}
+def classification_metrics(model, batch) -> dict[str, torch.Tensor]:
+    loss, accuracy = classification_loss(model, batch)
+    return {"eval_loss": loss, "eval_accuracy": accuracy}
 
 
 @dataclass
@@ -36,10 +38,12 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_batches: PackedBatches
     eval_batches: list[dict[str, torch.Tensor]]
-    loss_fn: Callable
+    loss_fn: Callable        # (model, batch) -> scalar loss
+    eval_fn: Callable        # (model, batch) -> {"eval_loss": ..., ...}
     zeroth_order: bool = False
     layerwise: bool = False
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    engine: object | None = None              # the ZO2 offload engine, when offload.enabled
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
@@ -63,14 +67,33 @@ def lr_lambda(train: TrainSection) -> Callable[[int], float]:
     return factor
 
 
-def build_data(recipe: Recipe, tokenizer) -> tuple[PackedBatches, list[dict[str, torch.Tensor]]]:
+def _lm_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
     tr = recipe.train
-    train_docs, eval_docs = split_documents(recipe.data, tr.seed)
     train_rows = pack_tokens(train_docs, tokenizer, tr.seq_len, "data.path")
     eval_rows = pack_tokens(eval_docs, tokenizer, tr.seq_len, recipe.data.eval_path or "data.path (eval split)")
-    eval_rows = eval_rows[: tr.eval_batches * tr.batch_size]
-    evals = [{"input_ids": b, "labels": b.clone()} for b in eval_rows.split(tr.batch_size)]
-    return PackedBatches(train_rows, tr.batch_size, tr.seed), evals
+    evals = [{"input_ids": b, "labels": b.clone()} for b in eval_rows[: tr.eval_batches * tr.batch_size].split(tr.batch_size)]
+    return PackedBatches(train_rows, tr.batch_size, tr.seed), evals, causal_lm_loss, lm_metrics
+
+
+def _classification_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
+    tr, cls = recipe.train, recipe.data.classification
+    labels = list(cls.candidates)
+    collator = CandidateCollator(tokenizer, [cls.candidates[k] for k in labels], cls.template, tr.seq_len)
+    train = label_examples(train_docs, labels, recipe.data.path)
+    held = label_examples(eval_docs, labels, recipe.data.eval_path or recipe.data.path)
+    held = held[: tr.eval_batches * tr.batch_size]
+    evals = [collator(held[i:i + tr.batch_size]) for i in range(0, len(held), tr.batch_size)]
+    return (CandidateBatches(train, collator, tr.batch_size, tr.seed), evals,
+            lambda model, batch: classification_loss(model, batch)[0], classification_metrics)
+
+
+DATA_BUILDERS = {"lm": _lm_data, "classification": _classification_data}
+
+
+def build_data(recipe: Recipe, tokenizer):
+    """Return (train batches, eval batches, loss_fn, eval_fn) for ``data.task``."""
+    train_docs, eval_docs = split_documents(recipe.data, recipe.train.seed)
+    return DATA_BUILDERS[recipe.data.task](recipe, tokenizer, train_docs, eval_docs)
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Accelerator):
@@ -98,25 +121,41 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     return optimizer, spec.zeroth_order, opt.layerwise
 
 
+def build_engine(recipe: Recipe, model, optimizer, accelerator: Accelerator):
+    """The ZO2 offload engine (lowmem.offload) driving ``model`` with the MeZO ``optimizer``."""
+    from lowmem.offload import OffloadConfig, ZO2Engine
+
+    if recipe.data.task != "lm":
+        raise ValueError("offload.enabled: the ZO2 engine trains the LM objective only (data.task: lm)")
+    if accelerator.num_processes > 1:
+        raise ValueError("offload.enabled: the ZO2 engine runs on one process")
+    return ZO2Engine(model, optimizer, OffloadConfig(**recipe.offload.model_dump()))
+
+
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     tokenizer = load_tokenizer(recipe.model)
-    train_batches, eval_batches = build_data(recipe, tokenizer)
+    train_batches, eval_batches, loss_fn, eval_fn = build_data(recipe, tokenizer)
     model = load_model(recipe.model)
     generators: dict[str, torch.Generator] = {}
     if recipe.activations.wta_crs is not None:
         from lowmem.activations import apply_wta_crs
 
         wta = recipe.activations.wta_crs
-        handle = apply_wta_crs(model, wta.keep_ratio, targets=wta.targets, seed=recipe.train.seed)
-        generators["wta_crs"] = handle.generator
+        seed = recipe.train.seed + accelerator.process_index  # ranks sample different rows
+        generators["wta_crs"] = apply_wta_crs(model, wta.keep_ratio, targets=wta.targets, seed=seed).generator
     optimizer, zeroth_order, layerwise = build_optimizer(recipe, model, accelerator)
+    if recipe.offload.enabled and not zeroth_order:
+        raise ValueError("offload.enabled: the ZO2 engine needs a zeroth-order optimizer (optim.name: mezo)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
-    if zeroth_order or layerwise:
+    engine = build_engine(recipe, model, optimizer, accelerator) if recipe.offload.enabled else None
+    if engine is not None:
+        stepped = optimizer
+    elif zeroth_order or layerwise:
         model = model.to(accelerator.device)
         stepped = optimizer
     else:
         model, stepped = accelerator.prepare(model, optimizer)
     return Run(model=model, tokenizer=tokenizer, optimizer=stepped, inner_optimizer=optimizer,
                scheduler=scheduler, train_batches=train_batches, eval_batches=eval_batches,
-               loss_fn=LOSSES[recipe.data.task], zeroth_order=zeroth_order, layerwise=layerwise,
-               generators=generators)
+               loss_fn=loss_fn, eval_fn=eval_fn, zeroth_order=zeroth_order, layerwise=layerwise,
+               generators=generators, engine=engine)

@@ -25,7 +25,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -196,9 +196,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- save
-def _write_files(tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                  scheduler, generators, extra: dict | None) -> None:
-    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
     rng_tensors, rng_meta = _rng_state(generators)
     trainer = {"step": step, "extra": _encode(extra or {}, "extra", None), "optimizer": opt_meta,
@@ -217,10 +216,22 @@ def _write_files(tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.
     _fsync_path(tmp)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler=None, generators: dict[str, torch.Generator] | None = None,
-                    extra: dict | None = None, keep_last: int = 2) -> Path:
-    """Write ``run_dir/checkpoints/step-{step:08d}`` atomically; keep the newest ``keep_last``."""
+def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters a checkpoint stores: trainable ones, tied weights once."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer, scheduler=None,
+                    generators: dict[str, torch.Generator] | None = None, extra: dict | None = None,
+                    keep_last: int = 2, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``run_dir/checkpoints/step-{step:08d}`` atomically; keep the newest ``keep_last``.
+
+    The weights are ``model``'s trainable parameters, or ``weights`` when the model's
+    parameters live elsewhere (the ZO2 engine's offloaded blocks)."""
+    if (model is None) == (weights is None):
+        raise ValueError("save_checkpoint: give exactly one of model and weights")
+    weights = trainable_weights(model) if weights is None else weights
     if keep_last < 1:
         raise CheckpointError(f"{run_dir}: keep_last must be >= 1, got {keep_last}")
     if extra and "step" in extra:
@@ -233,7 +244,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimiz
     tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_files(tmp, step, model, optimizer, scheduler, generators, extra)
+        _write_files(tmp, step, weights, optimizer, scheduler, generators, extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -314,14 +325,21 @@ def _read(path: Path) -> tuple[dict, dict, dict, dict]:
     return loaded["model.safetensors"], loaded["optimizer.safetensors"], loaded["rng.safetensors"], trainer
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler=None, generators: dict[str, torch.Generator] | None = None) -> dict:
-    """Verify every checksum, then restore weights, optimizer, scheduler, RNG states and
-    ``generators`` in place; return ``{"step": step, **extra}``."""
+def load_checkpoint(path: str | Path, *, model: nn.Module | None = None, optimizer: torch.optim.Optimizer,
+                    scheduler=None, generators: dict[str, torch.Generator] | None = None,
+                    load_weights: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict:
+    """Verify every checksum, then restore weights (into ``model``, or by calling
+    ``load_weights``), optimizer, scheduler, RNG states and ``generators`` in place;
+    return ``{"step": step, **extra}``."""
+    if (model is None) == (load_weights is None):
+        raise ValueError("load_checkpoint: give exactly one of model and load_weights")
     path = Path(path)
     _verify(path)
     weights, opt_tensors, rng_tensors, trainer = _read(path)
-    _load_model(model, weights, path / "model.safetensors")
+    if model is not None:
+        _load_model(model, weights, path / "model.safetensors")
+    else:
+        load_weights(weights)
     _load_optimizer(optimizer, opt_tensors, trainer["optimizer"], path / "optimizer.safetensors")
     if scheduler is not None:
         if trainer["scheduler"] is None:

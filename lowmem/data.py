@@ -90,28 +90,58 @@ def pack_tokens(docs: list[Document], tokenizer, seq_len: int, field: str) -> to
     return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
 
 
-class PackedBatches:
-    """Deterministic micro-batches of packed LM rows; ``batch(position)`` needs no iteration state."""
+class _ShuffledBatches:
+    """Deterministic micro-batches over ``n`` items: ``indices(position)`` needs no iteration state."""
 
-    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int, shuffle: bool = True):
-        if len(rows) < batch_size:
-            raise ValueError(f"train.batch_size: {batch_size} exceeds the {len(rows)} sequences available")
-        self.rows, self.batch_size, self.seed, self.shuffle = rows, batch_size, seed, shuffle
-        self.per_epoch = len(rows) // batch_size
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise ValueError(f"train.batch_size: {batch_size} exceeds the {n} examples available")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
         self._epoch, self._order = -1, None
 
-    def _order_for(self, epoch: int) -> torch.Tensor:
+    def indices(self, position: int) -> torch.Tensor:
+        epoch, index = divmod(position, self.per_epoch)
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._order = torch.randperm(len(self.rows), generator=gen) if self.shuffle else torch.arange(len(self.rows))
+            self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
             self._epoch = epoch
-        return self._order
+        return self._order[index * self.batch_size:(index + 1) * self.batch_size]
+
+
+class PackedBatches(_ShuffledBatches):
+    """Packed LM rows: ``batch(position)`` -> ``{input_ids, labels}`` of shape (B, T)."""
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int):
+        super().__init__(len(rows), batch_size, seed)
+        self.rows = rows
 
     def batch(self, position: int) -> dict[str, torch.Tensor]:
-        epoch, index = divmod(position, self.per_epoch)
-        take = self._order_for(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        ids = self.rows[take]  # (B, T)
+        ids = self.rows[self.indices(position)]  # (B, T)
         return {"input_ids": ids, "labels": ids.clone()}
 
     def tokens_per_batch(self) -> int:
         return self.rows.shape[1] * self.batch_size
+
+
+class CandidateBatches(_ShuffledBatches):
+    """Labelled documents for candidate classification, collated by ``lowmem.objectives.CandidateCollator``."""
+
+    def __init__(self, examples: list[tuple[str, int]], collator, batch_size: int, seed: int):
+        super().__init__(len(examples), batch_size, seed)
+        self.examples, self.collator = examples, collator
+
+    def batch(self, position: int) -> dict[str, torch.Tensor]:
+        return self.collator([self.examples[i] for i in self.indices(position).tolist()])
+
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.collator.max_length
+
+
+def label_examples(docs: list[Document], labels: list[str], field: str) -> list[tuple[str, int]]:
+    """``(text, candidate index)`` pairs; every document's label must have a candidate."""
+    index = {label: i for i, label in enumerate(labels)}
+    for doc in docs:
+        if doc.label not in index:
+            raise ValueError(f"data.classification.candidates: no candidate for label {doc.label!r} "
+                             f"(labels come from folder names or the 'label' field of {field})")
+    return [(d.text, index[d.label]) for d in docs]

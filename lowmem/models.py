@@ -38,9 +38,12 @@ class ByteTokenizer:
 
     eos_token_id = 256
     pad_token_id = 256
+    bos_token_id = None
     vocab_size = 257
 
-    def __call__(self, texts: list[str], add_special_tokens: bool = False):
+    def __call__(self, texts: str | list[str], add_special_tokens: bool = False):
+        if isinstance(texts, str):
+            return {"input_ids": list(texts.encode("utf-8"))}
         return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -98,6 +101,9 @@ def load_model(section: ModelSection):
             model = _plain_copy(model)
     if section.gradient_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model

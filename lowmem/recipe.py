@@ -97,7 +97,8 @@ class ActivationsSection(_Section):
 
 class OffloadSection(_Section):
     enabled: bool = False
-    host_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    host_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Host copy dtype of offloaded blocks; default: the training dtype")
     nvme_dir: str | None = None
     host_memory_budget_gb: float | None = Field(None, gt=0)
     prefetch_depth: int = Field(1, ge=1)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -38,6 +40,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True):
         self.recipe, self.resume, self.progress = recipe, resume, progress
         self.out = Path(recipe.output.dir)
+        AcceleratorState._reset_state()  # a second run in one process may use another precision
         self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())
         set_seed(recipe.train.seed)
@@ -89,9 +92,13 @@ class Trainer:
     def zeroth_order_step(self) -> tuple[float, None]:
         run, acc = self.run, self.accelerator
         batch = self.micro_batch(0)
+        if run.engine is not None:
+            return float(run.engine.step(batch)), None
+        # fp32 forwards by default: under autocast the finite difference drowns in rounding (issue #9)
+        autocast = nullcontext if getattr(run.optimizer, "fp32_forward", False) else acc.autocast
 
         def closure():
-            with torch.no_grad(), acc.autocast():
+            with torch.no_grad(), autocast():
                 return run.loss_fn(run.model, batch)
 
         loss = run.optimizer.step(closure)
@@ -109,7 +116,9 @@ class Trainer:
             return {**record, "step": self.step, "skipped": True, "bad_steps": self.bad_total}
         self.bad_in_row = 0
         self.step += 1
-        self.run.scheduler.step()
+        with warnings.catch_warnings():  # the ZO2 engine steps without optimizer.step()
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.run.scheduler.step()
         tokens = self.run.train_batches.tokens_per_batch() * self.recipe.train.grad_accum
         record["tokens_per_s"] = tokens * self.accelerator.num_processes / (time.perf_counter() - t0)
         if norm is not None:
@@ -117,19 +126,29 @@ class Trainer:
         return record
 
     # ---------------------------------------------------------------- eval
+    def _eval_metrics(self, batch) -> dict[str, torch.Tensor]:
+        run = self.run
+        if run.engine is not None:  # flushes the deferred update first
+            return {"eval_loss": run.engine.eval_loss(batch)}
+        with self.accelerator.autocast():
+            return run.eval_fn(run.model, batch)
+
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """Mean of each eval metric over the eval batches (split across processes)."""
         run, acc = self.run, self.accelerator
         was_training = run.model.training
         run.model.eval()
-        total = torch.zeros(2, device=acc.device)
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros((), device=acc.device)
         for i in range(acc.process_index, len(run.eval_batches), acc.num_processes):
             batch = {k: v.to(acc.device) for k, v in run.eval_batches[i].items()}
-            with acc.autocast():
-                total += torch.stack([run.loss_fn(run.model, batch).float(), torch.ones((), device=acc.device)])
-        total = acc.reduce(total, "sum")
+            for name, value in self._eval_metrics(batch).items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            count += 1
         run.model.train(was_training)
-        return (total[0] / total[1]).item()
+        total = acc.reduce(torch.stack([*sums.values(), count]), "sum")
+        return {name: (total[i] / total[-1]).item() for i, name in enumerate(sums)}
 
     # ---------------------------------------------------------------- io
     def log(self, record: dict) -> None:
@@ -138,20 +157,42 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def save(self) -> None:
+        run, extra = self.run, {"attempt": self.attempt, "bad_total": self.bad_total}
+        if run.engine is not None:  # weights from the block store; the deferred update travels in extra
+            engine_state = run.engine.state_dict()
+            weights = {n: t for n, t in run.engine.model_state_dict().items() if n in self._trainable_names()}
+            where = {"weights": weights, "extra": {**extra, "zo2": {k: engine_state[k] for k in ("steps", "pending")}}}
+        else:
+            where = {"model": self.accelerator.unwrap_model(run.model), "extra": extra}
         if self.accelerator.is_main_process:
-            ckpt.save_checkpoint(self.out, self.step, model=self.accelerator.unwrap_model(self.run.model),
-                                 optimizer=self.run.inner_optimizer, scheduler=self.run.scheduler,
-                                 generators=self.run.generators, keep_last=self.recipe.train.keep_checkpoints,
-                                 extra={"attempt": self.attempt, "bad_total": self.bad_total})
+            ckpt.save_checkpoint(self.out, self.step, optimizer=run.inner_optimizer, scheduler=run.scheduler,
+                                 generators=run.generators, keep_last=self.recipe.train.keep_checkpoints, **where)
         self.accelerator.wait_for_everyone()
 
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.run.model.named_parameters() if p.requires_grad}
+
+    def _load_engine_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Full engine state with the checkpoint's trainable tensors, tied aliases included."""
+        state = self.run.engine.model_state_dict()
+        first = {}
+        for name, p in self.run.model.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), name)
+            if first[id(p)] in weights:
+                state[name] = weights[first[id(p)]]
+        self.run.engine.load_model_state_dict(state)
+
     def restore(self) -> bool:
+        run = self.run
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             return False
-        extra = ckpt.load_checkpoint(path, model=self.accelerator.unwrap_model(self.run.model),
-                                     optimizer=self.run.inner_optimizer, scheduler=self.run.scheduler,
-                                     generators=self.run.generators)
+        target = ({"load_weights": self._load_engine_weights} if run.engine is not None
+                  else {"model": self.accelerator.unwrap_model(run.model)})
+        extra = ckpt.load_checkpoint(path, optimizer=run.inner_optimizer, scheduler=run.scheduler,
+                                     generators=run.generators, **target)
+        if run.engine is not None:
+            run.engine.load_state_dict({**extra["zo2"], "optimizer": run.inner_optimizer.state_dict()})
         self.step, self.attempt, self.bad_total = extra["step"], extra["attempt"], extra["bad_total"]
         metrics = self.out / "metrics.jsonl"
         if self.accelerator.is_main_process and metrics.exists():  # drop records past the checkpoint
@@ -166,7 +207,7 @@ class Trainer:
         resumed = self.resume and self.restore()
         if not resumed:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            self.log({"step": 0, "eval_loss": self.evaluate()})
+            self.log({"step": 0, **self.evaluate()})
         t_start = time.perf_counter()
         bar = tqdm(total=tr.steps, initial=self.step, disable=not (self.progress and self.accelerator.is_main_process),
                    desc="train", dynamic_ncols=True)
@@ -184,27 +225,29 @@ class Trainer:
             if self.step % tr.log_every == 0 or self.step == tr.steps:
                 self.log(record)
             if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.steps:
-                self.log({"step": self.step, "eval_loss": self.evaluate()})
+                self.log({"step": self.step, **self.evaluate()})
             if tr.checkpoint_every and self.step % tr.checkpoint_every == 0:
                 self.save()
         bar.close()
         return self.finish(time.perf_counter() - t_start)
 
     def finish(self, wall_s: float) -> dict:
-        eval_loss = self.evaluate()
-        self.log({"step": self.step, "eval_loss": eval_loss})
+        final = self.evaluate()
+        self.log({"step": self.step, **final})
         records = [json.loads(r) for r in (self.out / "metrics.jsonl").read_text().splitlines()] \
             if self.accelerator.is_main_process else []
-        evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+        first = next((r for r in records if "eval_loss" in r), {})
         summary = {
             "steps": self.step, "skipped_steps": self.bad_total, "wall_time_s": round(wall_s, 2),
-            "eval_loss_before": evals[0] if evals else None, "eval_loss": eval_loss,
-            "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+            **{f"{k}_before": v for k, v in first.items() if k.startswith("eval_")}, **final,
+            "eval_perplexity": math.exp(min(final["eval_loss"], 50.0)),
             "peak_rss_gb": round(peak_rss_bytes() / 2**30, 3),
             "peak_cuda_gb": None if cuda_peak_bytes() is None else round(cuda_peak_bytes() / 2**30, 3),
             "optimizer_state_mb": round(state_bytes(self.run.inner_optimizer) / 2**20, 3),
             "optimizer": self.recipe.optim.name,
         }
+        if self.run.engine is not None:  # flush the last deferred update, blocks back into the model
+            self.run.engine.close()
         if self.accelerator.is_main_process:
             if self.recipe.output.save_model:
                 self.run.save_model(self.accelerator.unwrap_model(self.run.model), self.out / "model")
