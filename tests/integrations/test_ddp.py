@@ -1,0 +1,72 @@
+"""Data parallel on 2 CPU processes (gloo) equals 1 process with the same global batch.
+
+Rank r of N takes micro-batch ``position * N + r`` and DDP averages the gradients, so step k
+of a 2-process run with ``grad_accum=1`` sees micro-batches 2k and 2k+1 -- exactly what one
+process with ``grad_accum=2`` accumulates (each micro-batch loss / 2). The reference is that
+1-process run; the 2-process runs are the documented commands (``accelerate launch -m
+lowmem.cli`` and ``torchrun``), and must exit cleanly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem.recipe import load_recipe
+from lowmem.trainer import train
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+LAUNCHERS = {
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lowmem.cli"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)],
+}
+
+
+def _launch(launcher: str, recipe: str, out: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = LAUNCHERS[launcher] + [recipe, "train.grad_accum=1", f"output.dir={out}"]
+    if launcher == "accelerate":
+        cmd.append("--quiet")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    log = (done.stdout + done.stderr)[-3000:]
+    assert done.returncode == 0, log
+    for crash in ("terminate called", "Aborted", "Traceback"):
+        assert crash not in done.stderr, log
+
+
+def _reference(recipe: str, out: Path) -> dict:
+    return train(load_recipe(recipe, ["train.grad_accum=2", f"output.dir={out}"]), progress=False)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("optim, launcher", [
+    ({"name": "adamw", "lr": 1e-3}, "accelerate"),
+    ({"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 2}}, "torchrun"),
+])
+def test_two_processes_equal_one(tiny_recipe, tmp_path, optim, launcher):
+    recipe = tiny_recipe(optim=optim, train={"steps": 4, "checkpoint_every": 0})
+    summary = _reference(recipe, tmp_path / "one")
+    _launch(launcher, recipe, tmp_path / "two")
+
+    one = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    _assert_same_weights(two, one)
+    two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two_summary["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    assert two_summary["eval_loss"] < two_summary["eval_loss_before"]
+    if launcher == "torchrun":  # every replica holds the same weights (and projections) at the end
+        ranks = [load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in range(2)]
+        for key in ranks[0]:
+            assert torch.equal(ranks[0][key], ranks[1][key]), key
+        _assert_same_weights(ranks[0], one)
