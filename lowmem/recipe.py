@@ -120,6 +120,8 @@ class TrainSection(_Section):
     log_every: int = Field(1, ge=1)
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row")
     seed: int = 0
+    device_memory_gb: float | None = Field(None, gt=0, description="Memory of the target device (GiB): the CLI "
+                                                                   "plans the run and refuses one predicted not to fit")
 
 
 class OutputSection(_Section):
