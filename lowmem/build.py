@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from lowmem.data import CandidateBatches, PackedBatches, label_examples, pack_tokens, split_documents
 from lowmem.models import load_model, load_tokenizer
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss
-from lowmem.optim.registry import create_optimizer, get_spec
+from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
 from lowmem.recipe import Recipe, TrainSection
 
 
@@ -101,6 +101,8 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     opt = recipe.optim
     spec = get_spec(opt.name)
     hparams = dict(opt.args, lr=opt.lr)
+    if "total_steps" in accepted_hparams(opt.name) and "total_steps" not in hparams:
+        hparams["total_steps"] = recipe.train.steps  # ZO-AdaMU's annealing spans the run
     if opt.weight_decay is not None:
         hparams["weight_decay"] = opt.weight_decay
     optimizer = create_optimizer(model, opt.name, target_modules=opt.target_modules, **hparams)

@@ -90,13 +90,16 @@ def optimizer_state_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor
     tensors: dict[str, torch.Tensor] = {}
     state = [[idx, _encode(s, f"state.{idx}", tensors)] for idx, s in state_dict["state"].items()]
     groups = [_encode(g, f"param_groups.{i}", tensors) for i, g in enumerate(state_dict["param_groups"])]
-    return tensors, {"state": state, "param_groups": groups}
+    # optimizer-wide entries beside the two standard ones (e.g. a ZO optimizer's "zo" generator state)
+    rest = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
+    return tensors, {"state": state, "param_groups": groups, "extra": _encode(rest, "extra", tensors)}
 
 
 def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     """Exact inverse of :func:`optimizer_state_to_tensors`."""
     return {"state": {idx: _decode(s, tensors) for idx, s in meta["state"]},
-            "param_groups": [_decode(g, tensors) for g in meta["param_groups"]]}
+            "param_groups": [_decode(g, tensors) for g in meta["param_groups"]],
+            **_decode(meta["extra"], tensors)}
 
 
 # ---------------------------------------------------------------- RNG states

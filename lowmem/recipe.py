@@ -100,7 +100,7 @@ class OffloadSection(_Section):
     host_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Host copy dtype of offloaded blocks; default: the training dtype")
     nvme_dir: str | None = None
-    host_memory_budget_gb: float | None = Field(None, gt=0)
+    host_memory_budget_gb: float | None = Field(None, ge=0, description="Host RAM for blocks; the rest go to nvme_dir")
     prefetch_depth: int = Field(1, ge=1)
 
 

@@ -37,8 +37,10 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True):
+    def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True,
+                 predicted_peak_bytes: int | None = None):
         self.recipe, self.resume, self.progress = recipe, resume, progress
+        self.predicted_peak_bytes = predicted_peak_bytes  # lowmem.planner's prediction, shown in the summary
         self.out = Path(recipe.output.dir)
         AcceleratorState._reset_state()  # a second run in one process may use another precision
         self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
@@ -92,8 +94,6 @@ class Trainer:
     def zeroth_order_step(self) -> tuple[float, None]:
         run, acc = self.run, self.accelerator
         batch = self.micro_batch(0)
-        if run.engine is not None:
-            return float(run.engine.step(batch)), None
         # fp32 forwards by default: under autocast the finite difference drowns in rounding (issue #9)
         autocast = nullcontext if getattr(run.optimizer, "fp32_forward", False) else acc.autocast
 
@@ -101,9 +101,8 @@ class Trainer:
             with torch.no_grad(), autocast():
                 return run.loss_fn(run.model, batch)
 
-        loss = run.optimizer.step(closure)
-        skipped = getattr(run.optimizer, "last_step_skipped", False)
-        return (math.nan if skipped else float(loss)), None
+        loss = run.engine.step(batch) if run.engine is not None else run.optimizer.step(closure)
+        return (math.nan if run.optimizer.last_step_skipped else float(loss)), None
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -243,6 +242,8 @@ class Trainer:
             "eval_perplexity": math.exp(min(final["eval_loss"], 50.0)),
             "peak_rss_gb": round(peak_rss_bytes() / 2**30, 3),
             "peak_cuda_gb": None if cuda_peak_bytes() is None else round(cuda_peak_bytes() / 2**30, 3),
+            "predicted_peak_gb": None if self.predicted_peak_bytes is None
+            else round(self.predicted_peak_bytes / 2**30, 3),
             "optimizer_state_mb": round(state_bytes(self.run.inner_optimizer) / 2**20, 3),
             "optimizer": self.recipe.optim.name,
         }
@@ -256,6 +257,7 @@ class Trainer:
         return summary
 
 
-def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
+def train(recipe: Recipe, resume: bool = False, progress: bool = True,
+          predicted_peak_bytes: int | None = None) -> dict:
     """Run ``recipe`` to the end and return the summary (also written to ``output.dir/summary.json``)."""
-    return Trainer(recipe, resume=resume, progress=progress).train()
+    return Trainer(recipe, resume=resume, progress=progress, predicted_peak_bytes=predicted_peak_bytes).train()

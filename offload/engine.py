@@ -213,7 +213,11 @@ class ZO2Engine:
             self._seed = None
         loss_plus, loss_minus = self._loss(logits[:b], labels), self._loss(logits[b:], labels)
         g = (float(loss_plus) - float(loss_minus)) / (2.0 * eps)  # in float64, as MeZO
-        # 3. update: resident parameters now, blocks at their next visit (ZO2's deferred update)
+        # 3. update: resident parameters now, blocks at their next visit (ZO2's deferred update);
+        #    a NaN/Inf g updates nothing (the optimizer records the skip for the trainer)
+        self.optimizer.finish_step([g])
+        if self.optimizer.last_step_skipped:
+            return loss_plus.detach()
         groups = self.optimizer.param_groups
         for p, idx in self.resident_params:
             group = groups[self.index[id(p)][1]]
@@ -221,7 +225,6 @@ class ZO2Engine:
         self.pending = {"seed": seed, "grad": g, "lr": [gr["lr"] for gr in groups],
                         "weight_decay": [gr["weight_decay"] for gr in groups], "done": set()}
         self.steps += 1
-        self.optimizer.last_projected_grads = [g]
         return loss_plus.detach()
 
     def flush(self) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.optim.registry import OptimizerSpec, register
-from lowmem.optim.zo_base import ZerothOrderOptimizer
+from lowmem.optim.zo_base import ZerothOrderOptimizer, all_finite
 from lowmem.optim.zo_distributed import GradExchange
 from lowmem.optim.zo_noise import gaussian_like, param_seed, perturb_, sgd_update_
 
@@ -84,10 +84,10 @@ class MeZO(ZerothOrderOptimizer):
                 self._perturb_cycle(step_seed, stream)
         # 3. exchange the scalars (identity on one process; one-byte codec if asked)
         all_g = self.exchange(local_g)
-        # 4. every process applies every update (MeZO Alg. 1, lines 8-11)
-        apply_updates(self, step_seed, list(enumerate(all_g)))
-        self.last_projected_grads = all_g
-        self._steps += 1
+        # 4. every process applies every update (MeZO Alg. 1, lines 8-11), unless a g is NaN/Inf
+        if all_finite(all_g):
+            apply_updates(self, step_seed, list(enumerate(all_g)))
+        self.finish_step(all_g)
         return torch.stack(losses).mean()
 
     def _perturb_cycle(self, step_seed: int, stream: int) -> None:

@@ -48,7 +48,7 @@ import math
 import torch
 
 from lowmem.optim.registry import OptimizerSpec, register
-from lowmem.optim.zo_base import ZerothOrderOptimizer
+from lowmem.optim.zo_base import ZerothOrderOptimizer, all_finite
 from lowmem.optim.zo_distributed import world
 from lowmem.optim.zo_noise import gaussian_like, mix_seed, param_seed
 
@@ -148,10 +148,10 @@ class ZOAdaMU(ZerothOrderOptimizer):
         # Algorithm 1: seed, Perturb(+1) L+, Perturb(-2) L-, Perturb(+1), g
         step_seed = self.draw_step_seed()
         loss_plus, g = self._two_point(closure, step_seed, 0)
-        # Algorithm 1: redraw (zdot, zdd) from the seed, m, v, update
-        self._update(step_seed, g)
-        self.last_projected_grads = [g]
-        self._steps += 1
+        # Algorithm 1: redraw (zdot, zdd) from the seed, m, v, update (skipped if g is NaN/Inf)
+        if all_finite([g]):
+            self._update(step_seed, g)
+        self.finish_step([g])
         return loss_plus
 
     def _extra_state(self) -> dict:

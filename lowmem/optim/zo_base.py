@@ -32,6 +32,7 @@ Models stored in bf16 get no help from this: use a larger ``eps`` (e.g. 1e-2).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -58,6 +59,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self._steps = 0  # completed steps
         self.last_step_seed: int | None = None
         self.last_projected_grads: list[float] = []
+        self.last_step_skipped = False
 
     # ---- seeds -------------------------------------------------------------------
     def draw_step_seed(self) -> int:
@@ -72,6 +74,15 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 yield index, p, group
                 index += 1
+
+    def finish_step(self, projected_grads: list[float]) -> None:
+        """Record a step's projected gradients; count it unless one was non-finite, in which
+        case the caller applied no update (the NaN/Inf guard: the trainer logs a skipped step).
+        The ZO2 engine calls this too, for the steps it runs outside ``step()``."""
+        self.last_projected_grads = list(projected_grads)
+        self.last_step_skipped = not all_finite(projected_grads)
+        if not self.last_step_skipped:
+            self._steps += 1
 
     # ---- forwards ----------------------------------------------------------------
     def _autocast_off(self) -> contextlib.ExitStack:
@@ -132,6 +143,10 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         last = int(zo["last_step_seed"])
         self.last_step_seed = None if last < 0 else last
         self._load_extra_state(zo)
+
+
+def all_finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
 
 
 def lr_ok(lr) -> bool:

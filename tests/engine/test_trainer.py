@@ -39,12 +39,26 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-@pytest.mark.parametrize("optim", ["adamw", "galore_adamw"])
-def test_resume_in_new_process_is_bit_exact(tiny_recipe, tmp_path, optim):
-    args = {"name": optim, "lr": 1e-3}
-    if optim == "galore_adamw":  # a projection refresh (every 2 steps) falls across the interruption
-        args["args"] = {"rank": 4, "update_proj_gap": 2}
-    recipe = tiny_recipe(optim=args)
+RESUME_CASES = {
+    "adamw": {},
+    # a projection refresh (every 2 steps) falls across the interruption
+    "galore_adamw": {"optim": {"name": "galore_adamw", "args": {"rank": 4, "update_proj_gap": 2}}},
+    "frugal": {"optim": {"name": "frugal", "args": {"density": 0.25, "update_proj_gap": 2}}},
+    "adamw8bit": {"optim": {"name": "adamw8bit", "args": {"fp32_state_params": []}}},
+    "wta_crs": {"activations": {"wta_crs": {"keep_ratio": 0.3}}},
+    "mezo": {"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}}},
+    "zo_adamu": {"optim": {"name": "zo_adamu", "lr": 1e-3, "args": {"eps": 1e-3, "t1": 2, "t2": 4}}},
+    "zo2_nvme": {"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}},
+                 "offload": {"enabled": True, "host_memory_budget_gb": 0, "nvme_dir": "NVME"}},
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resume_in_new_process_is_bit_exact(tiny_recipe, tmp_path, case):
+    sections = {k: dict(v) for k, v in RESUME_CASES[case].items()}
+    if "offload" in sections:
+        sections["offload"]["nvme_dir"] = str(tmp_path / "nvme")
+    recipe = tiny_recipe(**sections)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     _cli(recipe, f"output.dir={whole}")
     crash = subprocess.run([sys.executable, "-c", CRASH_AFTER, recipe, f"output.dir={broken}"],
