@@ -70,6 +70,9 @@ def check_deepspeed_combination(stage: int, optimizer_name: str, layerwise: bool
 
 def check_trainer_deepspeed(args, optimizer: torch.optim.Optimizer, layerwise: bool, wta_crs: bool) -> None:
     """``check_deepspeed_combination`` for a ``TrainingArguments`` carrying a DeepSpeed config."""
+    if not all("param_names" in group for group in optimizer.param_groups):  # groups lowmem did not build
+        raise ValueError("DeepSpeed: the Trainer built its own optimizer (its DeepSpeed path drops `optimizers=`); "
+                         "pass optimizer_cls_and_kwargs=lowmem.integrations.trainer_optimizer(name, **hparams)")
     config = args.hf_deepspeed_config.config
     zero = config.get("zero_optimization", {})
     precision = "bf16" if config.get("bf16", {}).get("enabled") is True else \

@@ -35,14 +35,13 @@ from transformers.trainer_callback import ExportableState
 
 from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
 from lowmem.optim.layerwise import LayerwiseOptimizer
-from lowmem.optim.registry import is_zeroth_order
+from lowmem.optim.registry import check_hparams, create_optimizer, is_zeroth_order
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer inside accelerate's wrapper(s) (a LayerwiseOptimizer stays as it is)."""
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    while isinstance(optimizer, AcceleratedOptimizer):
+    """The lowmem optimizer inside accelerate's wrapper and DeepSpeed's ZeRO optimizer, which
+    both keep the wrapped one in ``.optimizer`` (a LayerwiseOptimizer is returned as it is)."""
+    while not isinstance(optimizer, LayerwiseOptimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
 
@@ -65,8 +64,25 @@ def _check_layerwise(args) -> None:
                          "before the gradient all-reduce)")
     if args.fp16:
         raise ValueError("LowMemCallback(layerwise=True): not supported with fp16 (loss scaling); use bf16")
-    if args.deepspeed:
-        raise ValueError("LowMemCallback(layerwise=True): not supported with DeepSpeed (it owns the gradients)")
+
+
+class OptimizerFactory:
+    """What ``Trainer(optimizer_cls_and_kwargs=...)`` instantiates and calls with ``(model, **kwargs)``
+    (transformers' optimizer-factory protocol). Use :func:`trainer_optimizer` to build the pair."""
+
+    def __call__(self, model: torch.nn.Module, name: str, **hparams) -> torch.optim.Optimizer:
+        return create_optimizer(model, name, **hparams)
+
+
+def trainer_optimizer(name: str, **hparams) -> tuple[type, dict]:
+    """``optimizer_cls_and_kwargs`` for a ``transformers.Trainer``: the Trainer then builds the lowmem
+    optimizer itself, which is the only way through its DeepSpeed path (``deepspeed_init`` drops
+    an optimizer passed in ``optimizers=`` and builds its default AdamW instead).
+
+    >>> Trainer(model, args, optimizer_cls_and_kwargs=trainer_optimizer("adamw", lr=1e-3))
+    """
+    check_hparams(name, {k: v for k, v in hparams.items() if k != "target_modules"}, where="trainer_optimizer")
+    return OptimizerFactory, {"name": name, **hparams}
 
 
 class LowMemCallback(TrainerCallback, ExportableState):

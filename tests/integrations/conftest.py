@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import TokenDataset
+from .helpers import TokenDataset, trainer_arguments
 
 _spec = importlib.util.spec_from_file_location("engine_conftest", Path(__file__).parents[1] / "engine" / "conftest.py")
 _engine = importlib.util.module_from_spec(_spec)
@@ -22,13 +22,4 @@ def token_dataset():
 @pytest.fixture
 def trainer_args(tmp_path):
     """Factory: ``trainer_args(**overrides)`` -> CPU TrainingArguments logging every step, no reports."""
-    from transformers import TrainingArguments
-
-    def make(**overrides) -> TrainingArguments:
-        kwargs = dict(output_dir=str(tmp_path / "hf"), use_cpu=True, report_to="none", max_steps=6,
-                      per_device_train_batch_size=4, logging_steps=1, save_strategy="no", seed=0,
-                      disable_tqdm=True, lr_scheduler_type="constant", dataloader_num_workers=0)
-        kwargs.update(overrides)
-        return TrainingArguments(**kwargs)
-
-    return make
+    return lambda **overrides: trainer_arguments(str(tmp_path / "hf"), **overrides)

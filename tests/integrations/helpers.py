@@ -20,3 +20,13 @@ class TokenDataset(Dataset):
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for p in model.parameters()])
+
+
+def trainer_arguments(output_dir: str, **overrides):
+    """CPU ``TrainingArguments`` for the tests: log every step, constant LR, no reports, no saves."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(output_dir=output_dir, use_cpu=True, report_to="none", max_steps=6, per_device_train_batch_size=4,
+                  logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, lr_scheduler_type="constant",
+                  dataloader_num_workers=0)
+    return TrainingArguments(**{**kwargs, **overrides})
