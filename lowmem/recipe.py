@@ -8,6 +8,7 @@ overrides (values parsed as YAML) before validation and raises
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +59,8 @@ class DataSection(_Section):
     text_field: str = Field("text", description="JSONL field holding the text")
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (after shuffling)")
     task: Literal["lm", "classification"] = Field("lm", description="Causal LM loss, or candidate classification")
-    classification: ClassificationSection | None = None
+    classification: ClassificationSection | None = Field(None, description="Template and candidates "
+                                                                           "(data.task: classification)")
 
     @model_validator(mode="after")
     def _task_fields(self):
@@ -92,16 +94,17 @@ class WtaCrsSection(_Section):
 
 
 class ActivationsSection(_Section):
-    wta_crs: WtaCrsSection | None = None
+    wta_crs: WtaCrsSection | None = Field(None, description="WTA-CRS activation sampling of Linear layers "
+                                                           "({keep_ratio, targets}); null: off")
 
 
 class OffloadSection(_Section):
-    enabled: bool = False
+    enabled: bool = Field(False, description="ZO2: stream the decoder blocks from host RAM/NVMe (optim.name: mezo)")
     host_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Host copy dtype of offloaded blocks; default: the training dtype")
-    nvme_dir: str | None = None
+    nvme_dir: str | None = Field(None, description="Directory for blocks beyond the host budget (checksummed files)")
     host_memory_budget_gb: float | None = Field(None, ge=0, description="Host RAM for blocks; the rest go to nvme_dir")
-    prefetch_depth: int = Field(1, ge=1)
+    prefetch_depth: int = Field(1, ge=1, description="Blocks uploaded ahead of the one computing")
 
 
 class TrainSection(_Section):
@@ -109,24 +112,24 @@ class TrainSection(_Section):
     batch_size: int = Field(4, ge=1, description="Sequences per micro-batch (per process)")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step")
     seq_len: int = Field(256, ge=8, description="Tokens per packed sequence")
-    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (linear/cosine)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast (weights keep model.dtype)")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training)")
     eval_batches: int = Field(8, ge=1, description="Micro-batches per evaluation")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: never)")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept (oldest deleted first)")
     log_every: int = Field(1, ge=1)
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds data order, dropout and samplers")
     device_memory_gb: float | None = Field(None, gt=0, description="Memory of the target device (GiB): the CLI "
                                                                    "plans the run and refuses one predicted not to fit")
 
 
 class OutputSection(_Section):
     dir: str = Field(..., description="Run directory: metrics.jsonl, checkpoints/, model/, summary.json")
-    save_model: bool = True
+    save_model: bool = Field(True, description="Write the fine-tuned model (save_pretrained) to dir/model")
 
 
 class Recipe(_Section):
@@ -198,3 +201,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with sections model, data, optim, train, output")
     return recipe_from_dict(apply_overrides(tree, list(overrides)), str(path))
+
+
+def reference_markdown() -> str:
+    """The recipe reference (one table per section) generated from the schema: the README embeds it."""
+    lines = []
+    sections = [(name, field.annotation) for name, field in Recipe.model_fields.items()]
+    sections += [("data.classification", ClassificationSection), ("activations.wta_crs", WtaCrsSection)]
+    for section, model in sections:
+        lines += [f"**`{section}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, sub in model.model_fields.items():
+            kind = re.sub(r"<class '([\w.]+)'>", r"\1", str(sub.annotation))
+            kind = re.sub(r"\b\w+\.", "", kind).replace("|", "or")  # drop module paths
+            default = "required" if sub.is_required() else repr(sub.get_default(call_default_factory=True))
+            lines.append(f"| `{name}` | {kind} | `{default}` | {sub.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
