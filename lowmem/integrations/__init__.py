@@ -11,6 +11,7 @@ _EXPORTS = {
     "trainer_optimizer": "lowmem.integrations.hf_trainer",
     "unwrap_optimizer": "lowmem.integrations.hf_trainer",
     "check_deepspeed_combination": "lowmem.integrations.deepspeed",
+    "refuse_deepspeed_launch": "lowmem.integrations.deepspeed",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,9 +20,16 @@ optimizer decides what works (DeepSpeed 0.19, ``runtime/zero/stage_1_and_2.py``,
 
 ``check_deepspeed_combination`` applies these rules; ``check_trainer_deepspeed`` reads them
 from a ``TrainingArguments`` with a DeepSpeed config (the callback calls it).
+
+``lowmem-train`` itself does not run under DeepSpeed yet: its loop clips and steps the
+optimizer itself, while under DeepSpeed ``accelerator.backward`` already steps the engine and
+the gradient norm comes from the engine; and on a CPU-only machine accelerate silently drops
+the DeepSpeed plugin. ``refuse_deepspeed_launch`` turns both into one line.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -81,3 +88,16 @@ def check_trainer_deepspeed(args, optimizer: torch.optim.Optimizer, layerwise: b
     check_deepspeed_combination(int(zero.get("stage", 0)), optimizer_name(optimizer), layerwise=layerwise,
                                 mixed_precision=precision, offload_optimizer=device("offload_optimizer"),
                                 offload_param=device("offload_param"), wta_crs=wta_crs)
+
+
+def refuse_deepspeed_launch(accelerator) -> None:
+    """For ``lowmem-train``: a one-line error when launched with ``accelerate launch --use_deepspeed``
+    (or a DeepSpeed plugin), instead of running without DeepSpeed or with a loop not made for it."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    why = "accelerate drops DeepSpeed on a CPU-only machine" if plugin is None else \
+        "its loop clips and steps the optimizer, which the DeepSpeed engine does itself"
+    raise ValueError(f"lowmem-train: DeepSpeed launches are not supported ({why}); use accelerate launch "
+                     "--multi_gpu for data parallel, or transformers.Trainer with "
+                     "lowmem.integrations.trainer_optimizer for DeepSpeed")

@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from lowmem.integrations import LowMemCallback, check_deepspeed_combination, trainer_optimizer
+from lowmem.integrations import (LowMemCallback, check_deepspeed_combination, refuse_deepspeed_launch,
+                                 trainer_optimizer)
 
 from .helpers import TokenDataset
 
@@ -48,6 +50,22 @@ def test_combination_rules(stage, name, options, error):
         return
     with pytest.raises(ValueError, match=error) as err:
         check_deepspeed_combination(stage, name, **options)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("plugin, env, error", [
+    (None, "false", None),
+    (None, "true", "drops DeepSpeed on a CPU-only machine"),
+    (object(), "true", "steps the optimizer"),
+])
+def test_lowmem_train_refuses_deepspeed_launch(monkeypatch, plugin, env, error):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", env)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    if error is None:
+        refuse_deepspeed_launch(accelerator)
+        return
+    with pytest.raises(ValueError, match=error) as err:
+        refuse_deepspeed_launch(accelerator)
     assert "\n" not in str(err.value)
 
 
