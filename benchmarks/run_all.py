@@ -1,0 +1,83 @@
+"""Reproduce benchmarks/RESULTS.md with one command.
+
+Runs every ``benchmarks/bench_*.py`` (each writes ``results/<name>.md`` with the machine,
+versions, date and exact command on top; ``--quick`` is passed to scripts that accept it),
+trains a few short runs of the offline default for the loss-curve figure, draws the figures
+(:mod:`plots`), and assembles ``RESULTS.md`` from ``results/*.md`` in :data:`ORDER` (others
+after, by name). CPU tables come out on any machine; GPU sections where a GPU is present.
+
+Usage: python benchmarks/run_all.py [--quick] [--only bench_peak_memory ...] [--no-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import plots  # noqa: E402
+from _common import RESULTS_DIR, machine  # noqa: E402
+
+ORDER = ["peak_memory", "planner_table", "optim_state", "optim_step", "bench_adamw8bit", "layerwise_memory",
+         "wta_crs", "zo", "zo2"]
+LOSS_RUNS = {"adamw": ["optim.name=adamw"], "apollo_mini": ["optim.name=apollo_mini"],
+             "mezo": ["optim.name=mezo", "optim.lr=1e-6", "train.mixed_precision=no"]}
+
+
+def run_benchmarks(quick: bool, only: list[str]) -> list[str]:
+    failed = []
+    for script in sorted(HERE.glob("bench_*.py")):
+        if only and script.stem not in only:
+            continue
+        cmd = [sys.executable, str(script)] + (["--quick"] if quick and "--quick" in script.read_text() else [])
+        print("::", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, cwd=HERE).returncode:
+            failed.append(script.name)
+    return failed
+
+
+def loss_runs(quick: bool) -> list[Path]:
+    """Short runs of recipes/default.yaml (metrics.jsonl) for the loss-curve figure."""
+    dirs = []
+    for name, overrides in LOSS_RUNS.items():
+        out = HERE.parent / "runs" / f"bench_loss_{name}"
+        steps = 10 if quick else 30
+        cmd = [sys.executable, "-m", "lowmem.cli", str(HERE.parent / "recipes" / "default.yaml"), *overrides,
+               f"train.steps={steps}", "train.checkpoint_every=0", f"output.dir={out}", "output.save_model=false",
+               "--quiet"]
+        if subprocess.run(cmd).returncode == 0:
+            dirs.append(out)
+    return dirs
+
+
+def assemble(figures: list[Path], command: str) -> Path:
+    sections = {p.stem: p.read_text().strip() for p in RESULTS_DIR.glob("*.md")}
+    names = [n for n in ORDER if n in sections] + sorted(n for n in sections if n not in ORDER)
+    head = (f"# lowmem benchmark results\n\nAssembled by `{command}` on {machine()}.\n"
+            "Each section gives the machine, date and exact command that produced it.\n")
+    figs = "".join(f"\n![{f.stem}](results/{f.name})\n" for f in figures)
+    text = head + figs + "".join(f"\n{sections[n]}\n" for n in names)
+    path = HERE / "RESULTS.md"
+    path.write_text(text)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="faster pass (scripts that support it)")
+    parser.add_argument("--only", nargs="*", default=[], help="run only these bench_* scripts (by stem)")
+    parser.add_argument("--no-run", action="store_true", help="only assemble RESULTS.md and figures")
+    args = parser.parse_args()
+    failed = [] if args.no_run else run_benchmarks(args.quick, args.only)
+    runs = [] if args.no_run else loss_runs(args.quick)
+    figures = plots.make_all(runs or sorted(HERE.parent.glob("runs/bench_loss_*")))
+    path = assemble(figures, "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+    print(f"wrote {path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
