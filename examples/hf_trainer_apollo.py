@@ -44,7 +44,7 @@ class Rows(torch.utils.data.Dataset):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--optimizer", default="apollo_mini", help="lowmem optimizer (lowmem.optim.available())")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-5, help="peak LR (the shipped APOLLO-Mini recipe uses 1e-5)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)

@@ -1,12 +1,13 @@
 """Train the tests' tiny Llama in a ``transformers.Trainer`` under DeepSpeed, one process.
 
-``python deepspeed_worker.py OUT STAGE OPTIMIZER`` builds the optimizer through
+``python deepspeed_worker.py OUT ZERO_JSON OPTIMIZER`` builds the optimizer through
 ``lowmem.integrations.trainer_optimizer`` (lr 1e-2), runs the tests' default
-``TrainingArguments`` with a ZeRO-``STAGE`` config, and saves the final weights to
-``OUT/weights.safetensors``. A refused combination prints one line and exits with 2.
+``TrainingArguments`` with ``ZERO_JSON`` as the ``zero_optimization`` section (e.g.
+``{"stage": 2}``), and saves the final weights to ``OUT/weights.safetensors``. A refused combination prints one line and exits with 2.
 It runs in its own process because DeepSpeed initialises torch.distributed for good.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from tests.conftest import _tiny_config  # noqa: E402
 from tests.integrations.helpers import TokenDataset, trainer_arguments  # noqa: E402
 
 
-def main(out: str, stage: int, name: str) -> int:
+def main(out: str, zero: dict, name: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM, Trainer
 
@@ -30,7 +31,8 @@ def main(out: str, stage: int, name: str) -> int:
         os.environ.setdefault(key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_tiny_config())
-    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+    # zero_force_ds_cpu_optimizer=False: DeepSpeed otherwise refuses a client optimizer with offload
+    config = {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto", "zero_force_ds_cpu_optimizer": False,
               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
     trainer = Trainer(model=model, args=trainer_arguments(out, deepspeed=config), train_dataset=TokenDataset(),
                       optimizer_cls_and_kwargs=trainer_optimizer(name, lr=1e-2), callbacks=[LowMemCallback()])
@@ -39,10 +41,13 @@ def main(out: str, stage: int, name: str) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-              str(Path(out) / "weights.safetensors"))
+    from deepspeed.runtime.zero import GatheredParameters
+
+    with GatheredParameters(list(model.parameters())):  # ZeRO-3 keeps only partitions outside this
+        weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(weights, str(Path(out) / "weights.safetensors"))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+    sys.exit(main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]))

@@ -18,8 +18,8 @@ def _example():
 
 
 @pytest.mark.parametrize("extra, holds_state", [
-    (["--layerwise", "--wta-crs", "0.5"], True),      # APOLLO-Mini moments
-    (["--optimizer", "mezo", "--lr", "1e-4"], False),  # MeZO without momentum keeps no state tensor
+    (["--layerwise", "--wta-crs", "0.5", "--lr", "1e-3"], True),  # APOLLO-Mini moments
+    (["--optimizer", "mezo", "--lr", "1e-4"], False),  # MeZO without momentum: no state tensor
 ])
 def test_hf_trainer_example_runs_tiny(tmp_path, extra, holds_state):
     summary = _example().main(["--tiny", "--steps", "4", "--seq-len", "64", "--output-dir", str(tmp_path)] + extra)
