@@ -52,8 +52,7 @@ METHODS = [
     ("MeZO", ["optim.name=mezo"]),
     ("ZO-AdaMU", ["optim.name=zo_adamu"]),
 ]
-QUICK = {"no-grad forward (reference)", "AdamW (torch)", "APOLLO-Mini 8-bit states, layer-wise, checkpointing",
-         "MeZO"}
+QUICK = {"no-grad forward (reference)", "AdamW (torch)", "APOLLO-Mini, layer-wise, checkpointing", "MeZO"}
 
 
 def base_recipe(batch: int, seq: int):
