@@ -3,7 +3,8 @@
 ``python deepspeed_worker.py OUT ZERO_JSON OPTIMIZER`` builds the optimizer through
 ``lowmem.integrations.trainer_optimizer`` (lr 1e-2), runs the tests' default
 ``TrainingArguments`` with ``ZERO_JSON`` as the ``zero_optimization`` section (e.g.
-``{"stage": 2}``), and saves the final weights to ``OUT/weights.safetensors``. A refused combination prints one line and exits with 2.
+``{"stage": 2}``), and saves the final weights to ``OUT/weights.safetensors``. A refused
+combination prints one line and exits with 2.
 It runs in its own process because DeepSpeed initialises torch.distributed for good.
 """
 

@@ -79,8 +79,10 @@ def _run_worker(out: Path, zero: dict, name: str) -> subprocess.CompletedProcess
 @pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install 'lowmem[deepspeed]')")
-@pytest.mark.parametrize("zero", [{"stage": 2},
-                                  {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}])
+@pytest.mark.parametrize("zero", [
+    {"stage": 2},
+    {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}},
+])
 def test_zero_trains_like_plain_trainer(tmp_path, tiny_model, trainer_args, zero):
     done = _run_worker(tmp_path / "ds", zero, "adamw")
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
