@@ -152,6 +152,13 @@ class LowMemCallback(TrainerCallback, ExportableState):
         # objects, so the Trainer's LR scheduler (built on `inner`) drives the LR the hooks use
         optimizer.optimizer = LayerwiseOptimizer(inner, grad_accum_steps=args.gradient_accumulation_steps)
 
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # ZOTrainer has already stepped and cleared the sync flag; a plain Trainer would step without a closure
+        synced = getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", False)
+        if synced and is_zeroth_order(unwrap_optimizer(optimizer)):
+            raise ValueError("zeroth-order optimizer in a plain transformers.Trainer: use lowmem.ZOTrainer "
+                             "(its training_step runs optimizer.step(closure))")
+
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if logs is None or optimizer is None:
             return

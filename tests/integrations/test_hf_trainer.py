@@ -122,3 +122,10 @@ def test_zo_trainer_refuses_accumulation_and_first_order(tiny_model, token_datas
     with pytest.raises(ValueError, match="not a zeroth-order optimizer"):
         _train(model, trainer_args(), token_dataset(), lowmem.create_optimizer(model, "adamw", lr=1e-3),
                cls=ZOTrainer)
+
+
+def test_callback_names_zo_trainer_for_zeroth_order_in_plain_trainer(tiny_model, token_dataset, trainer_args):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="use lowmem.ZOTrainer"):
+        _train(model, trainer_args(max_steps=1), token_dataset(), lowmem.create_optimizer(model, "mezo", lr=1e-3),
+               LowMemCallback())
