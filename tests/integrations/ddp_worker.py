@@ -1,6 +1,6 @@
 """One data-parallel process of a lowmem recipe run (started by torchrun or accelerate launch).
 
-``python ddp_worker.py RECIPE.yaml [key=value ...]`` trains like ``lowmem-train`` and then
+``python ddp_worker.py RECIPE.yaml [key=value ...] [--resume]`` trains like ``lowmem-train`` and then
 writes this rank's final weights to ``<output.dir>/rank<r>.safetensors``, so a test can check
 that every replica ends with the same weights.
 """
@@ -15,8 +15,8 @@ from lowmem.trainer import Trainer
 
 
 def main(argv: list[str]) -> None:
-    recipe = load_recipe(argv[0], argv[1:])
-    trainer = Trainer(recipe, progress=False)
+    recipe = load_recipe(argv[0], [a for a in argv[1:] if a != "--resume"])
+    trainer = Trainer(recipe, resume="--resume" in argv, progress=False)
     trainer.train()
     weights = trainer.accelerator.unwrap_model(trainer.run.model).state_dict()
     rank = trainer.accelerator.process_index
