@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"lowmem-train: error: {message}", file=sys.stderr)
         return 2
-    if summary is not None:
+    if summary is not None and os.environ.get("RANK", "0") == "0":  # one summary under accelerate launch
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lowmem import checkpoint as ckpt
 from lowmem.build import build_run
+from lowmem.integrations.deepspeed import refuse_deepspeed_launch
 from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
 from lowmem.recipe import Recipe
 
@@ -45,6 +46,7 @@ class Trainer:
         AcceleratorState._reset_state()  # a second run in one process may use another precision
         self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())
+        refuse_deepspeed_launch(self.accelerator)  # the loop is not a DeepSpeed engine loop (README)
         set_seed(recipe.train.seed)
         self.run = build_run(recipe, self.accelerator)
         self.step = 0          # optimizer steps taken

@@ -5,7 +5,12 @@ so it is set here, at collection time, before lowmem.kernels is imported.
 """
 
 import os
+from pathlib import Path
 
+_CACHE = Path(__file__).resolve().parents[1] / ".cache"  # caches stay inside the work tree
+os.environ.setdefault("HF_HOME", str(_CACHE / "hf"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_CACHE / "torch_extensions"))
+os.environ.setdefault("TRITON_CACHE_DIR", str(_CACHE / "triton"))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
