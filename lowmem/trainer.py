@@ -80,10 +80,11 @@ class Trainer:
                     return math.nan, None
                 acc.backward(loss / tr.grad_accum)
             total += loss.item() / tr.grad_accum
-        if run.layerwise:  # updates already happened inside backward
+        if run.layerwise:  # updates already happened inside backward; NaN/Inf grads were dropped
+            nonfinite = run.optimizer.take_nonfinite()
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-            return total, None
+            return (math.nan if nonfinite else total), None
         max_norm = self.recipe.optim.max_grad_norm or float("inf")
         norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
         if not torch.isfinite(torch.as_tensor(norm)):

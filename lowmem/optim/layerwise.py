@@ -21,6 +21,10 @@ Fixes of the reference's layer-wise mode (ALGORITHMS.md §1 "Known problems"):
   are held across micro-batches, so the memory saving then shrinks to the last micro-batch.
 * Gradient clipping is refused: the global norm is known only after every gradient exists,
   by which time layer-wise mode has already applied and freed most of them.
+* Non-finite gradients: a parameter whose gradient holds NaN/Inf is not updated (its gradient is
+  dropped) and :meth:`take_nonfinite` reports it, so the trainer counts a skipped step. Unlike
+  normal mode the other parameters of that step were already updated: the guard keeps the
+  weights finite, it cannot make the step all-or-nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._share_inner()
         self._where: dict[int, int] = {}  # id(param) -> index of its group
         self._grads_seen: dict[int, int] = {}  # id(param) -> gradients accumulated since the last step()
+        self._nonfinite = False
         self._handles = []
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -61,6 +66,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _on_grad(self, p: torch.Tensor) -> None:
+        if not torch.isfinite(p.grad).all():  # never step on NaN/Inf: drop this gradient
+            self._nonfinite = True
+            p.grad = None
         seen = self._grads_seen.get(id(p), 0) + 1
         self._grads_seen[id(p)] = seen
         if seen % self.grad_accum_steps == 0:
@@ -87,6 +95,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if p.grad is not None and id(p) in self._where:
                     self._step_param(p)
         self._grads_seen.clear()
+
+    def take_nonfinite(self) -> bool:
+        """Whether a NaN/Inf gradient was dropped since the last call (then cleared)."""
+        found, self._nonfinite = self._nonfinite, False
+        return found
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -104,3 +104,20 @@ def test_remove_restores_normal_backward(tiny_model, tiny_batch):
     model(**tiny_batch()).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_nonfinite_gradient_is_dropped_and_reported(tiny_model, tiny_batch):
+    """A NaN gradient never reaches the optimizer: that weight and its state stay as they were,
+    the other weights are updated, and take_nonfinite() reports the step once."""
+    model = tiny_model()
+    opt = LayerwiseOptimizer(create_optimizer(model, "adamw", lr=1e-2))
+    poisoned = model.model.layers[0].mlp.down_proj.weight
+    other = model.model.layers[1].mlp.down_proj.weight
+    before, other_before = poisoned.detach().clone(), other.detach().clone()
+    handle = poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))
+    model(**tiny_batch()).loss.backward()
+    handle.remove()
+    assert opt.take_nonfinite() and not opt.take_nonfinite()
+    opt.step()
+    assert torch.equal(poisoned, before) and not opt.state[poisoned]
+    assert not torch.equal(other, other_before) and torch.isfinite(other).all()
