@@ -15,10 +15,13 @@ Per element of block ``b``, all maths in fp32 (bitsandbytes ``kOptimizerStatic8b
     g = g + wd p ;  m = g if t == 1 else b1 m + g ;  p = p - lr m     (no non-finite handling, as the reference)
 
 :func:`adam_update_` / :func:`momentum_update_` are the fp32 maths, written once
-and also used for parameters whose state stays fp32. :func:`adam8bit_step` and
-:func:`momentum8bit_step` update ``p``, the codes and the absmax in place and
-dispatch to the Triton kernels (:mod:`lowmem.kernels.adamw8bit_step_triton`)
-like :func:`lowmem.kernels.quantize.quantize_blockwise`.
+and also used for parameters whose state stays fp32 (:func:`adam_fp32_step`,
+:func:`momentum_fp32_step`). :func:`adam8bit_step` and :func:`momentum8bit_step`
+update ``p``, the codes and the absmax in place and dispatch to the Triton kernels
+(:mod:`lowmem.kernels.adamw8bit_step_triton`) like
+:func:`lowmem.kernels.quantize.quantize_blockwise`. The PyTorch paths run by chunks
+of whole blocks (:func:`by_chunks`, issue #8): on a 28M-element embedding a
+whole-tensor pass would hold about 1 GiB of fp32/int64 temporaries.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from lowmem.kernels.dynamic_map import dynamic_map
-from lowmem.kernels.quantize import check_blocksize, dequantize_blockwise_ref, quantize_blockwise_ref, use_triton
+from lowmem.kernels.quantize import (block_chunks, check_blocksize, dequantize_blockwise_ref, quantize_blockwise_ref,
+                                     use_triton)
 
 
 @dataclass(frozen=True)
@@ -80,32 +84,72 @@ def _requantize_(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, cod
     absmax.copy_(new_absmax)
 
 
-def adam8bit_step_ref(p, g, codes1, absmax1, codes2, absmax2, k: AdamScalars, blocksize: int) -> None:
-    """Reference. Bytes moved for n elements of e bytes: reads e n (p) + e n (g) + 2 n (codes) + 8 n/B,
-    writes e n + 2 n + 8 n/B; the dequantized fp32 moments cost another 4 x 4 n of temporaries."""
+def by_chunks(step_chunk, numel: int, blocksize: int, flat: tuple[torch.Tensor, ...],
+              per_block: tuple[torch.Tensor, ...] = (), *args) -> None:
+    """``step_chunk(*flat[part], *per_block[blocks], *args)`` over chunks of whole blocks
+    (:func:`~lowmem.kernels.quantize.block_chunks`; ``blocksize=1`` for fp32 state): the maths
+    is elementwise within a block, so this equals one whole-tensor call bit for bit while the
+    temporaries are one chunk's. ``flat`` are 1-D views, updated in place."""
+    for part, blocks in block_chunks(numel, blocksize):
+        step_chunk(*(t[part] for t in flat), *(t[blocks] for t in per_block), *args)
+
+
+def _adam_fp32_chunk(p, g, m, v, k: AdamScalars) -> None:
+    p.copy_(adam_update_(p.float(), g.float(), m, v, k, p.dtype))
+
+
+def adam_fp32_step(p, g, m, v, k: AdamScalars) -> None:
+    """AdamW with fp32 moments ``m``, ``v``, in place, chunk by chunk (:func:`by_chunks`)."""
+    by_chunks(_adam_fp32_chunk, p.numel(), 1, (p.view(-1), g.reshape(-1), m.view(-1), v.view(-1)), (), k)
+
+
+def _momentum_fp32_chunk(p, g, m, *hp) -> None:
+    p.copy_(momentum_update_(p.float(), g.float(), m, *hp, p.dtype))
+
+
+def momentum_fp32_step(p, g, m, lr: float, beta1: float, weight_decay: float, step: int) -> None:
+    """SGD momentum with an fp32 buffer ``m``, in place, chunk by chunk (:func:`by_chunks`)."""
+    by_chunks(_momentum_fp32_chunk, p.numel(), 1, (p.view(-1), g.reshape(-1), m.view(-1)), (),
+              lr, beta1, weight_decay, step)
+
+
+def _adam8bit_chunk(p, g, codes1, codes2, absmax1, absmax2, k: AdamScalars, blocksize: int) -> None:
     map1, map2 = dynamic_map(True, p.device), dynamic_map(False, p.device)
     m = dequantize_blockwise_ref(codes1, absmax1, map1, blocksize, (p.numel(),))
     v = dequantize_blockwise_ref(codes2, absmax2, map2, blocksize, (p.numel(),))
-    new = adam_update_(p.reshape(-1).float(), g.reshape(-1).float(), m, v, k, p.dtype)
-    p.copy_(new.view(p.shape))
+    p.copy_(adam_update_(p.float(), g.float(), m, v, k, p.dtype))
     _requantize_(m, codes1, absmax1, map1, blocksize)
     _requantize_(v, codes2, absmax2, map2, blocksize)
 
 
-def momentum8bit_step_ref(p, g, codes1, absmax1, lr: float, beta1: float, weight_decay: float, step: int,
-                          blocksize: int) -> None:
-    """Reference. Bytes moved: reads 2 e n + n + 4 n/B, writes e n + n + 4 n/B."""
+def adam8bit_step_ref(p, g, codes1, absmax1, codes2, absmax2, k: AdamScalars, blocksize: int) -> None:
+    """Reference, by chunks of whole blocks (:func:`by_chunks`). Bytes moved for n elements of e bytes:
+    reads e n (p) + e n (g) + 2 n (codes) + 8 n/B, writes e n + 2 n + 8 n/B; the dequantized fp32
+    moments and the gather indices cost about 32 bytes per element of one chunk in temporaries."""
+    by_chunks(_adam8bit_chunk, p.numel(), blocksize, (p.view(-1), g.reshape(-1), codes1, codes2),
+              (absmax1, absmax2), k, blocksize)
+
+
+def _momentum8bit_chunk(p, g, codes1, absmax1, lr, beta1, weight_decay, step, blocksize) -> None:
     map1 = dynamic_map(True, p.device)
     m = dequantize_blockwise_ref(codes1, absmax1, map1, blocksize, (p.numel(),))
-    new = momentum_update_(p.reshape(-1).float(), g.reshape(-1).float(), m, lr, beta1, weight_decay, step, p.dtype)
-    p.copy_(new.view(p.shape))
+    p.copy_(momentum_update_(p.float(), g.float(), m, lr, beta1, weight_decay, step, p.dtype))
     _requantize_(m, codes1, absmax1, map1, blocksize)
+
+
+def momentum8bit_step_ref(p, g, codes1, absmax1, lr: float, beta1: float, weight_decay: float, step: int,
+                          blocksize: int) -> None:
+    """Reference, by chunks of whole blocks. Bytes moved: reads 2 e n + n + 4 n/B, writes e n + n + 4 n/B."""
+    by_chunks(_momentum8bit_chunk, p.numel(), blocksize, (p.view(-1), g.reshape(-1), codes1), (absmax1,),
+              lr, beta1, weight_decay, step, blocksize)
 
 
 def _check(p: torch.Tensor, g: torch.Tensor, codes: tuple[torch.Tensor, ...], blocksize: int) -> None:
     check_blocksize(blocksize)
     if g.shape != p.shape:
         raise ValueError(f"grad: shape {tuple(g.shape)} differs from the parameter's {tuple(p.shape)}")
+    if not p.is_contiguous():
+        raise ValueError("p: must be contiguous (the step updates it through a flat view)")
     if any(c.dtype != torch.uint8 or c.numel() != p.numel() for c in codes):
         raise ValueError(f"codes: must be uint8 with {p.numel()} elements")
 

@@ -26,6 +26,7 @@ import os
 import torch
 
 MIN_BLOCKSIZE, MAX_BLOCKSIZE = 16, 4096
+CHUNK_NUMEL = 1 << 20  # elements per chunk of whole blocks: 4 MiB of fp32 per temporary
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -41,6 +42,16 @@ def _check_code(code: torch.Tensor) -> None:
 
 def num_blocks(numel: int, blocksize: int) -> int:
     return -(-numel // blocksize)
+
+
+def block_chunks(numel: int, blocksize: int, chunk_numel: int = CHUNK_NUMEL) -> list[tuple[slice, slice]]:
+    """``(elements, blocks)`` slices cutting ``numel`` elements into chunks of whole blocks, each of
+    at most ``max(chunk_numel, blocksize)`` elements. Blocks are quantized independently, so a
+    chunked update equals the whole-tensor one bit for bit, while its fp32 temporaries (the
+    dequantized moments, the int64 gather indices) are one chunk's instead of the tensor's."""
+    step = max(chunk_numel // blocksize, 1) * blocksize
+    return [(slice(i, min(i + step, numel)), slice(i // blocksize, num_blocks(min(i + step, numel), blocksize)))
+            for i in range(0, numel, step)]
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -12,7 +12,9 @@ and the caller applies ``W -= step_size * f(N)``. With ``eps' = eps`` this is th
 (FRUGAL's state-full part, and bitsandbytes' fused kernel).
 
 The moments live in a :class:`~lowmem.optim.state_store.MomentStore` (fp32, or
-8-bit blockwise with ``state_bits=8``); the math sees fp32 tensors either way.
+8-bit blockwise with ``state_bits=8``, for the projected groups and the plain AdamW
+group alike); the math sees fp32 tensors either way, one chunk of whole
+quantization blocks at a time.
 :class:`MomentOptimizer` is the small base class of the three optimizers: it
 validates the common arguments, owns the store and runs the per-param loop.
 """
@@ -20,6 +22,7 @@ validates the common arguments, owns the store and runs the per-param loop.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -36,10 +39,19 @@ def clear_moments(state: dict) -> None:
         del state[key]
 
 
-def adam_normalized(state: dict, store, grad: torch.Tensor, lr: float, betas: tuple[float, float],
-                    eps: float, t: int, torch_eps: bool = False,
-                    correct_bias: bool = True) -> tuple[torch.Tensor, float]:
-    """Update the moments of ``state`` with the fp32 ``grad`` and return ``(N, step_size)``.
+def adam_step_size(lr: float, betas: tuple[float, float], t: int, correct_bias: bool = True) -> float:
+    """``lr * sqrt(1 - b2^t) / (1 - b1^t)`` (bias-corrected) or ``lr``."""
+    if not correct_bias:
+        return lr
+    return lr * math.sqrt(1.0 - betas[1] ** t) / (1.0 - betas[0] ** t)
+
+
+def adam_normalized_chunks(state: dict, store, grad: torch.Tensor, betas: tuple[float, float], eps: float,
+                           t: int, torch_eps: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Update the moments of ``state`` with ``grad`` (any float dtype, read as fp32) and yield
+    ``(elements, N[elements])`` of the flat fp32 ``N``, one :meth:`MomentStore.chunks` piece at a
+    time (issue #8): the maths is elementwise, so the pieces equal a whole-tensor pass bit for bit,
+    and the dequantized moments, ``sqrt(V)`` and ``N`` exist for one chunk only.
 
     Moments are created on first use; ``t`` is the step count after increment.
     """
@@ -47,19 +59,30 @@ def adam_normalized(state: dict, store, grad: torch.Tensor, lr: float, betas: tu
     if not has_moments(state):
         for key in MOMENT_KEYS:
             store.init(state, key, grad)
-    m = store.load(state, "exp_avg", grad.shape, signed=True)
-    v = store.load(state, "exp_avg_sq", grad.shape, signed=False)
-    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    bias2 = 1.0 - beta2 ** t
-    step_size = lr
-    if correct_bias:
-        step_size = step_size * math.sqrt(bias2) / (1.0 - beta1 ** t)
-    denom = v.sqrt().add_(eps * math.sqrt(bias2) if torch_eps else eps)
-    normalized = m / denom
-    store.store(state, "exp_avg", m, signed=True)
-    store.store(state, "exp_avg_sq", v, signed=False)
-    return normalized, step_size
+    eps_hat = eps * math.sqrt(1.0 - beta2 ** t) if torch_eps else eps
+    flat = grad.reshape(-1)
+    for chunk in store.chunks(grad.numel()):
+        g = flat[chunk[0]].float()
+        m = store.load(state, "exp_avg", g.shape, signed=True, chunk=chunk)
+        v = store.load(state, "exp_avg_sq", g.shape, signed=False, chunk=chunk)
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        normalized = m / v.sqrt().add_(eps_hat)
+        store.store(state, "exp_avg", m, signed=True, chunk=chunk)
+        store.store(state, "exp_avg_sq", v, signed=False, chunk=chunk)
+        yield chunk[0], normalized
+
+
+def adam_normalized(state: dict, store, grad: torch.Tensor, lr: float, betas: tuple[float, float],
+                    eps: float, t: int, torch_eps: bool = False,
+                    correct_bias: bool = True) -> tuple[torch.Tensor, float]:
+    """Update the moments of ``state`` with ``grad`` and return ``(N, step_size)``, ``N`` whole
+    (:func:`adam_normalized_chunks` assembled)."""
+    normalized = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+    flat = normalized.view(-1)
+    for part, piece in adam_normalized_chunks(state, store, grad, betas, eps, t, torch_eps):
+        flat[part] = piece
+    return normalized, adam_step_size(lr, betas, t, correct_bias)
 
 
 def decoupled_weight_decay(p: torch.Tensor, lr: float, weight_decay: float) -> None:
@@ -130,9 +153,12 @@ class MomentOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _adamw_update(self, p: torch.Tensor, group: dict, state: dict) -> None:
-        """Plain HF-style AdamW for a parameter outside the low-rank groups."""
+        """Plain HF-style AdamW for a parameter outside the low-rank groups (often the largest:
+        the embedding and ``lm_head``), applied chunk by chunk."""
         state["step"] += 1
-        normalized, step_size = adam_normalized(state, self.store, p.grad.float(), group["lr"], group["betas"],
-                                                group["eps"], state["step"], correct_bias=group["correct_bias"])
-        p.add_(normalized.to(p.dtype), alpha=-step_size)
+        step_size = adam_step_size(group["lr"], group["betas"], state["step"], group["correct_bias"])
+        flat = p.view(-1)
+        for part, normalized in adam_normalized_chunks(state, self.store, p.grad, group["betas"], group["eps"],
+                                                       state["step"]):
+            flat[part].add_(normalized.to(p.dtype), alpha=-step_size)
         decoupled_weight_decay(p, group["lr"], group["weight_decay"])

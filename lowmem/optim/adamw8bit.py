@@ -33,8 +33,8 @@ from collections.abc import Iterable
 
 import torch
 
-from lowmem.kernels.adamw8bit_step import (AdamScalars, adam8bit_step, adam_update_, momentum8bit_step,
-                                           momentum_update_)
+from lowmem.kernels.adamw8bit_step import (AdamScalars, adam8bit_step, adam_fp32_step, momentum8bit_step,
+                                           momentum_fp32_step)
 from lowmem.kernels.quantize import check_blocksize
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.state_store import MomentStore
@@ -122,7 +122,7 @@ class AdamW8bit(_Blockwise8bit):
     def _update(self, p, g, state, group, step):
         k = AdamScalars.of(group["lr"], *group["betas"], group["eps"], group["weight_decay"], step)
         if "exp_avg" in state:  # fp32 state: same maths, no quantization
-            p.copy_(adam_update_(p.float(), g.float(), state["exp_avg"], state["exp_avg_sq"], k, p.dtype))
+            adam_fp32_step(p, g, state["exp_avg"], state["exp_avg_sq"], k)
             return
         adam8bit_step(p, g, state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
                       state["exp_avg_sq_absmax"], k, self.store8.blocksize)
@@ -142,7 +142,7 @@ class SGD8bit(_Blockwise8bit):
     def _update(self, p, g, state, group, step):
         hp = (group["lr"], group["momentum"], group["weight_decay"], step)
         if "momentum_buffer" in state:
-            p.copy_(momentum_update_(p.float(), g.float(), state["momentum_buffer"], *hp, p.dtype))
+            momentum_fp32_step(p, g, state["momentum_buffer"], *hp)
             return
         momentum8bit_step(p, g, state["momentum_buffer_codes"], state["momentum_buffer_absmax"], *hp,
                           blocksize=self.store8.blocksize)

@@ -11,6 +11,10 @@ it back; the store decides how it lives in ``optimizer.state[p]``:
   signed map for first moments, unsigned for second moments. Tensors smaller
   than ``min_8bit_size`` stay fp32, as in bitsandbytes.
 
+A large moment is loaded and stored by :meth:`MomentStore.chunks` of whole blocks:
+blocks quantize independently, so a chunked update is bit-identical to a whole-tensor
+one and holds only one chunk's fp32 temporaries.
+
 Everything in the state is a plain tensor, so state dicts save to safetensors.
 """
 
@@ -19,17 +23,27 @@ from __future__ import annotations
 import torch
 
 from lowmem.kernels.dynamic_map import dynamic_map
-from lowmem.kernels.quantize import dequantize_blockwise, quantize_blockwise
+from lowmem.kernels.quantize import CHUNK_NUMEL, block_chunks, dequantize_blockwise, quantize_blockwise
+
+Chunk = tuple[slice, slice]  # (elements, blocks) of the flat moment, whole quantization blocks
 
 
 class MomentStore:
-    def __init__(self, bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096):
+    def __init__(self, bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096,
+                 chunk_numel: int = CHUNK_NUMEL):
         if bits not in (8, 32):
             raise ValueError(f"optim.state_bits: must be 8 or 32, got {bits}")
         self.bits, self.blocksize, self.min_8bit_size = bits, blocksize, min_8bit_size
+        self.chunk_numel = chunk_numel
 
     def quantized(self, numel: int) -> bool:
         return self.bits == 8 and numel >= self.min_8bit_size
+
+    def chunks(self, numel: int) -> list[Chunk]:
+        """Pieces of a moment of ``numel`` elements for :meth:`load`/:meth:`store` one at a time
+        (:func:`~lowmem.kernels.quantize.block_chunks`), so that an update holds one chunk's fp32
+        copy of an 8-bit moment, not the whole tensor's (issue #8: the 28M-element embedding)."""
+        return block_chunks(numel, self.blocksize, self.chunk_numel)
 
     def init(self, state: dict, key: str, like: torch.Tensor) -> None:
         """Create a zero moment shaped like ``like``."""
@@ -40,20 +54,27 @@ class MomentStore:
         else:
             state[key] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
 
-    def load(self, state: dict, key: str, shape: torch.Size, signed: bool) -> torch.Tensor:
-        """The moment as an fp32 tensor of ``shape`` (a view of the state when fp32)."""
+    def load(self, state: dict, key: str, shape: torch.Size, signed: bool, chunk: Chunk | None = None) -> torch.Tensor:
+        """The moment as an fp32 tensor of ``shape``, or the flat elements of ``chunk`` (a view of
+        the state when fp32)."""
+        part, blocks = chunk or (slice(None), slice(None))
         if key in state:
-            return state[key]
-        code = dynamic_map(signed, state[key + "_codes"].device)
-        return dequantize_blockwise(state[key + "_codes"], state[key + "_absmax"], code, self.blocksize, shape)
+            flat = state[key].view(-1)[part]
+        else:
+            code = dynamic_map(signed, state[key + "_codes"].device)
+            flat = dequantize_blockwise(state[key + "_codes"][part], state[key + "_absmax"][blocks], code,
+                                        self.blocksize)
+        return flat if chunk else flat.view(shape)
 
-    def store(self, state: dict, key: str, value: torch.Tensor, signed: bool) -> None:
-        """Write back an fp32 moment returned by :meth:`load` and updated in place or replaced."""
+    def store(self, state: dict, key: str, value: torch.Tensor, signed: bool, chunk: Chunk | None = None) -> None:
+        """Write back an fp32 moment (or ``chunk`` of it) from :meth:`load`, updated in place or replaced."""
+        part, blocks = chunk or (slice(None), slice(None))
         if key in state:
-            if value is not state[key]:
-                state[key].copy_(value)
+            target = state[key].view(-1)[part]
+            if not target.is_set_to(value):
+                target.copy_(value.reshape(-1))
             return
         code = dynamic_map(signed, value.device)
         codes, absmax = quantize_blockwise(value, code, self.blocksize)
-        state[key + "_codes"].copy_(codes)
-        state[key + "_absmax"].copy_(absmax)
+        state[key + "_codes"][part].copy_(codes)
+        state[key + "_absmax"][blocks].copy_(absmax)

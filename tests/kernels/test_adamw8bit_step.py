@@ -1,10 +1,12 @@
-"""The fused 8-bit step: Triton == PyTorch reference (odd sizes, fp32/bf16/fp16), and the
-reference against torch.optim.AdamW / SGD, the non-finite rule and the sign rule of bitsandbytes."""
+"""The fused 8-bit step: Triton == PyTorch reference (odd sizes, fp32/bf16/fp16), the
+reference against torch.optim.AdamW / SGD, the non-finite rule and the sign rule of bitsandbytes,
+and the chunked PyTorch path == one whole-tensor pass, bit for bit."""
 
 import pytest
 import torch
 
-from lowmem.kernels.adamw8bit_step import AdamScalars, adam8bit_step_ref, momentum8bit_step_ref
+from lowmem.kernels.adamw8bit_step import (AdamScalars, adam8bit_step_ref, adam_fp32_step, momentum8bit_step_ref,
+                                          momentum_fp32_step)
 from lowmem.kernels.adamw8bit_step_triton import adam8bit_step_triton, momentum8bit_step_triton
 from lowmem.kernels.dynamic_map import dynamic_map
 from lowmem.kernels.quantize import dequantize_blockwise_ref, quantize_blockwise_ref
@@ -152,3 +154,45 @@ def test_momentum_against_torch_sgd(step_fn):
         torch.testing.assert_close(p - ref.detach(), expected, rtol=0, atol=1e-6)
     moved = (ref.detach() - torch.randn(4097, generator=torch.Generator().manual_seed(4))).abs().mean()
     assert (p - ref.detach()).abs().mean() < 0.02 * moved
+
+
+def chunk_size(monkeypatch, elements: int) -> None:
+    """Run the PyTorch steps by chunks of ``elements`` (whole blocks)."""
+    import lowmem.kernels.adamw8bit_step as mod
+    from lowmem.kernels.quantize import block_chunks
+
+    monkeypatch.setattr(mod, "block_chunks", lambda numel, blocksize: block_chunks(numel, blocksize, elements))
+
+
+def three_steps(step, n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """p, then the state, after three steps of ``step(p, g, state, t)`` from a fixed start; one
+    gradient element is NaN at step 2 (the non-finite rule wipes that element)."""
+    p = torch.randn(n, generator=gen)
+    state = random_state(n, gen, 2) + [torch.randn(n, generator=gen) * 1e-3, torch.rand(n, generator=gen) * 1e-6]
+    for t in (1, 2, 3):
+        g = torch.randn(n, generator=gen)
+        g[n // 2] = float("nan") if t == 2 else g[n // 2]
+        step(p, g, state, t)
+    return [p] + state
+
+
+STEPS = {
+    "adam8bit": lambda p, g, s, t: adam8bit_step_ref(p, g, *s[:4], AdamScalars.of(1e-2, 0.9, 0.999, 1e-8, 0.01, t), B),
+    "momentum8bit": lambda p, g, s, t: momentum8bit_step_ref(p, g, *s[:2], 1e-2, 0.9, 0.01, t, B),
+    "adam_fp32": lambda p, g, s, t: adam_fp32_step(p, g, s[4], s[5], AdamScalars.of(1e-2, 0.9, 0.999, 1e-8, 0.01, t)),
+    "momentum_fp32": lambda p, g, s, t: momentum_fp32_step(p, g, s[4], 1e-2, 0.9, 0.01, t),
+}
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_chunked_steps_equal_the_whole_tensor_step_bit_for_bit(monkeypatch, name):
+    """Issue #8: the CPU path works on chunks of whole blocks to bound its fp32 temporaries;
+    blocks are independent, so parameters, codes, absmax and fp32 moments are exactly those of
+    one whole-tensor pass (odd size: a partial last block, a chunk boundary inside no block)."""
+    n = 11 * B + 37
+    chunk_size(monkeypatch, n + B)
+    whole = three_steps(STEPS[name], n, torch.Generator().manual_seed(3))
+    chunk_size(monkeypatch, 3 * B)
+    chunked = three_steps(STEPS[name], n, torch.Generator().manual_seed(3))
+    for a, b in zip(chunked, whole):
+        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
