@@ -1,0 +1,49 @@
+"""The README's main job, measured: ``lowmem-train recipes/default.yaml`` end to end in a fresh process.
+
+Reported: total wall time (model load, tokenization, training, evals, saving), training wall
+time, peak RSS of the process, eval loss before and after, and whether the saved model loads.
+
+    python benchmarks/bench_default.py
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    out = ROOT / "runs" / "bench-default"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lowmem.cli", str(ROOT / "recipes" / "default.yaml"),
+                           f"output.dir={out}", "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    total = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr.strip().splitlines()[-1])
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    summary = json.loads((out / "summary.json").read_text())
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = ", ".join(f"{r['step']}: {r['eval_loss']:.3f}" for r in evals if "eval_loss" in r)
+    from transformers import AutoModelForCausalLM
+
+    loads = AutoModelForCausalLM.from_pretrained(out / "model") is not None
+    rows = [[summary["optimizer"], summary["steps"], f"{total:.0f}", f"{summary['wall_time_s']:.0f}",
+             f"{peak_rss_gib:.2f}", f"{summary['eval_loss_before']:.4f}", f"{summary['eval_loss']:.4f}",
+             "yes" if loads else "no"]]
+    table = markdown_table(["optimizer", "steps", "total wall s", "train wall s", "peak RSS GiB",
+                            "eval loss before", "eval loss after", "model loads"], rows)
+    write_result("default", "Default recipe: SmolLM2-135M fine-tuned on BBC News (offline, CPU)", table,
+                 notes=f"Eval loss by step: {curve}.")
+
+
+if __name__ == "__main__":
+    main()

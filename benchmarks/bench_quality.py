@@ -1,0 +1,77 @@
+"""Quality at equal steps: the offline default fine-tune (SmolLM2-135M on BBC News) per method.
+
+Each method is one ``lowmem-train recipes/default.yaml`` run in a fresh process with the same
+data order, steps and schedule; only the optimizer (and its LR) or the activation sampler
+changes. Reported: eval loss before/after, the ratio to AdamW's final eval loss, optimizer-state
+MiB (from the optimizer's own tensors), peak RSS and wall time.
+
+    python benchmarks/bench_quality.py [--steps 30] [--only adamw apollo_mini] [--reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "quality"
+
+# method -> recipe overrides (LRs: the papers' fine-tuning settings scaled to this short run; not tuned)
+METHODS: dict[str, list[str]] = {
+    "adamw": ["optim.name=adamw", "optim.lr=1e-4"],
+    "apollo_mini": ["optim.name=apollo_mini", "optim.lr=1e-4", "optim.args={scale_front: true}"],
+    "galore_adamw r128": ["optim.name=galore_adamw", "optim.lr=4e-4",
+                          "optim.args={rank: 128, update_proj_gap: 200, scale: 0.25}"],
+    "apollo r128": ["optim.name=apollo", "optim.lr=1e-4", "optim.args={rank: 128, update_proj_gap: 200, scale: 1}"],
+    "frugal rho=0.25": ["optim.name=frugal", "optim.lr=1e-4", "optim.args={density: 0.25, update_proj_gap: 200}"],
+    "adamw + wta_crs 0.3": ["optim.name=adamw", "optim.lr=1e-4", "activations.wta_crs={keep_ratio: 0.3}"],
+    "adamw8bit": ["optim.name=adamw8bit", "optim.lr=1e-4", "optim.weight_decay=0"],
+    "galore_adamw r128 8-bit": ["optim.name=galore_adamw", "optim.lr=4e-4",
+                                "optim.args={rank: 128, update_proj_gap: 200, scale: 0.25, state_bits: 8}"],
+    "apollo r128 8-bit": ["optim.name=apollo", "optim.lr=1e-4",
+                          "optim.args={rank: 128, update_proj_gap: 200, scale: 1, state_bits: 8}"],
+}
+
+
+def run(method: str, overrides: list[str], steps: int, reuse: bool) -> dict:
+    out = RUNS / method.replace(" ", "_").replace("=", "").replace("+", "")
+    if reuse and (out / "summary.json").exists():  # a finished run of the same length: keep it
+        summary = json.loads((out / "summary.json").read_text())
+        if summary["steps"] == steps:
+            return summary
+    cmd = [sys.executable, "-m", "lowmem.cli", str(ROOT / "recipes" / "default.yaml"), *overrides,
+           f"train.steps={steps}", f"train.eval_every={max(1, steps // 3)}", "train.checkpoint_every=0",
+           "output.save_model=false", f"output.dir={out}", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method}: {proc.stderr.strip().splitlines()[-1]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--only", nargs="*", default=None, help="method names (default: all)")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs of the same length")
+    args = parser.parse_args()
+    chosen = [m for m in METHODS if args.only is None or m in args.only]
+    results = {m: run(m, METHODS[m], args.steps, args.reuse) for m in chosen}
+    base = results.get("adamw", {}).get("eval_loss")
+    rows = [[m, f"{r['eval_loss_before']:.4f}", f"{r['eval_loss']:.4f}",
+             f"{r['eval_loss'] / base:.4f}" if base else "-", f"{r['optimizer_state_mb']:.1f}",
+             f"{r['peak_rss_gb']:.2f}", f"{r['wall_time_s']:.0f}"] for m, r in results.items()]
+    table = markdown_table(["method", "eval loss before", "eval loss after", "/ AdamW", "optimizer state MiB",
+                            "peak RSS GiB", "train wall s"], rows)
+    write_result("quality", f"Quality: default fine-tune (SmolLM2-135M, BBC News), {args.steps} steps per method",
+                 table, notes="Same data order, schedule (cosine, 3 warmup steps) and bf16 autocast for every "
+                              "method; eval on 4 held-out batches of 4x128 tokens. Loss curves: runs/quality/*/metrics.jsonl.")
+
+
+if __name__ == "__main__":
+    main()
