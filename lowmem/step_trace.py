@@ -1,0 +1,219 @@
+"""One training step traced on fake tensors: the bytes of live tensor storages, by part (issue #8).
+
+The model is built from its config alone under ``FakeTensorMode``: tensors carry shapes and
+dtypes but no storage. The real optimizer (:func:`lowmem.build.build_optimizer`) is built on
+it and the trainer's own step (:func:`lowmem.memory.training_step`) runs on it, while a
+dispatch mode (:class:`_LiveBytes`) counts the bytes of every live tensor storage (freed
+storages are subtracted through weak-reference finalizers). So the parameter, gradient and
+optimizer-state parts are the real tensors' byte counts, and activations (sequence length,
+batch, gradient checkpointing, WTA-CRS, autocast) follow from the real forward/backward code.
+
+The peak is the largest live total, split at that moment into weights, gradients, optimizer
+states, activations (forward/backward tensors) and step temporaries (allocated by
+``optimizer.step`` or, layer-wise, by the update hooks in backward).
+
+CUDA: the 8-bit kernels run in Triton, fused: the step writes in place and (de)quantizing
+allocates only its outputs. Fake tensors take the CPU reference path, so for a CUDA trace
+those reference functions are replaced by stubs that allocate just that (:func:`_kernels`).
+
+Data-dependent values on fake tensors: ``.item()`` reads 1; ``torch.unique`` returns its
+largest possible size (WTA-CRS stores at most k rows), so WTA-CRS activations are an
+upper bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import weakref
+from types import SimpleNamespace
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from lowmem.memory import no_grad_forward, random_batch, tensor_bytes, training_step
+from lowmem.recipe import Recipe
+
+PARTS = ("runtime", "weights", "gradients", "optimizer_states", "activations", "step_temporaries",
+         "transfer_buffers")
+_PHASE_PART = {"setup": "weights", "forward": "activations", "backward": "activations", "step": "step_temporaries"}
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of live tensor storages by part; remembers the parts at the peak."""
+
+    def __init__(self, fake_mode: FakeTensorMode):
+        super().__init__()
+        self.fake_mode, self.phase = fake_mode, "setup"
+        self.live: dict[int, list] = {}            # token -> [bytes, part]
+        self.by_part = dict.fromkeys(PARTS, 0)
+        self.peak, self.at_peak, self.peak_token = 0, dict(self.by_part), -1
+        self._token_of = weakref.WeakKeyDictionary()  # storage -> token
+        self._tokens = itertools.count()
+
+    def add(self, t, part: str | None = None) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        token = self._token_of.get(storage)
+        if token is None:
+            token = self._token_of[storage] = next(self._tokens)
+            self.live[token] = [storage.nbytes(), _PHASE_PART[self.phase]]
+            self.by_part[self.live[token][1]] += storage.nbytes()
+            weakref.finalize(storage, self._free, token)
+        if part is not None:
+            self.relabel(token, part)
+        total = sum(self.by_part.values())
+        if total > self.peak:
+            self.peak, self.at_peak, self.peak_token = total, dict(self.by_part), token
+
+    def relabel(self, token: int, part: str) -> None:
+        nbytes, old = self.live[token]
+        self.by_part[old] -= nbytes
+        self.by_part[part] += nbytes
+        self.live[token][1] = part
+
+    def token(self, t: torch.Tensor) -> int:
+        return self._token_of[t.untyped_storage()]
+
+    def _free(self, token: int) -> None:
+        nbytes, part = self.live.pop(token)
+        self.by_part[part] -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return 1  # .item() on a fake tensor: any plain value takes the ordinary code path
+        try:
+            out = func(*args, **kwargs)
+        except DynamicOutputShapeException:
+            out = self._largest_output(func, args, kwargs)
+        for t in tree_flatten(out)[0]:
+            self.add(t)
+        return out
+
+    def _largest_output(self, func, args, kwargs):
+        """Run a data-dependent op (unique, nonzero) on distinct real values: its largest output."""
+        def real(t):
+            return torch.arange(t.numel()).reshape(t.shape).to(t.dtype) if isinstance(t, torch.Tensor) else t
+
+        with unset_fake_temporarily():
+            out = func(*tree_map(real, args), **tree_map(real, kwargs))
+        return tree_map(lambda t: self.fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, out)
+
+
+def fake_model(section, config):
+    """The model of ``section`` built from ``config`` (call under ``FakeTensorMode``). As
+    :func:`lowmem.models.load_model`, except the dtype is given to ``from_config``:
+    ``.to(dtype)`` cannot swap a tied fake parameter."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.models import DTYPES
+
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[section.dtype])
+    if section.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
+    """Model (+ WTA-CRS) and optimizer built by the engine's own functions, on fake tensors."""
+    from lowmem.build import build_optimizer
+
+    model = fake_model(recipe.model, config)
+    if recipe.activations.wta_crs is not None:
+        from lowmem.activations import apply_wta_crs
+
+        wta = recipe.activations.wta_crs
+        apply_wta_crs(model, wta.keep_ratio, targets=wta.targets, seed=recipe.train.seed)
+    params = list({id(p): p for p in model.parameters()}.values())
+    for t in params + list(model.buffers()):
+        tracker.add(t, "weights")
+    trainable = [p for p in params if p.requires_grad]
+
+    def gradient_done(p) -> None:
+        tracker.add(p.grad, "gradients")
+        tracker.phase = "step"  # a layer-wise update may follow
+
+    for p in trainable:  # before the layer-wise hooks, which update the parameter and free its gradient
+        p.register_post_accumulate_grad_hook(gradient_done)
+    optimizer, zeroth_order, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
+    for p in trainable:  # after them: back to backward
+        p.register_post_accumulate_grad_hook(lambda p: setattr(tracker, "phase", "backward"))
+    return model, optimizer, zeroth_order
+
+
+@contextlib.contextmanager
+def _kernels(device: str):
+    """Fake tensors take the reference path of the 8-bit kernels (never Triton, not even under
+    TRITON_INTERPRET) and a private dynamic-map cache. For a CUDA plan the reference functions
+    are replaced by stand-ins with the Triton kernels' allocations: the fused step writes in
+    place, (de)quantizing allocates only its outputs."""
+    from lowmem.kernels import adamw8bit_step, dynamic_map, quantize
+
+    def quantize_outputs(x, code, blocksize=256):
+        return (torch.empty(x.numel(), dtype=torch.uint8, device=x.device),
+                torch.empty(quantize.num_blocks(x.numel(), blocksize), dtype=torch.float32, device=x.device))
+
+    def dequantize_output(codes, absmax, code, blocksize=256, shape=None):
+        return torch.empty(codes.numel() if shape is None else shape, dtype=torch.float32, device=codes.device)
+
+    def in_place(*args, **kwargs):
+        return None
+
+    def no_triton(t):
+        return False
+
+    fake_maps = functools.lru_cache(maxsize=None)(dynamic_map._cached.__wrapped__)  # fake maps stay in here
+    patches = [(quantize, "use_triton", no_triton), (adamw8bit_step, "use_triton", no_triton),
+               (dynamic_map, "_cached", fake_maps)]
+    if device == "cuda":
+        patches += [(adamw8bit_step, "adam8bit_step_ref", in_place),
+                    (adamw8bit_step, "momentum8bit_step_ref", in_place),
+                    (quantize, "quantize_blockwise_ref", quantize_outputs),
+                    (quantize, "dequantize_blockwise_ref", dequantize_output)]
+    with contextlib.ExitStack() as stack:
+        for module, name, value in patches:
+            stack.enter_context(mock.patch.object(module, name, value))
+        yield
+
+
+def trace_step(recipe: Recipe, config, batch_factor: int = 1, forward_only: bool = False,
+               device: str = "cpu") -> tuple[dict[str, int], dict[str, int]]:
+    """(bytes by part at the peak, totals) of one :func:`training_step` (or one no-grad forward)
+    on fake tensors, with ``device``'s kernels."""
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    tracker = _LiveBytes(fake)
+    with fake, _kernels(device):
+        model, optimizer, zeroth_order = _build_on_fake(recipe, config, tracker)
+        batch = random_batch(recipe, config.vocab_size)
+        batch = {k: v.repeat(batch_factor, 1) for k, v in batch.items()}
+        weights = tracker.by_part["weights"]
+        with tracker:
+            tracker.phase = "forward"
+            if forward_only:
+                no_grad_forward(recipe, model, batch)
+            else:
+                training_step(recipe, model, optimizer, batch, zeroth_order,
+                              on_phase=lambda phase: setattr(tracker, "phase", phase))
+        states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        for t in {tracker.token(v): v for v in states}.values():
+            _state_at_peak(tracker, t)
+        grads = sum(tensor_bytes(p) for p in model.parameters() if p.requires_grad)
+    totals = {"weights": weights, "gradients": 0 if zeroth_order else grads,
+              "optimizer_states": sum(tensor_bytes(v) for v in states)}
+    return tracker.at_peak, totals
+
+
+def _state_at_peak(tracker: _LiveBytes, t: torch.Tensor) -> None:
+    """Move a state tensor's bytes to ``optimizer_states`` in the peak snapshot (states persist,
+    so one allocated before the peak was live at it)."""
+    nbytes, part = tracker.live[tracker.token(t)]
+    if part != "optimizer_states" and tracker.token(t) <= tracker.peak_token:
+        tracker.at_peak[part] -= nbytes
+        tracker.at_peak["optimizer_states"] += nbytes
