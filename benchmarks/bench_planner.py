@@ -61,9 +61,11 @@ def main() -> None:
                  "(batch 1 x 1024)", markdown_table(header, rows),
                  notes="Predicted by `lowmem.planner` (fake-tensor trace of lowmem's optimizers; the 8-bit step is "
                        "modelled as the fused Triton kernel). Measured columns need a GPU machine: run "
-                       "`python benchmarks/run_all.py` there. The references (torch AdamW, bitsandbytes AdamW8bit, "
-                       "galore-torch, apollo-torch, MeZO) keep the same state sizes as the lowmem rows above "
-                       "(checked in benchmarks/results/optim_state.md).")
+                       "`python benchmarks/run_all.py` there. The reference packages were not traced: measured "
+                       "on CPU they hold the same or slightly more state per parameter than the matching lowmem "
+                       "row (optim_state.md: galore-torch equal, apollo-torch APOLLO-Mini 0.0101 vs 0.0086 B/param "
+                       "on projected weights; bench_adamw8bit.md: bitsandbytes 2.039 vs 2.031), so their peaks "
+                       "are these rows' or marginally above.")
 
 
 if __name__ == "__main__":
