@@ -24,14 +24,19 @@ RUNS = ROOT / "runs" / "quality"
 
 # method -> recipe overrides (LRs: the papers' fine-tuning settings scaled to this short run; not tuned)
 METHODS: dict[str, list[str]] = {
-    "adamw": ["optim.name=adamw", "optim.lr=1e-4"],
+    "adamw": ["optim.name=adamw", "optim.lr=1e-4", "optim.args={}"],
     "apollo_mini": ["optim.name=apollo_mini", "optim.lr=1e-4", "optim.args={scale_front: true}"],
+    "apollo_mini 8-bit layer-wise": ["optim.name=apollo_mini", "optim.lr=1e-4", "optim.layerwise=true",
+                                     "optim.max_grad_norm=null", "optim.args={scale_front: true, state_bits: 8}"],
     "galore_adamw r128": ["optim.name=galore_adamw", "optim.lr=4e-4",
                           "optim.args={rank: 128, update_proj_gap: 200, scale: 0.25}"],
     "apollo r128": ["optim.name=apollo", "optim.lr=1e-4", "optim.args={rank: 128, update_proj_gap: 200, scale: 1}"],
+    # sqrt(scale) multiplies APOLLO's update (ALGORITHMS.md §2); scale 4 doubles it, fine-tuning refs use up to 32
+    "apollo r128 scale 4": ["optim.name=apollo", "optim.lr=1e-4",
+                            "optim.args={rank: 128, update_proj_gap: 200, scale: 4}"],
     "frugal rho=0.25": ["optim.name=frugal", "optim.lr=1e-4", "optim.args={density: 0.25, update_proj_gap: 200}"],
-    "adamw + wta_crs 0.3": ["optim.name=adamw", "optim.lr=1e-4", "activations.wta_crs={keep_ratio: 0.3}"],
-    "adamw8bit": ["optim.name=adamw8bit", "optim.lr=1e-4", "optim.weight_decay=0"],
+    "adamw + wta_crs 0.3": ["optim.name=adamw", "optim.lr=1e-4", "optim.args={}", "activations.wta_crs={keep_ratio: 0.3}"],
+    "adamw8bit": ["optim.name=adamw8bit", "optim.lr=1e-4", "optim.weight_decay=0", "optim.args={}"],
     "galore_adamw r128 8-bit": ["optim.name=galore_adamw", "optim.lr=4e-4",
                                 "optim.args={rank: 128, update_proj_gap: 200, scale: 0.25, state_bits: 8}"],
     "apollo r128 8-bit": ["optim.name=apollo", "optim.lr=1e-4",
