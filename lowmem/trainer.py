@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -119,7 +120,7 @@ class Trainer:
         self.bad_in_row = 0
         self.step += 1
         with warnings.catch_warnings():  # the ZO2 engine steps without optimizer.step()
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.run.scheduler.step()
         tokens = self.run.train_batches.tokens_per_batch() * self.recipe.train.grad_accum
         record["tokens_per_s"] = tokens * self.accelerator.num_processes / (time.perf_counter() - t0)
