@@ -26,6 +26,8 @@ from collections.abc import Iterator
 
 import torch
 
+from lowmem.optim.projection import current_factors, project
+
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -151,6 +153,18 @@ class MomentOptimizer(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError
+
+    def _low_rank_adam(self, p: torch.Tensor, group: dict, state: dict, random: bool):
+        """The prologue GaLore and APOLLO share: project ``G`` (refreshing ``P`` when due), count
+        the step, run Adam on the projection. Returns ``(G, R, N, step_size, u, v)`` in fp32."""
+        g = p.grad.float()
+        u, v = current_factors(state, g, group["rank"], group["proj_type"], group["update_proj_gap"],
+                               random=random, dtype=p.dtype)
+        low = project(g, u, v)
+        state["step"] += 1
+        normalized, step_size = adam_normalized(state, self.store, low, group["lr"], group["betas"], group["eps"],
+                                                state["step"], correct_bias=group["correct_bias"])
+        return g, low, normalized, step_size, u, v
 
     def _adamw_update(self, p: torch.Tensor, group: dict, state: dict) -> None:
         """Plain HF-style AdamW for a parameter outside the low-rank groups (often the largest:

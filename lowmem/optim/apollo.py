@@ -27,8 +27,8 @@ import math
 
 import torch
 
-from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, decoupled_weight_decay
-from lowmem.optim.projection import assign_seeds, check_projected_group, current_factors, project
+from lowmem.optim.adam_math import MomentOptimizer, decoupled_weight_decay
+from lowmem.optim.projection import assign_seeds, check_projected_group
 from lowmem.optim.registry import OptimizerSpec, register
 
 GROUP_DEFAULTS = {"rank": 256, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std",
@@ -54,15 +54,8 @@ class APOLLOAdamW(MomentOptimizer):
         if "rank" not in group:
             self._adamw_update(p, group, state)
             return
-        g = p.grad.float()
-        # Step 1: project the gradient (redraw P every T steps)
-        u, v = current_factors(state, g, group["rank"], group["proj_type"], group["update_proj_gap"],
-                               random=group["proj"] == "random", dtype=p.dtype)
-        low = project(g, u, v)
-        state["step"] += 1
-        # Step 2: low-rank Adam moments
-        normalized, step_size = adam_normalized(state, self.store, low, group["lr"], group["betas"], group["eps"],
-                                                state["step"], correct_bias=group["correct_bias"])
+        # Step 1: project the gradient (redraw P every T steps); Step 2: low-rank Adam moments
+        g, low, normalized, step_size, u, v = self._low_rank_adam(p, group, state, random=group["proj"] == "random")
         # Steps 3-4: scale the raw gradient channel- or tensor-wise
         scaled = g * _scaling_factor(normalized, low, group["scale_type"], right=v is not None)
         if self.scale_front:

@@ -17,8 +17,8 @@ Per-group keys as in galore-torch: ``rank``, ``update_proj_gap``, ``scale``,
 
 from __future__ import annotations
 
-from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, decoupled_weight_decay
-from lowmem.optim.projection import check_projected_group, current_factors, project, project_back
+from lowmem.optim.adam_math import MomentOptimizer, decoupled_weight_decay
+from lowmem.optim.projection import check_projected_group, project_back
 from lowmem.optim.registry import OptimizerSpec, register
 
 GROUP_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
@@ -38,15 +38,8 @@ class GaLoreAdamW(MomentOptimizer):
         if "rank" not in group:
             self._adamw_update(p, group, state)
             return
-        g = p.grad.float()
-        # 1. refresh P from the SVD of this gradient when k % T == 0; 2. project
-        u, v = current_factors(state, g, group["rank"], group["proj_type"], group["update_proj_gap"],
-                               random=False, dtype=p.dtype)
-        low = project(g, u, v)
-        state["step"] += 1
-        # 3. Adam on the low-rank gradient
-        normalized, step_size = adam_normalized(state, self.store, low, group["lr"], group["betas"], group["eps"],
-                                                state["step"], correct_bias=group["correct_bias"])
+        # 1. refresh P from the SVD of this gradient when k % T == 0; 2. project; 3. Adam on R
+        _, _, normalized, step_size, u, v = self._low_rank_adam(p, group, state, random=False)
         # 4. project the normalized update back, times alpha
         update = project_back(normalized, u, v) * group["scale"]
         p.add_(update.to(p.dtype), alpha=-step_size)
