@@ -1,9 +1,11 @@
 """Training objectives: next-token loss, and MeZO's candidate classification.
 
-``causal_lm_loss(model, batch)``
-    The model's own teacher-forced cross-entropy; ``batch`` holds ``input_ids``
+``causal_lm_loss(model, batch, chunk_tokens=None)``
+    The teacher-forced next-token cross-entropy; ``batch`` holds ``input_ids``
     ``(B, T)``, ``labels`` ``(B, T)`` (``-100`` = ignored) and optionally
-    ``attention_mask``.
+    ``attention_mask`` and ``position_ids``. ``chunk_tokens=None`` is the model's own
+    loss; an integer computes the same loss without the ``(B*T, V)`` logits
+    (recipe field ``train.loss_chunk_tokens``, see :func:`causal_lm_loss`).
 
 Candidate classification (MeZO, Malladi et al. 2023, §3 and ``large_models/run.py``
 ``--train_as_classification``): each example ``(text, label)`` is turned into one
@@ -36,12 +38,76 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+# config fields with which a model's forward changes the logits after the output head
+# (Gemma-2 soft-capping, Cohere, Granite, Granite-MoE multipliers): the chunked loss would differ
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 
-def causal_lm_loss(model, batch: dict) -> torch.Tensor:
-    """Teacher-forced next-token loss of a Hugging Face causal LM (mean over unmasked labels)."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
-    return model(**inputs).loss
+def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Teacher-forced next-token loss of a Hugging Face causal LM (mean over unmasked labels).
+
+    ``chunk_tokens=None``: ``model(**batch).loss``. Otherwise the same value from the decoder's
+    final hidden states ``h`` ``(B, T, H)`` and the output head ``W`` ``(V, H)``::
+
+        loss = 1/|M| * sum_{c} sum_{i in c, i in M} [logsumexp_v (W h_i)_v - (W h_i)_{y_i}]
+
+    with ``y_i = labels[i + 1]`` (the shift Hugging Face applies), ``M`` the positions whose
+    label is not -100, and ``c`` consecutive chunks of ``chunk_tokens`` positions. Why: the
+    model's own loss keeps the fp32 ``(B*T, V)`` logits and their log-softmax for backward, which
+    dominate a small model's activations (SmolLM2-135M, V = 49152: 400 MB per 2048 tokens). Here
+    each chunk runs under non-reentrant activation checkpointing: only ``h`` is kept, and the
+    backward recomputes one chunk's logits at a time, so at most ``chunk_tokens * V`` logits
+    exist at once. Under ``no_grad`` (zeroth-order closures, evaluation) nothing is kept and the
+    chunks just bound the peak.
+    """
+    if chunk_tokens is None:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
+        return model(**inputs).loss
+    body, head = lm_body_and_head(model)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])        # positions that have a next token
+    labels = batch["labels"][:, 1:].reshape(-1).to(hidden.device)
+    keep = torch.is_grad_enabled() and hidden.requires_grad
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        if keep:
+            total = total + checkpoint(_summed_cross_entropy, head, hidden[rows], labels[rows], use_reentrant=False)
+        else:
+            total = total + _summed_cross_entropy(head, hidden[rows], labels[rows])
+    return total / (labels != IGNORE_INDEX).sum()
+
+
+def _summed_cross_entropy(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of ``-log softmax(head(hidden).float())[label]`` (-100 rows count 0)."""
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_body_and_head(model):
+    """The decoder body (hidden states before the head) and the output head of ``model``, or a
+    one-line ValueError when the chunked loss could not reproduce ``model(**batch).loss``."""
+    field = "train.loss_chunk_tokens"
+    name = type(model).__name__
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        raise ValueError(f"{field}: {name} is not a Hugging Face causal LM with a decoder and an output head "
+                         "(a data-parallel wrapper?); set it to null")
+    body, head = get_decoder(), get_head()
+    if body is model or not isinstance(head, torch.nn.Linear) or hasattr(head, "wta_keep_ratio"):
+        raise ValueError(f"{field}: cannot find the decoder body and a plain nn.Linear output head of {name}; "
+                         "set it to null")
+    text_config = model.config.get_text_config()
+    changed = [k for k in LOGIT_TRANSFORMS if getattr(text_config, k, None) not in (None, 1, 1.0)]
+    if changed:
+        raise ValueError(f"{field}: {name} transforms its logits after the head ({changed[0]}); set it to null")
+    if getattr(model, "loss_type", None) not in (None, "ForCausalLM") and "ForCausalLM" not in model.loss_type:
+        raise ValueError(f"{field}: {name} uses the {model.loss_type} loss, not the causal LM cross-entropy; "
+                         "set it to null")
+    return body, head
 
 
 @dataclass
