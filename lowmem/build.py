@@ -5,6 +5,7 @@ One function per part, composed by :func:`build_run`; the trainer only sees the 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,18 @@ from accelerate import Accelerator
 
 from lowmem.data import CandidateBatches, PackedBatches, label_examples, pack_tokens, split_documents
 from lowmem.models import load_model, load_tokenizer
-from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss
+from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
 from lowmem.recipe import Recipe, TrainSection
 
 
-def lm_metrics(model, batch) -> dict[str, torch.Tensor]:
-    return {"eval_loss": causal_lm_loss(model, batch)}
+def lm_metrics(model, batch, chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    return {"eval_loss": causal_lm_loss(model, batch, chunk_tokens)}
+
+
+def lm_loss(train: TrainSection) -> Callable:
+    """The run's ``(model, batch) -> loss`` for ``data.task: lm`` (chunked by ``train.loss_chunk_tokens``)."""
+    return functools.partial(causal_lm_loss, chunk_tokens=train.loss_chunk_tokens)
 
 
 def classification_metrics(model, batch) -> dict[str, torch.Tensor]:
@@ -72,7 +78,8 @@ def _lm_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
     train_rows = pack_tokens(train_docs, tokenizer, tr.seq_len, "data.path")
     eval_rows = pack_tokens(eval_docs, tokenizer, tr.seq_len, recipe.data.eval_path or "data.path (eval split)")
     evals = [{"input_ids": b, "labels": b.clone()} for b in eval_rows[: tr.eval_batches * tr.batch_size].split(tr.batch_size)]
-    return PackedBatches(train_rows, tr.batch_size, tr.seed), evals, causal_lm_loss, lm_metrics
+    return (PackedBatches(train_rows, tr.batch_size, tr.seed), evals, lm_loss(tr),
+            functools.partial(lm_metrics, chunk_tokens=tr.loss_chunk_tokens))
 
 
 def _classification_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
@@ -145,6 +152,11 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
         wta = recipe.activations.wta_crs
         seed = recipe.train.seed + accelerator.process_index  # ranks sample different rows
         generators["wta_crs"] = apply_wta_crs(model, wta.keep_ratio, targets=wta.targets, seed=seed).generator
+    if recipe.train.loss_chunk_tokens is not None:
+        if accelerator.num_processes > 1:
+            raise ValueError("train.loss_chunk_tokens: not supported with data parallel (the loss calls the "
+                             "model's body and head, not the wrapped forward)")
+        lm_body_and_head(model)  # a model it cannot reproduce is refused before training
     optimizer, zeroth_order, layerwise = build_optimizer(recipe, model, accelerator)
     if recipe.offload.enabled and not zeroth_order:
         raise ValueError("offload.enabled: the ZO2 engine needs a zeroth-order optimizer (optim.name: mezo)")

@@ -125,6 +125,9 @@ class TrainSection(_Section):
     seed: int = Field(0, description="Seeds data order, dropout and samplers")
     device_memory_gb: float | None = Field(None, gt=0, description="Memory of the target device (GiB): the CLI "
                                                                    "plans the run and refuses one predicted not to fit")
+    loss_chunk_tokens: int | None = Field(None, ge=1, description="LM loss over chunks of this many tokens, logits "
+                                                                  "recomputed in backward (no (tokens, vocab) logits "
+                                                                  "kept); null: the model's own loss")
 
 
 class OutputSection(_Section):
@@ -140,6 +143,15 @@ class Recipe(_Section):
     activations: ActivationsSection = ActivationsSection()
     offload: OffloadSection = OffloadSection()
     output: OutputSection
+
+    @model_validator(mode="after")
+    def _chunked_loss(self):
+        if self.train.loss_chunk_tokens is not None and self.data.task != "lm":
+            raise ValueError("train.loss_chunk_tokens: applies to the LM objective only (data.task: lm); set it to null")
+        if self.train.loss_chunk_tokens is not None and self.offload.enabled:
+            raise ValueError("train.loss_chunk_tokens: the ZO2 engine computes its own loss (offload.enabled); "
+                             "set it to null")
+        return self
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

@@ -24,6 +24,8 @@ def test_valid_recipe_and_overrides(tiny_recipe):
     ("optim.args.rnak=4", "optim.args.rnak"),
     ("data.eval_fraction=1.5", "data.eval_fraction"),
     ("bogus.key=1", "bogus: unknown key"),
+    ("train.loss_chunk_tokens=0", "train.loss_chunk_tokens"),
+    ("train.loss_chunk_tokens=many", "train.loss_chunk_tokens"),
 ])
 def test_bad_fields_name_the_field_in_one_line(tiny_recipe, override, field):
     with pytest.raises(RecipeError) as err:
@@ -45,6 +47,17 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 def test_model_needs_exactly_one_source(tiny_recipe):
     with pytest.raises(RecipeError, match="exactly one of model.path and model.config"):
         load_recipe(tiny_recipe(), ["model.path=somewhere"])
+
+
+def test_loss_chunk_tokens_default_and_where_it_does_not_apply(tiny_recipe):
+    assert load_recipe(tiny_recipe()).train.loss_chunk_tokens is None
+    assert load_recipe(tiny_recipe(), ["train.loss_chunk_tokens=64"]).train.loss_chunk_tokens == 64
+    for overrides, reason in [(["offload.enabled=true", "optim.name=mezo"], "offload.enabled"),
+                              (["data.task=classification", "data.classification={candidates: {a: ' a', b: ' b'}}"],
+                               "data.task: lm")]:
+        with pytest.raises(RecipeError, match=f"train.loss_chunk_tokens: .*{reason}") as err:
+            load_recipe(tiny_recipe(), ["train.loss_chunk_tokens=64", *overrides])
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])

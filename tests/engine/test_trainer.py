@@ -129,3 +129,29 @@ def test_saved_model_loads_with_transformers(tiny_recipe, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
     assert model.config.model_type == "llama"
     assert summary["steps"] == 2 and summary["eval_loss"] < summary["eval_loss_before"]
+
+
+CHUNKED_CASES = {
+    "adamw": ({}, 1e-5),
+    "mezo": ({"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}}}, 1e-5),
+    "wta_crs": ({"activations": {"wta_crs": {"keep_ratio": 0.3}}}, 1e-5),
+    "checkpointing_bf16": ({"model": {"gradient_checkpointing": True}, "train": {"mixed_precision": "bf16"}}, 1e-4),
+}
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES)
+def test_chunked_loss_trains_as_the_models_loss(tiny_recipe, tmp_path, case):
+    """train.loss_chunk_tokens (13: does not divide the 2 x 31 predicted tokens) gives the same
+    step and eval losses, composed with a zeroth-order closure, WTA-CRS, checkpointing and bf16."""
+    sections, rtol = CHUNKED_CASES[case]
+    recipe = tiny_recipe(**sections)
+    runs = {}
+    for name, extra in [("full", []), ("chunked", ["train.loss_chunk_tokens=13"])]:
+        out = tmp_path / name
+        _trainer(recipe, f"output.dir={out}", "output.save_model=false", "train.checkpoint_every=0", *extra).train()
+        runs[name] = json.loads((out / "summary.json").read_text()), _losses(out)
+    (summary, losses), (chunked_summary, chunked_losses) = runs["full"], runs["chunked"]
+    assert losses.keys() == chunked_losses.keys() and len(losses) == 6
+    for step, loss in losses.items():
+        assert chunked_losses[step] == pytest.approx(loss, rel=rtol), step
+    assert chunked_summary["eval_loss"] == pytest.approx(summary["eval_loss"], rel=rtol)
