@@ -2,9 +2,9 @@
 
 How (issue #8): :func:`lowmem.step_trace.trace_step` builds the model from its config alone
 (``model.config``, a local/hub ``config.json``, or a GGUF header) on fake tensors, builds the
-real optimizer and runs the trainer's own step on it, counting the bytes of live tensors: the
-parts at the peak (weights, gradients, optimizer states, activations, step temporaries) and
-the whole-run totals. Two pieces are modelled here, not traced:
+real optimizer and runs the trainer's own step and loss (a chunked ``train.loss_chunk_tokens``
+loss included) on it, counting the bytes of live tensors: the parts at the peak (weights,
+gradients, optimizer states, activations, step temporaries) and the whole-run totals. Two pieces are modelled here, not traced:
 
 * CPU: a process holds a runtime baseline besides tensors (Python, torch, transformers
   code and allocator pools). It is measured once: a fresh process imports the same
@@ -134,6 +134,7 @@ CHANGES = [
     ("8-bit AdamW, 8-bit embedding state", ["optim.name=adamw8bit", "optim.args={fp32_state_params: []}"]),
     ("layer-wise updates", ["optim.layerwise=true", "optim.max_grad_norm=null"]),
     ("gradient checkpointing", ["model.gradient_checkpointing=true", "activations.wta_crs=null"]),
+    ("chunked LM loss", ["train.loss_chunk_tokens=256"]),
     ("WTA-CRS keep 0.3", ["activations.wta_crs={keep_ratio: 0.3}", "model.gradient_checkpointing=false"]),
     ("APOLLO-Mini + layer-wise + checkpointing",
      ["optim.name=apollo_mini", "optim.args={}", "optim.layerwise=true", "optim.max_grad_norm=null",

@@ -75,16 +75,32 @@ def test_parameter_gradient_state_parts_are_exact(tmp_path, monkeypatch, overrid
     assert predicted == measure_in_process(recipe)
 
 
+# ``python -m lowmem.memory`` whose step computes the run's loss (train.loss_chunk_tokens), as the trainer does
+RECIPE_LOSS_STEP = """
+import json, sys
+import lowmem.memory as memory
+memory.fix_malloc_threshold()
+from lowmem.recipe import load_recipe
+from lowmem.step_trace import RecipeLoss
+step = memory.training_step
+memory.training_step = lambda recipe, model, *args, **kw: step(recipe, RecipeLoss(model, recipe), *args, **kw)
+print(json.dumps(memory.measure_step(load_recipe(sys.argv[1]))))
+"""
+
+
 def start_fresh_processes(tmp_path, recipes: dict, forward: tuple[str, ...] = ()) -> dict:
     """Start ``python -m lowmem.memory`` on each recipe, each in its own process (RSS is per process,
     so they may overlap each other and the planning done meanwhile), on the PyTorch kernels as in a
-    CPU run (conftest sets TRITON_INTERPRET for the kernel tests)."""
+    CPU run (conftest sets TRITON_INTERPRET for the kernel tests). A recipe with a chunked loss runs
+    :data:`RECIPE_LOSS_STEP` instead."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     running = {}
     for name, recipe in recipes.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe.model_dump()))
         cmd = [sys.executable, "-m", "lowmem.memory", str(path)] + (["--forward"] if name in forward else [])
+        if recipe.train.loss_chunk_tokens is not None:
+            cmd = [sys.executable, "-c", RECIPE_LOSS_STEP, str(path)]
         running[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return running
 
@@ -134,6 +150,25 @@ def test_peak_rss_within_15_percent(tmp_path):
     for name, report in measured(running).items():
         peak = report["peak_rss"]
         assert abs(predicted[name] - peak) <= 0.15 * peak, (name, predicted[name] / 2**20, peak / 2**20)
+
+
+def test_chunked_loss_is_traced_and_its_peak_predicted(tmp_path):
+    """The planner traces the run's loss: with ``train.loss_chunk_tokens`` the ``(tokens, vocab)``
+    logits are gone from the trace (at least ``N*V*4`` bytes fewer at the peak), and the predicted
+    peak RSS of the chunked step is within 15% of the measured one; the predicted and measured
+    savings agree to 30%."""
+    config = {**MEDIUM, "vocab_size": 32000}
+    base = make_recipe(tmp_path, "optim.name=apollo_mini", config=config, batch=2, seq=512)
+    recipes = {"full": base, "chunked": with_overrides(base, ["train.loss_chunk_tokens=128"])}
+    running = start_fresh_processes(tmp_path, recipes)
+    predicted = {name: plan(recipe, "cpu", suggest=False) for name, recipe in recipes.items()}
+    peaks = {name: report["peak_rss"] for name, report in measured(running).items()}
+    saved = {"predicted": predicted["full"].peak_bytes - predicted["chunked"].peak_bytes,
+             "measured": peaks["full"] - peaks["chunked"]}
+    assert saved["predicted"] >= 2 * 512 * 32000 * 4, saved
+    for name, p in predicted.items():
+        assert abs(p.peak_bytes - peaks[name]) <= 0.15 * peaks[name], (name, p.peak_bytes / 2**20, peaks[name] / 2**20)
+    assert abs(saved["predicted"] - saved["measured"]) <= 0.3 * saved["measured"], saved
 
 
 def test_recipe_changes_move_the_right_parts(tmp_path):
