@@ -71,11 +71,10 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> torch
     hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])        # positions that have a next token
     labels = batch["labels"][:, 1:].reshape(-1).to(hidden.device)
-    keep = torch.is_grad_enabled() and hidden.requires_grad
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, labels.numel(), chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        if keep:
+        if torch.is_grad_enabled():
             total = total + checkpoint(_summed_cross_entropy, head, hidden[rows], labels[rows], use_reentrant=False)
         else:
             total = total + _summed_cross_entropy(head, hidden[rows], labels[rows])
@@ -104,9 +103,9 @@ def lm_body_and_head(model):
     changed = [k for k in LOGIT_TRANSFORMS if getattr(text_config, k, None) not in (None, 1, 1.0)]
     if changed:
         raise ValueError(f"{field}: {name} transforms its logits after the head ({changed[0]}); set it to null")
-    if getattr(model, "loss_type", None) not in (None, "ForCausalLM") and "ForCausalLM" not in model.loss_type:
-        raise ValueError(f"{field}: {name} uses the {model.loss_type} loss, not the causal LM cross-entropy; "
-                         "set it to null")
+    loss_type = getattr(model, "loss_type", None)  # None: transformers' default, the causal LM loss
+    if loss_type not in (None, "ForCausalLM"):
+        raise ValueError(f"{field}: {name} uses the {loss_type} loss, not the causal LM cross-entropy; set it to null")
     return body, head
 
 
