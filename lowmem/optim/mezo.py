@@ -26,7 +26,8 @@ Per step, with step seed ``s`` (private generator) and samples ``i = 1..n``
   exactly in floating point, so this is what keeps the replicas *bit*-identical
   (the reference instead restores a snapshot every 16 rounds). Cost: ``3 (N-1) n``
   extra noise passes per step, no extra forward. :meth:`MeZO.replay` makes a
-  recorded step from ``(step seed, [g])`` alone.
+  recorded step from ``(step seed, [g])`` alone. A process may leave between steps:
+  the others go on in a smaller group (:meth:`MeZO.set_process_group`).
 
 Memory equals inference: the forwards run under ``no_grad`` (nothing is kept for
 backward, no ``.grad`` is made) and the only temporary is one ``z`` shaped like the
@@ -65,6 +66,15 @@ class MeZO(ZerothOrderOptimizer):
     def _perturb(self, step_seed: int, stream: int, scale: float) -> None:
         for index, p, _ in self.indexed_params():
             perturb_(p, param_seed(step_seed, stream, index), scale * self.eps)
+
+    def set_process_group(self, group) -> None:
+        """Go on with the processes of ``group`` from the next step, e.g. after a process left.
+
+        Streams are renumbered by rank in ``group`` and every member keeps applying
+        every member's update, so the replicas stay bit-identical; a process outside
+        ``group`` must stop stepping. Call it between steps, on every member.
+        """
+        self.exchange.group = group
 
     def local_streams(self) -> list[int]:
         rank, _ = self.exchange.rank_world()
