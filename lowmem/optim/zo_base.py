@@ -99,13 +99,17 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             raise ValueError("closure: must return the scalar loss tensor")
         return loss.detach()
 
-    def _two_point(self, closure, step_seed: int, stream: int) -> tuple[torch.Tensor, float]:
-        """MeZO Algorithm 1 lines 3-7: L+ at theta+eps z, L- at theta-eps z, restore, g."""
+    def _two_point(self, closure, step_seed: int, stream: int, restore: bool = True) -> tuple[torch.Tensor, float]:
+        """MeZO Algorithm 1 lines 3-7: L+ at theta+eps z, L- at theta-eps z, restore, g.
+
+        ``restore=False`` leaves theta at ``theta - eps z``: the caller adds the
+        ``+eps z`` back in the pass that applies the update (one noise pass fewer)."""
         self._perturb(step_seed, stream, +1.0)
         loss_plus = self._evaluate(closure)
         self._perturb(step_seed, stream, -2.0)
         loss_minus = self._evaluate(closure)
-        self._perturb(step_seed, stream, +1.0)  # back to theta (within rounding)
+        if restore:
+            self._perturb(step_seed, stream, +1.0)  # back to theta (within rounding)
         g = (float(loss_plus) - float(loss_minus)) / (2.0 * self.eps)  # in float64
         return loss_plus, g
 

@@ -59,13 +59,20 @@ def perturb_(tensor: torch.Tensor, seed: int, scale: float) -> None:
 
 
 @torch.no_grad()
-def sgd_update_(tensor: torch.Tensor, seed: int, lr: float, projected_grad: float, weight_decay: float) -> None:
+def sgd_update_(tensor: torch.Tensor, seed: int, lr: float, projected_grad: float, weight_decay: float,
+                restore: float = 0.0) -> None:
     """MeZO's update for one tensor, in place: ``tensor -= lr * (g * z(seed) + wd * tensor)``.
 
-    The single place this rule is written: in-memory MeZO and the ZO2 offload
-    engine both call it, so the two stay bit-identical.
+    With ``restore`` (the ``+eps`` that ends a two-point estimate) it first adds
+    ``restore * z`` with the same draw -- the same operations as :func:`perturb_`
+    then this update, one noise generation fewer. The single place this rule is
+    written: in-memory MeZO and the ZO2 offload engine both call it, so the two
+    stay bit-identical.
     """
-    step = gaussian_like(tensor, seed).mul_(projected_grad)
+    z = gaussian_like(tensor, seed)
+    if restore:
+        tensor.add_(z, alpha=restore)
+    step = z.mul_(projected_grad)
     if weight_decay:
         step.add_(tensor, alpha=weight_decay)
     tensor.sub_(step.mul_(lr))

@@ -16,13 +16,26 @@ from lowmem.optim.zo_distributed import GradExchange, decode_one_byte, encode_on
 WORKER = Path(__file__).with_name("zo_dist_worker.py")
 
 
-def _torchrun(tmp_path, steps, n_samples, one_byte):
+def _torchrun(tmp_path, steps, n_samples, one_byte, procs=2, leave_at=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
            str(WORKER), str(tmp_path), str(steps), str(n_samples), "1" if one_byte else "0"]
+    cmd += [] if leave_at is None else [str(leave_at)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(procs)]
+
+
+def _replay(log):
+    """One process applying a recorded ``(step seed, [g])`` list; its parameters."""
+    from zo_dist_worker import make_model
+
+    model = make_model()
+    opt = MeZO(model.parameters(), lr=0.05, eps=1e-3, weight_decay=0.01, seed=123)
+    for step_seed, gs in log:
+        assert opt.draw_step_seed() == step_seed
+        opt.replay(step_seed, gs)
+    return [p.detach() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("one_byte", [False, True])
@@ -38,18 +51,30 @@ def test_two_processes_stay_identical_and_equal_a_single_process_replay(tmp_path
     assert all(len(gs) == 2 * n for _, gs in ranks[0]["log"])
     assert ranks[0]["log"][0][1][:n] != ranks[0]["log"][0][1][n:]  # the ranks did see different data
 
-    model = make_model()
-    opt = MeZO(model.parameters(), lr=0.05, eps=1e-3, weight_decay=0.01, n_samples=2 * n, seed=123)
-    for step_seed, gs in ranks[0]["log"]:
-        assert opt.draw_step_seed() == step_seed
-        opt.replay(step_seed, gs)
-    for p, q in zip(model.parameters(), ranks[0]["params"]):
-        assert torch.equal(p.detach(), q)
+    for p, q in zip(_replay(ranks[0]["log"]), ranks[0]["params"]):
+        assert torch.equal(p, q)
     assert not torch.equal(ranks[0]["params"][0], make_model()[0].weight.detach())  # it trained
 
     per_value = 1 if one_byte else 4  # bytes per scalar on the wire
     assert ranks[0]["bytes_sent"] == steps * n * per_value
     assert ranks[0]["bytes_received"] == steps * n * per_value  # (N-1) * n per step
+
+
+def test_a_process_leaving_mid_run_keeps_the_survivors_identical(tmp_path):
+    """Three processes; after 3 steps the last one leaves and the other two go on in a new group
+    (the "remove a machine" case of Just One Byte): survivors stay bit-identical, equal to one
+    process replaying the log, and the leaver equals that replay cut where it left."""
+    sys.path.insert(0, str(WORKER.parent))
+    steps, n, leave_at = 6, 1, 3
+    ranks = _torchrun(tmp_path, steps, n, one_byte=False, procs=3, leave_at=leave_at)
+    log = ranks[0]["log"]
+    assert ranks[1]["log"] == log and len(log) == steps
+    assert [len(gs) for _, gs in log] == [3] * leave_at + [2] * (steps - leave_at)
+    assert ranks[2]["log"] == log[:leave_at]
+    for p, q, r in zip(_replay(log), ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(p, q) and torch.equal(q, r)
+    for p, q in zip(_replay(log[:leave_at]), ranks[2]["params"]):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("levels", [8, 16])
