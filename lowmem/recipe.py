@@ -24,6 +24,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraSection(_Section):
+    r: int = Field(8, ge=1, description="Adapter rank")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: the adapter output is multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input")
+    target_modules: list[str] = Field(["q_proj", "v_proj"], description="Module names (suffixes) that get "
+                                                                          "adapters, as peft's target_modules")
+
+
 class ModelSection(_Section):
     path: str | None = Field(None, description="Local directory, hub id, or 'pkg:<package>[/sub/dir]' "
                                                "(a directory inside an installed Python package)")
@@ -35,6 +43,10 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward")
     seed: int = Field(0, description="Seed of a config-built model's initialisation")
+    lora: LoraSection | None = Field(None, description="Train LoRA adapters (peft) instead of the weights; "
+                                                       "the saved model is the adapter")
+    trainable: list[str] | None = Field(None, description="Glob patterns on parameter names (e.g. '*norm*'): "
+                                                          "train only these (with lora: these plus the adapters)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -151,6 +163,13 @@ class Recipe(_Section):
         if self.train.loss_chunk_tokens is not None and self.offload.enabled:
             raise ValueError("train.loss_chunk_tokens: the ZO2 engine computes its own loss (offload.enabled); "
                              "set it to null")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_trains_every_weight(self):
+        if self.offload.enabled and (self.model.lora is not None or self.model.trainable is not None):
+            field = "model.lora" if self.model.lora is not None else "model.trainable"
+            raise ValueError(f"{field}: the ZO2 engine (offload.enabled) trains every weight; set it to null")
         return self
 
 

@@ -1,0 +1,88 @@
+"""What is trained: ``model.trainable`` globs and ``model.lora`` (peft) adapters, with a first-order
+and a zeroth-order optimizer; a LoRA + MeZO run resumes bit-exactly."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+from safetensors.torch import load_file
+from test_trainer import CRASH_AFTER, _cli, _losses
+
+from lowmem.recipe import load_recipe
+from lowmem.trainer import Trainer
+
+pytest.importorskip("peft")
+
+OPTIMS = {"adamw": {"name": "adamw", "lr": 1e-2}, "mezo": {"name": "mezo", "lr": 1e-2, "args": {"eps": 1e-3}}}
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _changed_after_training(recipe_path) -> tuple[set[str], set[str]]:
+    """(names of parameters that changed, all parameter names) over a short run."""
+    trainer = Trainer(load_recipe(recipe_path), progress=False)
+    model = trainer.run.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    after = dict(model.named_parameters())
+    return {n for n in before if not torch.equal(before[n], after[n].detach())}, set(before)
+
+
+@pytest.mark.parametrize("optim", OPTIMS)
+def test_trainable_globs_train_only_the_matching_parameters(tiny_recipe, optim):
+    recipe = tiny_recipe(model={**TINY_MODEL, "trainable": ["*norm*"]}, optim=OPTIMS[optim],
+                         train={"steps": 2, "checkpoint_every": 0})
+    changed, names = _changed_after_training(recipe)
+    norms = {n for n in names if "norm" in n}
+    assert norms and changed == norms
+
+
+@pytest.mark.parametrize("optim", OPTIMS)
+def test_lora_trains_only_the_adapters_and_saves_them(tiny_recipe, tmp_path, optim):
+    recipe = tiny_recipe(model={**TINY_MODEL, "lora": LORA}, optim=OPTIMS[optim],
+                         train={"steps": 2, "checkpoint_every": 0})
+    changed, names = _changed_after_training(recipe)
+    adapters = {n for n in names if "lora_" in n}
+    assert len(adapters) == 2 * 2 * 2  # A and B, q and v, 2 layers
+    assert changed == adapters
+    saved = load_file(tmp_path / "run" / "model" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+
+
+def test_lora_with_extra_trainable_globs(tiny_recipe):
+    recipe = tiny_recipe(model={**TINY_MODEL, "lora": LORA, "trainable": ["*model.norm.weight"]},
+                         optim=OPTIMS["mezo"], train={"steps": 1, "checkpoint_every": 0})
+    changed, names = _changed_after_training(recipe)
+    assert changed == {n for n in names if "lora_" in n or n.endswith("model.norm.weight")}
+
+
+def test_lora_mezo_resume_is_bit_exact(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(model={**TINY_MODEL, "lora": LORA}, optim=OPTIMS["mezo"])
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    _cli(recipe, f"output.dir={whole}")
+    crash = subprocess.run([sys.executable, "-c", CRASH_AFTER, recipe, f"output.dir={broken}"],
+                           capture_output=True, text=True)
+    assert crash.returncode == 17, crash.stderr[-2000:]
+    _cli(recipe, f"output.dir={broken}", "--resume")
+    assert _losses(broken) == _losses(whole)
+    a = load_file(whole / "model" / "adapter_model.safetensors")
+    b = load_file(broken / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"trainable": ["*nothing_like_this*"]}, "model.trainable: '*nothing_like_this*' matches no parameter"),
+    ({"lora": {"target_modules": ["no_such_proj"]}}, "model.lora.target_modules"),
+])
+def test_bad_selection_is_a_one_line_error(tiny_recipe, model, message):
+    proc = _cli(tiny_recipe(model={**TINY_MODEL, **model}), check=False)
+    # the last line: importing peft imports bitsandbytes, whose CPU build may log a line of its own
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"lowmem-train: error: {message}")
+
+
+def test_offload_refuses_a_subset(tiny_recipe):
+    proc = _cli(tiny_recipe(model={**TINY_MODEL, "trainable": ["*norm*"]}, optim=OPTIMS["mezo"],
+                            offload={"enabled": True}), check=False)
+    assert proc.returncode == 2 and "model.trainable: the ZO2 engine" in proc.stderr
