@@ -36,13 +36,16 @@ def check_memory(recipe, args: argparse.Namespace):
     """The plan, when asked for or when the device memory is known; refuse a run that does not fit."""
     import torch
 
-    from lowmem.planner import format_plan, plan, refusal
+    from lowmem.planner import LORA_NOT_PLANNED, format_plan, plan, refusal
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     capacity = args.device_memory_gb or recipe.train.device_memory_gb
     if capacity is None and device == "cuda" and torch.cuda.is_available():
         capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
     if capacity is None and not args.plan:
+        return None
+    if recipe.model.lora is not None and not args.plan:
+        print(f"lowmem-train: memory check skipped: {LORA_NOT_PLANNED}", file=sys.stderr)
         return None
     if capacity is not None and capacity <= 0:
         raise ValueError(f"--device-memory-gb: must be > 0, got {capacity}")

@@ -112,11 +112,15 @@ def load_model(section: ModelSection):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return select_trained(model, section).train()
+
+
+def select_trained(model, section: ModelSection):
+    """Apply ``model.lora`` and ``model.trainable``; returns the (possibly peft-wrapped) model."""
     if section.lora is not None:
         model = add_lora(model, section.lora)
     if section.trainable is not None:
         keep_trainable(model, section.trainable, also=_adapter_names(model))
-    model.train()
     return model
 
 

@@ -106,6 +106,9 @@ def _zo2_parts(recipe: Recipe, config, parts: dict[str, int]) -> dict[str, int]:
     return {**parts, "weights": weights, "transfer_buffers": buffers}
 
 
+LORA_NOT_PLANNED = "the memory planner does not model LoRA adapters (peft cannot build them on fake tensors)"
+
+
 def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = None,
          suggest: bool = True, forward_only: bool = False) -> Plan:
     """Predict the peak of one training step of ``recipe`` on ``device`` ("cpu": peak RSS,
@@ -115,6 +118,8 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
         raise ValueError(f"device: must be cpu or cuda, got {device!r}")
     if device_memory_gb is not None and device_memory_gb <= 0:
         raise ValueError(f"train.device_memory_gb: must be > 0, got {device_memory_gb}")
+    if recipe.model.lora is not None:
+        raise ValueError(f"model.lora: {LORA_NOT_PLANNED}")
     config = model_config(recipe.model)
     offloaded = recipe.offload.enabled and device == "cuda"
     parts, totals = trace_step(recipe, config, 2 if offloaded else 1, forward_only, device)

@@ -132,13 +132,13 @@ def fake_model(section, config):
     ``.to(dtype)`` cannot swap a tied fake parameter."""
     from transformers import AutoModelForCausalLM
 
-    from lowmem.models import DTYPES
+    from lowmem.models import DTYPES, select_trained
 
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[section.dtype])
     if section.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
+    return select_trained(model, section).train()
 
 
 def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):

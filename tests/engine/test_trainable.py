@@ -86,3 +86,14 @@ def test_offload_refuses_a_subset(tiny_recipe):
     proc = _cli(tiny_recipe(model={**TINY_MODEL, "trainable": ["*norm*"]}, optim=OPTIMS["mezo"],
                             offload={"enabled": True}), check=False)
     assert proc.returncode == 2 and "model.trainable: the ZO2 engine" in proc.stderr
+
+
+def test_plan_counts_no_gradient_for_frozen_weights_and_refuses_lora(tiny_recipe):
+    from lowmem.planner import plan
+
+    everything = plan(load_recipe(tiny_recipe(optim=OPTIMS["adamw"])))
+    norms_only = plan(load_recipe(tiny_recipe(model={**TINY_MODEL, "trainable": ["*norm*"]}, optim=OPTIMS["adamw"])))
+    assert everything.totals["gradients"] > 0 and everything.totals["optimizer_states"] > 0
+    assert 0 < norms_only.totals["gradients"] < everything.totals["gradients"] / 20
+    with pytest.raises(ValueError, match="model.lora: the memory planner"):
+        plan(load_recipe(tiny_recipe(model={**TINY_MODEL, "lora": LORA})))
