@@ -7,11 +7,15 @@ fresh subprocess so peak RSS is that ratio's own. Ratio 1.0 is the plain model (
 Measured, not estimated:
 * saved-for-backward bytes (``saved_tensors_hooks``), parameters excluded, in total and for
   the saves made inside the swapped layers (each storage counted once, by its first saver);
-* peak RSS of the step: the kernel's high-water mark (VmHWM) reset just before the step;
+* peak RSS of the step: the kernel's high-water mark (VmHWM) reset just before the step, with
+  glibc's mmap threshold fixed as in a run (``lowmem.memory.fix_malloc_threshold``);
+* the same with the chunked next-token loss (``--loss-chunk-tokens N``: logits recomputed chunk by
+  chunk in backward, ``train.loss_chunk_tokens``), each ratio once with the model's loss, once chunked;
+* where the saved bytes come from: by the class of the innermost module running when each was saved;
 * step time: median of ``--steps`` steps after the measured one;
 * on a GPU (if any): peak CUDA memory of the step, and the largest batch within ``--gpu-budget-gib``.
 
-    python benchmarks/bench_wta_crs.py [--seq 2048] [--layers 30] [--ratios 1.0 0.3 0.1]
+    python benchmarks/bench_wta_crs.py [--seq 2048] [--layers 30] [--ratios 1.0 0.3 0.1] [--loss-chunk-tokens 256]
 """
 
 from __future__ import annotations
@@ -53,15 +57,20 @@ def load_model_and_tokens(n_layers: int | None, n_tokens: int):
 
 class AttributedMeter:
     """Saved-for-backward bytes, parameters excluded, split into saves made inside ``modules``
-    (tracked with forward hooks) and the rest; each storage counts once, for its first saver."""
+    (tracked with forward hooks) and the rest, and by the class of the innermost module running
+    (``by_module``; "loss" outside every module); each storage counts once, for its first saver."""
 
     def __init__(self, model, modules):
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.seen: set[int] = set()
         self.inside = self.total = 0
         self.depth = 0
+        self.stack: list[str] = []
+        self.by_module: dict[str, int] = {}
         self.handles = [h for m in modules for h in (m.register_forward_pre_hook(self._enter),
                                                       m.register_forward_hook(self._leave))]
+        self.handles += [h for m in model.modules() for h in (m.register_forward_pre_hook(self._push),
+                                                               m.register_forward_hook(self._pop))]
 
     def _enter(self, *_):
         self.depth += 1
@@ -69,12 +78,21 @@ class AttributedMeter:
     def _leave(self, *_):
         self.depth -= 1
 
+    def _push(self, module, _) -> None:
+        self.stack.append(type(module).__name__)
+
+    def _pop(self, *_) -> None:
+        self.stack.pop()
+
     def pack(self, t):
         key = t.untyped_storage().data_ptr()
         if key not in self.params and key not in self.seen:
             self.seen.add(key)
-            self.total += t.untyped_storage().nbytes()
-            self.inside += t.untyped_storage().nbytes() if self.depth else 0
+            nbytes = t.untyped_storage().nbytes()
+            self.total += nbytes
+            self.inside += nbytes if self.depth else 0
+            where = self.stack[-1] if self.stack else "loss"
+            self.by_module[where] = self.by_module.get(where, 0) + nbytes
         return t
 
     def close(self):
@@ -91,9 +109,11 @@ def _rss_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def _step(model, batch) -> None:
+def _step(model, batch, chunk_tokens: int | None = None) -> None:
+    from lowmem.objectives import causal_lm_loss
+
     model.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
+    causal_lm_loss(model, batch, chunk_tokens).backward()
 
 
 def worker(args) -> dict:
@@ -112,9 +132,11 @@ def worker(args) -> dict:
     _reset_peak_rss()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    chunk = args.loss_chunk_tokens[0] or None
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
-        _step(model, batch)
-    result = {"ratio": args.ratio, "saved_total": meter.total, "saved_swapped": meter.inside,
+        _step(model, batch, chunk)
+    result = {"ratio": args.ratio, "chunk": chunk, "saved_total": meter.total, "saved_swapped": meter.inside,
+              "saved_by_module": meter.by_module,
               "rss_before": rss_before * 1024, "rss_peak": _rss_kib("VmHWM") * 1024}
     meter.close()
     if args.device == "cuda":
@@ -122,24 +144,24 @@ def worker(args) -> dict:
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        _step(model, batch)
+        _step(model, batch, chunk)
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     result["step_s"] = statistics.median(times) if times else float("nan")
     if args.device == "cuda":
-        result["max_batch"] = largest_batch(model, ids[:1], args.gpu_budget_gib * 2 ** 30)
+        result["max_batch"] = largest_batch(model, ids[:1], args.gpu_budget_gib * 2 ** 30, chunk)
     return result
 
 
-def largest_batch(model, row, budget_bytes: float) -> int:
+def largest_batch(model, row, budget_bytes: float, chunk_tokens: int | None = None) -> int:
     """The largest batch (doubling) whose step peaks below ``budget_bytes`` of CUDA memory."""
     best, size = 0, 1
     while size <= 1024:
         try:
             torch.cuda.reset_peak_memory_stats()
             ids = row.expand(size, -1).contiguous()
-            _step(model, {"input_ids": ids, "labels": ids})
+            _step(model, {"input_ids": ids, "labels": ids}, chunk_tokens)
             if torch.cuda.max_memory_allocated() > budget_bytes:
                 break
             best, size = size, size * 2
@@ -151,8 +173,9 @@ def largest_batch(model, row, budget_bytes: float) -> int:
     return best
 
 
-def run_ratio(args, ratio: float, device: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--ratio", str(ratio), "--seq", str(args.seq),
+def run_ratio(args, ratio: float, device: str, chunk: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--ratio", str(ratio), "--loss-chunk-tokens", str(chunk),
+           "--seq", str(args.seq),
            "--batch", str(args.batch), "--steps", str(args.steps), "--device", device,
            "--gpu-budget-gib", str(args.gpu_budget_gib)] + (["--layers", str(args.layers)] if args.layers else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -163,12 +186,18 @@ def _mib(n: float) -> str:
     return f"{n / 2 ** 20:.0f}"
 
 
+def _loss_name(chunk: int | None) -> str:
+    return f"chunked {chunk}" if chunk else "model's"
+
+
 def report(args, results: list[dict], device: str) -> None:
-    base = results[0]
-    rows = []
+    rows, sources = [], []
+    base_of = {r["chunk"]: r for r in results if r["ratio"] == 1.0}
     for r in results:
+        base = base_of.get(r["chunk"], results[0])
         step_peak = r["rss_peak"] - r["rss_before"]
-        row = [r["ratio"], _mib(r["saved_swapped"]), f"{base['saved_swapped'] / r['saved_swapped']:.2f}x",
+        row = [_loss_name(r["chunk"]), r["ratio"], _mib(r["saved_swapped"]),
+               f"{base['saved_swapped'] / r['saved_swapped']:.2f}x",
                _mib(r["saved_total"]), f"{base['saved_total'] / r['saved_total']:.2f}x",
                _mib(r["rss_peak"]), _mib(step_peak),
                f"{(base['rss_peak'] - base['rss_before']) / step_peak:.2f}x", f"{r['step_s']:.2f}",
@@ -176,19 +205,33 @@ def report(args, results: list[dict], device: str) -> None:
         if device == "cuda":
             row += [_mib(r["cuda_peak"]), r["max_batch"]]
         rows.append(row)
-    header = ["keep ratio", "saved, swapped layers (MiB)", "vs 1.0", "saved, all (MiB)", "vs 1.0",
+    header = ["loss", "keep ratio", "saved, swapped layers (MiB)", "vs 1.0", "saved, all (MiB)", "vs 1.0",
               "peak RSS (MiB)", "step peak above pre-step RSS (MiB)", "vs 1.0", "step (s)", "vs 1.0"]
     if device == "cuda":
         header += ["CUDA peak (MiB)", f"largest batch in {args.gpu_budget_gib} GiB"]
+    # where the saved bytes come from: module classes holding >= 3% of some row's saves
+    shown = sorted({m for r in results for m, n in r["saved_by_module"].items() if n >= 0.03 * r["saved_total"]},
+                   key=lambda m: -max(r["saved_by_module"].get(m, 0) for r in results))
+    for r in results:
+        rest = r["saved_total"] - sum(r["saved_by_module"].get(m, 0) for m in shown)
+        sources.append([_loss_name(r["chunk"]), r["ratio"]] + [_mib(r["saved_by_module"].get(m, 0)) for m in shown]
+                       + [_mib(rest)])
+    source_table = markdown_table(["loss", "keep ratio"] + [f"{m} (MiB)" for m in shown] + ["other (MiB)"], sources)
     layers = args.layers or 30
     notes = (f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), {layers} of 30 layers, batch {args.batch} x "
              f"{args.seq} tokens of BBC News, {device}, gradient checkpointing off, forward+backward without "
-             "optimizer. Ratio 1.0 is the plain model. Swapped layers: o_proj, gate_proj, up_proj, down_proj "
+             "optimizer. Ratio 1.0 is the plain model; \"vs 1.0\" compares with ratio 1.0 under the same loss. "
+             "Loss \"model's\" is `model(**batch).loss`; \"chunked N\" is `causal_lm_loss(..., chunk_tokens=N)` "
+             "(`train.loss_chunk_tokens`): only the final hidden states are kept, the fp32 logits are recomputed "
+             "N tokens at a time in backward. Swapped layers: o_proj, gate_proj, up_proj, down_proj "
              "(default rule). o_proj's input is the SDPA output, which SDPA saves for its own backward, so "
              "sampling o_proj saves no memory with SDPA/flash attention; gate_proj and up_proj share one input, "
              "saved once by the plain model and sampled twice by WTA-CRS. Step peak = VmHWM reset just before "
-             "the step minus the RSS then (it includes the parameter gradients and the fp32 logits). Step times "
-             "come from one timed step per ratio; on a shared machine they are noise-prone.")
+             "the step minus the RSS then (it includes the parameter gradients and, with the model's loss, the "
+             "fp32 logits). Step times come from one timed step per row; on a shared machine they are "
+             "noise-prone (memory figures are not: RSS is per process).\n\n"
+             "Saved bytes by the class of the innermost module running when they were saved (\"loss\": outside "
+             "every module, i.e. the loss code; \"other\": classes under 3% in every row):\n\n" + source_table)
     write_result("wta_crs" if device == "cpu" else "wta_crs_gpu", f"WTA-CRS activation memory ({device})",
                  markdown_table(header, rows), notes)
 
@@ -200,17 +243,22 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (default: all 30)")
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.3, 0.1])
     p.add_argument("--steps", type=int, default=2, help="timed steps after the measured one")
+    p.add_argument("--loss-chunk-tokens", type=int, nargs="+", default=[0, 256],
+                   help="losses measured per ratio: 0 = the model's own, N = chunked over N tokens")
     p.add_argument("--gpu-budget-gib", type=float, default=16.0)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
+        from lowmem.memory import fix_malloc_threshold
+
+        fix_malloc_threshold()  # as lowmem-train: freed tensors leave the process, so RSS follows live tensors
         print(json.dumps(worker(args)))
         return
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        report(args, [run_ratio(args, r, device) for r in args.ratios], device)
+        report(args, [run_ratio(args, r, device, c) for c in args.loss_chunk_tokens for r in args.ratios], device)
 
 
 if __name__ == "__main__":
