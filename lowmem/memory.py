@@ -124,6 +124,13 @@ def _autocast(recipe, device_type: str):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
+def recipe_loss(recipe, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The run's LM loss (:func:`lowmem.build.lm_loss`: chunked when ``train.loss_chunk_tokens``)."""
+    from lowmem.build import lm_loss
+
+    return lm_loss(recipe.train)(model, batch)
+
+
 def training_step(recipe, model: torch.nn.Module, optimizer, batch: dict[str, torch.Tensor],
                   zeroth_order: bool, on_phase: Callable[[str], None] = lambda phase: None) -> None:
     """One optimizer step of ``recipe`` on one micro-batch, as the trainer takes it:
@@ -136,13 +143,13 @@ def training_step(recipe, model: torch.nn.Module, optimizer, batch: dict[str, to
 
         def closure():
             with torch.no_grad(), _autocast(recipe, device_type):
-                return model(**batch).loss
+                return recipe_loss(recipe, model, batch)
 
         optimizer.step(closure)
         return
     on_phase("forward")
     with _autocast(recipe, device_type):
-        loss = model(**batch).loss
+        loss = recipe_loss(recipe, model, batch)
     on_phase("backward")
     loss.backward()
     del loss

@@ -8,9 +8,8 @@ storages are subtracted through weak-reference finalizers). So the parameter, gr
 optimizer-state parts are the real tensors' byte counts, and activations (sequence length,
 batch, gradient checkpointing, WTA-CRS, autocast) follow from the real forward/backward code.
 
-The loss is the run's own (:func:`lowmem.build.lm_loss`): ``training_step`` reads
-``model(**batch).loss``, and :class:`RecipeLoss` answers it with the recipe's loss, so a chunked
-loss (``train.loss_chunk_tokens``: checkpointed chunks, logits recomputed in backward) is
+The loss is the run's own (:func:`lowmem.memory.recipe_loss`), so a chunked loss
+(``train.loss_chunk_tokens``: checkpointed chunks, logits recomputed in backward) is
 traced as it runs, not modelled.
 
 The peak is the largest live total, split at that moment into weights, gradients, optimizer
@@ -111,21 +110,6 @@ class _LiveBytes(TorchDispatchMode):
         return tree_map(lambda t: self.fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, out)
 
 
-class RecipeLoss(torch.nn.Module):
-    """``model`` seen through the run's LM loss: ``wrapper(**batch).loss`` is
-    ``lm_loss(recipe.train)(model, batch)`` (what the trainer computes), for the step
-    functions of :mod:`lowmem.memory` that call ``model(**batch).loss``."""
-
-    def __init__(self, model: torch.nn.Module, recipe: Recipe):
-        from lowmem.build import lm_loss
-
-        super().__init__()
-        self.model, self.loss_fn = model, lm_loss(recipe.train)
-
-    def forward(self, **batch) -> SimpleNamespace:
-        return SimpleNamespace(loss=self.loss_fn(self.model, batch))
-
-
 def fake_model(section, config):
     """The model of ``section`` built from ``config`` (call under ``FakeTensorMode``). As
     :func:`lowmem.models.load_model`, except the dtype is given to ``from_config``:
@@ -219,7 +203,7 @@ def trace_step(recipe: Recipe, config, batch_factor: int = 1, forward_only: bool
             if forward_only:
                 no_grad_forward(recipe, model, batch)
             else:
-                training_step(recipe, RecipeLoss(model, recipe), optimizer, batch, zeroth_order,
+                training_step(recipe, model, optimizer, batch, zeroth_order,
                               on_phase=lambda phase: setattr(tracker, "phase", phase))
         states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         for t in {tracker.token(v): v for v in states}.values():

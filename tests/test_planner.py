@@ -75,32 +75,16 @@ def test_parameter_gradient_state_parts_are_exact(tmp_path, monkeypatch, overrid
     assert predicted == measure_in_process(recipe)
 
 
-# ``python -m lowmem.memory`` whose step computes the run's loss (train.loss_chunk_tokens), as the trainer does
-RECIPE_LOSS_STEP = """
-import json, sys
-import lowmem.memory as memory
-memory.fix_malloc_threshold()
-from lowmem.recipe import load_recipe
-from lowmem.step_trace import RecipeLoss
-step = memory.training_step
-memory.training_step = lambda recipe, model, *args, **kw: step(recipe, RecipeLoss(model, recipe), *args, **kw)
-print(json.dumps(memory.measure_step(load_recipe(sys.argv[1]))))
-"""
-
-
 def start_fresh_processes(tmp_path, recipes: dict, forward: tuple[str, ...] = ()) -> dict:
     """Start ``python -m lowmem.memory`` on each recipe, each in its own process (RSS is per process,
     so they may overlap each other and the planning done meanwhile), on the PyTorch kernels as in a
-    CPU run (conftest sets TRITON_INTERPRET for the kernel tests). A recipe with a chunked loss runs
-    :data:`RECIPE_LOSS_STEP` instead."""
+    CPU run (conftest sets TRITON_INTERPRET for the kernel tests)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     running = {}
     for name, recipe in recipes.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe.model_dump()))
         cmd = [sys.executable, "-m", "lowmem.memory", str(path)] + (["--forward"] if name in forward else [])
-        if recipe.train.loss_chunk_tokens is not None:
-            cmd = [sys.executable, "-c", RECIPE_LOSS_STEP, str(path)]
         running[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return running
 
