@@ -66,10 +66,10 @@ def lm_batch(tok, texts: list[str], seq: int) -> dict:
     return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"], "labels": labels}
 
 
-def make_opt(name: str, params, steps: int, lr: float):
+def make_opt(name: str, params, steps: int, lr: float, seed: int = 0):
     if name == "mezo":
-        return MeZO(params, lr=lr, eps=1e-3, seed=0)
-    return ZOAdaMU(params, lr=lr, eps=1e-3, total_steps=steps, seed=0)
+        return MeZO(params, lr=lr, eps=1e-3, seed=seed)
+    return ZOAdaMU(params, lr=lr, eps=1e-3, total_steps=steps, seed=seed)
 
 
 def timing(model, tok, texts) -> list[list]:
@@ -155,15 +155,16 @@ def evaluate(model, batches, loss_fn) -> list[float]:
     return [sum(float(o[i]) for o in outs) / len(outs) for i in range(len(outs[0]))]
 
 
-def quality_run(method: str, lr: float, task: str, steps: int, trained: str, evals: int) -> dict:
-    """One run: ``steps`` ZO steps (2 forwards each); val/test metrics at ``evals`` points."""
+def quality_run(method: str, lr: float, task: str, seed: int, steps: int, trained: str, evals: int) -> dict:
+    """One run: ``steps`` ZO steps (2 forwards each; perturbations from ``seed``); val/test metrics
+    at ``evals`` points."""
     torch.set_num_threads(1)
     model, tok = load()
     topics, examples = bbc_examples()
     train, val, test, loss_fn = task_data(task, tok, topics, examples, steps, batch=4)
     scalar_loss = (lambda m, b: loss_fn(m, b)[0]) if task == "cls" else loss_fn
     params = [p for n, p in model.named_parameters() if re.search(trained, n)]
-    opt = make_opt(method, params, steps, lr)
+    opt = make_opt(method, params, steps, lr, seed)
     curve = [[0, evaluate(model, val, loss_fn), evaluate(model, test, loss_fn)]]
     start, train_losses = time.perf_counter(), []
     for k, batch in enumerate(train, 1):
@@ -171,16 +172,17 @@ def quality_run(method: str, lr: float, task: str, steps: int, trained: str, eva
         if k % (steps // evals) == 0 or k == steps:
             curve.append([k, evaluate(model, val, loss_fn), evaluate(model, test, loss_fn)])
             print(method, lr, task, curve[-1], flush=True, file=sys.stderr)
-    return {"method": method, "lr": lr, "task": task, "curve": curve, "n_params": sum(p.numel() for p in params),
+    return {"method": method, "lr": lr, "task": task, "seed": seed, "curve": curve, "n_params": sum(p.numel() for p in params),
             "seconds": time.perf_counter() - start, "nonfinite": sum(not math.isfinite(x) for x in train_losses)}
 
 
 def run_parallel(jobs: list[tuple], steps: int, trained: str, evals: int, workers: int) -> list[dict]:
-    """Each job ``(method, lr, task)`` in its own process (1 thread), ``workers`` at a time."""
+    """Each job ``(method, lr, task, seed)`` in its own process (1 thread), ``workers`` at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def one(job):
-        cached = CACHE / f"{'_'.join(map(str, job))}_{steps}_{evals}_{re.sub(r'[^A-Za-z0-9]+', '-', trained)}.json"
+        name = f"{'_'.join(map(str, job[:3]))}_{steps}_{evals}_{re.sub(r'[^A-Za-z0-9]+', '-', trained)}"
+        cached = CACHE / (name + (f"_seed{job[3]}" if job[3] else "") + ".json")
         if cached.is_file():  # a finished run of an interrupted sweep
             return json.loads(cached.read_text())
         cmd = [sys.executable, __file__, "--run", *map(str, job), "--steps", str(steps),
@@ -197,31 +199,44 @@ def run_parallel(jobs: list[tuple], steps: int, trained: str, evals: int, worker
 
 
 def quality(args) -> str:
-    """LR sweep on the LM task (pick each method's LR on the validation split), then both methods
-    at their chosen LR on topic classification; tables of the test split."""
-    lm = run_parallel([(m, lr, "lm") for lr in args.lrs for m in ("mezo", "zo_adamu")],
+    """LR sweep on the LM task (each method's LR picked on the validation split), more perturbation
+    seeds at the picked LRs, then both methods at their LR on topic classification; test-split tables."""
+    methods = ("mezo", "zo_adamu")
+    lm = run_parallel([(m, lr, "lm", 0) for lr in args.lrs for m in methods],
                       args.steps, args.trained, args.evals, args.workers)
     final_val = lambda r: r["curve"][-1][1][0]  # noqa: E731
-    best = {m: min((r for r in lm if r["method"] == m), key=final_val) for m in ("mezo", "zo_adamu")}
-    cls = run_parallel([(m, best[m]["lr"], "cls") for m in best], args.cls_steps, args.trained, 2, args.workers)
+    final_test = lambda r: r["curve"][-1][2][0]  # noqa: E731
+    best = {m: min((r for r in lm if r["method"] == m), key=final_val) for m in methods}
+    extra = run_parallel([(m, best[m]["lr"], "lm", s) for s in range(1, args.seeds) for m in methods],
+                         args.steps, args.trained, args.evals, args.workers)
+    cls = run_parallel([(m, best[m]["lr"], "cls", 0) for m in methods], args.cls_steps, args.trained, 2, args.workers)
     forwards = 2 * args.steps
     sweep = [[r["method"], f"{r['lr']:g}", f"{r['curve'][0][2][0]:.4f}", f"{final_val(r):.4f}",
-              f"{r['curve'][-1][2][0]:.4f}", f"{r['seconds'] / args.steps:.2f}"] for r in lm]
+              f"{final_test(r):.4f}", f"{r['seconds'] / args.steps:.2f}"] for r in lm]
     steps_at = [c[0] for c in best["mezo"]["curve"]]
-    curve = [[2 * k] + [f"{best[m]['curve'][i][2][0]:.4f}" for m in best] for i, k in enumerate(steps_at)]
+    curve = [[2 * k] + [f"{best[m]['curve'][i][2][0]:.4f}" for m in methods] for i, k in enumerate(steps_at)]
+    seeds = []
+    for m in methods:
+        runs = [best[m]] + [r for r in extra if r["method"] == m]
+        tests = torch.tensor([final_test(r) for r in runs], dtype=torch.float64)
+        spread = f"{tests.std().item():.4f}" if len(runs) > 1 else "-"
+        seeds.append([m, f"{best[m]['lr']:g}", " / ".join(f"{t:.4f}" for t in tests.tolist()),
+                      f"{tests.mean().item():.4f}", spread])
     zero = cls[0]["curve"][0][2]
-    summary = [["zero-shot", 0, "-", f"{lm[0]['curve'][0][2][0]:.4f}", 0, "-", f"{zero[0]:.4f}", f"{zero[1]:.3f}"]]
-    for m, r in zip(best, cls):
-        summary.append([m, forwards, f"{best[m]['lr']:g}", f"{best[m]['curve'][-1][2][0]:.4f}",
-                        2 * args.cls_steps, f"{r['lr']:g}", f"{r['curve'][-1][2][0]:.4f}", f"{r['curve'][-1][2][1]:.3f}"])
-    return (f"### Quality at equal forwards: LM LR sweep ({args.steps} steps = {forwards} forwards each)\n\n"
+    summary = [["zero-shot", "-", f"{lm[0]['curve'][0][2][0]:.4f}", f"{zero[0]:.4f}", f"{zero[1]:.3f}"]]
+    for (m, r), row in zip(zip(methods, cls), seeds):
+        summary.append([m, f"{r['lr']:g}", row[3], f"{r['curve'][-1][2][0]:.4f}", f"{r['curve'][-1][2][1]:.3f}"])
+    return (f"### LM LR sweep, {args.steps} steps = {forwards} forwards each (seed 0)\n\n"
             + markdown_table(["optimizer", "lr", "test loss at 0", "val loss at end", "test loss at end",
                               "s / step (1 thread, shared machine)"], sweep)
-            + "\n\n### BBC LM test loss along the run, each method at its best LR\n\n"
-            + markdown_table(["forwards", *best], curve)
-            + "\n\n### Summary (test split; LR chosen on the validation split of the LM task)\n\n"
-            + markdown_table(["run", "LM forwards", "LM lr", "BBC LM test loss", "topic forwards", "topic lr",
-                              "topic test loss", "topic test accuracy"], summary))
+            + f"\n\n### BBC LM test loss along the run, each method at its LR (seed 0)\n\n"
+            + markdown_table(["forwards", *methods], curve)
+            + f"\n\n### Perturbation seeds at the chosen LR ({forwards} forwards each)\n\n"
+            + markdown_table(["optimizer", "lr", "test loss per seed", "mean", "std"], seeds)
+            + f"\n\n### Summary at equal forwards (LM: {forwards}, topic: {2 * args.cls_steps}; LR chosen on the "
+              "LM validation split)\n\n"
+            + markdown_table(["run", "lr", "BBC LM test loss (mean over seeds)", "topic test loss",
+                              "topic test accuracy"], summary))
 
 
 def main() -> None:
@@ -231,17 +246,18 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4])
     parser.add_argument("--trained", default=r"norm", help="regex on parameter names to train")
     parser.add_argument("--evals", type=int, default=4, help="evaluation points per LM run")
+    parser.add_argument("--seeds", type=int, default=3, help="perturbation seeds per method at its chosen LM LR")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (1 thread each)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "timing", "quality"])
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "MODEL_DIR"))
-    parser.add_argument("--run", nargs=3, metavar=("METHOD", "LR", "TASK"))
+    parser.add_argument("--run", nargs=4, metavar=("METHOD", "LR", "TASK", "SEED"))
     args = parser.parse_args()
     if args.memory_probe:
         print(json.dumps(memory_probe(*args.memory_probe)))
         return
     if args.run:
-        method, lr, task = args.run
-        print(json.dumps(quality_run(method, float(lr), task, args.steps, args.trained, args.evals)))
+        method, lr, task, seed = args.run
+        print(json.dumps(quality_run(method, float(lr), task, int(seed), args.steps, args.trained, args.evals)))
         return
     sections = []
     if "memory" not in args.skip or "timing" not in args.skip:
