@@ -16,7 +16,8 @@ The moments live in a :class:`~lowmem.optim.state_store.MomentStore` (fp32, or
 group alike); the math sees fp32 tensors either way, one chunk of whole
 quantization blocks at a time.
 :class:`MomentOptimizer` is the small base class of the three optimizers: it
-validates the common arguments, owns the store and runs the per-param loop.
+validates the common arguments and owns the store; the per-param ``step`` loop is
+:class:`DenseGradOptimizer`'s, shared with the 8-bit optimizers.
 """
 
 from __future__ import annotations
@@ -99,7 +100,36 @@ def check_positive_int(group: dict, key: str, minimum: int = 1) -> None:
         raise ValueError(f"optim.args.{key}: must be an integer >= {minimum}, got {value!r}")
 
 
-class MomentOptimizer(torch.optim.Optimizer):
+class DenseGradOptimizer(torch.optim.Optimizer):
+    """The ``step`` loop every optimizer here shares: run the closure under grad, walk the groups'
+    parameters (with their ``param_names`` where the group has them) and hand each one with a
+    dense gradient to ``_step_param(p, group, name)``; a sparse gradient raises ``_sparse_error``.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise self._sparse_error(name)
+                self._step_param(p, group, name)
+        return loss
+
+    def _sparse_error(self, name: str | None) -> Exception:
+        return RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+
+    def _step_param(self, p: torch.Tensor, group: dict, name: str | None) -> None:
+        raise NotImplementedError
+
+
+class MomentOptimizer(DenseGradOptimizer):
     """Base of GaLore/APOLLO/FRUGAL: common argument checks, the moment store and the param loop.
 
     Subclasses implement ``_update(p, group, state)`` for one parameter with a gradient.
@@ -122,22 +152,10 @@ class MomentOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **extra_defaults)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[p]
-                state.setdefault("step", 0)
-                self._update(p, group, state)
-        return loss
+    def _step_param(self, p: torch.Tensor, group: dict, name: str | None) -> None:
+        state = self.state[p]
+        state.setdefault("step", 0)
+        self._update(p, group, state)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load keeping each state tensor's dtype: ``torch.optim.Optimizer`` casts every state

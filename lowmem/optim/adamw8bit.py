@@ -36,6 +36,7 @@ import torch
 from lowmem.kernels.adamw8bit_step import (AdamScalars, adam8bit_step, adam_fp32_step, momentum8bit_step,
                                            momentum_fp32_step)
 from lowmem.kernels.quantize import check_blocksize
+from lowmem.optim.adam_math import DenseGradOptimizer
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.state_store import MomentStore
 
@@ -48,7 +49,7 @@ def _check_range(field: str, value: float, low: float, high: float | None = None
         raise ValueError(f"{field}: must be {bound}, got {value!r}")
 
 
-class _Blockwise8bit(torch.optim.Optimizer):
+class _Blockwise8bit(DenseGradOptimizer):
     """Shared loop: state creation (8-bit or fp32 by size and name), step counter, safe state loading."""
 
     moments: tuple[tuple[str, bool], ...] = ()  # (state key, signed map)
@@ -70,27 +71,17 @@ class _Blockwise8bit(torch.optim.Optimizer):
             return self.store32
         return self.store8
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            names = group.get("param_names") or [None] * len(group["params"])
-            for p, name in zip(group["params"], names):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"grad: {name or 'a parameter'} is sparse; 8-bit optimizers need dense grads")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.int64)
-                    for key, _ in self.moments:
-                        self._store_for(name).init(state, key, p)
-                state["step"] += 1
-                self._update(p, p.grad, state, group, int(state["step"]))
-        return loss
+    def _sparse_error(self, name: str | None) -> Exception:
+        return ValueError(f"grad: {name or 'a parameter'} is sparse; 8-bit optimizers need dense grads")
+
+    def _step_param(self, p, group: dict, name: str | None) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+            for key, _ in self.moments:
+                self._store_for(name).init(state, key, p)
+        state["step"] += 1
+        self._update(p, p.grad, state, group, int(state["step"]))
 
     def _update(self, p, g, state: dict, group: dict, step: int) -> None:
         raise NotImplementedError
