@@ -22,6 +22,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _save(fig, ax, out: Path, xlabel: str, ylabel: str | None = None) -> Path:
+    """The common tail of every figure: axis labels, legend, tight layout, write ``out``, close."""
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def memory_by_method(rows: list[dict], out: Path) -> Path:
     labels = [r["label"] for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.5))
@@ -31,13 +43,8 @@ def memory_by_method(rows: list[dict], out: Path) -> Path:
     ax.axvline(rows[0]["peak_rss"] / 2**20, color="gray", linestyle="--", label="no-grad forward")
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("MiB")
     ax.set_title("One-step peak memory by method")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, xlabel="MiB")
 
 
 def loss_curves(run_dirs: list[Path], out: Path) -> Path | None:
@@ -52,13 +59,7 @@ def loss_curves(run_dirs: list[Path], out: Path) -> Path | None:
     if not plotted:
         plt.close(fig)
         return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, xlabel="step", ylabel="training loss")
 
 
 def make_all(run_dirs: list[Path]) -> list[Path]:
