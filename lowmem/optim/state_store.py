@@ -71,10 +71,19 @@ class MomentStore:
         part, blocks = chunk or (slice(None), slice(None))
         if key in state:
             target = state[key].view(-1)[part]
-            if not target.is_set_to(value):
+            if not _same_elements(target, value):
                 target.copy_(value.reshape(-1))
             return
         code = dynamic_map(signed, value.device)
         codes, absmax = quantize_blockwise(value, code, self.blocksize)
         state[key + "_codes"][part].copy_(codes)
         state[key + "_absmax"][blocks].copy_(absmax)
+
+
+def _same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same elements of one storage (``b`` is :meth:`MomentStore.load`'s
+    view, updated in place), told from metadata alone. ``Tensor.is_set_to`` would do, but it reads the
+    storages' data pointers, which fake tensors (the planner's trace) deprecate, and there it answers
+    False even for one tensor against itself."""
+    return (a.untyped_storage() is b.untyped_storage() and a.storage_offset() == b.storage_offset()
+            and a.shape == b.shape and a.stride() == b.stride())
