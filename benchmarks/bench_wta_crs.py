@@ -34,6 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_result  # noqa: E402
 
+from lowmem.memory import current_rss_bytes, reset_peak_rss, window_peak_rss_bytes  # noqa: E402
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -100,15 +102,6 @@ class AttributedMeter:
             h.remove()
 
 
-def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
-
-
-def _rss_kib(field: str) -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
-    return int(line.split()[1])
-
-
 def _step(model, batch, chunk_tokens: int | None = None) -> None:
     from lowmem.objectives import causal_lm_loss
 
@@ -128,8 +121,8 @@ def worker(args) -> dict:
     if args.ratio < 1.0:
         apply_wta_crs(model, args.ratio, seed=0)
     meter = AttributedMeter(model, targets)
-    rss_before = _rss_kib("VmRSS")
-    _reset_peak_rss()
+    rss_before = current_rss_bytes()
+    reset_peak_rss()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     chunk = args.loss_chunk_tokens[0] or None
@@ -137,7 +130,7 @@ def worker(args) -> dict:
         _step(model, batch, chunk)
     result = {"ratio": args.ratio, "chunk": chunk, "saved_total": meter.total, "saved_swapped": meter.inside,
               "saved_by_module": meter.by_module,
-              "rss_before": rss_before * 1024, "rss_peak": _rss_kib("VmHWM") * 1024}
+              "rss_before": rss_before, "rss_peak": window_peak_rss_bytes()}
     meter.close()
     if args.device == "cuda":
         result["cuda_peak"] = torch.cuda.max_memory_allocated()

@@ -53,6 +53,26 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark (``VmHWM``) to the current RSS, so that
+    :func:`window_peak_rss_bytes` reports the peak from now on (Linux; False elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_bytes() -> int:
+    """Peak RSS since the last :func:`reset_peak_rss` (``VmHWM``; ``ru_maxrss`` is not reset)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return peak_rss_bytes()
+
+
 def current_rss_bytes() -> int:
     """Resident set size of this process now (Linux ``/proc/self/statm``; peak RSS elsewhere)."""
     try:
