@@ -167,10 +167,24 @@ class Trainer:
             where = {"weights": weights, "extra": {**extra, "zo2": {k: engine_state[k] for k in ("steps", "pending")}}}
         else:
             where = {"model": self.accelerator.unwrap_model(run.model), "extra": extra}
+        generator_states = self._generator_states()  # a collective: before the rank-0-only write
         if self.accelerator.is_main_process:
             ckpt.save_checkpoint(self.out, self.step, optimizer=run.inner_optimizer, scheduler=run.scheduler,
-                                 generators=run.generators, keep_last=self.recipe.train.keep_checkpoints, **where)
+                                 rank_generators=generator_states, keep_last=self.recipe.train.keep_checkpoints,
+                                 **where)
         self.accelerator.wait_for_everyone()
+
+    def _generator_states(self) -> dict[str, list[torch.Tensor]]:
+        """Every rank's state of each private generator, in rank order: they differ per rank (WTA-CRS
+        seeds its sampler with ``seed + rank``), so rank 0's alone would not resume the others."""
+        acc, states = self.accelerator, {}
+        for name, generator in self.run.generators.items():
+            state = generator.get_state()
+            if acc.num_processes > 1:  # same length on every rank: one generator type per name
+                states[name] = list(acc.gather(state[None].to(acc.device)).cpu().unbind(0))
+            else:
+                states[name] = [state]
+        return states
 
     def _trainable_names(self) -> set[str]:
         return {n for n, p in self.run.model.named_parameters() if p.requires_grad}
@@ -193,7 +207,8 @@ class Trainer:
         target = ({"load_weights": self._load_engine_weights} if run.engine is not None
                   else {"model": self.accelerator.unwrap_model(run.model)})
         extra = ckpt.load_checkpoint(path, optimizer=run.inner_optimizer, scheduler=run.scheduler,
-                                     generators=run.generators, **target)
+                                     rank_generators=run.generators, rank=self.accelerator.process_index,
+                                     world_size=self.accelerator.num_processes, **target)
         if run.engine is not None:
             run.engine.load_state_dict({**extra["zo2"], "optimizer": run.inner_optimizer.state_dict()})
         self.step, self.attempt, self.bad_total = extra["step"], extra["attempt"], extra["bad_total"]

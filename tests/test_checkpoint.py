@@ -106,6 +106,45 @@ def test_saves_trainable_weights_once_and_leaves_others(tmp_path, tiny_model):
         load_checkpoint(path, model=model2, optimizer=opt2, generators={"zo": gen})
 
 
+def test_each_rank_resumes_its_own_generator(tmp_path, tiny_model):
+    """Per-process generators (WTA-CRS under DDP): the writer stores every rank's state, each rank
+    loads its own; another number of processes is refused before anything is restored."""
+    model, opt, _, _ = _setup(tiny_model, 0)
+    ranks = [torch.Generator().manual_seed(10 + r) for r in range(2)]
+    for r, gen in enumerate(ranks):
+        torch.rand(r + 3, generator=gen)  # states that differ from any fresh seed
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt,
+                           rank_generators={"wta_crs": [g.get_state() for g in ranks]})
+    want = [torch.rand(4, generator=g) for g in ranks]
+    for r in range(2):
+        gen = torch.Generator().manual_seed(99)
+        load_checkpoint(path, model=model, optimizer=opt, rank_generators={"wta_crs": gen}, rank=r, world_size=2)
+        assert torch.equal(torch.rand(4, generator=gen), want[r]), r
+
+    model2, opt2, _, _ = _setup(tiny_model, 1)
+    before = [p.detach().clone() for p in model2.parameters()]
+    with pytest.raises(CheckpointError, match=r"rng\.safetensors: .* saved by 2 processes, this run has 1") as err:
+        load_checkpoint(path, model=model2, optimizer=opt2, rank_generators={"wta_crs": torch.Generator()})
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))  # refused before restoring
+    with pytest.raises(CheckpointError, match="one state per process"):
+        save_checkpoint(tmp_path, 2, model=model, optimizer=opt,
+                        rank_generators={"a": [ranks[0].get_state()], "b": [g.get_state() for g in ranks]})
+
+
+def test_checkpoint_without_rank_states_resumes_one_process(tmp_path, tiny_model):
+    """A checkpoint written before per-rank states (``generator.{name}``, rank 0's) resumes on 1 process only."""
+    model, opt, _, _ = _setup(tiny_model, 0)
+    gen = torch.Generator().manual_seed(5)
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, generators={"wta_crs": gen})
+    want = torch.rand(4, generator=gen)
+    fresh = torch.Generator().manual_seed(6)
+    load_checkpoint(path, model=model, optimizer=opt, rank_generators={"wta_crs": fresh})
+    assert torch.equal(torch.rand(4, generator=fresh), want)
+    with pytest.raises(CheckpointError, match="keeps one process's private generator states; this run has 2"):
+        load_checkpoint(path, model=model, optimizer=opt, rank_generators={"wta_crs": fresh}, rank=1, world_size=2)
+
+
 # ---------------------------------------------------------------- 2. optimizer-state fidelity
 def test_optimizer_state_round_trip_keeps_types(tiny_model, tiny_batch):
     model = tiny_model()

@@ -5,7 +5,8 @@ of a 2-process run with ``grad_accum=1`` sees micro-batches 2k and 2k+1 -- exact
 process with ``grad_accum=2`` accumulates (each micro-batch loss / 2). The reference is that
 1-process run; the 2-process runs are the documented commands (``accelerate launch -m
 lowmem.cli`` and ``torchrun``), and must exit cleanly. A 2-process run resumed from its
-mid-run checkpoint ends bit-identical to the uninterrupted one.
+mid-run checkpoint ends bit-identical to the uninterrupted one, also with WTA-CRS, whose
+sampler each rank seeds on its own (the checkpoint keeps every rank's generator state).
 """
 
 import json
@@ -19,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lowmem.checkpoint import CheckpointError
 from lowmem.recipe import load_recipe
 from lowmem.trainer import train
 
@@ -74,9 +76,12 @@ def test_two_processes_equal_one(tiny_recipe, tmp_path, optim, launcher):
         _assert_same_weights(ranks[0], one)
 
 
-def test_two_process_resume_is_exact(tiny_recipe, tmp_path):
-    recipe = tiny_recipe(optim={"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 3}},
-                         train={"steps": 4, "checkpoint_every": 2})
+@pytest.mark.parametrize("optim, activations", [
+    ({"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 3}}, {}),
+    ({"name": "adamw", "lr": 1e-3}, {"wta_crs": {"keep_ratio": 0.3}}),
+], ids=["apollo", "wta_crs"])
+def test_two_process_resume_is_exact(tiny_recipe, tmp_path, optim, activations):
+    recipe = tiny_recipe(optim=optim, activations=activations, train={"steps": 4, "checkpoint_every": 2})
     _launch("torchrun", recipe, tmp_path / "full")
     step2 = Path("checkpoints") / "step-00000002"
     shutil.copytree(tmp_path / "full" / step2, tmp_path / "cut" / step2)  # as if stopped after step 2
@@ -88,3 +93,9 @@ def test_two_process_resume_is_exact(tiny_recipe, tmp_path):
         resumed = load_file(tmp_path / "cut" / f"rank{r}.safetensors")
         for key in full:
             assert torch.equal(resumed[key], full[key]), (r, key)
+    if activations:
+        rng = load_file(tmp_path / "cut" / step2 / "rng.safetensors")
+        states = [rng[f"rank{r}.generator.wta_crs"] for r in range(2)]
+        assert not torch.equal(*states)  # the ranks' samplers differ: rank 0's alone cannot resume rank 1
+        with pytest.raises(CheckpointError, match="saved by 2 processes, this run has 1"):
+            train(load_recipe(recipe, [f"output.dir={tmp_path / 'cut'}"]), resume=True, progress=False)
