@@ -21,18 +21,25 @@ from _common import markdown_table, write_result  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    out = ROOT / "runs" / "bench-default"
+def run_recipe(recipe: str, out: Path) -> tuple[float, float, dict, list[dict]]:
+    """``lowmem-train recipes/<recipe>`` in a fresh process: (total wall s, peak RSS GiB of the
+    process, summary.json, the eval records of metrics.jsonl)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "lowmem.cli", str(ROOT / "recipes" / "default.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "lowmem.cli", str(ROOT / "recipes" / recipe),
                            f"output.dir={out}", "--quiet"], capture_output=True, text=True, cwd=ROOT)
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(proc.stderr.strip().splitlines()[-1])
     peak_rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     summary = json.loads((out / "summary.json").read_text())
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    curve = ", ".join(f"{r['step']}: {r['eval_loss']:.3f}" for r in evals if "eval_loss" in r)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return total, peak_rss_gib, summary, [r for r in records if "eval_loss" in r]
+
+
+def main() -> None:
+    out = ROOT / "runs" / "bench-default"
+    total, peak_rss_gib, summary, evals = run_recipe("default.yaml", out)
+    curve = ", ".join(f"{r['step']}: {r['eval_loss']:.3f}" for r in evals)
     from transformers import AutoModelForCausalLM
 
     loads = AutoModelForCausalLM.from_pretrained(out / "model") is not None
