@@ -221,7 +221,7 @@ def report(args, results: list[dict], device: str) -> None:
              "sampling o_proj saves no memory with SDPA/flash attention; gate_proj and up_proj share one input, "
              "saved once by the plain model and sampled twice by WTA-CRS. Step peak = VmHWM reset just before "
              "the step minus the RSS then (it includes the parameter gradients and, with the model's loss, the "
-             "fp32 logits). Step times come from one timed step per row; on a shared machine they are "
+             "fp32 logits). Step time: the median of the --steps timed steps after the measured one; on a shared machine it is "
              "noise-prone (memory figures are not: RSS is per process).\n\n"
              "Saved bytes by the class of the innermost module running when they were saved (\"loss\": outside "
              "every module, i.e. the loss code; \"other\": classes under 3% in every row):\n\n" + source_table)
