@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
+from lowmem.activations import apply_activations
 from lowmem.data import CandidateBatches, PackedBatches, label_examples, pack_tokens, split_documents
 from lowmem.models import load_model, load_tokenizer
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
@@ -146,12 +147,9 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     train_batches, eval_batches, loss_fn, eval_fn = build_data(recipe, tokenizer)
     model = load_model(recipe.model)
     generators: dict[str, torch.Generator] = {}
-    if recipe.activations.wta_crs is not None:
-        from lowmem.activations import apply_wta_crs
-
-        wta = recipe.activations.wta_crs
-        seed = recipe.train.seed + accelerator.process_index  # ranks sample different rows
-        generators["wta_crs"] = apply_wta_crs(model, wta.keep_ratio, targets=wta.targets, seed=seed).generator
+    sampler = apply_activations(model, recipe.activations, recipe.train.seed + accelerator.process_index)
+    if sampler is not None:  # WTA-CRS: ranks sample different rows
+        generators["wta_crs"] = sampler
     if recipe.train.loss_chunk_tokens is not None:
         if accelerator.num_processes > 1:
             raise ValueError("train.loss_chunk_tokens: not supported with data parallel (the loss calls the "

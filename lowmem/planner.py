@@ -141,6 +141,7 @@ CHANGES = [
     ("gradient checkpointing", ["model.gradient_checkpointing=true", "activations.wta_crs=null"]),
     ("chunked LM loss", ["train.loss_chunk_tokens=256"]),
     ("WTA-CRS keep 0.3", ["activations.wta_crs={keep_ratio: 0.3}", "model.gradient_checkpointing=false"]),
+    ("lean RMSNorm and MLP", ["activations.lean=true"]),
     ("APOLLO-Mini + layer-wise + checkpointing",
      ["optim.name=apollo_mini", "optim.args={}", "optim.layerwise=true", "optim.max_grad_norm=null",
       "model.gradient_checkpointing=true", "activations.wta_crs=null"]),

@@ -108,6 +108,8 @@ class WtaCrsSection(_Section):
 class ActivationsSection(_Section):
     wta_crs: WtaCrsSection | None = Field(None, description="WTA-CRS activation sampling of Linear layers "
                                                            "({keep_ratio, targets}); null: off")
+    lean: bool = Field(False, description="RMSNorm and gated MLP keep only their inputs for backward and recompute "
+                                          "the element-wise rest (same forward; see lowmem.activations.lean)")
 
 
 class OffloadSection(_Section):

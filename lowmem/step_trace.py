@@ -126,15 +126,13 @@ def fake_model(section, config):
 
 
 def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
-    """Model (+ WTA-CRS) and optimizer built by the engine's own functions, on fake tensors."""
+    """Model (+ WTA-CRS, lean modules) and optimizer built by the engine's own functions, on fake tensors."""
     from lowmem.build import build_optimizer
 
     model = fake_model(recipe.model, config)
-    if recipe.activations.wta_crs is not None:
-        from lowmem.activations import apply_wta_crs
+    from lowmem.activations import apply_activations
 
-        wta = recipe.activations.wta_crs
-        apply_wta_crs(model, wta.keep_ratio, targets=wta.targets, seed=recipe.train.seed)
+    apply_activations(model, recipe.activations, recipe.train.seed)
     params = list({id(p): p for p in model.parameters()}.values())
     for t in params + list(model.buffers()):
         tracker.add(t, "weights")

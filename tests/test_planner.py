@@ -159,11 +159,16 @@ def test_recipe_changes_move_the_right_parts(tmp_path):
     base = make_recipe(tmp_path)
     config = model_config(base.model)
     at_peak = {name: trace_step(with_overrides(base, o), config)[0] for name, o in [
-        ("base", []), ("long", ["train.seq_len=256"]), ("lw_gc", LW_GC), ("mezo", ["optim.name=mezo"])]}
+        ("base", []), ("long", ["train.seq_len=256"]), ("long_lean", ["train.seq_len=256", "activations.lean=true"]),
+        ("lw_gc", LW_GC), ("mezo", ["optim.name=mezo"])]}
     assert at_peak["long"]["activations"] + at_peak["long"]["step_temporaries"] > \
         at_peak["base"]["activations"] + at_peak["base"]["step_temporaries"]
     assert at_peak["lw_gc"]["gradients"] < at_peak["base"]["gradients"]
     assert at_peak["mezo"]["gradients"] == at_peak["mezo"]["optimizer_states"] == 0
+    # lean modules drop x̂ of every RMSNorm and act(g), act(g)*u of every MLP: fp32, 2 x 256 tokens
+    h, f, layers = MEDIUM["hidden_size"], MEDIUM["intermediate_size"], MEDIUM["num_hidden_layers"]
+    lean_saving = 2 * 256 * ((2 * h + 2 * f) * layers + h) * 4
+    assert at_peak["long"]["activations"] - at_peak["long_lean"]["activations"] == lean_saving
 
 
 def test_a_recipe_that_does_not_fit_gets_changes_that_fit(tmp_path):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lowmem.activations.sampler import GradNormTracker, budget, row_probabilities, sample_rows
+from lowmem.activations.sampler import GradNormTracker, RowSample, budget, row_norms, row_probabilities, sample_rows
 
 
 class WTACRSLinearFunction(torch.autograd.Function):
@@ -40,7 +40,7 @@ class WTACRSLinearFunction(torch.autograd.Function):
         x_rows = x.reshape(-1, x.shape[-1]).index_select(0, index)  # (m, d_in)
         ctx.save_for_backward(x_rows, index, row_weight, weight)
         ctx.tracker = tracker
-        ctx.batch_seq = _batch_seq(x)
+        ctx.batch_seq = batch_seq(x)
         return out
 
     @staticmethod
@@ -60,7 +60,7 @@ class WTACRSLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _batch_seq(x: torch.Tensor) -> tuple[int, int]:
+def batch_seq(x: torch.Tensor) -> tuple[int, int]:
     """(batch, sequence) of the rows of x: the last two leading dims (a 2-D x is one sequence)."""
     seq = x.shape[-2] if x.dim() >= 2 else 1
     return x.numel() // (x.shape[-1] * seq), seq
@@ -85,13 +85,29 @@ class SamplingContext:
             raise ValueError(CHECKPOINTING_ERROR)
 
 
-def _autocast_inputs(x, weight, bias):
-    """Cast like ``F.linear`` would under an active autocast (the Function runs with it off)."""
+def autocast_inputs(x, *tensors):
+    """Cast like ``F.linear`` would under an active autocast (the Functions run with it off);
+    ``None`` entries (absent biases) stay ``None``."""
     device = x.device.type
     if not torch.is_autocast_enabled(device):
-        return x, weight, bias
+        return (x, *tensors)
     dtype = torch.get_autocast_dtype(device)
-    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return tuple(None if t is None else t.to(dtype) for t in (x, *tensors))
+
+
+def draw_rows(x: torch.Tensor, keep_ratio: float, context: SamplingContext,
+              tracker: GradNormTracker | None) -> RowSample | None:
+    """The WTA-CRS sample of the rows of ``x`` (..., d) for one training forward, or None when
+    the budget keeps every row (k = N: the exact gradient, nothing to sample)."""
+    n_rows = x.numel() // x.shape[-1]
+    k = budget(n_rows, keep_ratio, context.minimal_k)
+    if k >= n_rows:
+        return None
+    context.check_supported()
+    with torch.no_grad():
+        x_norms = row_norms(x.reshape(n_rows, -1))
+        grad_norms = None if tracker is None else tracker.estimate(*batch_seq(x))
+        return sample_rows(row_probabilities(x_norms, grad_norms), k, context.generator)
 
 
 class _WTACRSMixin:
@@ -105,18 +121,14 @@ class _WTACRSMixin:
         raise NotImplementedError
 
     def forward(self, x):
-        n_rows = x.numel() // x.shape[-1]
-        k = budget(n_rows, self.wta_keep_ratio, self.wta_context.minimal_k)
-        if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad) or k >= n_rows:
+        if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad):
             return super().forward(x)  # the original layer, bit for bit
-        self.wta_context.check_supported()
-        x, weight, bias = _autocast_inputs(x, self._linear_weight(), self.bias)
-        with torch.no_grad():
-            x_norms = torch.linalg.vector_norm(x.reshape(n_rows, -1), dim=1, dtype=torch.float32)
-            grad_norms = None if self.wta_tracker is None else self.wta_tracker.estimate(*_batch_seq(x))
-            sample = sample_rows(row_probabilities(x_norms, grad_norms), k, self.wta_context.generator)
+        x_c, weight, bias = autocast_inputs(x, self._linear_weight(), self.bias)
+        sample = draw_rows(x_c, self.wta_keep_ratio, self.wta_context, self.wta_tracker)
+        if sample is None:  # k = N: nothing to sample
+            return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
-            return WTACRSLinearFunction.apply(x, weight, bias, sample.index, sample.weight, self.wta_tracker)
+            return WTACRSLinearFunction.apply(x_c, weight, bias, sample.index, sample.weight, self.wta_tracker)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, wta_keep_ratio={self.wta_keep_ratio}"

@@ -45,6 +45,11 @@ def budget(n_rows: int, keep_ratio: float, minimal_k: int) -> int:
     return min(max(int(n_rows * keep_ratio), minimal_k), n_rows)
 
 
+def row_norms(t: torch.Tensor) -> torch.Tensor:
+    """||t_i|| over the last dim, accumulated in fp32 (fp64 for fp64 input)."""
+    return torch.linalg.vector_norm(t, dim=-1, dtype=torch.promote_types(t.dtype, torch.float32))
+
+
 def _normalize(score: torch.Tensor) -> torch.Tensor:
     total = score.sum()
     # All-zero scores (an all-zero input): fall back to uniform, without a host sync.
@@ -126,7 +131,7 @@ class GradNormTracker:
 
     @torch.no_grad()
     def update(self, grad_output: torch.Tensor, batch: int, seq: int) -> None:
-        norms = torch.linalg.vector_norm(grad_output.reshape(batch, seq, -1), dim=-1, dtype=torch.float32)
+        norms = row_norms(grad_output.reshape(batch, seq, -1)).float()
         new = norms.mean(0)  # (L,)
         if self.ema is None:
             self.ema = new

@@ -46,6 +46,7 @@ RESUME_CASES = {
     "frugal": {"optim": {"name": "frugal", "args": {"density": 0.25, "update_proj_gap": 2}}},
     "adamw8bit": {"optim": {"name": "adamw8bit", "args": {"fp32_state_params": []}}},
     "wta_crs": {"activations": {"wta_crs": {"keep_ratio": 0.3}}},
+    "wta_crs_lean": {"activations": {"wta_crs": {"keep_ratio": 0.3}, "lean": True}},
     "mezo": {"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}}},
     "zo_adamu": {"optim": {"name": "zo_adamu", "lr": 1e-3, "args": {"eps": 1e-3, "t1": 2, "t2": 4}}},
     "zo2_nvme": {"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}},
@@ -129,6 +130,24 @@ def test_saved_model_loads_with_transformers(tiny_recipe, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
     assert model.config.model_type == "llama"
     assert summary["steps"] == 2 and summary["eval_loss"] < summary["eval_loss_before"]
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_lean_activations_train_as_the_plain_modules(tiny_recipe, tmp_path, precision):
+    """activations.lean changes what backward keeps, not the math: the same step and eval losses."""
+    recipe = tiny_recipe(train={"mixed_precision": precision})
+    runs = {}
+    for lean in (False, True):
+        out = tmp_path / str(lean)
+        _trainer(recipe, f"output.dir={out}", "output.save_model=false", "train.checkpoint_every=0",
+                 f"activations.lean={str(lean).lower()}").train()
+        runs[lean] = json.loads((out / "summary.json").read_text()), _losses(out)
+    (summary, losses), (lean_summary, lean_losses) = runs[False], runs[True]
+    assert losses.keys() == lean_losses.keys() and len(losses) == 6
+    rtol = 1e-5 if precision == "no" else 2e-3
+    for step, loss in losses.items():
+        assert lean_losses[step] == pytest.approx(loss, rel=rtol), step
+    assert lean_summary["eval_loss"] == pytest.approx(summary["eval_loss"], rel=rtol)
 
 
 CHUNKED_CASES = {
