@@ -46,6 +46,8 @@ METHODS = [
     ("APOLLO-Mini", ["optim.name=apollo_mini"]),
     ("FRUGAL", ["optim.name=frugal"]),
     ("AdamW + WTA-CRS 0.3", ["optim.name=adamw", "activations.wta_crs={keep_ratio: 0.3}"]),
+    ("AdamW + lean modules + WTA-CRS 0.3", ["optim.name=adamw", "activations.lean=true",
+                                             "activations.wta_crs={keep_ratio: 0.3}"]),
     ("AdamW, layer-wise", ["optim.name=adamw", *LW]),
     ("APOLLO-Mini, layer-wise, checkpointing", ["optim.name=apollo_mini", *LW, *GC]),
     ("APOLLO-Mini 8-bit states, layer-wise, checkpointing",

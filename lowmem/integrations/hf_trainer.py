@@ -11,6 +11,7 @@ prepared the optimizer and loaded a checkpoint):
 
 * applies WTA-CRS to the model (``wta_crs_keep_ratio``) and restores its private
   generator on resume (kept in ``trainer_state.json`` through ``ExportableState``);
+* makes the RMSNorm and gated-MLP modules lean (``lean=True``, :mod:`lowmem.activations.lean`);
 * switches the optimizer to layer-wise mode (``layerwise=True``): the Trainer's
   accelerate wrapper then steps a :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`
   that shares the inner optimizer's param groups, so the Trainer's scheduler still drives it;
@@ -86,17 +87,20 @@ def trainer_optimizer(name: str, **hparams) -> tuple[type, dict]:
 
 
 class LowMemCallback(TrainerCallback, ExportableState):
-    """Apply lowmem's layer-wise mode and WTA-CRS in a ``transformers.Trainer`` and log memory.
+    """Apply lowmem's layer-wise mode, WTA-CRS and lean modules in a ``transformers.Trainer`` and log memory.
 
     ``layerwise``: update each parameter inside backward and free its gradient
     (needs ``max_grad_norm=0``, one process, no fp16). ``wta_crs_keep_ratio``: keep this fraction
     of activation rows for backward in the default WTA-CRS targets (or ``wta_crs_targets``
-    glob patterns), sampled from a generator seeded with ``wta_crs_seed``.
+    glob patterns), sampled from a generator seeded with ``wta_crs_seed``. ``lean``: RMSNorm and
+    gated MLP keep only their inputs for backward (same forward, gradients to rounding).
     """
 
     def __init__(self, layerwise: bool = False, wta_crs_keep_ratio: float | None = None,
-                 wta_crs_targets: list[str] | None = None, wta_crs_seed: int = 0):
+                 wta_crs_targets: list[str] | None = None, wta_crs_seed: int = 0, lean: bool = False):
         self.layerwise = layerwise
+        self.lean = lean
+        self.lean_handle = None
         self.wta_crs_keep_ratio = wta_crs_keep_ratio
         self.wta_crs_targets = wta_crs_targets
         self.wta_crs_seed = wta_crs_seed
@@ -107,7 +111,8 @@ class LowMemCallback(TrainerCallback, ExportableState):
         wta = None if self.wta_handle is None else \
             {k: _tensor_to_json(v) for k, v in self.wta_handle.state_dict().items()}
         return {"args": {"layerwise": self.layerwise, "wta_crs_keep_ratio": self.wta_crs_keep_ratio,
-                         "wta_crs_targets": self.wta_crs_targets, "wta_crs_seed": self.wta_crs_seed},
+                         "wta_crs_targets": self.wta_crs_targets, "wta_crs_seed": self.wta_crs_seed,
+                         "lean": self.lean},
                 "attributes": {"wta_crs_state": wta}}
 
     def _saved_wta_state(self, state) -> dict | None:
@@ -126,6 +131,10 @@ class LowMemCallback(TrainerCallback, ExportableState):
                                     wta_crs=self.wta_crs_keep_ratio is not None)
         if self.wta_crs_keep_ratio is not None:
             self._apply_wta_crs(model, state)
+        if self.lean and self.lean_handle is None:  # a second trainer.train() keeps them
+            from lowmem.activations import apply_lean
+
+            self.lean_handle = apply_lean(model)
         if self.layerwise:
             self._make_layerwise(args, optimizer, inner)
 

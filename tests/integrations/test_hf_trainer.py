@@ -68,6 +68,18 @@ def test_wta_crs_applied_and_keep_ratio_one_is_exact(tiny_model, token_dataset, 
     assert not torch.allclose(finals[2], finals[0], atol=1e-6)  # sampled rows: different updates
 
 
+def test_lean_modules_train_as_the_plain_ones(tiny_model, token_dataset, trainer_args):
+    finals = []
+    for callback in (None, LowMemCallback(lean=True)):
+        model = tiny_model()
+        _train(model, trainer_args(max_steps=3), token_dataset(), lowmem.create_optimizer(model, "adamw", lr=1e-2),
+               callback)
+        finals.append(flat_params(model))
+    assert {type(m).__name__ for m in callback.lean_handle.modules.values()} == {"LeanLlamaMLP", "LeanLlamaRMSNorm"}
+    # gradients equal to rounding; Adam (lr 1e-2) turns a rounding flip of a near-zero gradient into ~1e-5
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-4, atol=5e-5)
+
+
 @pytest.mark.parametrize("name, dtype, wta", [("apollo", torch.bfloat16, 0.5), ("adamw8bit", torch.float32, None)])
 def test_resume_is_exact_and_keeps_state_dtypes(tiny_model, token_dataset, trainer_args, name, dtype, wta):
     hparams = {"rank": 4, "update_proj_gap": 2} if name == "apollo" else {"min_8bit_size": 64}
