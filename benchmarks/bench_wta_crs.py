@@ -11,11 +11,14 @@ Measured, not estimated:
   glibc's mmap threshold fixed as in a run (``lowmem.memory.fix_malloc_threshold``);
 * the same with the chunked next-token loss (``--loss-chunk-tokens N``: logits recomputed chunk by
   chunk in backward, ``train.loss_chunk_tokens``), each ratio once with the model's loss, once chunked;
+* the same with lean RMSNorm and MLP modules (``--lean 0 1``, ``activations.lean``: they keep only
+  their inputs and recompute the element-wise rest), without and with WTA-CRS;
 * where the saved bytes come from: by the class of the innermost module running when each was saved;
 * step time: median of ``--steps`` steps after the measured one;
 * on a GPU (if any): peak CUDA memory of the step, and the largest batch within ``--gpu-budget-gib``.
 
-    python benchmarks/bench_wta_crs.py [--seq 2048] [--layers 30] [--ratios 1.0 0.3 0.1] [--loss-chunk-tokens 256]
+    python benchmarks/bench_wta_crs.py [--seq 2048] [--layers 30] [--ratios 1.0 0.3 0.1] [--loss-chunk-tokens 0 256]
+                                       [--lean 0 1]
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def _step(model, batch, chunk_tokens: int | None = None) -> None:
 
 
 def worker(args) -> dict:
-    from lowmem.activations import apply_wta_crs, select_targets
+    from lowmem.activations import apply_lean, apply_wta_crs, select_targets
 
     torch.manual_seed(0)
     model, ids = load_model_and_tokens(args.layers, args.seq * args.batch)
@@ -120,6 +123,8 @@ def worker(args) -> dict:
     targets = list(select_targets(model).values())
     if args.ratio < 1.0:
         apply_wta_crs(model, args.ratio, seed=0)
+    if args.lean[0]:
+        apply_lean(model)
     meter = AttributedMeter(model, targets)
     rss_before = current_rss_bytes()
     reset_peak_rss()
@@ -128,7 +133,7 @@ def worker(args) -> dict:
     chunk = args.loss_chunk_tokens[0] or None
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
         _step(model, batch, chunk)
-    result = {"ratio": args.ratio, "chunk": chunk, "saved_total": meter.total, "saved_swapped": meter.inside,
+    result = {"ratio": args.ratio, "chunk": chunk, "lean": bool(args.lean[0]), "saved_total": meter.total, "saved_swapped": meter.inside,
               "saved_by_module": meter.by_module,
               "rss_before": rss_before, "rss_peak": window_peak_rss_bytes()}
     meter.close()
@@ -166,8 +171,9 @@ def largest_batch(model, row, budget_bytes: float, chunk_tokens: int | None = No
     return best
 
 
-def run_ratio(args, ratio: float, device: str, chunk: int) -> dict:
+def run_ratio(args, ratio: float, device: str, chunk: int, lean: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--ratio", str(ratio), "--loss-chunk-tokens", str(chunk),
+           "--lean", str(lean),
            "--seq", str(args.seq),
            "--batch", str(args.batch), "--steps", str(args.steps), "--device", device,
            "--gpu-budget-gib", str(args.gpu_budget_gib)] + (["--layers", str(args.layers)] if args.layers else [])
@@ -185,21 +191,24 @@ def _loss_name(chunk: int | None) -> str:
 
 def report(args, results: list[dict], device: str) -> None:
     rows, sources = [], []
-    base_of = {r["chunk"]: r for r in results if r["ratio"] == 1.0}
+    base_of = {(r["chunk"], r["lean"]): r for r in results if r["ratio"] == 1.0}
+    step_peak = lambda r: r["rss_peak"] - r["rss_before"]  # noqa: E731
     for r in results:
-        base = base_of.get(r["chunk"], results[0])
-        step_peak = r["rss_peak"] - r["rss_before"]
-        row = [_loss_name(r["chunk"]), r["ratio"], _mib(r["saved_swapped"]),
-               f"{base['saved_swapped'] / r['saved_swapped']:.2f}x",
+        base = base_of.get((r["chunk"], r["lean"]), results[0])  # same loss and modules, keep 1.0
+        plain = base_of.get((r["chunk"], False), results[0])  # same loss, plain modules, keep 1.0
+        swapped = ["-", "-"] if r["lean"] else [_mib(r["saved_swapped"]),
+                                                f"{base['saved_swapped'] / r['saved_swapped']:.2f}x"]
+        row = [_loss_name(r["chunk"]), "lean" if r["lean"] else "plain", r["ratio"], *swapped,
                _mib(r["saved_total"]), f"{base['saved_total'] / r['saved_total']:.2f}x",
-               _mib(r["rss_peak"]), _mib(step_peak),
-               f"{(base['rss_peak'] - base['rss_before']) / step_peak:.2f}x", f"{r['step_s']:.2f}",
-               f"{r['step_s'] / base['step_s']:.2f}x"]
+               f"{plain['saved_total'] / r['saved_total']:.2f}x", _mib(r["rss_peak"]), _mib(step_peak(r)),
+               f"{step_peak(base) / step_peak(r):.2f}x", f"{step_peak(plain) / step_peak(r):.2f}x",
+               f"{r['step_s']:.2f}", f"{r['step_s'] / base['step_s']:.2f}x", f"{r['step_s'] / plain['step_s']:.2f}x"]
         if device == "cuda":
             row += [_mib(r["cuda_peak"]), r["max_batch"]]
         rows.append(row)
-    header = ["loss", "keep ratio", "saved, swapped layers (MiB)", "vs 1.0", "saved, all (MiB)", "vs 1.0",
-              "peak RSS (MiB)", "step peak above pre-step RSS (MiB)", "vs 1.0", "step (s)", "vs 1.0"]
+    header = ["loss", "modules", "keep ratio", "saved, swapped layers (MiB)", "vs 1.0", "saved, all (MiB)", "vs 1.0",
+              "vs plain 1.0", "peak RSS (MiB)", "step peak above pre-step RSS (MiB)", "vs 1.0", "vs plain 1.0",
+              "step (s)", "vs 1.0", "vs plain 1.0"]
     if device == "cuda":
         header += ["CUDA peak (MiB)", f"largest batch in {args.gpu_budget_gib} GiB"]
     # where the saved bytes come from: module classes holding >= 3% of some row's saves
@@ -207,13 +216,17 @@ def report(args, results: list[dict], device: str) -> None:
                    key=lambda m: -max(r["saved_by_module"].get(m, 0) for r in results))
     for r in results:
         rest = r["saved_total"] - sum(r["saved_by_module"].get(m, 0) for m in shown)
-        sources.append([_loss_name(r["chunk"]), r["ratio"]] + [_mib(r["saved_by_module"].get(m, 0)) for m in shown]
+        sources.append([_loss_name(r["chunk"]), "lean" if r["lean"] else "plain", r["ratio"]] + [_mib(r["saved_by_module"].get(m, 0)) for m in shown]
                        + [_mib(rest)])
-    source_table = markdown_table(["loss", "keep ratio"] + [f"{m} (MiB)" for m in shown] + ["other (MiB)"], sources)
+    source_table = markdown_table(["loss", "modules", "keep ratio"] + [f"{m} (MiB)" for m in shown] + ["other (MiB)"], sources)
     layers = args.layers or 30
     notes = (f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), {layers} of 30 layers, batch {args.batch} x "
              f"{args.seq} tokens of BBC News, {device}, gradient checkpointing off, forward+backward without "
-             "optimizer. Ratio 1.0 is the plain model; \"vs 1.0\" compares with ratio 1.0 under the same loss. "
+             "optimizer. Ratio 1.0 is no WTA-CRS; \"vs 1.0\" compares with ratio 1.0 under the same loss and modules, "
+             "\"vs plain 1.0\" with ratio 1.0 under the same loss and the model's own modules. Modules \"lean\" is "
+             "`activations.lean` (RMSNorm keeps x and 1/rms, the MLP keeps x, gate and up; with WTA-CRS the MLP "
+             "keeps x only at one row sample shared by gate_proj and up_proj, and down_proj's input is recomputed, "
+             "so its weight gradient is exact: the swapped-layer column does not apply). "
              "Loss \"model's\" is `model(**batch).loss`; \"chunked N\" is `causal_lm_loss(..., chunk_tokens=N)` "
              "(`train.loss_chunk_tokens`): only the final hidden states are kept, the fp32 logits are recomputed "
              "N tokens at a time in backward. Swapped layers: o_proj, gate_proj, up_proj, down_proj "
@@ -238,6 +251,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps after the measured one")
     p.add_argument("--loss-chunk-tokens", type=int, nargs="+", default=[0, 256],
                    help="losses measured per ratio: 0 = the model's own, N = chunked over N tokens")
+    p.add_argument("--lean", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                   help="modules measured per ratio: 0 = the model's own, 1 = activations.lean")
     p.add_argument("--gpu-budget-gib", type=float, default=16.0)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
@@ -251,7 +266,8 @@ def main() -> None:
         return
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        report(args, [run_ratio(args, r, device, c) for c in args.loss_chunk_tokens for r in args.ratios], device)
+        report(args, [run_ratio(args, r, device, c, lean) for c in args.loss_chunk_tokens for lean in args.lean
+                      for r in args.ratios], device)
 
 
 if __name__ == "__main__":
