@@ -151,9 +151,6 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     if sampler is not None:  # WTA-CRS: ranks sample different rows
         generators["wta_crs"] = sampler
     if recipe.train.loss_chunk_tokens is not None:
-        if accelerator.num_processes > 1:
-            raise ValueError("train.loss_chunk_tokens: not supported with data parallel (the loss calls the "
-                             "model's body and head, not the wrapped forward)")
         lm_body_and_head(model)  # a model it cannot reproduce is refused before training
     optimizer, zeroth_order, layerwise = build_optimizer(recipe, model, accelerator)
     if recipe.offload.enabled and not zeroth_order:

@@ -4,8 +4,8 @@ A checkpoint is the directory ``run_dir/checkpoints/step-XXXXXXXX`` holding
 
 * ``model.safetensors``     -- trainable parameters by name (tied weights once);
 * ``optimizer.safetensors`` -- optimizer tensors (:func:`optimizer_state_to_tensors`);
-* ``rng.safetensors``       -- torch CPU/CUDA RNG states, numpy's key, private generators
-  (``generator.{name}``; per-process ones of every rank, ``rank{r}.generator.{name}``);
+* ``rng.safetensors``       -- torch CPU/CUDA RNG states, numpy's key, every rank's private
+  generators (``rank{r}.generator.{name}``);
 * ``trainer.json``          -- step, ``extra``, optimizer meta, scheduler state, rest of the RNG states;
 * ``manifest.json``         -- sha256 and size of every other file, written last.
 
@@ -16,12 +16,12 @@ intact; older checkpoints are removed only after the new one is complete (rename
 temp name first, so a half-deleted one is never taken for complete). Temp directories
 left by a kill are removed by the next save. One writer per run directory is assumed.
 
-Per-process generators (WTA-CRS under DDP: each rank seeds its own sampler): the
-writer (rank 0) is given every rank's state, ``rank_generators={name: [state of rank 0, 1, ...]}``
-(the trainer all-gathers them), and ``trainer.json`` records the number of processes; on load each
-rank takes its own. A resume on another number of processes is refused with a one-line error:
-the ranks' sample streams cannot be re-dealt exactly. A checkpoint from before per-rank states
-(``generator.{name}`` only, rank 0's) still resumes, on one process.
+Private generators are per process (WTA-CRS under DDP: each rank seeds its own sampler; one
+process is world size 1): the writer (rank 0) is given every rank's state,
+``generators={name: [state of rank 0, 1, ...]}`` (the trainer all-gathers them), and
+``trainer.json`` records the number of processes; on load each rank takes its own. A resume on
+another number of processes is refused with a one-line error: the ranks' sample streams cannot
+be re-dealt exactly.
 """
 
 from __future__ import annotations
@@ -111,18 +111,15 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
 
 
 # ---------------------------------------------------------------- RNG states
-def _rng_state(generators: dict[str, torch.Generator] | None,
-               rank_generators: dict[str, list[torch.Tensor]] | None) -> tuple[dict[str, torch.Tensor], dict]:
+def _rng_state(generators: dict[str, list[torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch.cuda.{i}"] = s
-    for name, gen in (generators or {}).items():
-        tensors[f"generator.{name}"] = gen.get_state()
-    counts = {len(states) for states in (rank_generators or {}).values()}
+    counts = {len(states) for states in generators.values()}
     if len(counts) > 1 or 0 in counts:
-        raise CheckpointError(f"rank_generators: every generator needs one state per process, got {sorted(counts)}")
-    for name, states in (rank_generators or {}).items():
+        raise CheckpointError(f"generators: every generator needs one state per process, got {sorted(counts)}")
+    for name, states in generators.items():
         for rank, state in enumerate(states):
             tensors[f"rank{rank}.generator.{name}"] = state
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -130,7 +127,7 @@ def _rng_state(generators: dict[str, torch.Generator] | None,
     tensors["numpy.keys"] = torch.from_numpy(keys.astype(np.uint32).view(np.int32).copy())
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
             "python": _encode(random.getstate(), "python", None)}
-    if rank_generators:
+    if generators:
         meta["processes"] = counts.pop()
     return tensors, meta
 
@@ -145,26 +142,17 @@ def _set_generators(tensors: dict[str, torch.Tensor], prefix: str, generators: d
         gen.set_state(tensors[prefix + name])
 
 
-def _rank_prefix(meta: dict, rank: int, world_size: int, where: Path) -> str:
-    """Where this rank's per-process generator states are: ``rank{r}.generator.``, or the
-    single-process layout of checkpoints written before per-rank states."""
-    saved = meta.get("processes")
-    if saved is None:
-        if world_size != 1:
-            raise _error(where, f"the checkpoint keeps one process's private generator states; this run has "
-                                f"{world_size} processes: resume it on 1 process")
-        return "generator."
-    if saved != world_size:
+def _check_world_size(meta: dict, world_size: int, where: Path) -> None:
+    """Refuse to resume private generator states on another number of processes than saved them."""
+    saved = meta.get("processes")  # None: no generator saved (a missing one is named on load)
+    if saved is not None and saved != world_size:
         raise _error(where, f"private generator states (e.g. WTA-CRS sampling) were saved by {saved} processes, "
                             f"this run has {world_size}: resume with {saved} processes to continue exactly")
-    return f"rank{rank}.generator."
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generators: dict | None,
-                   rank_generators: dict | None, rank_prefix: str | None, where: Path) -> None:
-    _set_generators(tensors, "generator.", generators or {}, where)
-    if rank_generators:
-        _set_generators(tensors, rank_prefix, rank_generators, where)
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generators: dict[str, torch.Generator],
+                   rank: int, where: Path) -> None:
+    _set_generators(tensors, f"rank{rank}.generator.", generators, where)
     torch.set_rng_state(tensors["torch.cpu"])
     if torch.cuda.is_available():  # a GPU checkpoint resumed on CPU keeps only the CPU states
         for i in range(min(torch.cuda.device_count(), sum(k.startswith("torch.cuda.") for k in tensors))):
@@ -240,9 +228,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 # ---------------------------------------------------------------- save
 def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                 scheduler, generators, rank_generators, extra: dict | None) -> None:
+                 scheduler, generators: dict[str, list[torch.Tensor]], extra: dict | None) -> None:
     opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
-    rng_tensors, rng_meta = _rng_state(generators, rank_generators)
+    rng_tensors, rng_meta = _rng_state(generators)
     trainer = {"step": step, "extra": _encode(extra or {}, "extra", None), "optimizer": opt_meta,
                "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), "scheduler", None),
                "rng": rng_meta}
@@ -266,15 +254,14 @@ def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer, scheduler=None,
-                    generators: dict[str, torch.Generator] | None = None, extra: dict | None = None,
-                    keep_last: int = 2, weights: dict[str, torch.Tensor] | None = None,
-                    rank_generators: dict[str, list[torch.Tensor]] | None = None) -> Path:
+                    generators: dict[str, list[torch.Tensor]] | None = None, extra: dict | None = None,
+                    keep_last: int = 2, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step:08d}`` atomically; keep the newest ``keep_last``.
 
     The weights are ``model``'s trainable parameters, or ``weights`` when the model's
-    parameters live elsewhere (the ZO2 engine's offloaded blocks). ``generators`` are this
-    process's; ``rank_generators`` maps a per-process generator's name to the ``get_state()``
-    of every rank, in rank order."""
+    parameters live elsewhere (the ZO2 engine's offloaded blocks). ``generators`` maps a private
+    generator's name to the ``get_state()`` of every process, in rank order (one process: a
+    list of one)."""
     if (model is None) == (weights is None):
         raise ValueError("save_checkpoint: give exactly one of model and weights")
     weights = trainable_weights(model) if weights is None else weights
@@ -290,7 +277,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | None =
     tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_files(tmp, step, weights, optimizer, scheduler, generators, rank_generators, extra)
+        _write_files(tmp, step, weights, optimizer, scheduler, generators or {}, extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -374,19 +361,19 @@ def _read(path: Path) -> tuple[dict, dict, dict, dict]:
 def load_checkpoint(path: str | Path, *, model: nn.Module | None = None, optimizer: torch.optim.Optimizer,
                     scheduler=None, generators: dict[str, torch.Generator] | None = None,
                     load_weights: Callable[[dict[str, torch.Tensor]], None] | None = None,
-                    rank_generators: dict[str, torch.Generator] | None = None, rank: int = 0,
-                    world_size: int = 1) -> dict:
+                    rank: int = 0, world_size: int = 1) -> dict:
     """Verify every checksum, then restore weights (into ``model``, or by calling
-    ``load_weights``), optimizer, scheduler, RNG states, ``generators`` and this process's
-    ``rank_generators`` (rank ``rank`` of ``world_size``, which must be the saved number of
-    processes) in place; return ``{"step": step, **extra}``."""
+    ``load_weights``), optimizer, scheduler, RNG states and this process's ``generators``
+    (rank ``rank`` of ``world_size``, which must be the saved number of processes) in place;
+    return ``{"step": step, **extra}``."""
     if (model is None) == (load_weights is None):
         raise ValueError("load_checkpoint: give exactly one of model and load_weights")
     path = Path(path)
     _verify(path)
     weights, opt_tensors, rng_tensors, trainer = _read(path)
     rng_file = path / "rng.safetensors"  # a refused world size is found before anything is restored
-    rank_prefix = _rank_prefix(trainer["rng"], rank, world_size, rng_file) if rank_generators else None
+    if generators:
+        _check_world_size(trainer["rng"], world_size, rng_file)
     if model is not None:
         _load_model(model, weights, path / "model.safetensors")
     else:
@@ -396,5 +383,5 @@ def load_checkpoint(path: str | Path, *, model: nn.Module | None = None, optimiz
         if trainer["scheduler"] is None:
             raise _error(path / "trainer.json", "checkpoint has no scheduler state")
         scheduler.load_state_dict(_decode(trainer["scheduler"], {}))
-    _set_rng_state(rng_tensors, trainer["rng"], generators, rank_generators, rank_prefix, rng_file)
+    _set_rng_state(rng_tensors, trainer["rng"], generators or {}, rank, rng_file)
     return {"step": trainer["step"], **_decode(trainer["extra"], {})}

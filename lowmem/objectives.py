@@ -34,6 +34,7 @@ the loss costs ``B*C*K*V`` floats, not ``B*C*T*V``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -61,14 +62,13 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> torch
     each chunk runs under non-reentrant activation checkpointing: only ``h`` is kept, and the
     backward recomputes one chunk's logits at a time, so at most ``chunk_tokens * V`` logits
     exist at once. Under ``no_grad`` (zeroth-order closures, evaluation) nothing is kept and the
-    chunks just bound the peak.
+    chunks just bound the peak. ``h`` comes from ``model``'s own forward (see
+    :func:`final_hidden_states`), so a DDP-wrapped ``model`` synchronises the gradients.
     """
     if chunk_tokens is None:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
         return model(**inputs).loss
-    body, head = lm_body_and_head(model)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden, head = final_hidden_states(model, batch)             # (B, T, H)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])        # positions that have a next token
     labels = batch["labels"][:, 1:].reshape(-1).to(hidden.device)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -79,6 +79,25 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> torch
         else:
             total = total + _summed_cross_entropy(head, hidden[rows], labels[rows])
     return total / (labels != IGNORE_INDEX).sum()
+
+
+def final_hidden_states(model, batch: dict) -> tuple[torch.Tensor, torch.nn.Linear]:
+    """The decoder body's output ``(B, T, H)`` for ``batch``, and the output head.
+
+    Runs ``model``'s own forward, not the body alone: a data-parallel wrapper (DDP) only syncs the
+    gradients of a forward it ran. ``logits_to_keep=1`` makes the model apply its head to the last
+    position only (``(B, 1, V)`` logits, unused); a forward hook on the body, removed afterwards,
+    catches its ``last_hidden_state``.
+    """
+    body, head = lm_body_and_head(getattr(model, "module", model))  # DDP keeps the model in .module
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    caught = {}
+    hook = body.register_forward_hook(lambda module, args, out: caught.update(hidden=out.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return caught["hidden"], head
 
 
 def _summed_cross_entropy(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -93,8 +112,8 @@ def lm_body_and_head(model):
     name = type(model).__name__
     get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
     if get_decoder is None or get_head is None:
-        raise ValueError(f"{field}: {name} is not a Hugging Face causal LM with a decoder and an output head "
-                         "(a data-parallel wrapper?); set it to null")
+        raise ValueError(f"{field}: {name} is not a Hugging Face causal LM with a decoder and an output head; "
+                         "set it to null")
     body, head = get_decoder(), get_head()
     if body is model or not isinstance(head, torch.nn.Linear) or hasattr(head, "wta_keep_ratio"):
         raise ValueError(f"{field}: cannot find the decoder body and a plain nn.Linear output head of {name}; "
@@ -103,6 +122,9 @@ def lm_body_and_head(model):
     changed = [k for k in LOGIT_TRANSFORMS if getattr(text_config, k, None) not in (None, 1, 1.0)]
     if changed:
         raise ValueError(f"{field}: {name} transforms its logits after the head ({changed[0]}); set it to null")
+    forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward  # peft passes **kwargs on
+    if "logits_to_keep" not in inspect.signature(forward).parameters:
+        raise ValueError(f"{field}: {name}'s forward has no logits_to_keep argument; set it to null")
     loss_type = getattr(model, "loss_type", None)  # None: transformers' default, the causal LM loss
     if loss_type not in (None, "ForCausalLM"):
         raise ValueError(f"{field}: {name} uses the {loss_type} loss, not the causal LM cross-entropy; set it to null")

@@ -170,7 +170,7 @@ class Trainer:
         generator_states = self._generator_states()  # a collective: before the rank-0-only write
         if self.accelerator.is_main_process:
             ckpt.save_checkpoint(self.out, self.step, optimizer=run.inner_optimizer, scheduler=run.scheduler,
-                                 rank_generators=generator_states, keep_last=self.recipe.train.keep_checkpoints,
+                                 generators=generator_states, keep_last=self.recipe.train.keep_checkpoints,
                                  **where)
         self.accelerator.wait_for_everyone()
 
@@ -207,7 +207,7 @@ class Trainer:
         target = ({"load_weights": self._load_engine_weights} if run.engine is not None
                   else {"model": self.accelerator.unwrap_model(run.model)})
         extra = ckpt.load_checkpoint(path, optimizer=run.inner_optimizer, scheduler=run.scheduler,
-                                     rank_generators=run.generators, rank=self.accelerator.process_index,
+                                     generators=run.generators, rank=self.accelerator.process_index,
                                      world_size=self.accelerator.num_processes, **target)
         if run.engine is not None:
             run.engine.load_state_dict({**extra["zo2"], "optimizer": run.inner_optimizer.state_dict()})

@@ -72,7 +72,7 @@ def test_resume_is_bit_identical(tmp_path, tiny_model):
     _seed_globals(0)
     model, opt, sched, gen = _setup(tiny_model, 0)
     _train(model, opt, sched, gen, 3)
-    path = save_checkpoint(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, generators={"zo": gen},
+    path = save_checkpoint(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, generators={"zo": [gen.get_state()]},
                            extra={"data_position": 6, "shape": (2, 16)})
     assert path == tmp_path / "checkpoints" / "step-00000003"
     want = _train(model, opt, sched, gen, 3)
@@ -114,35 +114,22 @@ def test_each_rank_resumes_its_own_generator(tmp_path, tiny_model):
     for r, gen in enumerate(ranks):
         torch.rand(r + 3, generator=gen)  # states that differ from any fresh seed
     path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt,
-                           rank_generators={"wta_crs": [g.get_state() for g in ranks]})
+                           generators={"wta_crs": [g.get_state() for g in ranks]})
     want = [torch.rand(4, generator=g) for g in ranks]
     for r in range(2):
         gen = torch.Generator().manual_seed(99)
-        load_checkpoint(path, model=model, optimizer=opt, rank_generators={"wta_crs": gen}, rank=r, world_size=2)
+        load_checkpoint(path, model=model, optimizer=opt, generators={"wta_crs": gen}, rank=r, world_size=2)
         assert torch.equal(torch.rand(4, generator=gen), want[r]), r
 
     model2, opt2, _, _ = _setup(tiny_model, 1)
     before = [p.detach().clone() for p in model2.parameters()]
     with pytest.raises(CheckpointError, match=r"rng\.safetensors: .* saved by 2 processes, this run has 1") as err:
-        load_checkpoint(path, model=model2, optimizer=opt2, rank_generators={"wta_crs": torch.Generator()})
+        load_checkpoint(path, model=model2, optimizer=opt2, generators={"wta_crs": torch.Generator()})
     assert "\n" not in str(err.value)
     assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))  # refused before restoring
     with pytest.raises(CheckpointError, match="one state per process"):
         save_checkpoint(tmp_path, 2, model=model, optimizer=opt,
-                        rank_generators={"a": [ranks[0].get_state()], "b": [g.get_state() for g in ranks]})
-
-
-def test_checkpoint_without_rank_states_resumes_one_process(tmp_path, tiny_model):
-    """A checkpoint written before per-rank states (``generator.{name}``, rank 0's) resumes on 1 process only."""
-    model, opt, _, _ = _setup(tiny_model, 0)
-    gen = torch.Generator().manual_seed(5)
-    path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, generators={"wta_crs": gen})
-    want = torch.rand(4, generator=gen)
-    fresh = torch.Generator().manual_seed(6)
-    load_checkpoint(path, model=model, optimizer=opt, rank_generators={"wta_crs": fresh})
-    assert torch.equal(torch.rand(4, generator=fresh), want)
-    with pytest.raises(CheckpointError, match="keeps one process's private generator states; this run has 2"):
-        load_checkpoint(path, model=model, optimizer=opt, rank_generators={"wta_crs": fresh}, rank=1, world_size=2)
+                        generators={"a": [ranks[0].get_state()], "b": [g.get_state() for g in ranks]})
 
 
 # ---------------------------------------------------------------- 2. optimizer-state fidelity

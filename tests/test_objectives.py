@@ -177,12 +177,15 @@ def test_chunked_loss_under_bf16_autocast(tiny_model, tiny_batch):
 
 
 def _saved(model, batch, chunk_tokens):
-    """(bytes, shapes) of the tensors autograd saves for backward (each storage once)."""
+    """(bytes, shapes) of the tensors autograd saves for backward (each storage once; shapes of
+    the tensors that are not views of a parameter, such as the head weight transposed)."""
     seen, shapes = {}, []
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        shapes.append(tuple(t.shape))
+        if t.untyped_storage().data_ptr() not in params:
+            shapes.append(tuple(t.shape))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -207,6 +210,11 @@ def test_chunked_loss_refuses_what_it_cannot_reproduce(tiny_model, tiny_batch):
     model = tiny_model()
     model.config.final_logit_softcapping = 30.0  # as Gemma-2: tanh soft-capping after the head
     with pytest.raises(ValueError, match=r"^train.loss_chunk_tokens: .*final_logit_softcapping") as err:
+        causal_lm_loss(model, batch, 8)
+    assert "\n" not in str(err.value)
+    model = tiny_model()
+    model.forward = lambda input_ids, attention_mask=None: None  # a forward that cannot skip the logits
+    with pytest.raises(ValueError, match=r"^train.loss_chunk_tokens: .*logits_to_keep") as err:
         causal_lm_loss(model, batch, 8)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"^train.loss_chunk_tokens: .*decoder") as err:

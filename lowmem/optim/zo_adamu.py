@@ -118,9 +118,9 @@ class ZOAdaMU(ZerothOrderOptimizer):
             z = zdot.mul_(coeffs[1]) if zdd is None else zdot.mul_(coeffs[1]).add_(zdd, alpha=1.0 - coeffs[1])
             p.add_(z, alpha=scale * self.eps)
 
-    def _update(self, step_seed: int, g: float, restore: float) -> None:
-        """Algorithm 1's update; first ``theta += restore * z`` (the two-point estimate's pending
-        restore, with ``z = m`` the same draw), one noise pass fewer than a separate restore."""
+    def _update(self, step_seed: int, g: float) -> None:
+        """Algorithm 1's update; first ``theta += eps * z`` (the restore the two-point estimate left
+        pending, with ``z = m`` the same draw), one noise pass fewer than a separate restore."""
         alpha, b1, b2 = coeffs = self.schedule(self._steps)
         for index, p, group in self.indexed_params():
             zdot, zdd = self._draws(p, index, step_seed, coeffs)
@@ -130,7 +130,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
                 m = torch.mul(zdot, b1).add_(zdd, alpha=1.0 - b1)
                 v = zdot.square_().mul_(b2).add_(zdd.square_(), alpha=1.0 - b2)
                 del zdd
-            p.add_(m, alpha=restore)  # m is the perturbation z of _perturb, bit for bit
+            p.add_(m, alpha=self.eps)  # m is the perturbation z of _perturb, bit for bit
             if b1 == 1.0:
                 self.state[p].pop("m", None)  # m_k = sqrt(alpha) zdot_k: regenerated next step
             elif "m" in self.state[p]:
@@ -153,7 +153,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
         loss_plus, g = self._two_point(closure, step_seed, 0, restore=False)
         # Algorithm 1: Perturb(+1) joined with the redraw of (zdot, zdd), m, v and the update
         if all_finite([g]):
-            self._update(step_seed, g, restore=self.eps)
+            self._update(step_seed, g)
         else:  # NaN/Inf: restore only
             self._perturb(step_seed, 0, +1.0)
         self.finish_step([g])

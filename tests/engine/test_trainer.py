@@ -155,13 +155,14 @@ CHUNKED_CASES = {
     "mezo": ({"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}}}, 1e-5),
     "wta_crs": ({"activations": {"wta_crs": {"keep_ratio": 0.3}}}, 1e-5),
     "checkpointing_bf16": ({"model": {"gradient_checkpointing": True}, "train": {"mixed_precision": "bf16"}}, 1e-4),
+    "lora": ({"model": {"lora": {"r": 4}}}, 1e-5),  # the peft wrapper's forward runs the HF model's
 }
 
 
 @pytest.mark.parametrize("case", CHUNKED_CASES)
 def test_chunked_loss_trains_as_the_models_loss(tiny_recipe, tmp_path, case):
     """train.loss_chunk_tokens (13: does not divide the 2 x 31 predicted tokens) gives the same
-    step and eval losses, composed with a zeroth-order closure, WTA-CRS, checkpointing and bf16."""
+    step and eval losses, composed with a zeroth-order closure, WTA-CRS, checkpointing and bf16, LoRA."""
     sections, rtol = CHUNKED_CASES[case]
     recipe = tiny_recipe(**sections)
     runs = {}

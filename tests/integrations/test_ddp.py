@@ -7,6 +7,8 @@ process with ``grad_accum=2`` accumulates (each micro-batch loss / 2). The refer
 lowmem.cli`` and ``torchrun``), and must exit cleanly. A 2-process run resumed from its
 mid-run checkpoint ends bit-identical to the uninterrupted one, also with WTA-CRS, whose
 sampler each rank seeds on its own (the checkpoint keeps every rank's generator state).
+The chunked LM loss (``train.loss_chunk_tokens``) runs the DDP-wrapped forward, so DDP averages
+its gradients too: 2 processes with it equal 1 process with the model's own loss.
 """
 
 import json
@@ -54,14 +56,15 @@ def _assert_same_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("optim, launcher", [
-    ({"name": "adamw", "lr": 1e-3}, "accelerate"),
-    ({"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 2}}, "torchrun"),
-])
-def test_two_processes_equal_one(tiny_recipe, tmp_path, optim, launcher):
+@pytest.mark.parametrize("optim, launcher, extra", [
+    ({"name": "adamw", "lr": 1e-3}, "accelerate", []),
+    ({"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 2}}, "torchrun", []),
+    ({"name": "adamw", "lr": 1e-3}, "torchrun", ["train.loss_chunk_tokens=13"]),
+], ids=["adamw", "apollo", "adamw-chunked-loss"])
+def test_two_processes_equal_one(tiny_recipe, tmp_path, optim, launcher, extra):
     recipe = tiny_recipe(optim=optim, train={"steps": 4, "checkpoint_every": 0})
     summary = _reference(recipe, tmp_path / "one")
-    _launch(launcher, recipe, tmp_path / "two")
+    _launch(launcher, recipe, tmp_path / "two", *extra)
 
     one = load_file(tmp_path / "one" / "model" / "model.safetensors")
     two = load_file(tmp_path / "two" / "model" / "model.safetensors")
