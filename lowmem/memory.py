@@ -183,7 +183,7 @@ def training_step(recipe, model: torch.nn.Module, optimizer, batch: dict[str, to
 def no_grad_forward(recipe, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
     """The reference every step peak is compared with: one forward without autograd."""
     with torch.no_grad(), _autocast(recipe, batch["input_ids"].device.type):
-        model(**batch)
+        model(**batch, use_cache=False)
 
 
 def random_batch(recipe, vocab_size: int, device: str = "cpu") -> dict[str, torch.Tensor]:

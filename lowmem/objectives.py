@@ -67,7 +67,7 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> torch
     """
     if chunk_tokens is None:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
-        return model(**inputs).loss
+        return model(**inputs, use_cache=False).loss  # no KV cache: nothing will be generated
     hidden, head = final_hidden_states(model, batch)             # (B, T, H)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])        # positions that have a next token
     labels = batch["labels"][:, 1:].reshape(-1).to(hidden.device)
@@ -197,7 +197,7 @@ def candidate_scores(model, batch: dict) -> torch.Tensor:
     option_mask = batch["option_mask"]
     keep = int(option_mask.sum(-1).max())  # options sit at the right end (left padding)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=keep + 1)
+                position_ids=batch["position_ids"], logits_to_keep=keep + 1, use_cache=False)
     logits = out.logits[:, -keep - 1:-1].float()  # (B*C, K, V): predicts the last K tokens
     targets = batch["input_ids"][:, -keep:]  # (B*C, K)
     token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
