@@ -112,8 +112,9 @@ def memory_probe(kind: str, model_dir: str) -> dict:
         closure().backward()
         opt.step()
     else:
+        momentum_dtype = "int8" if kind == "zo_adamu_int8" else None
         opt = MeZO(model.parameters(), lr=1e-6) if kind == "mezo" else \
-            ZOAdaMU(model.parameters(), lr=1e-6, total_steps=4, t1=0, t2=2)
+            ZOAdaMU(model.parameters(), lr=1e-6, total_steps=4, t1=0, t2=2, momentum_dtype=momentum_dtype)
         for _ in range(2):  # ZO-AdaMU allocates its momentum at step 2
             opt.step(closure)
     return {"after_load": after_load / 2**20, "peak": window_peak_rss_bytes() / 2**20}
@@ -124,7 +125,7 @@ def memory(model, tok) -> list[list]:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         results = {}
-        for kind in ("inference", "mezo", "zo_adamu", "adamw"):
+        for kind in ("inference", "mezo", "zo_adamu", "zo_adamu_int8", "adamw"):
             out = subprocess.run([sys.executable, __file__, "--memory-probe", kind, d], capture_output=True,
                                  text=True, check=True)
             results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -212,7 +213,8 @@ def quality(args) -> str:
     best = {m: min((r for r in lm if r["method"] == m), key=final_val) for m in methods}
     extra = run_parallel([(m, best[m]["lr"], "lm", s) for s in range(1, args.seeds) for m in methods],
                          args.steps, args.trained, args.evals, args.workers)
-    cls = run_parallel([(m, best[m]["lr"], "cls", 0) for m in methods], args.cls_steps, args.trained, 2, args.workers)
+    cls = run_parallel([(m, best[m]["lr"], "cls", 0) for m in methods], args.cls_steps, args.trained, 2,
+                       args.workers) if args.cls_steps else []
     forwards = 2 * args.steps
     sweep = [[r["method"], f"{r['lr']:g}", f"{r['curve'][0][2][0]:.4f}", f"{final_val(r):.4f}",
               f"{final_test(r):.4f}", f"{r['seconds'] / args.steps:.2f}"] for r in lm]
@@ -231,13 +233,14 @@ def quality(args) -> str:
                "loses to" if m_mean + m_std < a_mean - a_std else "does not separate from")
     reading = (f"Reading: at equal forwards ({forwards}) ZO-AdaMU {verdict} MeZO on the BBC LM test loss "
                f"({a_mean:.4f} +- {a_std:.4f} vs {m_mean:.4f} +- {m_std:.4f} over {args.seeds} seeds; "
-               f"'beats' needs the one-std intervals apart). Topic accuracy after {2 * args.cls_steps} "
-               f"forwards, one seed, 100 test articles (binomial std about 0.045): "
-               f"ZO-AdaMU {cls[1]['curve'][-1][2][1]:.3f}, MeZO {cls[0]['curve'][-1][2][1]:.3f}.")
-    zero = cls[0]["curve"][0][2]
-    summary = [["zero-shot", "-", f"{lm[0]['curve'][0][2][0]:.4f}", f"{zero[0]:.4f}", f"{zero[1]:.3f}"]]
-    for (m, r), row in zip(zip(methods, cls), seeds):
-        summary.append([m, f"{r['lr']:g}", row[3], f"{r['curve'][-1][2][0]:.4f}", f"{r['curve'][-1][2][1]:.3f}"])
+               f"'beats' needs the one-std intervals apart).")
+    if cls:
+        reading += (f" Topic accuracy after {2 * args.cls_steps} forwards, one seed, 100 test articles (binomial "
+                    f"std about 0.045): ZO-AdaMU {cls[1]['curve'][-1][2][1]:.3f}, MeZO {cls[0]['curve'][-1][2][1]:.3f}.")
+    topic = lambda point: [f"{point[0]:.4f}", f"{point[1]:.3f}"] if cls else []  # noqa: E731
+    summary = [["zero-shot", "-", f"{lm[0]['curve'][0][2][0]:.4f}", *topic(cls[0]["curve"][0][2] if cls else None)]]
+    for m, row in zip(methods, seeds):
+        summary.append([m, row[1], row[3], *topic(cls[methods.index(m)]["curve"][-1][2] if cls else None)])
     return (f"### LM LR sweep, {args.steps} steps = {forwards} forwards each (seed 0)\n\n"
             + markdown_table(["optimizer", "lr", "test loss at 0", "val loss at end", "test loss at end",
                               "s / step (1 thread, shared machine)"], sweep)
@@ -247,15 +250,16 @@ def quality(args) -> str:
             + markdown_table(["optimizer", "lr", "test loss per seed", "mean", "std"], seeds)
             + f"\n\n### Summary at equal forwards (LM: {forwards}, topic: {2 * args.cls_steps}; LR chosen on the "
               "LM validation split)\n\n"
-            + markdown_table(["run", "lr", "BBC LM test loss (mean over seeds)", "topic test loss",
-                              "topic test accuracy"], summary)
+            + markdown_table(["run", "lr", "BBC LM test loss (mean over seeds)"]
+                             + (["topic test loss", "topic test accuracy"] if cls else []), summary)
             + "\n\n" + reading)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200, help="ZO steps per LM sweep run")
-    parser.add_argument("--cls-steps", type=int, default=150, help="ZO steps per topic-classification run")
+    parser.add_argument("--cls-steps", type=int, default=150, help="ZO steps per topic-classification run (0: none)")
+    parser.add_argument("--result", default="bench_zo_quality", help="results/<name>.md for the quality tables")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4])
     parser.add_argument("--trained", default=r"norm", help="regex on parameter names to train")
     parser.add_argument("--evals", type=int, default=4, help="evaluation points per LM run")
@@ -291,8 +295,8 @@ def main() -> None:
                      "in use); the ideal is 2 forwards plus the noise passes (3 per step for MeZO, each drawing "
                      "135M normals). Peak RSS: VmHWM reset after the load (weights are read lazily from the "
                      "safetensors file, so 'after load' is below their 513 MiB), glibc mmap threshold fixed as "
-                     "in a training run; ZO-AdaMU's extra is its momentum buffer (fp32 here; "
-                     "momentum_dtype=bfloat16 halves it).")
+                     "in a training run; ZO-AdaMU's extra is its momentum buffer (fp32; "
+                     "zo_adamu_int8: momentum_dtype=int8, 8-bit blockwise, about a quarter of it).")
     if "quality" not in args.skip:
         notes = (f"{common}, batch 4. Each run trains the parameters matching `{args.trained}` and nothing else; "
                  f"the BBC articles are shuffled once (seed 0): the last 100 are the test split, the 100 before "
@@ -301,7 +305,8 @@ def main() -> None:
                  f"the 5 folder names, max_length 48, loss and accuracy on 100 test articles, run at the LR chosen "
                  f"on the LM task. ZO-AdaMU: T3 = steps, T1 = 0.05 T3, T2 = 0.8 T3, phi = (1.0, 0.1, 1.5). "
                  f"Perturbation seed 0 for the sweep and the topic runs; {args.seeds} seeds at the chosen LR.")
-        write_result("bench_zo_quality", "MeZO vs ZO-AdaMU at equal forwards on SmolLM2-135M, CPU",
+        write_result(args.result, f"MeZO vs ZO-AdaMU at equal forwards on SmolLM2-135M, CPU ({2 * args.steps} "
+                     "forwards)",
                      quality(args), notes)
 
 

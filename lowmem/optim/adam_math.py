@@ -158,16 +158,11 @@ class MomentOptimizer(DenseGradOptimizer):
         self._update(p, group, state)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load keeping each state tensor's dtype: ``torch.optim.Optimizer`` casts every state
-        tensor to the parameter's dtype, which would turn fp32 moments of a bf16 model into
-        bf16, 8-bit codes and index tensors into floats."""
-        super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for i, p in zip(saved_ids, params):
-            if i in state_dict["state"]:
-                self.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v
-                                 for k, v in state_dict["state"][i].items()}
+        """Load keeping each state tensor's dtype (fp32 moments of a bf16 model, 8-bit codes, indices)."""
+        from lowmem.optim.state_store import restore_saved_dtypes
+
+        super().load_state_dict(state_dict)
+        restore_saved_dtypes(self, state_dict)
 
     def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError

@@ -38,7 +38,7 @@ from lowmem.kernels.adamw8bit_step import (AdamScalars, adam8bit_step, adam_fp32
 from lowmem.kernels.quantize import check_blocksize
 from lowmem.optim.adam_math import DenseGradOptimizer
 from lowmem.optim.registry import OptimizerSpec, register
-from lowmem.optim.state_store import MomentStore
+from lowmem.optim.state_store import MomentStore, restore_saved_dtypes
 
 EMBEDDING_PATTERNS = ("*embed*", "*wte*", "*wpe*")
 
@@ -87,14 +87,8 @@ class _Blockwise8bit(DenseGradOptimizer):
         raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts every loaded state tensor to the param's dtype (codes too); put back the saved
-        # uint8 codes and fp32 absmax/moments so the round trip is exact: only the device follows p
         super().load_state_dict(state_dict)
-        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for i, p in zip(ids, params):
-            for key, value in state_dict["state"].get(i, {}).items():
-                self.state[p][key] = value.to(device=p.device, copy=True)
+        restore_saved_dtypes(self, state_dict)  # uint8 codes, fp32 absmax and moments, as saved
 
 
 class AdamW8bit(_Blockwise8bit):

@@ -87,3 +87,16 @@ def _same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     False even for one tensor against itself."""
     return (a.untyped_storage() is b.untyped_storage() and a.storage_offset() == b.storage_offset()
             and a.shape == b.shape and a.stride() == b.stride())
+
+
+def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Call after ``torch.optim.Optimizer.load_state_dict``, which casts every state tensor of a
+    floating-point parameter to the parameter's dtype (fp32 moments of a bf16 model to bf16, uint8
+    codes to floats): put back copies of the saved tensors as saved, only moved to the parameter's
+    device, so a round trip is exact."""
+    ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in zip(ids, params):
+        for key, value in state_dict["state"].get(i, {}).items():
+            if isinstance(value, torch.Tensor):
+                optimizer.state[p][key] = value.to(device=p.device, copy=True)

@@ -35,9 +35,12 @@ or are broken (ALGORITHMS.md §6):
 Memory. The reference keeps ``m`` for every parameter from step 0, in the parameter
 dtype. Here, while ``b1 = 1`` (phase 1) ``m_k = zdot_k`` is regenerated from the previous
 step seed, so no buffer exists (memory = inference); from ``T1`` on, ``m`` is one buffer
-per parameter in ``momentum_dtype`` (default: the parameter's; ``"bfloat16"`` halves fp32; the perturbation and the
-update read the same stored ``m``, so rounding it changes the walk, not the estimator's
-consistency). Temporaries: three tensors the size of the parameter being updated.
+per parameter in ``momentum_dtype``: default the parameter's; ``"bfloat16"`` halves fp32;
+``"int8"`` keeps it 8-bit blockwise-quantized (signed dynamic map, one fp32 absmax per 256
+values: about a quarter of fp32; :class:`~lowmem.optim.state_store.MomentStore`, tensors under
+4096 values stay fp32). The perturbation and the update read the same stored ``m``, so
+rounding it changes the walk, not the estimator's consistency. Temporaries: three tensors the
+size of the parameter being updated.
 Single process only (``mezo`` does distributed ZO).
 """
 
@@ -48,11 +51,13 @@ import math
 import torch
 
 from lowmem.optim.registry import OptimizerSpec, register
+from lowmem.optim.state_store import MomentStore
 from lowmem.optim.zo_base import ZerothOrderOptimizer, all_finite
 from lowmem.optim.zo_distributed import world
 from lowmem.optim.zo_noise import gaussian_like, mix_seed, param_seed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MOMENTUM_DTYPES = (*_DTYPES, "int8")  # int8: blockwise-quantized through MomentStore
 _V_EPS = 1e-8  # Algorithm 1's constant under the square root
 
 
@@ -80,19 +85,25 @@ class ZOAdaMU(ZerothOrderOptimizer):
             raise ValueError(f"optim.t1: need 0 <= t1 < t2 <= total_steps, got {t1}, {t2}, {total_steps}")
         if len(phi) != 3 or any(not 0 <= f * (total_steps - t2) < total_steps for f in phi):
             raise ValueError(f"optim.phi: three values with 0 <= phi*(T3-T2) < T3, got {phi!r}")
-        if momentum_dtype is not None and momentum_dtype not in _DTYPES:
-            raise ValueError(f"optim.momentum_dtype: one of {', '.join(_DTYPES)}, got {momentum_dtype!r}")
+        if momentum_dtype is not None and momentum_dtype not in _MOMENTUM_DTYPES:
+            raise ValueError(f"optim.momentum_dtype: one of {', '.join(_MOMENTUM_DTYPES)}, got {momentum_dtype!r}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, seed=seed,
                          fp32_forward=fp32_forward)
         self.t1, self.t2, self.t3, self.phi = t1, t2, total_steps, tuple(float(f) for f in phi)
-        self.momentum_dtype = None if momentum_dtype is None else _DTYPES[momentum_dtype]  # None: param dtype
+        self.momentum_dtype = _DTYPES.get(momentum_dtype)  # None: the parameter's (or int8)
+        self._store = MomentStore(bits=8) if momentum_dtype == "int8" else None
         self._prev_seed, self._prev_alpha = -1, 1.0  # m_{k-1} = sqrt(alpha) zdot(prev seed) when no buffer
 
     def schedule(self, k: int) -> tuple[float, float, float]:
         """``(alpha, b1, b2)`` at step ``k``."""
         return tuple(anneal(k, self.t1, self.t2, self.t3, f) for f in self.phi)
 
+    def _has_m(self, p: torch.Tensor) -> bool:
+        return "m" in self.state[p] or "m_codes" in self.state[p]
+
     def _previous_m(self, p: torch.Tensor, index: int) -> torch.Tensor | None:
+        if self._store is not None and "m_codes" in self.state[p]:
+            return self._store.load(self.state[p], "m", p.shape, signed=True).to(p.dtype)
         if "m" in self.state[p]:
             return self.state[p]["m"].to(p.dtype)
         if self._prev_seed < 0:
@@ -131,17 +142,27 @@ class ZOAdaMU(ZerothOrderOptimizer):
                 v = zdot.square_().mul_(b2).add_(zdd.square_(), alpha=1.0 - b2)
                 del zdd
             p.add_(m, alpha=self.eps)  # m is the perturbation z of _perturb, bit for bit
-            if b1 == 1.0:
-                self.state[p].pop("m", None)  # m_k = sqrt(alpha) zdot_k: regenerated next step
-            elif "m" in self.state[p]:
-                self.state[p]["m"].copy_(m)
-            else:
-                self.state[p]["m"] = m.to(self.momentum_dtype or p.dtype, copy=True)
+            self._keep_m(p, m, phase_1=b1 == 1.0)
             direction = m.div_(v.add_(_V_EPS).sqrt_()).mul_(g)
             if group["weight_decay"]:
                 direction.add_(p, alpha=group["weight_decay"])
             p.sub_(direction.mul_(group["lr"]))
         self._prev_seed, self._prev_alpha = (step_seed, alpha) if b1 == 1.0 else (-1, 1.0)
+
+    def _keep_m(self, p: torch.Tensor, m: torch.Tensor, phase_1: bool) -> None:
+        """Store ``m_k`` for the next step (none in phase 1: m_k = sqrt(alpha) zdot_k is regenerated)."""
+        state = self.state[p]
+        if phase_1:
+            for key in ("m", "m_codes", "m_absmax"):
+                state.pop(key, None)
+        elif self._store is not None:
+            if not self._has_m(p):
+                self._store.init(state, "m", p)
+            self._store.store(state, "m", m.float(), signed=True)
+        elif "m" in state:
+            state["m"].copy_(m)
+        else:
+            state["m"] = m.to(self.momentum_dtype or p.dtype, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None) -> torch.Tensor:
