@@ -107,7 +107,6 @@ def load_model(section: ModelSection):
         if section.gguf_file:
             model = _plain_copy(model)
     if section.gradient_checkpointing:
-        model.config.use_cache = False
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:

@@ -120,7 +120,6 @@ def fake_model(section, config):
 
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[section.dtype])
     if section.gradient_checkpointing:
-        model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return select_trained(model, section).train()
 
