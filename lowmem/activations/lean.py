@@ -21,14 +21,18 @@ With WTA-CRS on both ``gate_proj`` and ``up_proj`` (:mod:`lowmem.activations.swa
 only at one WTA-CRS row sample shared by ∂W_g and ∂W_u, p ∝ ||x_i||, or ||x_i||·ĝ_i with ĝ a
 running estimate of sqrt(||∂g_i||² + ||∂u_i||²) (``grad_norm_momentum``): d·k/N + 2f per row,
 unbiased as in :mod:`lowmem.activations.sampler`. ∂W_d stays exact: its input h is recomputed
-from g and u anyway, so sampling it would save no memory. ∂x is always exact.
+from g and u anyway, so sampling it would save no memory; and with only one of gate/up under
+WTA-CRS, ∂W_g and ∂W_u are exact too (x is kept whole). ∂x is always exact.
 
 The same idea as Liger-Kernel's RMSNorm and SwiGLU (which keep x, r and g, u), and as the
 WTA-CRS reference, which replaces T5's LayerNorm by one that keeps a single tensor.
 
-A module is replaced only if its class passes a probe: its own forward and the lean forward give
-bit-identical outputs on a random input with small random weights (so a variant such as
-Gemma's ``1 + w`` norm is left alone). The swap changes the module's class in place (like
+A module is replaced only if it passes a probe: in training mode, its own forward and the lean
+forward give the same dtype and bit-identical values on a random input, with random stand-ins of
+a few elements for its parameters, for every weight/input dtype pairing a run can produce (fp32,
+bf16, fp16; fp32 weights with low-precision inputs for norms). So a variant such as Gemma's
+``1 + w`` norm, or Olmo-2's ``(w ⊙ x̂)`` cast after the product, is left alone. Projections
+wrapped later (LoRA) make the MLP fall back to its own forward. The swap changes the module's class in place (like
 :mod:`lowmem.activations.swap`), so parameters, hooks and ``state_dict`` keys are untouched.
 """
 
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from lowmem.activations.linear import SAMPLED_CLASS, autocast_inputs, batch_seq, draw_rows
 from lowmem.activations.sampler import row_norms
@@ -64,6 +69,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x, r, weight = ctx.saved_tensors
         x_hat = x.float() * r  # fp32
@@ -95,30 +101,39 @@ def _gated_mlp(x: torch.Tensor, w: _MLPWeights, act) -> tuple[torch.Tensor, torc
 
 
 class GatedMLPFunction(torch.autograd.Function):
-    """y = W_d (act(W_g x) ⊙ W_u x) keeping x (all rows, or the rows ``index``), g and u."""
+    """y = W_d (act(W_g x) ⊙ W_u x) keeping x (all rows, or the rows ``index``; none when no
+    gate/up weight gradient is needed), g and u. Runs under the caller's autocast, with x and
+    the weights already cast (:func:`~lowmem.activations.linear.autocast_inputs`), so ``act``
+    sees the same policy as in the module's own forward; backward recomputes it under that policy."""
 
     @staticmethod
     def forward(ctx, x, gate, gate_bias, up, up_bias, down, down_bias, act, index, row_weight, tracker):
         y, g, u = _gated_mlp(x, _MLPWeights(gate, gate_bias, up, up_bias, down, down_bias), act)
-        x_kept = x if index is None else x.reshape(-1, x.shape[-1]).index_select(0, index)
+        needs = ctx.needs_input_grad
+        x_kept = None if not (needs[1] or needs[3]) else \
+            x if index is None else x.reshape(-1, x.shape[-1]).index_select(0, index)
         ctx.save_for_backward(x_kept, g, u, gate, up, down, index, row_weight)
         ctx.act, ctx.tracker, ctx.x_shape, ctx.batch_seq = act, tracker, x.shape, batch_seq(x)
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x_kept, g, u, gate, up, down, index, row_weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         width = g.shape[-1]
         gy, g, u = grad_y.reshape(-1, grad_y.shape[-1]), g.reshape(-1, width), u.reshape(-1, width)
-        with torch.enable_grad():
+        device, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             g_leaf = g.detach().requires_grad_(True)
             a = ctx.act(g_leaf)
         grad_h = gy.mm(down)  # (N, f)
         grad_g, = torch.autograd.grad(a, g_leaf, grad_h * u)
-        a = a.detach()
+        a = a.detach()  # may share g's storage (an identity activation): no in-place on it
+        grad_down = gy.t().mm(a * u) if needs[5] else None  # a ⊙ u = h
         grad_u = grad_h.mul_(a)  # ∂h is not needed any more
-        grad_down = gy.t().mm(a.mul_(u)) if needs[5] else None  # a ⊙ u = h
         grad_x = grad_g.mm(gate).add_(grad_u.mm(up)).reshape(ctx.x_shape) if needs[0] else None
         grad_biases = [t.sum(0) if needs[i] else None for i, t in ((2, grad_g), (4, grad_u), (6, gy))]  # exact
         if ctx.tracker is not None:
@@ -127,7 +142,7 @@ class GatedMLPFunction(torch.autograd.Function):
         if index is not None:  # the sampled rows, reweighted: unbiased ∂W_g and ∂W_u
             scale = row_weight.unsqueeze(1)
             grad_g, grad_u = ((t.index_select(0, index).float() * scale).to(t.dtype) for t in (grad_g, grad_u))
-        x_rows = x_kept.reshape(-1, x_kept.shape[-1])
+        x_rows = None if x_kept is None else x_kept.reshape(-1, x_kept.shape[-1])
         grad_gate = grad_g.t().mm(x_rows) if needs[1] else None
         grad_up = grad_u.t().mm(x_rows) if needs[3] else None
         return (grad_x, grad_gate, grad_biases[0], grad_up, grad_biases[1], grad_down, grad_biases[2],
@@ -138,7 +153,21 @@ def _wta_sampled(layer: nn.Module) -> bool:
     return hasattr(layer, "wta_keep_ratio")
 
 
-class _LeanRMSNorm:
+class _LeanModule:
+    """What the lean mixins share: a lean module pickles as its original class (the swap is a
+    runtime change to how backward keeps activations, not part of the model)."""
+
+    def __reduce_ex__(self, protocol):
+        return _unpickle_as, (_ORIGINAL[type(self)], self.__getstate__())
+
+
+def _unpickle_as(cls: type, state: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    return module
+
+
+class _LeanRMSNorm(_LeanModule):
     """Mixin over an RMSNorm class: the forward through :class:`RMSNormFunction` when autograd records."""
 
     def forward(self, x):
@@ -147,13 +176,16 @@ class _LeanRMSNorm:
         return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
 
 
-class _LeanGatedMLP:
-    """Mixin over a gated-MLP class: the forward through :class:`GatedMLPFunction` when autograd records."""
+class _LeanGatedMLP(_LeanModule):
+    """Mixin over a gated-MLP class: the forward through :class:`GatedMLPFunction` when autograd
+    records and the projections are still plain (or WTA-CRS) linear layers (a LoRA wrapper added
+    later gets the module's own forward)."""
 
     def forward(self, x):
         layers = (self.gate_proj, self.up_proj, self.down_proj)
         params = [t for layer in layers for t in (layer.weight, layer.bias)]
-        if not (torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))):
+        if not (torch.is_grad_enabled() and all(type(layer) in _LINEAR_CLASSES for layer in layers)
+                and (x.requires_grad or any(p is not None and p.requires_grad for p in params))):
             return super().forward(x)
         x_c, *params = autocast_inputs(x, *params)
         gate, up = self.gate_proj, self.up_proj
@@ -163,23 +195,38 @@ class _LeanGatedMLP:
             sample = draw_rows(x_c, gate.wta_keep_ratio, gate.wta_context, gate.wta_tracker)
         index, row_weight, tracker = (None, None, None) if sample is None else \
             (sample.index, sample.weight, gate.wta_tracker)
-        with torch.autocast(x.device.type, enabled=False):
-            return GatedMLPFunction.apply(x_c, *params, self.act_fn, index, row_weight, tracker)
+        return GatedMLPFunction.apply(x_c, *params, self.act_fn, index, row_weight, tracker)
 
 
-def _same_on_probe(module: nn.Module, fake_params: dict, shape: tuple[int, ...], lean) -> bool:
-    """Whether ``module``'s own forward, with ``fake_params`` (small random stand-ins for its
-    parameters, by name; None for an absent bias) in place of its own, and ``lean(x, *params)``
-    give bit-identical outputs on a random ``x`` of ``shape``. Real tensors even under a
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _same_on_probe(module: nn.Module, param_shapes: dict, x_shape: tuple[int, ...], lean,
+                   dtypes: list[tuple[torch.dtype, torch.dtype]]) -> bool:
+    """Whether ``module``'s own forward and ``lean(x, *params)`` give the same dtype and
+    bit-identical values, in training mode, for each ``(parameter dtype, input dtype)`` of
+    ``dtypes``: random stand-ins of a few elements replace the parameters (``param_shapes`` by
+    name; None for an absent bias) and ``x`` has ``x_shape``. Real tensors even under a
     ``FakeTensorMode`` (the planner builds the model on fake tensors)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    modes = {m: m.training for m in module.modules()}
     with unset_fake_temporarily(), torch.no_grad():
-        gen = torch.Generator().manual_seed(_PROBE_SEED)
-        params = {k: None if s is None else torch.randn(s, generator=gen) for k, s in fake_params.items()}
-        x = torch.randn(shape, generator=gen)
-        own = torch.func.functional_call(module, {k: v for k, v in params.items() if v is not None}, (x,))
-        return torch.equal(own, lean(x, *params.values()))
+        try:
+            module.train()
+            for param_dtype, x_dtype in dtypes:
+                gen = torch.Generator().manual_seed(_PROBE_SEED)
+                params = {k: None if shape is None else torch.randn(shape, generator=gen).to(param_dtype)
+                          for k, shape in param_shapes.items()}
+                x = torch.randn(x_shape, generator=gen).to(x_dtype)
+                own = torch.func.functional_call(module, {k: v for k, v in params.items() if v is not None}, (x,))
+                mine = lean(x, *params.values())
+                if own.dtype != mine.dtype or not torch.equal(own, mine):
+                    return False
+            return True
+        finally:
+            for m, training in modes.items():
+                m.training = training
 
 
 def _rms_norm_mixin(module: nn.Module) -> type | None:
@@ -187,7 +234,10 @@ def _rms_norm_mixin(module: nn.Module) -> type | None:
     if (not type(module).__name__.endswith("RMSNorm") or set(params) != {"weight"} or params["weight"].dim() != 1
             or not isinstance(getattr(module, "variance_epsilon", None), float)):
         return None
-    same = _same_on_probe(module, {"weight": (8,)}, (3, 8), lambda x, w: _rms_norm(x, w, module.variance_epsilon)[0])
+    # every weight/input dtype pairing a run can produce (a bf16 model; fp32 weights under autocast)
+    dtypes = [(w, x) for w in _FLOATS for x in _FLOATS if w == x or w == torch.float32]
+    same = _same_on_probe(module, {"weight": (8,)}, (3, 8),
+                          lambda x, w: _rms_norm(x, w, module.variance_epsilon)[0], dtypes)
     return _LeanRMSNorm if same else None
 
 
@@ -202,22 +252,25 @@ def _gated_mlp_mixin(module: nn.Module) -> type | None:
     for name, layer, (d_out, d_in) in zip(("gate_proj", "up_proj", "down_proj"), layers, ((6, 4), (6, 4), (4, 6))):
         shapes[f"{name}.weight"] = (d_out, d_in)
         shapes[f"{name}.bias"] = None if layer.bias is None else (d_out,)
-    same = _same_on_probe(module, shapes, (3, 4), lambda x, *w: _gated_mlp(x, _MLPWeights(*w), module.act_fn)[0])
+    same = _same_on_probe(module, shapes, (3, 4), lambda x, *w: _gated_mlp(x, _MLPWeights(*w), module.act_fn)[0],
+                          [(dtype, dtype) for dtype in _FLOATS])
     return _LeanGatedMLP if same else None
 
 
 _LEAN_CLASSES: dict[tuple[type, type], type] = {}
+_ORIGINAL: dict[type, type] = {}  # Lean<cls> -> cls
 
 
 def _lean_class(cls: type, mixin: type) -> type:
     """``Lean<cls>``: ``mixin``'s forward over ``cls`` (one class per pair, so ``type(m)`` stays stable)."""
     if (cls, mixin) not in _LEAN_CLASSES:
-        _LEAN_CLASSES[(cls, mixin)] = type(f"Lean{cls.__name__}", (mixin, cls), {"__module__": __name__})
+        lean = type(f"Lean{cls.__name__}", (mixin, cls), {"__module__": __name__})
+        _LEAN_CLASSES[(cls, mixin)], _ORIGINAL[lean] = lean, cls
     return _LEAN_CLASSES[(cls, mixin)]
 
 
 def _is_lean(module: nn.Module) -> bool:
-    return isinstance(module, (_LeanRMSNorm, _LeanGatedMLP))
+    return isinstance(module, _LeanModule)
 
 
 class LeanHandle:
@@ -228,7 +281,8 @@ class LeanHandle:
 
     def remove(self) -> None:
         for module in self.modules.values():
-            _restore(module)
+            if _is_lean(module):  # not already restored by remove_lean
+                _restore(module)
         self.modules = {}
 
 
@@ -249,7 +303,7 @@ def apply_lean(model: nn.Module) -> LeanHandle:
 
 
 def _restore(module: nn.Module) -> None:
-    module.__class__ = module.__class__.__mro__[2]  # Lean<cls> -> (mixin, cls)
+    module.__class__ = _ORIGINAL[type(module)]
 
 
 def remove_lean(model: nn.Module) -> int:

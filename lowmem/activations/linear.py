@@ -121,12 +121,12 @@ class _WTACRSMixin:
         raise NotImplementedError
 
     def forward(self, x):
-        if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad):
+        n_rows = x.numel() // x.shape[-1]
+        if (not (self.training and torch.is_grad_enabled() and self.weight.requires_grad)
+                or budget(n_rows, self.wta_keep_ratio, self.wta_context.minimal_k) >= n_rows):
             return super().forward(x)  # the original layer, bit for bit
         x_c, weight, bias = autocast_inputs(x, self._linear_weight(), self.bias)
         sample = draw_rows(x_c, self.wta_keep_ratio, self.wta_context, self.wta_tracker)
-        if sample is None:  # k = N: nothing to sample
-            return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return WTACRSLinearFunction.apply(x_c, weight, bias, sample.index, sample.weight, self.wta_tracker)
 

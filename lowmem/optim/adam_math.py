@@ -104,6 +104,7 @@ class DenseGradOptimizer(torch.optim.Optimizer):
     """The ``step`` loop every optimizer here shares: run the closure under grad, walk the groups'
     parameters (with their ``param_names`` where the group has them) and hand each one with a
     dense gradient to ``_step_param(p, group, name)``; a sparse gradient raises ``_sparse_error``.
+    ``load_state_dict`` keeps the saved state dtypes.
     """
 
     @torch.no_grad()
@@ -127,6 +128,12 @@ class DenseGradOptimizer(torch.optim.Optimizer):
 
     def _step_param(self, p: torch.Tensor, group: dict, name: str | None) -> None:
         raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load keeping each state tensor's dtype (fp32 moments of a bf16 model, 8-bit codes, indices)."""
+        from lowmem.optim.state_store import load_keeping_dtypes  # the 8-bit kernels load on first use
+
+        load_keeping_dtypes(self, state_dict, super().load_state_dict)
 
 
 class MomentOptimizer(DenseGradOptimizer):
@@ -156,13 +163,6 @@ class MomentOptimizer(DenseGradOptimizer):
         state = self.state[p]
         state.setdefault("step", 0)
         self._update(p, group, state)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load keeping each state tensor's dtype (fp32 moments of a bf16 model, 8-bit codes, indices)."""
-        from lowmem.optim.state_store import restore_saved_dtypes
-
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)
 
     def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError

@@ -38,7 +38,7 @@ from lowmem.kernels.adamw8bit_step import (AdamScalars, adam8bit_step, adam_fp32
 from lowmem.kernels.quantize import check_blocksize
 from lowmem.optim.adam_math import DenseGradOptimizer
 from lowmem.optim.registry import OptimizerSpec, register
-from lowmem.optim.state_store import MomentStore, restore_saved_dtypes
+from lowmem.optim.state_store import MomentStore
 
 EMBEDDING_PATTERNS = ("*embed*", "*wte*", "*wpe*")
 
@@ -85,10 +85,6 @@ class _Blockwise8bit(DenseGradOptimizer):
 
     def _update(self, p, g, state: dict, group: dict, step: int) -> None:
         raise NotImplementedError
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)  # uint8 codes, fp32 absmax and moments, as saved
 
 
 class AdamW8bit(_Blockwise8bit):

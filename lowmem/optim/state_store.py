@@ -89,14 +89,16 @@ def _same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.shape == b.shape and a.stride() == b.stride())
 
 
-def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """Call after ``torch.optim.Optimizer.load_state_dict``, which casts every state tensor of a
-    floating-point parameter to the parameter's dtype (fp32 moments of a bf16 model to bf16, uint8
-    codes to floats): put back copies of the saved tensors as saved, only moved to the parameter's
-    device, so a round trip is exact."""
+def load_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict, base_load) -> None:
+    """Load ``state_dict`` into ``optimizer`` with every state tensor as saved (fp32 moments of a
+    bf16 model, uint8 codes, indices): ``base_load`` (``torch.optim.Optimizer.load_state_dict``)
+    gets the param groups only, since it would cast each state tensor of a floating-point
+    parameter to the parameter's dtype. Tensors move to their parameter's device (no copy when
+    already there, as in torch's own load)."""
+    base_load({**state_dict, "state": {}})
     ids = [i for group in state_dict["param_groups"] for i in group["params"]]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, p in zip(ids, params):
-        for key, value in state_dict["state"].get(i, {}).items():
-            if isinstance(value, torch.Tensor):
-                optimizer.state[p][key] = value.to(device=p.device, copy=True)
+        if i in state_dict["state"]:
+            optimizer.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v
+                                  for k, v in state_dict["state"][i].items()}

@@ -185,6 +185,11 @@ class ZOAdaMU(ZerothOrderOptimizer):
 
     def _load_extra_state(self, zo: dict) -> None:
         self._prev_seed, self._prev_alpha = int(zo["prev_seed"]), float(zo["prev_alpha"])
+        for p, state in self.state.items():  # an 8-bit m read as absent (or the reverse) would restart it
+            quantized, expected = "m_codes" in state, self._store is not None and self._store.quantized(p.numel())
+            if ("m" in state or quantized) and quantized != expected:
+                raise ValueError("optim.args.momentum_dtype: the checkpoint's ZO-AdaMU momentum was saved with "
+                                 "another momentum_dtype (int8 or not); resume with the one it was saved with")
 
 
 register(OptimizerSpec(name="zo_adamu", cls=ZOAdaMU, zeroth_order=True))

@@ -141,10 +141,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         zo = state_dict.pop("zo", None)
         if zo is None:
             raise ValueError("state_dict: missing the 'zo' entry (generator state) of a zeroth-order optimizer")
-        from lowmem.optim.state_store import restore_saved_dtypes
+        from lowmem.optim.state_store import load_keeping_dtypes  # the 8-bit kernels load on first use
 
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)  # e.g. ZO-AdaMU's int8 momentum codes
+        load_keeping_dtypes(self, state_dict, super().load_state_dict)  # e.g. ZO-AdaMU's int8 momentum codes
         self._generator.set_state(torch.as_tensor(zo["generator_state"], dtype=torch.uint8).cpu())
         self._steps = int(zo["steps"])
         last = int(zo["last_step_seed"])

@@ -202,3 +202,60 @@ def test_variants_that_compute_otherwise_are_left_alone(tiny_model):
         apply_lean(nn.Sequential(GemmaLikeRMSNorm(), SwappedMLP()))
     with pytest.raises(ValueError, match="activations.lean: GPT2LMHeadModel"):
         apply_lean(tiny_model("gpt2"))
+
+
+def test_norm_variants_that_differ_only_in_low_precision_are_left_alone():
+    """Olmo-2 style: (w ⊙ x̂) cast after the product. Equal to Llama's in fp32, not in bf16."""
+    class CastAfterRMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.ones(8)), 1e-6
+
+        def forward(self, x):
+            xf = x.float()
+            x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (self.weight * x_hat).to(x.dtype)
+
+    with pytest.raises(ValueError, match="has no RMSNorm"):
+        apply_lean(nn.Sequential(CastAfterRMSNorm()))
+
+
+def test_fp32_norm_weights_with_bf16_input_match():
+    _, norm = _llama_parts(dtype=torch.float32)
+    x, grad = torch.randn(2, 5, 16).bfloat16(), torch.randn(2, 5, 16)
+    ref = _forward_backward(norm, x, grad)
+    apply_lean(norm)
+    out = _forward_backward(norm, x, grad)
+    assert out[0].dtype == ref[0].dtype == torch.float32 and torch.equal(out[0], ref[0])
+    torch.testing.assert_close(out[2]["weight"], ref[2]["weight"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1].float(), ref[1].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_remove_twice_pickle_and_a_later_lora_wrapper(tiny_model, tiny_batch):
+    import pickle
+
+    from peft import LoraConfig, get_peft_model
+
+    model, batch = tiny_model("llama"), tiny_batch(seq=16)
+    handle = apply_lean(model)
+    clone = pickle.loads(pickle.dumps(model.model.layers[0].mlp))  # pickles as the original class
+    assert type(clone).__name__ == "LlamaMLP"
+    assert remove_lean(model) == len(handle.modules)
+    handle.remove()  # already restored: nothing to do
+    apply_lean(model)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    loss = peft_model(**batch).loss
+    with torch.no_grad():
+        assert torch.equal(peft_model(**batch).loss, loss.detach())  # the LoRA path runs in training too
+    loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_" in n)
+
+
+def test_identity_activation_keeps_g_intact_for_a_second_backward():
+    mlp, _ = _llama_parts(dtype=torch.float64, act="linear")
+    apply_lean(mlp)
+    x = torch.randn(2, 4, 16, dtype=torch.float64, requires_grad=True)
+    y = mlp(x).square().sum()
+    first, = torch.autograd.grad(y, x, retain_graph=True)
+    second, = torch.autograd.grad(y, x)
+    assert torch.equal(first, second)

@@ -172,6 +172,9 @@ def test_state_dict_round_trip_across_the_phase_boundary(tiny_model, tiny_batch,
         losses_b += run(model_b, opt_c, 7 - split)
         assert losses_a == losses_b, split
         assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+    if momentum_dtype == "int8":  # read back as fp32 momentum it would silently restart: refused
+        with pytest.raises(ValueError, match="momentum_dtype"):
+            ZOAdaMU(model_b.parameters(), **{**kw, "momentum_dtype": None}).load_state_dict(opt_c.state_dict())
 
 
 def test_registry_and_bad_arguments(tiny_model):
