@@ -18,7 +18,7 @@ left by a kill are removed by the next save. One writer per run directory is ass
 
 Private generators are per process (WTA-CRS under DDP: each rank seeds its own sampler; one
 process is world size 1): the writer (rank 0) is given every rank's state,
-``generators={name: [state of rank 0, 1, ...]}`` (the trainer all-gathers them), and
+``generator_states={name: [state of rank 0, 1, ...]}`` (the trainer all-gathers them), and
 ``trainer.json`` records the number of processes; on load each rank takes its own. A resume on
 another number of processes is refused with a one-line error: the ranks' sample streams cannot
 be re-dealt exactly.
@@ -111,15 +111,17 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
 
 
 # ---------------------------------------------------------------- RNG states
-def _rng_state(generators: dict[str, list[torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
+def _rng_state(generator_states: dict[str, list[torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch.cuda.{i}"] = s
-    counts = {len(states) for states in generators.values()}
+    if any(not isinstance(states, (list, tuple)) for states in generator_states.values()):
+        raise CheckpointError("generator_states: give each generator's get_state() of every process, in a list")
+    counts = {len(states) for states in generator_states.values()}
     if len(counts) > 1 or 0 in counts:
-        raise CheckpointError(f"generators: every generator needs one state per process, got {sorted(counts)}")
-    for name, states in generators.items():
+        raise CheckpointError(f"generator_states: every generator needs one state per process, got {sorted(counts)}")
+    for name, states in generator_states.items():
         for rank, state in enumerate(states):
             tensors[f"rank{rank}.generator.{name}"] = state
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -127,7 +129,7 @@ def _rng_state(generators: dict[str, list[torch.Tensor]]) -> tuple[dict[str, tor
     tensors["numpy.keys"] = torch.from_numpy(keys.astype(np.uint32).view(np.int32).copy())
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
             "python": _encode(random.getstate(), "python", None)}
-    if generators:
+    if generator_states:
         meta["processes"] = counts.pop()
     return tensors, meta
 
@@ -228,9 +230,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 # ---------------------------------------------------------------- save
 def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                 scheduler, generators: dict[str, list[torch.Tensor]], extra: dict | None) -> None:
+                 scheduler, generator_states: dict[str, list[torch.Tensor]], extra: dict | None) -> None:
     opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
-    rng_tensors, rng_meta = _rng_state(generators)
+    rng_tensors, rng_meta = _rng_state(generator_states)
     trainer = {"step": step, "extra": _encode(extra or {}, "extra", None), "optimizer": opt_meta,
                "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), "scheduler", None),
                "rng": rng_meta}
@@ -254,12 +256,12 @@ def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer, scheduler=None,
-                    generators: dict[str, list[torch.Tensor]] | None = None, extra: dict | None = None,
+                    generator_states: dict[str, list[torch.Tensor]] | None = None, extra: dict | None = None,
                     keep_last: int = 2, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step:08d}`` atomically; keep the newest ``keep_last``.
 
     The weights are ``model``'s trainable parameters, or ``weights`` when the model's
-    parameters live elsewhere (the ZO2 engine's offloaded blocks). ``generators`` maps a private
+    parameters live elsewhere (the ZO2 engine's offloaded blocks). ``generator_states`` maps a private
     generator's name to the ``get_state()`` of every process, in rank order (one process: a
     list of one)."""
     if (model is None) == (weights is None):
@@ -277,7 +279,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | None =
     tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_files(tmp, step, weights, optimizer, scheduler, generators or {}, extra)
+        _write_files(tmp, step, weights, optimizer, scheduler, generator_states or {}, extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

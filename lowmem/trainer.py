@@ -170,7 +170,7 @@ class Trainer:
         generator_states = self._generator_states()  # a collective: before the rank-0-only write
         if self.accelerator.is_main_process:
             ckpt.save_checkpoint(self.out, self.step, optimizer=run.inner_optimizer, scheduler=run.scheduler,
-                                 generators=generator_states, keep_last=self.recipe.train.keep_checkpoints,
+                                 generator_states=generator_states, keep_last=self.recipe.train.keep_checkpoints,
                                  **where)
         self.accelerator.wait_for_everyone()
 

@@ -72,8 +72,8 @@ def test_resume_is_bit_identical(tmp_path, tiny_model):
     _seed_globals(0)
     model, opt, sched, gen = _setup(tiny_model, 0)
     _train(model, opt, sched, gen, 3)
-    path = save_checkpoint(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, generators={"zo": [gen.get_state()]},
-                           extra={"data_position": 6, "shape": (2, 16)})
+    path = save_checkpoint(tmp_path, 3, model=model, optimizer=opt, scheduler=sched,
+                           generator_states={"zo": [gen.get_state()]}, extra={"data_position": 6, "shape": (2, 16)})
     assert path == tmp_path / "checkpoints" / "step-00000003"
     want = _train(model, opt, sched, gen, 3)
 
@@ -114,7 +114,7 @@ def test_each_rank_resumes_its_own_generator(tmp_path, tiny_model):
     for r, gen in enumerate(ranks):
         torch.rand(r + 3, generator=gen)  # states that differ from any fresh seed
     path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt,
-                           generators={"wta_crs": [g.get_state() for g in ranks]})
+                           generator_states={"wta_crs": [g.get_state() for g in ranks]})
     want = [torch.rand(4, generator=g) for g in ranks]
     for r in range(2):
         gen = torch.Generator().manual_seed(99)
@@ -129,7 +129,9 @@ def test_each_rank_resumes_its_own_generator(tmp_path, tiny_model):
     assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))  # refused before restoring
     with pytest.raises(CheckpointError, match="one state per process"):
         save_checkpoint(tmp_path, 2, model=model, optimizer=opt,
-                        generators={"a": [ranks[0].get_state()], "b": [g.get_state() for g in ranks]})
+                        generator_states={"a": [ranks[0].get_state()], "b": [g.get_state() for g in ranks]})
+    with pytest.raises(CheckpointError, match="get_state.. of every process, in a list"):
+        save_checkpoint(tmp_path, 2, model=model, optimizer=opt, generator_states={"a": ranks[0]})
 
 
 # ---------------------------------------------------------------- 2. optimizer-state fidelity
