@@ -102,8 +102,11 @@ class ZOAdaMU(ZerothOrderOptimizer):
         return "m" in self.state[p] or "m_codes" in self.state[p]
 
     def _previous_m(self, p: torch.Tensor, index: int) -> torch.Tensor | None:
-        if self._store is not None and "m_codes" in self.state[p]:
-            return self._store.load(self.state[p], "m", p.shape, signed=True).to(p.dtype)
+        if self._store is not None and "m_codes" in self.state[p]:  # dequantized chunk by chunk
+            m = torch.empty_like(p)
+            for chunk in self._store.chunks(p.numel()):
+                m.view(-1)[chunk[0]] = self._store.load(self.state[p], "m", p.shape, signed=True, chunk=chunk)
+            return m
         if "m" in self.state[p]:
             return self.state[p]["m"].to(p.dtype)
         if self._prev_seed < 0:
@@ -158,7 +161,8 @@ class ZOAdaMU(ZerothOrderOptimizer):
         elif self._store is not None:
             if not self._has_m(p):
                 self._store.init(state, "m", p)
-            self._store.store(state, "m", m.float(), signed=True)
+            for chunk in self._store.chunks(p.numel()):  # quantized chunk by chunk: one chunk's temporaries
+                self._store.store(state, "m", m.reshape(-1)[chunk[0]].float(), signed=True, chunk=chunk)
         elif "m" in state:
             state["m"].copy_(m)
         else:
