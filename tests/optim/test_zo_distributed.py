@@ -21,7 +21,12 @@ def _torchrun(tmp_path, steps, n_samples, one_byte, procs=2, leave_at=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
            str(WORKER), str(tmp_path), str(steps), str(n_samples), "1" if one_byte else "0"]
     cmd += [] if leave_at is None else [str(leave_at)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    for _ in range(2):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        # gloo's teardown can abort a process that is done (std::terminate, "without an active
+        # exception"; seen once in CI for the rank that left, under load): run again once
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(procs)]
 
