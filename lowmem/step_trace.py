@@ -126,11 +126,10 @@ def fake_model(section, config):
 
 def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
     """Model (+ WTA-CRS, lean modules) and optimizer built by the engine's own functions, on fake tensors."""
+    from lowmem.activations import apply_activations
     from lowmem.build import build_optimizer
 
     model = fake_model(recipe.model, config)
-    from lowmem.activations import apply_activations
-
     apply_activations(model, recipe.activations, recipe.train.seed)
     params = list({id(p): p for p in model.parameters()}.values())
     for t in params + list(model.buffers()):
