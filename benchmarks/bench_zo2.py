@@ -19,7 +19,7 @@ import time
 import torch
 
 from _common import markdown_table, write_result
-from lowmem.offload import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import OffloadConfig, ZO2Engine
 from lowmem.optim import create_optimizer
 
 SHAPES = {  # name -> (model_type, config kwargs)

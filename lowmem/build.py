@@ -133,7 +133,7 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
 
 def build_engine(recipe: Recipe, model, optimizer, accelerator: Accelerator):
     """The ZO2 offload engine (lowmem.offload) driving ``model`` with the MeZO ``optimizer``."""
-    from lowmem.offload import OffloadConfig, ZO2Engine
+    from lowmem.offload.engine import OffloadConfig, ZO2Engine
 
     if recipe.data.task != "lm":
         raise ValueError("offload.enabled: the ZO2 engine trains the LM objective only (data.task: lm)")

@@ -39,7 +39,9 @@ def _launch(launcher: str, recipe: str, out: Path, *extra: str) -> None:
     cmd = LAUNCHERS[launcher] + [recipe, "train.grad_accum=1", f"output.dir={out}", *extra]
     if launcher == "accelerate":
         cmd.append("--quiet")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # from the repository root, as the README runs it (the root is then first on sys.path)
+    done = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                          timeout=300)
     log = (done.stdout + done.stderr)[-3000:]
     assert done.returncode == 0, log
     for crash in ("terminate called", "Aborted", "Traceback"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.offload import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import OffloadConfig, ZO2Engine
 from lowmem.optim import create_optimizer
 
 HP = dict(lr=1e-3, eps=1e-3, weight_decay=0.1, seed=7)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowmem.offload import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import OffloadConfig, ZO2Engine
 from lowmem.optim import create_optimizer
 from tests.offload.helpers import assert_same_weights, batches, engine, ref_step, reference
 

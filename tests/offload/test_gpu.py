@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowmem.offload import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import OffloadConfig, ZO2Engine
 from lowmem.optim import create_optimizer
 from tests.offload.helpers import HP, assert_same_weights, batches, ref_step
 
