@@ -4,9 +4,10 @@ Documents come from ``.txt`` files (one document per file; its label, for
 classification, is the name of the folder that holds it) or ``.jsonl`` files
 (one document per line, text in ``data.text_field``, label in ``label``).
 
-For the LM task the token streams of all documents, each followed by EOS, are
-concatenated and cut into rows of ``seq_len`` tokens. The order of rows in
-epoch ``e`` is a permutation drawn from ``torch.Generator().manual_seed(seed + e)``,
+For the LM task the token streams of all documents, each opened as the tokenizer
+opens a text (its BOS, where it adds one) and closed by EOS, are concatenated and
+cut into rows of ``seq_len`` tokens, each row starting as a text does
+(:func:`pack_tokens`). The order of rows in epoch ``e`` is a permutation drawn from ``torch.Generator().manual_seed(seed + e)``,
 so the micro-batch at any position is a pure function of (seed, position):
 resuming needs only the position.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem.models import resolve_path
+from lowmem.models import resolve_path, text_start_ids
 from lowmem.recipe import DataSection
 
 
@@ -81,13 +82,28 @@ def split_documents(section: DataSection, seed: int) -> tuple[list[Document], li
 
 
 def pack_tokens(docs: list[Document], tokenizer, seq_len: int, field: str) -> torch.Tensor:
-    """Concatenate tokenized documents (EOS after each) into rows of ``seq_len`` tokens: (N, seq_len)."""
+    """Pack tokenized documents into rows of ``seq_len`` tokens: (N, seq_len).
+
+    Each document is opened as the tokenizer opens a text (``S`` = its BOS, or nothing: :func:`text_start_ids`)
+    and closed by EOS; the stream ``S doc EOS S doc EOS ...`` is cut into rows, and a row that would start
+    inside a document gets ``S`` in front, so every row starts as the model's pre-training texts did. With
+    no start tokens (SmolLM2) the rows are the plain stream cut every ``seq_len`` tokens.
+    """
+    start = text_start_ids(tokenizer)
     ids = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    stream = [t for doc in ids for t in (*doc, tokenizer.eos_token_id)]
-    rows = len(stream) // seq_len
-    if rows == 0:
+    stream = [t for doc in ids for t in (*start, *doc, tokenizer.eos_token_id)]
+    rows, pos = [], 0
+    while True:
+        if stream[pos:pos + len(start)] == start:  # a document opens the row (always true without start tokens)
+            row, pos = stream[pos:pos + seq_len], pos + seq_len
+        else:
+            row, pos = start + stream[pos:pos + seq_len - len(start)], pos + seq_len - len(start)
+        if len(row) < seq_len:
+            break
+        rows.append(row)
+    if not rows:
         raise ValueError(f"{field}: only {len(stream)} tokens, fewer than one sequence of train.seq_len={seq_len}")
-    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 class _ShuffledBatches:

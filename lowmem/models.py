@@ -63,6 +63,19 @@ class ByteTokenizer:
         Path(directory, "byte_tokenizer.txt").write_text("lowmem ByteTokenizer: utf-8 bytes, eos=256\n")
 
 
+def text_start_ids(tokenizer) -> list[int]:
+    """The tokens ``tokenizer`` puts before a text: its BOS where it adds one (Gemma, Llama-3, Mistral), [] where
+    it adds none (SmolLM2, GPT-2, the byte tokenizer). Read from the tokenizer itself, by tokenizing a probe with
+    and without special tokens, so every sequence lowmem builds starts as the model saw its pre-training texts start.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
 def load_tokenizer(section: ModelSection):
     if section.tokenizer == "bytes":
         return ByteTokenizer()

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lowmem.models import text_start_ids
+
 IGNORE_INDEX = -100
 # config fields with which a model's forward changes the logits after the output head
 # (Gemma-2 soft-capping, Cohere, Granite, Granite-MoE multipliers): the chunked loss would differ
@@ -150,10 +152,8 @@ class CandidateCollator:
         self._options = [self._encode(v) for v in self.verbalizers]
         if any(not o for o in self._options):
             raise ValueError("objective.verbalizers: a candidate encodes to no token")
-        bos = self.tokenizer.bos_token_id
-        adds_bos = bos is not None and self.tokenizer("a")["input_ids"][:1] == [bos]
-        self._bos = [bos] if adds_bos else []
-        fixed = len(self._bos) + len(self._prefix) + len(self._suffix) + max(map(len, self._options))
+        self._start = text_start_ids(self.tokenizer)
+        fixed = len(self._start) + len(self._prefix) + len(self._suffix) + max(map(len, self._options))
         if fixed >= self.max_length:
             raise ValueError(f"objective.max_length: {self.max_length} leaves no room for the text "
                              f"(template and longest candidate take {fixed} tokens)")
@@ -163,9 +163,10 @@ class CandidateCollator:
         return self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
 
     def prompt_ids(self, text: str) -> list[int]:
-        """BOS + template prefix + the text's last tokens that fit + template suffix."""
+        """The tokenizer's start of a text (its BOS, if any) + template prefix + the text's last tokens that fit
+        + template suffix."""
         text_ids = self._encode(text)[-self._text_budget:] if self._text_budget else []
-        return self._bos + self._prefix + text_ids + self._suffix
+        return self._start + self._prefix + text_ids + self._suffix
 
     def __call__(self, examples) -> dict[str, torch.Tensor]:
         rows, options, labels = [], [], []

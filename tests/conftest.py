@@ -66,6 +66,38 @@ def tiny_batch():
     return make
 
 
+def _char_tokenizer(bos: bool):
+    """A character-level Hugging Face fast tokenizer (ids < 128, fits the tiny models) with an EOS token; with
+    ``bos`` its post-processor prepends <s> to every text, as Gemma's or Llama-3's does; without, it adds nothing,
+    as SmolLM2's."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.ascii_letters + string.digits + " .,:;!?'\"-\n"))
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, "</s>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """A character-level fast tokenizer that prepends <s> to a text (as Gemma's, Llama-3's)."""
+    return _char_tokenizer(bos=True)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer_no_bos():
+    """The same tokenizer without a start token (as SmolLM2's)."""
+    return _char_tokenizer(bos=False)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,7 +1,5 @@
 """Objectives against a direct computation: each (prompt + candidate) scored alone, unpadded."""
 
-import string
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,21 +7,6 @@ import torch.nn.functional as F
 from lowmem.objectives import CandidateCollator, candidate_scores, causal_lm_loss, classification_loss
 
 VERBALIZERS = [" business", " sport", " tech"]
-
-
-@pytest.fixture(scope="module")
-def char_tokenizer():
-    """A character-level fast tokenizer that prepends <s> (ids < 128, fits the tiny models)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set(string.ascii_letters + string.digits + " .,:;!?'\"-\n"))
-    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", unk_token="<unk>")
 
 
 EXAMPLES = [("Shares fell sharply today.", 0), ("The striker scored twice", 1), ("New chips, faster phones", 2),
