@@ -105,7 +105,12 @@ class Trainer:
             with torch.no_grad(), autocast():
                 return run.loss_fn(run.model, batch)
 
-        loss = run.engine.step(batch) if run.engine is not None else run.optimizer.step(closure)
+        was_training = run.model.training
+        run.model.eval()  # no dropout noise in the finite difference (MeZO's trainer, ZO2 and ZOTrainer alike)
+        try:
+            loss = run.engine.step(batch) if run.engine is not None else run.optimizer.step(closure)
+        finally:
+            run.model.train(was_training)
         return (math.nan if run.optimizer.last_step_skipped else float(loss)), None
 
     def train_step(self) -> dict:
