@@ -17,6 +17,7 @@ Usage: python benchmarks/bench_peak_memory.py [--quick] [--batch 2] [--seq 256]
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def run(methods: list, batch: int, seq: int) -> list[dict]:
         predicted = plan(recipe, device, suggest=False, forward_only=overrides is None)
         peak = measured["cuda_peak"] if device == "cuda" else measured["peak_rss"]
         row = {"label": label, "overrides": overrides or [], "device": device, "peak": peak,
+               "ref_peak": rows[0]["peak"] if rows else peak, "date": datetime.date.today().isoformat(),
                "predicted": predicted.peak_bytes, "peak_rss": measured["peak_rss"],
                "state_bytes": measured.get("state_bytes", 0)}
         rows.append(row)
@@ -104,10 +106,31 @@ def table(rows: list[dict]) -> str:
     header = ["method", f"{what} (MiB)", "x no-grad forward", "planner (MiB)", "planner error", "state (MiB)"]
     out = []
     for r in rows:
-        out.append([r["label"], f"{r['peak'] / mib:.0f}", f"{r['peak'] / ref['peak']:.2f}",
+        out.append([r["label"], f"{r['peak'] / mib:.0f}", f"{r['peak'] / r.get('ref_peak', ref['peak']):.2f}",
                     f"{r['predicted'] / mib:.0f}", f"{(r['predicted'] - r['peak']) / r['peak']:+.1%}",
                     f"{r['state_bytes'] / mib:.0f}"])
     return markdown_table(header, out)
+
+
+def merge_previous(rows: list[dict]) -> list[dict]:
+    """The last run's rows (``results/<name>.json``) with ``rows`` in place of those re-measured; each
+    row keeps the reference peak of the run that measured it, so its ratio is a same-run ratio."""
+    name = "peak_memory" + ("_cuda" if rows[0]["device"] == "cuda" else "")
+    path = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    old_ref = next((r.get("peak", r.get("peak_rss")) for r in old if not r["overrides"]), None)
+    fresh = {r["label"]: r for r in rows}
+    merged = []
+    for label, _ in METHODS:
+        if label in fresh:
+            merged.append(fresh[label])
+        else:
+            prev = next((r for r in old if r["label"] == label), None)
+            if prev is not None:
+                merged.append({**prev, "peak": prev.get("peak", prev.get("peak_rss")),
+                               "predicted": prev.get("predicted", prev.get("predicted_rss")),
+                               "ref_peak": prev.get("ref_peak", old_ref), "device": rows[0]["device"]})
+    return merged
 
 
 def main() -> None:
@@ -115,9 +138,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="reference, AdamW, the best first-order recipe, MeZO")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--only", nargs="*", default=None, metavar="LABEL",
+                        help="re-measure these rows (and the reference) and keep the others from the last run")
     args = parser.parse_args()
-    methods = [m for m in METHODS if not args.quick or m[0] in QUICK]
+    methods = [m for m in METHODS if (not args.quick or m[0] in QUICK)
+               and (args.only is None or m[1] is None or m[0] in args.only)]
     rows = run(methods, args.batch, args.seq)
+    if args.only is not None:
+        rows = merge_previous(rows)
     notes = ("Each measured cell is a fresh process: peak RSS includes the Python/torch/transformers runtime, "
              "which the planner predicts as the RSS of a fresh process after the same imports "
              "(`lowmem.planner.runtime_baseline_bytes`). As in `lowmem-train`, glibc's mmap threshold is kept "
@@ -127,6 +155,10 @@ def main() -> None:
              "whole quantization blocks, bit-identical to a whole-tensor update. Layer-wise mode runs without "
              "gradient clipping (it refuses it). The planner builds the model from its config on fake tensors and "
              "runs the real optimizer and step on them; see `lowmem/planner.py` and `lowmem/step_trace.py`.")
+    if args.only is not None:
+        notes += (f" Re-measured on {datetime.date.today().isoformat()} with `--only`: the reference and "
+                  f"{', '.join(args.only)}; the other rows are the previous run's (each row's date is in "
+                  "`results/peak_memory.json`; every ratio is against the reference of its own run).")
     name = "peak_memory" + ("_cuda" if rows[0]["device"] == "cuda" else "")
     Path(__file__).resolve().parent.joinpath("results", f"{name}.json").write_text(json.dumps(rows, indent=1))
     write_result(name, f"One-step peak memory per method vs a no-grad forward (SmolLM2-135M shapes, fp32, "
