@@ -188,6 +188,8 @@ def adamw8bit(s: Shapes) -> dict:
 
 
 def _time_optimizers(s: Shapes, copy_bw: float, out: dict) -> None:
+    from lowmem.memory import state_bytes
+
     for name, make in _optimizers(s.device).items():
         if isinstance(make, Exception):
             out["rows"][name] = {"error": f"not installed ({make})"}
@@ -204,7 +206,7 @@ def _time_optimizers(s: Shapes, copy_bw: float, out: dict) -> None:
             out["rows"][name] = {"error": f"{type(err).__name__}: {err}"}
             continue
         n = sum(p.numel() for p in params)
-        moved = n * (3 * 2 + 4 + 16 / 256) if "8bit" in name else n * (3 * 2 + 16)
+        moved = 3 * 2 * n + 2 * state_bytes(opt)  # read p and g, write p; read and write the whole state
         out["rows"][name] = {"params": n, "step_ms": seconds * 1e3, "GBps": moved / seconds / 1e9,
                              "of_copy": moved / seconds / copy_bw}
         del opt, params
@@ -235,15 +237,17 @@ def llama_step(s: Shapes) -> dict:
     started = time.perf_counter()
     predicted = plan(recipe, "cuda", suggest=False)
     plan_s = time.perf_counter() - started
+    base = 0
     if s.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # left by earlier steps, not this step's
     with torch.device(s.device):
         model = fake_model(recipe.model, model_config(recipe.model))  # built on the device: cheap init
     apply_activations(model, recipe.activations, recipe.train.seed)
     optimizer, zeroth_order, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
     batch = random_batch(recipe, model.config.vocab_size, s.device)
     step = median_time(lambda: training_step(recipe, model, optimizer, batch, zeroth_order), s.device, 1)
-    measured = torch.cuda.max_memory_allocated() if s.device == "cuda" else None
+    measured = torch.cuda.max_memory_allocated() - base if s.device == "cuda" else None
     del model, optimizer
     free(s.device)
     out = {"predicted_GiB": predicted.peak_bytes / 2**30, "plan_s": plan_s, "step_s": step,
@@ -287,14 +291,23 @@ def _zo2_engine(config: dict, device: str):
     return ZO2Engine(model, create_optimizer(model, "mezo", lr=1e-7, eps=1e-3), OffloadConfig(), device=device)
 
 
+def engine_device_bytes(engine) -> int:
+    """Device bytes the engine holds between steps: resident weights and buffers, slots, staging."""
+    tensors = {t.data_ptr(): t for _, m in engine.driver.units for t in [*m.parameters(), *m.buffers()]}
+    tensors.update({t.data_ptr(): t for t in engine.mover.slots + (engine.mover.staging or [])})
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type == "cuda")
+
+
 def _zo2_big(s: Shapes, h2d: float) -> dict:
     started = time.perf_counter()
     engine = _zo2_engine(s.zo2_big, s.device)
     setup = time.perf_counter() - started
+    base = 0
     if s.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() - engine_device_bytes(engine)  # left by earlier steps
     step = median_time(lambda: engine.step(_batch(s.zo2_big, s.zo2_big_tokens)), s.device, s.zo2_repeats)
-    peak = torch.cuda.max_memory_allocated() if s.device == "cuda" else None
+    peak = torch.cuda.max_memory_allocated() - base if s.device == "cuda" else None
     item = engine.store.dtype.itemsize
     moved = 2 * sum(pk.numel for pk in engine.packed) * item
     block = max(pk.numel for pk in engine.packed) * item

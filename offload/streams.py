@@ -88,34 +88,50 @@ def _cudart_unregister(t: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
+def _torch_pinned(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype, pin_memory=True)
+
+
 class HostMemory:
     """The host buffers of one store: exact-size allocations, page-locked by registration when
-    ``pin`` (no power-of-two rounding, no allocator cache), each released on its own."""
+    ``pin`` (no power-of-two rounding, no allocator cache), each released on its own. Where the
+    platform refuses ``cudaHostRegister`` (some sandboxes), PyTorch's pinned allocator is used
+    instead (``fallback`` says so): rounded sizes, but pinned."""
 
     register, unregister = staticmethod(_cudart_register), staticmethod(_cudart_unregister)
+    pinned_empty = staticmethod(_torch_pinned)
 
     def __init__(self, pin: bool):
-        self.pin = pin
-        self._live: dict[int, torch.Tensor] = {}  # data_ptr -> buffer (kept alive while registered)
+        self.pin, self.fallback = pin, False
+        self._live: dict[int, tuple[torch.Tensor, bool]] = {}  # data_ptr -> (buffer, registered by us)
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.empty(numel, dtype=dtype)
-        if self.pin and numel:
-            self.register(t)
-            self._live[t.data_ptr()] = t
+        if not (self.pin and numel):
+            return torch.empty(numel, dtype=dtype)
+        if not self.fallback:
+            t = torch.empty(numel, dtype=dtype)
+            try:
+                self.register(t)
+                self._live[t.data_ptr()] = (t, True)
+                return t
+            except RuntimeError:
+                self.fallback = True
+        t = self.pinned_empty(numel, dtype)
+        self._live[t.data_ptr()] = (t, False)
         return t
 
     def release(self, t: torch.Tensor) -> torch.Tensor:
         """Unpin ``t`` (a buffer of :meth:`empty`; every copy touching it must be complete) and
-        return it as ordinary memory, freed when the caller drops it."""
-        if self._live.pop(t.data_ptr(), None) is not None:
+        return it as ordinary memory, freed when the caller drops it (a fallback buffer stays pinned)."""
+        entry = self._live.pop(t.data_ptr(), None)
+        if entry is not None and entry[1]:
             self.unregister(t)
         return t
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._live.values())
+        return sum(t.numel() * t.element_size() for t, _ in self._live.values())
 
     def close(self) -> None:
-        for t in list(self._live.values()):
+        for t, _ in list(self._live.values()):
             self.release(t)

@@ -173,3 +173,19 @@ def test_close_hands_back_the_host_blocks_without_a_copy(tiny_model):
         assert torch.equal(t, expected[name]), name
     first = next(iter(eng.packed[0].params))
     assert first.data_ptr() == buffers[0]
+
+
+def test_pinned_memory_falls_back_when_registration_is_refused(monkeypatch):
+    def refuse(t):
+        raise RuntimeError("cudaHostRegister: not supported")
+
+    unpinned = []
+    monkeypatch.setattr(streams.HostMemory, "register", staticmethod(refuse))
+    monkeypatch.setattr(streams.HostMemory, "unregister", staticmethod(unpinned.append))
+    monkeypatch.setattr(streams.HostMemory, "pinned_empty", staticmethod(lambda n, dtype: torch.zeros(n, dtype=dtype)))
+    memory = streams.HostMemory(pin=True)
+    a, b = memory.empty(100, torch.float32), memory.empty(50, torch.float16)
+    assert memory.fallback and memory.pinned_bytes == 400 + 100
+    assert memory.release(a) is a and memory.pinned_bytes == 100 and unpinned == []
+    memory.close()
+    assert memory.pinned_bytes == 0 and unpinned == []
