@@ -135,3 +135,6 @@ class HostMemory:
     def close(self) -> None:
         for t, _ in list(self._live.values()):
             self.release(t)
+        if self.fallback:  # hand PyTorch's cached pinned blocks back to the OS (not kept for the next model)
+            self._live.clear()
+            getattr(torch._C, "_host_emptyCache", lambda: None)()

@@ -163,7 +163,6 @@ def test_pinned_store_registers_exact_sizes_and_frees_block_by_block(registry, t
 def test_close_hands_back_the_host_blocks_without_a_copy(tiny_model):
     model, eng = engine(tiny_model, arch="llama", layers=3)
     eng.step(batches(1)[0])
-    expected = eng.model_state_dict()
     eng.flush()
     expected = eng.model_state_dict()
     buffers = {i: t.data_ptr() for i, t in eng.store._host.items()}
