@@ -29,7 +29,9 @@ PYTHONPATH, which maps ``lowmem.kernels``/``lowmem.offload`` by the links in ``l
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
       && PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_proof.py $OUT --budget-s 480
 
-Preparing ``.whl/`` here (once; ignored by git): ``bash benchmarks/gpu_wheels.sh`` (bitsandbytes,
+With this workplace's device tool: ``run`` with ``carry: [".whl"]``, ``timeout_s: 600`` and the two
+lines above as its command (``$OUT`` comes back: three files). ``.whl/`` must be in the root of the
+checkout the session sends. Preparing ``.whl/`` here (once; ignored by git): ``bash benchmarks/gpu_wheels.sh`` (bitsandbytes,
 DeepSpeed built without ops, pydantic and the other small pure-Python dependencies, ~47 MB).
 
 Dry run (CPU, tiny shapes, every step executed; ``tests/test_gpu_proof.py`` runs it in CI)::
