@@ -25,14 +25,17 @@ from lowmem.optim.adamw8bit import AdamW8bit  # noqa: E402
 
 
 def providers(device: str) -> dict:
-    import bitsandbytes as bnb
-
+    """The optimizers compared; bitsandbytes' only where it is installed (the others run without it)."""
     fused = {"fused": True} if device == "cuda" else {}
-    return {
-        "lowmem AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-3, fp32_state_params=()),
-        "bitsandbytes AdamW8bit": lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3),
-        "torch AdamW" + (" (fused)" if fused else ""): lambda ps: torch.optim.AdamW(ps, lr=1e-3, **fused),
-    }
+    out = {"lowmem AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-3, fp32_state_params=())}
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        print("bitsandbytes is not installed: its rows are left out", file=sys.stderr)
+    else:
+        out["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)
+    out["torch AdamW" + (" (fused)" if fused else "")] = lambda ps: torch.optim.AdamW(ps, lr=1e-3, **fused)
+    return out
 
 
 def model_params(device: str, dtype: torch.dtype, hidden: int, layers: int, vocab: int) -> list[torch.nn.Parameter]:

@@ -43,12 +43,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     loads = AutoModelForCausalLM.from_pretrained(out / "model") is not None
+    cuda = summary.get("peak_cuda_gb")  # on a GPU the tensors live there: its peak, besides the process RSS
     rows = [[summary["optimizer"], summary["steps"], f"{total:.0f}", f"{summary['wall_time_s']:.0f}",
-             f"{peak_rss_gib:.2f}", f"{summary['eval_loss_before']:.4f}", f"{summary['eval_loss']:.4f}",
-             "yes" if loads else "no"]]
-    table = markdown_table(["optimizer", "steps", "total wall s", "train wall s", "peak RSS GiB",
-                            "eval loss before", "eval loss after", "model loads"], rows)
-    write_result("default", "Default recipe: SmolLM2-135M fine-tuned on BBC News (offline, CPU)", table,
+             f"{peak_rss_gib:.2f}"] + ([f"{cuda:.2f}"] if cuda is not None else [])
+            + [f"{summary['eval_loss_before']:.4f}", f"{summary['eval_loss']:.4f}", "yes" if loads else "no"]]
+    table = markdown_table(["optimizer", "steps", "total wall s", "train wall s", "peak RSS GiB"]
+                           + (["peak CUDA GiB"] if cuda is not None else [])
+                           + ["eval loss before", "eval loss after", "model loads"], rows)
+    where = "CUDA" if cuda is not None else "CPU"
+    write_result("default", f"Default recipe: SmolLM2-135M fine-tuned on BBC News (offline, {where})", table,
                  notes=f"Eval loss by step: {curve}.")
 
 

@@ -4,8 +4,8 @@ Model: the offline default's shapes (SmolLM2-135M-Instruct: config read from the
 header, weights randomly initialised, so no GGUF de-quantisation transient enters the
 peak), fp32, batch 2 x 256 random tokens. For each method, one fresh subprocess
 (``python -m lowmem.memory``) builds the model and optimizer and takes one training
-step; its peak RSS (``ru_maxrss``; on a GPU also ``max_memory_allocated``) is divided by
-the peak of a no-grad forward measured the same way. Like ``lowmem-train``, that process keeps
+step; its peak (CPU: peak RSS, ``ru_maxrss``; GPU: ``max_memory_allocated``, against a
+CUDA plan) is divided by the peak of a no-grad forward measured the same way. Like ``lowmem-train``, that process keeps
 glibc's mmap threshold fixed (:func:`lowmem.memory.fix_malloc_threshold`), so freed tensors
 leave the process. The planner
 (:func:`lowmem.planner.plan`) predicts each peak without weights; the error column is
@@ -17,6 +17,7 @@ Usage: python benchmarks/bench_peak_memory.py [--quick] [--batch 2] [--seq 256]
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import subprocess
 import sys
@@ -81,17 +82,19 @@ def measure(recipe, forward: bool) -> dict:
 
 
 def run(methods: list, batch: int, seq: int) -> list[dict]:
+    """Measure and predict each method. On a GPU the step's tensors live on CUDA, so its peak is
+    ``max_memory_allocated`` and the prediction a CUDA plan; peak RSS (and the CPU plan) only on the CPU."""
     base, device = base_recipe(batch, seq), "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for label, overrides in methods:
         recipe = base if overrides is None else with_overrides(base, overrides)
         measured = measure(recipe, forward=overrides is None)
-        predicted = plan(recipe, "cpu", suggest=False, forward_only=overrides is None)
-        row = {"label": label, "overrides": overrides or [], "peak_rss": measured["peak_rss"],
-               "predicted_rss": predicted.peak_bytes, "cuda_peak": measured["cuda_peak"],
+        predicted = plan(recipe, device, suggest=False, forward_only=overrides is None)
+        peak = measured["cuda_peak"] if device == "cuda" else measured["peak_rss"]
+        row = {"label": label, "overrides": overrides or [], "device": device, "peak": peak,
+               "ref_peak": rows[0]["peak"] if rows else peak, "date": datetime.date.today().isoformat(),
+               "predicted": predicted.peak_bytes, "peak_rss": measured["peak_rss"],
                "state_bytes": measured.get("state_bytes", 0)}
-        if device == "cuda":
-            row["predicted_cuda"] = plan(recipe, "cuda", suggest=False, forward_only=overrides is None).peak_bytes
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -99,19 +102,35 @@ def run(methods: list, batch: int, seq: int) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     ref, mib = rows[0], 2**20
-    gpu = ref["cuda_peak"] is not None
-    header = ["method", "peak RSS (MiB)", "x no-grad forward", "planner (MiB)", "planner error", "state (MiB)"]
-    header += ["CUDA peak (MiB)", "x forward (CUDA)", "planner CUDA (MiB)"] if gpu else []
+    what = "CUDA peak" if ref["device"] == "cuda" else "peak RSS"
+    header = ["method", f"{what} (MiB)", "x no-grad forward", "planner (MiB)", "planner error", "state (MiB)"]
     out = []
     for r in rows:
-        cells = [r["label"], f"{r['peak_rss'] / mib:.0f}", f"{r['peak_rss'] / ref['peak_rss']:.2f}",
-                 f"{r['predicted_rss'] / mib:.0f}", f"{(r['predicted_rss'] - r['peak_rss']) / r['peak_rss']:+.1%}",
-                 f"{r['state_bytes'] / mib:.0f}"]
-        if gpu:
-            cells += [f"{r['cuda_peak'] / mib:.0f}", f"{r['cuda_peak'] / ref['cuda_peak']:.2f}",
-                      f"{r['predicted_cuda'] / mib:.0f}"]
-        out.append(cells)
+        out.append([r["label"], f"{r['peak'] / mib:.0f}", f"{r['peak'] / r.get('ref_peak', ref['peak']):.2f}",
+                    f"{r['predicted'] / mib:.0f}", f"{(r['predicted'] - r['peak']) / r['peak']:+.1%}",
+                    f"{r['state_bytes'] / mib:.0f}"])
     return markdown_table(header, out)
+
+
+def merge_previous(rows: list[dict]) -> list[dict]:
+    """The last run's rows (``results/<name>.json``) with ``rows`` in place of those re-measured; each
+    row keeps the reference peak of the run that measured it, so its ratio is a same-run ratio."""
+    name = "peak_memory" + ("_cuda" if rows[0]["device"] == "cuda" else "")
+    path = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    old_ref = next((r.get("peak", r.get("peak_rss")) for r in old if not r["overrides"]), None)
+    fresh = {r["label"]: r for r in rows}
+    merged = []
+    for label, _ in METHODS:
+        if label in fresh:
+            merged.append(fresh[label])
+        else:
+            prev = next((r for r in old if r["label"] == label), None)
+            if prev is not None:
+                merged.append({**prev, "peak": prev.get("peak", prev.get("peak_rss")),
+                               "predicted": prev.get("predicted", prev.get("predicted_rss")),
+                               "ref_peak": prev.get("ref_peak", old_ref), "device": rows[0]["device"]})
+    return merged
 
 
 def main() -> None:
@@ -119,10 +138,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="reference, AdamW, the best first-order recipe, MeZO")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--only", nargs="*", default=None, metavar="LABEL",
+                        help="re-measure these rows (and the reference) and keep the others from the last run")
     args = parser.parse_args()
-    methods = [m for m in METHODS if not args.quick or m[0] in QUICK]
+    methods = [m for m in METHODS if (not args.quick or m[0] in QUICK)
+               and (args.only is None or m[1] is None or m[0] in args.only)]
     rows = run(methods, args.batch, args.seq)
-    Path(__file__).resolve().parent.joinpath("results", "peak_memory.json").write_text(json.dumps(rows, indent=1))
+    if args.only is not None:
+        rows = merge_previous(rows)
     notes = ("Each measured cell is a fresh process: peak RSS includes the Python/torch/transformers runtime, "
              "which the planner predicts as the RSS of a fresh process after the same imports "
              "(`lowmem.planner.runtime_baseline_bytes`). As in `lowmem-train`, glibc's mmap threshold is kept "
@@ -132,8 +155,14 @@ def main() -> None:
              "whole quantization blocks, bit-identical to a whole-tensor update. Layer-wise mode runs without "
              "gradient clipping (it refuses it). The planner builds the model from its config on fake tensors and "
              "runs the real optimizer and step on them; see `lowmem/planner.py` and `lowmem/step_trace.py`.")
-    write_result("peak_memory", f"One-step peak memory per method vs a no-grad forward (SmolLM2-135M shapes, fp32, "
-                 f"batch {args.batch} x {args.seq})", table(rows), notes)
+    if args.only is not None:
+        notes += (f" Re-measured on {datetime.date.today().isoformat()} with `--only`: the reference and "
+                  f"{', '.join(args.only)}; the other rows are the previous run's (each row's date is in "
+                  "`results/peak_memory.json`; every ratio is against the reference of its own run).")
+    name = "peak_memory" + ("_cuda" if rows[0]["device"] == "cuda" else "")
+    Path(__file__).resolve().parent.joinpath("results", f"{name}.json").write_text(json.dumps(rows, indent=1))
+    write_result(name, f"One-step peak memory per method vs a no-grad forward (SmolLM2-135M shapes, fp32, "
+                 f"batch {args.batch} x {args.seq}, {rows[0]['device']})", table(rows), notes)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,12 @@ SHAPES = {  # name -> (model_type, config kwargs)
 
 
 def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Random-init model from a config, on the CPU (the engine moves what stays resident)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Model from a config on the CPU (the engine moves what stays resident), with cheap initialisation
+    (:func:`gpu_proof_steps.host_model`: one random pool, no per-tensor init of 30B parameters)."""
+    from gpu_proof_steps import host_model
 
     model_type, kw = SHAPES[name]
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw), dtype=dtype)
+    return host_model({"model_type": model_type, **kw}, dtype)
 
 
 def batch(vocab: int, bsz: int, seq: int) -> dict:

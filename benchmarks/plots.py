@@ -38,9 +38,9 @@ def memory_by_method(rows: list[dict], out: Path) -> Path:
     labels = [r["label"] for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.5))
     y = range(len(rows))
-    ax.barh([i + 0.2 for i in y], [r["peak_rss"] / 2**20 for r in rows], height=0.4, label="measured peak RSS")
-    ax.barh([i - 0.2 for i in y], [r["predicted_rss"] / 2**20 for r in rows], height=0.4, label="planner")
-    ax.axvline(rows[0]["peak_rss"] / 2**20, color="gray", linestyle="--", label="no-grad forward")
+    ax.barh([i + 0.2 for i in y], [r["peak"] / 2**20 for r in rows], height=0.4, label="measured peak RSS")
+    ax.barh([i - 0.2 for i in y], [r["predicted"] / 2**20 for r in rows], height=0.4, label="planner")
+    ax.axvline(rows[0]["peak"] / 2**20, color="gray", linestyle="--", label="no-grad forward")
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_title("One-step peak memory by method")

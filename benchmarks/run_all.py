@@ -4,7 +4,8 @@ Runs every ``benchmarks/bench_*.py`` (each writes ``results/<name>.md`` with the
 versions, date and exact command on top; ``--quick`` is passed to scripts that accept it),
 trains a few short runs of the offline default for the loss-curve figure, draws the figures
 (:mod:`plots`), and assembles ``RESULTS.md`` from ``results/*.md`` in :data:`ORDER` (others
-after, by name). CPU tables come out on any machine; GPU sections where a GPU is present.
+after, by name). CPU tables come out on any machine; GPU sections where a GPU is present
+(``bench_zo2.py --gpu`` and ``gpu_proof.py``, see :func:`commands`).
 
 Usage: python benchmarks/run_all.py [--quick] [--only bench_peak_memory ...] [--no-run]
 """
@@ -21,21 +22,40 @@ sys.path.insert(0, str(HERE))
 import plots  # noqa: E402
 from _common import RESULTS_DIR, machine  # noqa: E402
 
-ORDER = ["default", "bos", "quality", "peak_memory", "planner_table", "optim_state", "optim_step", "bench_adamw8bit", "layerwise_memory",
-         "wta_crs", "bench_zo", "bench_zo_quality", "bench_zo_quality_1000", "bbc_topic", "zo2"]
+ORDER = ["default", "bos", "quality", "peak_memory", "planner_table", "optim_state", "optim_step", "bench_adamw8bit",
+         "layerwise_memory", "wta_crs", "bench_zo", "bench_zo_quality", "bench_zo_quality_1000", "bbc_topic", "zo2",
+         "zo2_gpu", "peak_memory_cuda", "gpu_proof"]
 LOSS_RUNS = {"adamw": ["optim.name=adamw"], "apollo_mini": ["optim.name=apollo_mini"],
              "mezo": ["optim.name=mezo", "optim.lr=1e-6", "train.mixed_precision=no"]}
 
 
-def run_benchmarks(quick: bool, only: list[str]) -> list[str]:
-    failed = []
+GPU_RUNS = {"bench_zo2": ["--gpu"]}  # scripts run a second time, with these arguments, on a GPU
+
+
+def commands(quick: bool, only: list[str], cuda: bool) -> list[list[str]]:
+    """The benchmark commands: every ``bench_*.py`` (``--quick`` where accepted); on a GPU also the GPU
+    runs of :data:`GPU_RUNS` and the GPU proof (``gpu_proof.py``: kernels, 8-bit AdamW on 1B parameters,
+    a Llama-3-8B step against the planner, ZO2 on OPT-30B), whose section lands in ``results/``."""
+    cmds = []
     for script in sorted(HERE.glob("bench_*.py")):
         if only and script.stem not in only:
             continue
-        cmd = [sys.executable, str(script)] + (["--quick"] if quick and "--quick" in script.read_text() else [])
+        cmds.append([sys.executable, str(script)] + (["--quick"] if quick and "--quick" in script.read_text() else []))
+        if cuda and script.stem in GPU_RUNS:
+            cmds.append([sys.executable, str(script), *GPU_RUNS[script.stem]])
+    if cuda and (not only or "gpu_proof" in only):
+        cmds.append([sys.executable, str(HERE / "gpu_proof.py"), str(RESULTS_DIR)])
+    return cmds
+
+
+def run_benchmarks(quick: bool, only: list[str]) -> list[str]:
+    import torch
+
+    failed = []
+    for cmd in commands(quick, only, torch.cuda.is_available()):
         print("::", " ".join(cmd), flush=True)
         if subprocess.run(cmd, cwd=HERE).returncode:
-            failed.append(script.name)
+            failed.append(" ".join(Path(c).name for c in cmd[1:]))
     return failed
 
 

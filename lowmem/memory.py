@@ -194,17 +194,20 @@ def random_batch(recipe, vocab_size: int, device: str = "cpu") -> dict[str, torc
 
 
 def measure_step(recipe, forward_only: bool = False) -> dict:
-    """Build ``recipe``'s model (``model.config`` or loaded) and optimizer, take one
+    """Build ``recipe``'s model (``model.config`` or loaded, with its ``activations`` section
+    applied) and optimizer, take one
     :func:`training_step` (or one no-grad forward) and report measured bytes: RSS
     after the imports (the runtime baseline), peak RSS, parameters, gradients (just
     before ``step``), optimizer state, and the CUDA peak when on a GPU.
     Run it in a fresh process (``python -m lowmem.memory``) so the peak is this step's."""
+    from lowmem.activations import apply_activations
     from lowmem.build import build_optimizer
     from lowmem.models import load_model
 
     baseline = current_rss_bytes()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(recipe.model).to(device)
+    apply_activations(model, recipe.activations, recipe.train.seed)  # WTA-CRS, lean modules: as the trainer
     batch = random_batch(recipe, model.config.vocab_size, device)
     params = {id(p): p for p in model.parameters()}.values()
     out = {"baseline_rss": baseline, "param_bytes": sum(tensor_bytes(p) for p in params), "grad_bytes": 0}

@@ -14,8 +14,10 @@ gradients, optimizer states, activations, step temporaries) and the whole-run to
   (:func:`lowmem.memory.fix_malloc_threshold`). CUDA: no baseline (``max_memory_allocated``
   counts tensors only).
 * ZO2 offload on a GPU: only resident parameters (embeddings, norms, head) stay on the
-  device; ``prefetch_depth + 1`` blocks in ``offload.host_dtype`` are the transfer
-  buffers; activations are those of a ZO step on the doubled batch (the dual forward).
+  device; the transfer buffers are what the engine allocates (:func:`zo2_device_buffers`:
+  ``prefetch_depth + 2`` slots in the training dtype, staging buffers in ``offload.host_dtype``
+  when it differs, a copy of a tied weight during the forward); activations are those of a
+  ZO step on the doubled batch (the dual forward).
 
 With a capacity, a plan that does not fit comes with :func:`suggestions`: the changes of
 :data:`CHANGES` that apply, each with its own predicted peak.
@@ -92,18 +94,38 @@ def runtime_baseline_bytes(model_type: str) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _zo2_parts(recipe: Recipe, config, parts: dict[str, int]) -> dict[str, int]:
-    """Device parts of a ZO2 step: resident weights, transfer buffers, dual-forward activations."""
-    from lowmem.optim.targets import block_container
+def zo2_device_buffers(recipe: Recipe, config) -> dict[str, int]:
+    """What the ZO2 engine allocates on the device besides the resident weights, from the model's
+    shapes alone: ``prefetch_depth + 2`` block slots in the training dtype and as many staging buffers
+    in ``offload.host_dtype`` when it differs (:func:`lowmem.offload.transfer.device_buffer_bytes`,
+    the engine's own sizes), and the copy of each tied resident weight held during the dual forward
+    (:class:`lowmem.offload.resident.ResidentPerturber`). Also ``in_blocks``: the blocks' weight bytes."""
+    from lowmem.offload.hooks import model_units
+    from lowmem.offload.transfer import Packed, device_buffer_bytes
 
+    compute = getattr(torch, recipe.model.dtype)
+    host = getattr(torch, recipe.offload.host_dtype or recipe.model.dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        _, blocks = block_container(fake_model(recipe.model, config))
-        largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-        in_blocks = sum(p.numel() for p in blocks.parameters())
-    host_dtype = getattr(torch, recipe.offload.host_dtype or recipe.model.dtype)
-    weights = parts["weights"] - in_blocks * getattr(torch, recipe.model.dtype).itemsize
-    buffers = (recipe.offload.prefetch_depth + 1) * largest * host_dtype.itemsize
-    return {**parts, "weights": weights, "transfer_buffers": buffers}
+        blocks, units = model_units(fake_model(recipe.model, config))
+        numels = [Packed.of(b, compute).numel for b in blocks]
+        owners: dict[int, list] = {}
+        for _, module in units:
+            for p in module.parameters():
+                owners.setdefault(id(p), []).append(p)
+        tied = sum(ps[0].numel() * ps[0].element_size() for ps in owners.values()
+                   if len(ps) > 1 and ps[0].requires_grad)
+        in_blocks = sum(p.numel() * p.element_size() for p in blocks.parameters())
+    return {**device_buffer_bytes(numels, compute, host, recipe.offload.prefetch_depth), "tied_copy": tied,
+            "in_blocks": in_blocks}
+
+
+def _zo2_parts(recipe: Recipe, config, parts: dict[str, int]) -> dict[str, int]:
+    """Device parts of a ZO2 step: resident weights, the engine's device buffers, the tied-weight
+    copy (with the step temporaries) and the dual-forward activations."""
+    buffers = zo2_device_buffers(recipe, config)
+    return {**parts, "weights": parts["weights"] - buffers["in_blocks"],
+            "step_temporaries": parts.get("step_temporaries", 0) + buffers["tied_copy"],
+            "transfer_buffers": buffers["slots"] + buffers["staging"]}
 
 
 LORA_NOT_PLANNED = "the memory planner does not model LoRA adapters (peft cannot build them on fake tensors)"

@@ -299,8 +299,8 @@ class ZO2Engine:
     def close(self) -> None:
         """Flush, give the blocks' parameters back to the model (CPU, training dtype), remove the hooks."""
         self.flush()
-        for i, pk in enumerate(self.packed):
-            for p, view in zip(pk.params, pk.views(self.store.get(i))):
-                p.data = view.to(self.compute_dtype, copy=True)
+        for i, pk in enumerate(self.packed):  # block by block: the store frees each one as it is handed back
+            for p, view in zip(pk.params, pk.views(self.store.take(i))):
+                p.data = view.to(self.compute_dtype)  # same dtype: a view of the unpinned host block, no copy
         self.driver.remove()
         self.store.close()

@@ -6,6 +6,13 @@ when CUDA is used) while the running total fits ``host_memory_budget_gb``, the r
 in files under ``nvme_dir`` -- Fuyou's (Liao et al., 2024) SSD tier below ZO2's
 CPU tier.
 
+Host tier: each block is its own exact-size buffer, page-locked by registration
+(:class:`~lowmem.offload.streams.HostMemory`: no power-of-two rounding, no pinned cache);
+:meth:`BlockStore.take` hands a block back as ordinary memory and frees it from the store,
+so restoring a model block by block never holds two copies. Host-side writes (``put``)
+first wait for the device copies that read the block (an upload still in flight after an
+upload-only pass) and that write it.
+
 NVMe tier:
 * reads run ahead on a thread pool (``os.preadv`` straight into a reusable,
   pinned staging buffer; the GIL is released during the I/O and the checksum);
@@ -32,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from lowmem.offload.streams import host_empty, host_wait
+from lowmem.offload.streams import HostMemory, host_wait
 
 MAGIC = b"LMZO2BLK"
 FORMAT = 1
@@ -109,6 +116,8 @@ class BlockStore:
         self.tiers = self._place(numels, dtype, budget_bytes, nvme_dir)
         self._host: dict[int, torch.Tensor] = {}
         self._ready: dict[int, object] = {}   # host tier: event of the last copy into the block
+        self._reads: dict[int, object] = {}   # host tier: event of the last upload from the block
+        self.memory = HostMemory(pin)
         self._writes: dict[int, Future] = {}  # NVMe tier: the last write of the block
         self.dir = Path(nvme_dir) if nvme_dir else None
         nvme = [i for i, t in enumerate(self.tiers) if t == "nvme"]
@@ -139,7 +148,7 @@ class BlockStore:
     def _buffers(self, count: int, numel: int) -> queue.Queue:
         q: queue.Queue = queue.Queue()
         for _ in range(count):
-            q.put((host_empty(numel, self.dtype, self.pin), None))
+            q.put((self.memory.empty(numel, self.dtype), None))
         return q
 
     def path(self, i: int) -> Path:
@@ -152,7 +161,7 @@ class BlockStore:
         self.versions[i] = version
         if self.tiers[i] == "host":
             if i not in self._host:
-                self._host[i] = host_empty(self.numels[i], self.dtype, self.pin)
+                self._host[i] = self.memory.empty(self.numels[i], self.dtype)
             self._host[i].copy_(flat)
         else:
             write_block_file(self.path(i), flat, version, self.durable)
@@ -166,7 +175,17 @@ class BlockStore:
         read_block_file(self.path(i), out)
         return out
 
+    def take(self, i: int) -> torch.Tensor:
+        """Block ``i`` as an ordinary CPU tensor, removed from the store (host tier: the buffer
+        itself, unpinned, no copy). For handing the blocks back to a model on close."""
+        self.wait(i)
+        if self.tiers[i] == "host":
+            return self.memory.release(self._host.pop(i))
+        return self.get(i)
+
     def wait(self, i: int) -> None:
+        """Wait for every pending copy that reads (uploads) or writes block ``i``."""
+        host_wait(self._reads.pop(i, None))
         host_wait(self._ready.pop(i, None))
         if i in self._writes:
             self._writes.pop(i).result()
@@ -180,7 +199,8 @@ class BlockStore:
         """Start bringing block ``i`` into a host tensor; the future gives a :class:`HostBlock`."""
         if self.tiers[i] == "host":
             done: Future = Future()
-            done.set_result(HostBlock(self._host[i], ready=self._ready.get(i)))
+            done.set_result(HostBlock(self._host[i], ready=self._ready.get(i),
+                                      release=lambda event: self._reads.__setitem__(i, event)))
             return done
         return self._pool.submit(self._read, i, self._writes.get(i))
 
@@ -224,3 +244,4 @@ class BlockStore:
         self.drain()
         if self._pool is not None:
             self._pool.shutdown()
+        self.memory.close()

@@ -64,6 +64,20 @@ class Packed:
         return flat
 
 
+def slot_count(n_blocks: int, prefetch_depth: int) -> int:
+    """Device slots of a pass: the block computing, ``prefetch_depth`` uploading ahead, one going back."""
+    return min(prefetch_depth + 2, n_blocks)
+
+
+def device_buffer_bytes(numels: list[int], compute_dtype: torch.dtype, host_dtype: torch.dtype,
+                        prefetch_depth: int) -> dict[str, int]:
+    """Bytes :class:`BlockMover` allocates on the device for blocks of ``numels`` (packed) elements:
+    the slots in the compute dtype and, when the host dtype differs, as many staging buffers in it."""
+    n = slot_count(len(numels), prefetch_depth) * max(numels)
+    staging = 0 if host_dtype == compute_dtype else n * host_dtype.itemsize
+    return {"slots": n * compute_dtype.itemsize, "staging": staging}
+
+
 class BlockMover:
     """Uploads blocks of one pass into device slots ahead of use and writes changed ones back."""
 
@@ -71,7 +85,7 @@ class BlockMover:
                  compute_dtype: torch.dtype, prefetch_depth: int):
         self.packed, self.store, self.depth = packed, store, prefetch_depth
         self.lanes = Lanes(device)
-        n_slots = min(prefetch_depth + 2, len(packed))
+        n_slots = slot_count(len(packed), prefetch_depth)
         biggest = max(p.numel for p in packed)
         self.slots = [torch.empty(biggest, dtype=compute_dtype, device=device) for _ in range(n_slots)]
         self.staging = None  # device buffers in the host dtype, when it differs

@@ -1,0 +1,85 @@
+"""The RESULTS.md section of :mod:`gpu_proof`: its report (``gpu_proof.json``) as markdown tables with
+the measured columns, the machine, date and command on top (the format of ``_common.write_result``)."""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+import sys
+from pathlib import Path
+
+from _common import machine, markdown_table
+
+
+def _f(value, fmt: str = ".2f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
+
+
+def _summary(steps: dict) -> str:
+    rows = [[name, e["status"], _f(e.get("seconds"), ".1f"), (e.get("reason") or e.get("error") or "")[:160]]
+            for name, e in steps.items()]
+    return markdown_table(["step", "status", "seconds", "note"], rows)
+
+
+def _kernels(e: dict) -> str:
+    rows = [[f"{r['numel']:,}", r["dtype"], r["code_mismatch"], r["code_mismatch_above_2^31"], _f(r["absmax_equal"]),
+             _f(r["dequant_max_err"], ".1e"), _f(r["adam_p_close"]), r["adam_code_off_by_more_than_1"], _f(r["ok"])]
+            for r in e["rows"]]
+    return markdown_table(["elements", "dtype", "code mismatches", "beyond 2^31", "absmax equal", "dequant max err",
+                           "Adam p close", "Adam codes off > 1", "ok"], rows)
+
+
+def _adamw(e: dict) -> str:
+    rows = [[name, _f(r.get("params"), ","), _f(r.get("step_ms")), _f(r.get("GBps"), ".0f"), _f(r.get("of_copy"), ".0%")]
+            if "error" not in r else [name, "-", "-", "-", r["error"][:80]] for name, r in e["rows"].items()]
+    rows.append(["device copy", "-", "-", _f(e["copy_GBps"], ".0f"), "100%"])
+    return markdown_table(["optimizer (bf16 params)", "params", "step ms (median)", "GB/s (bytes it must move)",
+                           "of copy bandwidth"], rows)
+
+
+def _llama(e: dict) -> str:
+    row = [_f(e.get("measured_GiB")), _f(e["predicted_GiB"]), _f(e.get("planner_error"), "+.1%"),
+           _f(e.get("target_20GB")), _f(e["step_s"])]
+    return markdown_table(["measured peak GiB (max_memory_allocated)", "planner GiB", "planner error",
+                           "<= 20 GB", "step s"], [row])
+
+
+def _zo2(e: dict) -> str:
+    b, f = e["opt30b"], e["fit"]
+    big = markdown_table(["peak GPU GiB", "device slots", "peak / block", "step s (median)", "GiB moved/step",
+                          "PCIe bound s", "step / bound", "<= 8 GB", "<= 1.2x", "pinned GiB", "close s"],
+                         [[_f(b.get("peak_GiB")), b["device_slots"], _f(b.get("peak_over_block"), ".1f"),
+                           _f(b["step_s"]), _f(b["GiB_moved_per_step"], ".1f"), _f(b["pcie_bound_s"]),
+                           _f(b["step_over_bound"]), _f(b.get("target_peak_8GB")), _f(b.get("target_bound_1_2x")),
+                           _f(b["pinned_GiB"], ".1f"), _f(b["close_s"], ".1f")]])
+    fit = markdown_table(["MeZO in memory s", "MeZO through ZO2 s", "ratio", "<= 1.15x"],
+                         [[_f(f["in_memory_s"], ".3f"), _f(f["zo2_s"], ".3f"), _f(f["ratio"]), _f(f["target_1_15x"])]])
+    return f"OPT-30B shape, fp16, batch 1 x 512, blocks in host RAM (H2D {e['h2d_GBps']:.1f} GB/s pinned):\n\n{big}\n\n" \
+           f"A model that fits (OPT-1.3B shape, fp16, batch 4 x 512):\n\n{fit}"
+
+
+SECTIONS = {"kernels": ("Triton kernels vs PyTorch references", _kernels),
+            "adamw8bit": ("8-bit AdamW step, 1B bf16 parameters", _adamw),
+            "llama_step": ("Llama-3-8B shape, bf16, 1 x 1024, APOLLO-Mini layer-wise + checkpointing", _llama),
+            "zo2": ("ZO2 offload", _zo2)}
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    steps, env = report["steps"], report["environment"]
+    kind = "dry run on the CPU (tiny shapes)" if report["dry_run"] else "GPU"
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    text = [f"## GPU proof ({kind})\n", f"- machine: {machine()}", f"- date: {datetime.date.today().isoformat()}",
+            f"- command: `{command}`",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in env.items()), "", _summary(steps)]
+    if "pytest_gpu" in steps and steps["pytest_gpu"]["status"] != "skipped" and "rc" in steps["pytest_gpu"]:
+        e = steps["pytest_gpu"]
+        text += ["", f"`pytest -m gpu`: {e.get('passed', 0)} passed, {e.get('failed', 0)} failed, "
+                     f"{e.get('skipped', 0)} skipped (rc {e['rc']}; log: pytest_gpu.log)."]
+    for name, (title, fmt) in SECTIONS.items():
+        if steps.get(name, {}).get("status") in ("ok", "failed"):
+            text += ["", f"### {title}", "", fmt(steps[name])]
+    path.write_text("\n".join(text) + "\n")
