@@ -88,11 +88,15 @@ class FirstOrderEngine:
         blocks = self.driver.blocks
         self.compute_dtype = next(blocks.parameters()).dtype
         self.packed = [Packed.of(b, MASTER_DTYPE) for b in blocks]
-        self._check_model()
         self.budget = None if config.host_memory_budget_gb is None else config.host_memory_budget_gb * 2**30
         pin = self.device.type == "cuda"
-        self.store = BlockStore([pk.numel for pk in self.packed], MASTER_DTYPE, budget_bytes=self.budget,
-                                nvme_dir=config.nvme_dir, pin=pin, prefetch_depth=config.prefetch_depth)
+        try:
+            self._check_model()
+            self.store = BlockStore([pk.numel for pk in self.packed], MASTER_DTYPE, budget_bytes=self.budget,
+                                    nvme_dir=config.nvme_dir, pin=pin, prefetch_depth=config.prefetch_depth)
+        except ValueError:
+            self.driver.remove()  # a refused model keeps its own forward
+            raise
         self.mover = BlockMover(self.packed, self.store, self.device, self.compute_dtype, config.prefetch_depth)
         self.driver.mover = self.mover
         self._offload_blocks()
