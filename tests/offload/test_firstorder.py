@@ -150,3 +150,20 @@ def test_nonfinite_gradient_is_dropped_and_reported(tiny_model):
     assert nonfinite and torch.isfinite(loss)
     assert torch.equal(after["lm_head.weight"], before["lm_head.weight"])       # dropped, as layer-wise
     assert not torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # the rest stepped
+
+
+@pytest.mark.parametrize("override, field", [("optim.max_grad_norm=1.0", "optim.max_grad_norm"),
+                                             ("train.grad_accum=2", "train.grad_accum"),
+                                             ("train.mixed_precision=fp16", "train.mixed_precision")])
+def test_recipe_refuses_what_layerwise_cannot_do(override, field):
+    from pathlib import Path
+
+    from lowmem.recipe import RecipeError, load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "fuyou-nvme-cpu.yaml"
+    assert load_recipe(path).offload.enabled
+    with pytest.raises(RecipeError, match=f"{field}: .*first-order offload engine") as err:
+        load_recipe(path, [override])
+    assert "\n" not in str(err.value)
+    load_recipe(path, [override, "optim.name=mezo", "optim.args={eps: 0.001}", "train.mixed_precision=no",
+                       "train.grad_accum=1", "optim.max_grad_norm=null"])  # ZO2 takes the same section
