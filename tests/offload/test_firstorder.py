@@ -165,5 +165,5 @@ def test_recipe_refuses_what_layerwise_cannot_do(override, field):
     with pytest.raises(RecipeError, match=f"{field}: .*first-order offload engine") as err:
         load_recipe(path, [override])
     assert "\n" not in str(err.value)
-    load_recipe(path, [override, "optim.name=mezo", "optim.args={eps: 0.001}", "train.mixed_precision=no",
+    load_recipe(path, [override, "optim.name=mezo", "optim.args={eps: 0.001}", 'train.mixed_precision="no"',
                        "train.grad_accum=1", "optim.max_grad_norm=null"])  # ZO2 takes the same section
