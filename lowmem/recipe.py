@@ -118,8 +118,11 @@ class OffloadSection(_Section):
                                              "device, each block stepped on the CPU inside backward)")
     host_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Host copy dtype of offloaded blocks; default: the training dtype")
-    nvme_dir: str | None = Field(None, description="Directory for blocks beyond the host budget (checksummed files)")
-    host_memory_budget_gb: float | None = Field(None, ge=0, description="Host RAM for blocks; the rest go to nvme_dir")
+    nvme_dir: str | None = Field(None, description="Directory for blocks (first-order: and their optimizer states) "
+                                                   "beyond the host budget (checksummed files)")
+    host_memory_budget_gb: float | None = Field(None, ge=0, description="Host RAM for blocks (first-order: fp32 master "
+                                                                         "weights first, then optimizer states); the "
+                                                                         "rest go to nvme_dir")
     prefetch_depth: int = Field(1, ge=1, description="Blocks uploaded ahead of the one computing")
 
 

@@ -1,10 +1,11 @@
 """Measure steps of a first-order offloaded run in this process (``python -m lowmem.offload.fo_measure
-RECIPE.yaml [--steps N] [--inmemory]``): peak RSS while stepping, step times, bytes on the tiers.
+RECIPE.yaml [--steps N] [--inmemory | --forward]``): peak RSS while stepping, step times, tiers.
 
 The model is built and the engine set up first (loading holds the whole model once, as any run
 does); the kernel's RSS high-water mark is then reset (``/proc/self/clear_refs``), so the reported
 ``peak_rss`` is the steps' own, the number :mod:`lowmem.plan_offload` predicts. ``--inmemory``
-takes the same steps with in-memory layer-wise training (the comparison the benchmarks make).
+takes the same steps with in-memory layer-wise training, ``--forward`` one no-grad forward of the
+whole model in memory (the comparisons the benchmarks make).
 """
 
 from __future__ import annotations
@@ -13,6 +14,19 @@ import json
 import sys
 import time
 from types import SimpleNamespace
+
+
+def forward_peak(recipe) -> dict:
+    """Peak RSS of one no-grad forward of the whole model held in memory (after loading it)."""
+    from lowmem.memory import no_grad_forward, random_batch, reset_peak_rss, window_peak_rss_bytes
+    from lowmem.models import load_model
+
+    model = load_model(recipe.model)
+    batch = random_batch(recipe, model.config.vocab_size)
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    no_grad_forward(recipe, model, batch)
+    return {"peak_rss": window_peak_rss_bytes(), "forward_s": time.perf_counter() - t0}
 
 
 def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
@@ -63,4 +77,5 @@ if __name__ == "__main__":
 
     args = sys.argv[1:]
     n = int(args[args.index("--steps") + 1]) if "--steps" in args else 2
-    print(json.dumps(measure(load_recipe(args[0]), n, "--inmemory" in args)))
+    recipe = load_recipe(args[0])
+    print(json.dumps(forward_peak(recipe) if "--forward" in args else measure(recipe, n, "--inmemory" in args)))
