@@ -138,12 +138,10 @@ def build_engine(recipe: Recipe, model, optimizer, zeroth_order: bool, accelerat
 
     if accelerator.num_processes > 1:
         raise ValueError("offload.enabled: the offload engines run on one process")
-    config = OffloadConfig(**recipe.offload.model_dump())
-    if not zeroth_order:
-        return FirstOrderEngine(model, optimizer, config)
     if recipe.data.task != "lm":
-        raise ValueError("offload.enabled: the ZO2 engine trains the LM objective only (data.task: lm)")
-    return ZO2Engine(model, optimizer, config)
+        raise ValueError("offload.enabled: the offload engines train the LM objective only (data.task: lm)")
+    config = OffloadConfig(**recipe.offload.model_dump())
+    return (ZO2Engine if zeroth_order else FirstOrderEngine)(model, optimizer, config)
 
 
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
