@@ -124,7 +124,9 @@ def deepspeed_run(args) -> dict:
 
 def _fresh(args, what: str) -> dict:
     cmd = [sys.executable, __file__, "--child", what, *args.argv]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=here, env=env)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
