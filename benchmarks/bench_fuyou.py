@@ -4,7 +4,7 @@
     python benchmarks/bench_fuyou.py --gpu --nvme-dir /nvme/fuyou --host-gb 64
         # GPU: Llama-3-8B shape (bf16, random init), AdamW and APOLLO-Mini through the engine vs
         # DeepSpeed ZeRO-Infinity (ZeRO-3, parameters and optimizer offloaded) at the same batch
-        # and sequence: peak GPU memory and tokens/s (bench_fuyou_gpu.py; needs deepspeed + a GPU)
+        # and sequence: peak GPU memory and tokens/s (fuyou_gpu.py; needs deepspeed + a GPU)
 
 CPU: each configuration runs in a fresh process (RSS is per process) through
 ``python -m lowmem.offload.fo_measure``: model loaded, engine set up, the kernel's RSS
@@ -52,15 +52,16 @@ def cpu(args) -> None:
     base = load_recipe(ROOT / "recipes" / "fuyou-nvme-cpu.yaml",
                        [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}",
                         f"offload.host_memory_budget_gb={args.host_gb}"])
+    recipes = {o: with_overrides(base, [f"optim.name={o}", f"offload.nvme_dir={tmp / o}"]) for o in args.optims}
+    predicted_peak = {o: plan(rec, "cpu").peak_bytes for o, rec in recipes.items()}
     forward = _run(base, tmp / "forward.yaml", "--forward")
     rows, gib = [], 2**30
-    for optim in args.optims:
-        rec = with_overrides(base, [f"optim.name={optim}", f"offload.nvme_dir={tmp / optim}"])
+    for optim, rec in recipes.items():
         off = _run(rec, tmp / f"{optim}-off.yaml", "--steps", str(args.steps))
         mem = _run(rec, tmp / f"{optim}-mem.yaml", "--steps", str(args.steps), "--inmemory")
         assert off["losses"] == mem["losses"], (off["losses"], mem["losses"])  # same numbers, bit for bit
         t_off, t_mem = statistics.median(off["step_s"][1:]), statistics.median(mem["step_s"][1:])
-        predicted = plan(rec, "cpu").peak_bytes
+        predicted = predicted_peak[optim]
         on_nvme = sum(t == "nvme" for t in off["tiers"]["masters"]), sum(t == "nvme" for t in off["tiers"]["states"])
         n = len(off["tiers"]["masters"])
         rows.append([optim, f"{on_nvme[0]}/{n}, {on_nvme[1]}/{n}", f"{off['peak_rss'] / gib:.2f}",
@@ -82,14 +83,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--optims", nargs="+", default=["adamw", "apollo_mini"])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--host-gb", type=float, default=0.04)
     parser.add_argument("--nvme-dir")
     args, rest = parser.parse_known_args()
     if args.gpu:
-        from bench_fuyou_gpu import main as gpu_main
+        from fuyou_gpu import main as gpu_main
 
         gpu_main(sys.argv[1:])
         return

@@ -14,7 +14,7 @@ host    = masters on the host tier + states on the host tier    # budget: master
           + (depth + 1) * W_32                                  # gradient buffers of the CPU step
           + [a master on NVMe] (2 depth + 4) * W_32             # read/write buffers, a read master
           + [a state on NVMe] 2 * state(block)                  # the payload read, the one written
-with ``slots = min(depth + 2, N)``, ``W_c``/``W_32`` a block's weights in the compute dtype /
+with ``slots = min(depth + 1, N)``, ``W_c``/``W_32`` a block's weights in the compute dtype /
 fp32. On a CPU "device" both live in one process: peak RSS = runtime + device + host.
 """
 
@@ -41,15 +41,17 @@ def _state_split(recipe: Recipe, config) -> tuple[int, int, int]:
 
     from lowmem.build import build_optimizer
     from lowmem.optim.targets import block_container
-    from lowmem.step_trace import _kernels
+    from lowmem.step_trace import _kernels, _LiveBytes
 
-    with FakeTensorMode(allow_non_fake_inputs=True), _kernels("cpu"):
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake, _kernels("cpu"):
         model = fake_model(recipe.model, config)
         optimizer, _, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
         params = list({id(p): p for p in model.parameters()}.values())
         for p in params:
             p.grad = torch.zeros_like(p)
-        optimizer.step()
+        with _LiveBytes(fake):  # reads a data-dependent scalar (.item()) as the trace does
+            optimizer.step()
         block = list(block_container(model)[1][0].parameters())
         state = sum(v.numel() * v.element_size() for p in block for v in optimizer.state[p].values()
                     if isinstance(v, torch.Tensor))
@@ -76,7 +78,7 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
     n, off = config.num_hidden_layers, recipe.offload
     compute = getattr(torch, recipe.model.dtype).itemsize
     w32 = numel * 4  # fp32 master (the packing's 512-byte alignment is negligible)
-    slots = min(off.prefetch_depth + 2, n)
+    slots = min(off.prefetch_depth + 1, n)
     device_parts = dict(parts)
     device_parts["optimizer_states"] = max(0, parts.get("optimizer_states", 0) - traced_state)
     device_parts["transfer_buffers"] = (slots - 1) * numel * compute + (slots * w32 if compute != 4 else 0)

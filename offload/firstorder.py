@@ -7,8 +7,9 @@ Placement: fp32 master weights of every block in a :class:`~lowmem.offload.store
 (host RAM up to ``offload.host_memory_budget_gb``, checksummed files under ``offload.nvme_dir``
 beyond it), the block's optimizer state in host RAM while the budget left covers it, else in
 files (:mod:`lowmem.offload.fo_state`); embeddings, final norm and ``lm_head`` (with their
-state) on the device. The device holds compute copies of ``prefetch_depth + 2`` blocks at
-most (:class:`~lowmem.offload.transfer.BlockMover`: computing, prefetched, draining).
+state) on the device. The device holds compute copies of ``prefetch_depth + 1`` blocks at
+most (:class:`~lowmem.offload.transfer.BlockMover` slots: the one computing and the ones
+prefetched; nothing is written back from the device, a block's update happens on the host).
 
 One step on a batch (N blocks; :mod:`lowmem.offload.fo_driver` cuts the graph)::
 
@@ -97,7 +98,8 @@ class FirstOrderEngine:
         except ValueError:
             self.driver.remove()  # a refused model keeps its own forward
             raise
-        self.mover = BlockMover(self.packed, self.store, self.device, self.compute_dtype, config.prefetch_depth)
+        self.mover = BlockMover(self.packed, self.store, self.device, self.compute_dtype, config.prefetch_depth,
+                                slots=config.prefetch_depth + 1)  # nothing is written back from the device
         self.driver.mover = self.mover
         self._offload_blocks()
         self.resident = list({id(p): p for _, m in self.driver.units for p in m.parameters()}.values())

@@ -50,6 +50,7 @@ def test_mixed_tiers_deeper_prefetch(tiny_model, tmp_path):
     ref, ref_opt, eng = _run_both(tiny_model, "adamw", config, layers=4)
     assert "host" in eng.store.tiers and "nvme" in eng.store.tiers
     assert "nvme" in eng.states.tiers.values()
+    assert len(eng.mover.slots) == 3  # at most prefetch_depth + 1 block copies on the device
     assert_same_weights(eng.model_state_dict(), ref)
     assert_same_state(state_of(ref_opt), eng.state_dict()["optimizer"]["state"])
 

@@ -1,4 +1,4 @@
-"""GPU part of the first-order offload benchmark (run by ``bench_fuyou.py --gpu``; not run on the CPU machine).
+"""GPU part of the first-order offload benchmark (``python benchmarks/bench_fuyou.py --gpu``; needs a GPU).
 
 Llama-3-8B shape (random init, bf16 compute), one GPU, same batch and sequence for every row:
 
