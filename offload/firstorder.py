@@ -226,9 +226,14 @@ class FirstOrderEngine:
     def barrier(self) -> bool:
         """Wait for every block step in flight; True if one dropped a non-finite gradient."""
         done, self._steps_in_flight = self._steps_in_flight, []
-        nonfinite = False
-        for future in done:
-            nonfinite |= future.result()
+        nonfinite, errors = False, []
+        for future in done:  # every one, so that no step is still running when an error is raised
+            try:
+                nonfinite |= future.result()
+            except Exception as err:  # noqa: BLE001 -- the first is raised below
+                errors.append(err)
+        if errors:
+            raise errors[0]
         return nonfinite
 
     def _step_resident(self) -> bool:
