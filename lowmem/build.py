@@ -50,7 +50,7 @@ class Run:
     zeroth_order: bool = False
     layerwise: bool = False
     generators: dict[str, torch.Generator] = field(default_factory=dict)
-    engine: object | None = None              # the ZO2 offload engine, when offload.enabled
+    engine: object | None = None              # the offload engine (ZO2 or first-order), when offload.enabled
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
@@ -118,7 +118,7 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
         raise ValueError("train.grad_accum: zeroth-order optimizers take one batch per step (set it to 1)")
     if spec.zeroth_order and opt.layerwise:
         raise ValueError("optim.layerwise: has no meaning for zeroth-order optimizers")
-    if opt.layerwise:
+    if opt.layerwise and not recipe.offload.enabled:  # the offload engine is layer-wise itself
         from lowmem.optim.layerwise import LayerwiseOptimizer
 
         if accelerator.num_processes > 1:
@@ -128,18 +128,20 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
             raise ValueError("optim.layerwise: not supported with train.mixed_precision=fp16 (loss scaling)")
         optimizer = LayerwiseOptimizer(optimizer, grad_accum_steps=recipe.train.grad_accum,
                                        max_grad_norm=opt.max_grad_norm)
-    return optimizer, spec.zeroth_order, opt.layerwise
+    return optimizer, spec.zeroth_order, opt.layerwise and not recipe.offload.enabled
 
 
-def build_engine(recipe: Recipe, model, optimizer, accelerator: Accelerator):
-    """The ZO2 offload engine (lowmem.offload) driving ``model`` with the MeZO ``optimizer``."""
+def build_engine(recipe: Recipe, model, optimizer, zeroth_order: bool, accelerator: Accelerator):
+    """The offload engine (lowmem.offload) driving ``model``: ZO2 for MeZO, else the first-order one."""
     from lowmem.offload.engine import OffloadConfig, ZO2Engine
+    from lowmem.offload.firstorder import FirstOrderEngine
 
-    if recipe.data.task != "lm":
-        raise ValueError("offload.enabled: the ZO2 engine trains the LM objective only (data.task: lm)")
     if accelerator.num_processes > 1:
-        raise ValueError("offload.enabled: the ZO2 engine runs on one process")
-    return ZO2Engine(model, optimizer, OffloadConfig(**recipe.offload.model_dump()))
+        raise ValueError("offload.enabled: the offload engines run on one process")
+    if recipe.data.task != "lm":
+        raise ValueError("offload.enabled: the offload engines train the LM objective only (data.task: lm)")
+    config = OffloadConfig(**recipe.offload.model_dump())
+    return (ZO2Engine if zeroth_order else FirstOrderEngine)(model, optimizer, config)
 
 
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
@@ -153,10 +155,8 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     if recipe.train.loss_chunk_tokens is not None:
         lm_body_and_head(model)  # a model it cannot reproduce is refused before training
     optimizer, zeroth_order, layerwise = build_optimizer(recipe, model, accelerator)
-    if recipe.offload.enabled and not zeroth_order:
-        raise ValueError("offload.enabled: the ZO2 engine needs a zeroth-order optimizer (optim.name: mezo)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
-    engine = build_engine(recipe, model, optimizer, accelerator) if recipe.offload.enabled else None
+    engine = build_engine(recipe, model, optimizer, zeroth_order, accelerator) if recipe.offload.enabled else None
     if engine is not None:
         stepped = optimizer
     elif zeroth_order or layerwise:

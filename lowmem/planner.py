@@ -48,6 +48,15 @@ class Plan:
     totals: dict[str, int]
     capacity_bytes: int | None = None
     suggestions: list[tuple[str, list[str], int]] = field(default_factory=list)
+    host_parts: dict[str, int] = field(default_factory=dict)  # first-order offload: host RAM besides runtime
+    host_runtime_bytes: int = 0
+
+    @property
+    def host_rss_bytes(self) -> int | None:
+        """Predicted host peak RSS of a first-order offloaded run (on a CPU device: the peak itself)."""
+        if not self.host_parts:
+            return None
+        return self.peak_bytes if self.device == "cpu" else self.host_runtime_bytes + sum(self.host_parts.values())
 
     @property
     def peak_bytes(self) -> int:
@@ -143,13 +152,25 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
     if recipe.model.lora is not None:
         raise ValueError(f"model.lora: {LORA_NOT_PLANNED}")
     config = model_config(recipe.model)
-    offloaded = recipe.offload.enabled and device == "cuda"
-    parts, totals = trace_step(recipe, config, 2 if offloaded else 1, forward_only, device)
+    from lowmem.optim.registry import get_spec
+
+    first_order_offload = recipe.offload.enabled and not forward_only and not get_spec(recipe.optim.name).zeroth_order
+    offloaded = recipe.offload.enabled and device == "cuda" and not first_order_offload
+    host: dict[str, int] = {}
+    if first_order_offload:
+        from lowmem.plan_offload import offload_parts
+
+        parts, host, totals = offload_parts(recipe, config, device)
+        parts = {**parts, **host} if device == "cpu" else parts
+    else:
+        parts, totals = trace_step(recipe, config, 2 if offloaded else 1, forward_only, device)
     if offloaded:
         parts = _zo2_parts(recipe, config, parts)
-    parts["runtime"] = runtime_baseline_bytes(config.model_type) if device == "cpu" else 0
+    baseline = runtime_baseline_bytes(config.model_type) if device == "cpu" or host else 0
+    parts["runtime"] = baseline if device == "cpu" else 0
     capacity = None if device_memory_gb is None else int(device_memory_gb * 2**30)
-    result = Plan(device=device, parts=parts, totals=totals, capacity_bytes=capacity)
+    result = Plan(device=device, parts=parts, totals=totals, capacity_bytes=capacity, host_parts=host,
+                  host_runtime_bytes=baseline)
     if suggest and not result.fits:
         result.suggestions = suggestions(recipe, device, capacity)
     return result
@@ -207,6 +228,9 @@ def format_plan(p: Plan) -> str:
     lines = [f"memory plan ({p.device}): predicted {what} {_gib(p.peak_bytes)}"]
     lines += [f"  {name:<18} {_gib(n):>12}" for name, n in p.parts.items() if n]
     lines.append("  totals: " + ", ".join(f"{k} {_gib(v)}" for k, v in p.totals.items()))
+    if p.host_parts:
+        lines.append(f"  host (offloaded blocks): predicted peak RSS {_gib(p.host_rss_bytes)}: "
+                     + ", ".join(f"{k} {_gib(v)}" for k, v in p.host_parts.items()))
     if p.capacity_bytes is not None:
         lines.append(f"  fits in {_gib(p.capacity_bytes)}: {'yes' if p.fits else 'NO'}")
     for label, overrides, peak in p.suggestions:

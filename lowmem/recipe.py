@@ -113,11 +113,16 @@ class ActivationsSection(_Section):
 
 
 class OffloadSection(_Section):
-    enabled: bool = Field(False, description="ZO2: stream the decoder blocks from host RAM/NVMe (optim.name: mezo)")
+    enabled: bool = Field(False, description="Stream the decoder blocks from host RAM/NVMe: ZO2 with optim.name mezo, "
+                                             "else first-order (Fuyou: fp32 masters + optimizer state off the "
+                                             "device, each block stepped on the CPU inside backward)")
     host_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Host copy dtype of offloaded blocks; default: the training dtype")
-    nvme_dir: str | None = Field(None, description="Directory for blocks beyond the host budget (checksummed files)")
-    host_memory_budget_gb: float | None = Field(None, ge=0, description="Host RAM for blocks; the rest go to nvme_dir")
+    nvme_dir: str | None = Field(None, description="Directory for blocks (first-order: and their optimizer states) "
+                                                   "beyond the host budget (checksummed files)")
+    host_memory_budget_gb: float | None = Field(None, ge=0, description="Host RAM for blocks (first-order: fp32 master "
+                                                                         "weights first, then optimizer states); the "
+                                                                         "rest go to nvme_dir")
     prefetch_depth: int = Field(1, ge=1, description="Blocks uploaded ahead of the one computing")
 
 
@@ -163,15 +168,33 @@ class Recipe(_Section):
         if self.train.loss_chunk_tokens is not None and self.data.task != "lm":
             raise ValueError("train.loss_chunk_tokens: applies to the LM objective only (data.task: lm); set it to null")
         if self.train.loss_chunk_tokens is not None and self.offload.enabled:
-            raise ValueError("train.loss_chunk_tokens: the ZO2 engine computes its own loss (offload.enabled); "
+            raise ValueError("train.loss_chunk_tokens: not supported with the offload engines (offload.enabled); "
                              "set it to null")
+        return self
+
+    @model_validator(mode="after")
+    def _first_order_offload(self):
+        """The first-order engine updates each block inside backward: layer-wise rules."""
+        from lowmem.optim.registry import get_spec
+
+        if not self.offload.enabled or get_spec(self.optim.name).zeroth_order:
+            return self
+        if self.optim.max_grad_norm is not None:
+            raise ValueError("optim.max_grad_norm: the first-order offload engine steps each block inside "
+                             "backward (layer-wise), before a global norm exists; set it to null")
+        if self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: the first-order offload engine steps each block inside its "
+                             "backward, so it takes one micro-batch per step; set it to 1")
+        if self.train.mixed_precision == "fp16":
+            raise ValueError("train.mixed_precision: fp16 needs loss scaling, which the first-order offload "
+                             "engine does not do; use bf16 or no")
         return self
 
     @model_validator(mode="after")
     def _offload_trains_every_weight(self):
         if self.offload.enabled and (self.model.lora is not None or self.model.trainable is not None):
             field = "model.lora" if self.model.lora is not None else "model.trainable"
-            raise ValueError(f"{field}: the ZO2 engine (offload.enabled) trains every weight; set it to null")
+            raise ValueError(f"{field}: the offload engines (offload.enabled) train every weight; set it to null")
         return self
 
 

@@ -4,6 +4,7 @@ Short and linear (nanoGPT's train.py is the model). One step is one of:
 
 * first order  : forward/backward over ``grad_accum`` micro-batches, clip, ``optimizer.step()``;
 * layer-wise   : the same, but each parameter is updated inside backward (LayerwiseOptimizer);
+* offloaded    : ``engine.step(closure)`` streams the blocks and steps each on the host (lowmem.offload);
 * zeroth order : ``optimizer.step(closure)``; the closure runs a no-grad forward (MeZO, ZO-AdaMU).
 
 A non-finite loss or gradient skips the step without touching the optimizer
@@ -69,6 +70,10 @@ class Trainer:
     def first_order_step(self) -> tuple[float, float | None]:
         """Returns (mean loss, grad norm); NaN loss if the step was skipped."""
         run, acc, tr = self.run, self.accelerator, self.recipe.train
+        if run.engine is not None:  # first-order offload: one micro-batch, every block stepped in backward
+            batch = self.micro_batch(0)
+            loss, nonfinite = run.engine.step(lambda: run.loss_fn(run.model, batch), acc.autocast)
+            return (math.nan if nonfinite or not math.isfinite(float(loss)) else float(loss)), None
         total = 0.0
         for micro in range(tr.grad_accum):
             batch = self.micro_batch(micro)
@@ -166,17 +171,24 @@ class Trainer:
 
     def save(self) -> None:
         run, extra = self.run, {"attempt": self.attempt, "bad_total": self.bad_total}
+        full_state = nullcontext()
         if run.engine is not None:  # weights from the block store; the deferred update travels in extra
-            engine_state = run.engine.state_dict()
             weights = {n: t for n, t in run.engine.model_state_dict().items() if n in self._trainable_names()}
-            where = {"weights": weights, "extra": {**extra, "zo2": {k: engine_state[k] for k in ("steps", "pending")}}}
+            if run.zeroth_order:
+                engine_state = run.engine.state_dict()
+                extra["zo2"] = {k: engine_state[k] for k in ("steps", "pending")}
+            else:  # first-order offload: the blocks' optimizer state is read back from NVMe meanwhile
+                extra["offload"] = {"steps": run.engine.steps}
+                full_state = run.engine.full_state()
+            where = {"weights": weights, "extra": extra}
         else:
             where = {"model": self.accelerator.unwrap_model(run.model), "extra": extra}
         generator_states = self._generator_states()  # a collective: before the rank-0-only write
         if self.accelerator.is_main_process:
-            ckpt.save_checkpoint(self.out, self.step, optimizer=run.inner_optimizer, scheduler=run.scheduler,
-                                 generator_states=generator_states, keep_last=self.recipe.train.keep_checkpoints,
-                                 **where)
+            with full_state:
+                ckpt.save_checkpoint(self.out, self.step, optimizer=run.inner_optimizer, scheduler=run.scheduler,
+                                     generator_states=generator_states,
+                                     keep_last=self.recipe.train.keep_checkpoints, **where)
         self.accelerator.wait_for_everyone()
 
     def _generator_states(self) -> dict[str, list[torch.Tensor]]:
@@ -211,10 +223,14 @@ class Trainer:
             return False
         target = ({"load_weights": self._load_engine_weights} if run.engine is not None
                   else {"model": self.accelerator.unwrap_model(run.model)})
-        extra = ckpt.load_checkpoint(path, optimizer=run.inner_optimizer, scheduler=run.scheduler,
-                                     generators=run.generators, rank=self.accelerator.process_index,
-                                     world_size=self.accelerator.num_processes, **target)
-        if run.engine is not None:
+        first_order_engine = run.engine is not None and not run.zeroth_order
+        with run.engine.loading_state() if first_order_engine else nullcontext():  # block states to host/NVMe
+            extra = ckpt.load_checkpoint(path, optimizer=run.inner_optimizer, scheduler=run.scheduler,
+                                         generators=run.generators, rank=self.accelerator.process_index,
+                                         world_size=self.accelerator.num_processes, **target)
+        if first_order_engine:
+            run.engine.steps = extra["offload"]["steps"]
+        elif run.engine is not None:
             run.engine.load_state_dict({**extra["zo2"], "optimizer": run.inner_optimizer.state_dict()})
         self.step, self.attempt, self.bad_total = extra["step"], extra["attempt"], extra["bad_total"]
         metrics = self.out / "metrics.jsonl"

@@ -82,10 +82,12 @@ class BlockMover:
     """Uploads blocks of one pass into device slots ahead of use and writes changed ones back."""
 
     def __init__(self, packed: list[Packed], store: BlockStore, device: torch.device,
-                 compute_dtype: torch.dtype, prefetch_depth: int):
+                 compute_dtype: torch.dtype, prefetch_depth: int, slots: int | None = None):
         self.packed, self.store, self.depth = packed, store, prefetch_depth
         self.lanes = Lanes(device)
-        n_slots = slot_count(len(packed), prefetch_depth)
+        # default: computing + prefetch_depth ahead + one draining back; a pass that never writes
+        # back (the first-order engine) needs no draining slot: ``slots=prefetch_depth + 1``
+        n_slots = min(slots, len(packed)) if slots else slot_count(len(packed), prefetch_depth)
         biggest = max(p.numel for p in packed)
         self.slots = [torch.empty(biggest, dtype=compute_dtype, device=device) for _ in range(n_slots)]
         self.staging = None  # device buffers in the host dtype, when it differs

@@ -34,6 +34,23 @@ import torch
 from lowmem.optim.registry import is_zeroth_order
 
 
+def step_one(optimizer: torch.optim.Optimizer, group_index: int, p: torch.Tensor) -> None:
+    """Run ``optimizer`` on ``p`` alone, with the current hyper-parameters (and the name) it has in
+    group ``group_index``, then free its gradient: one layer-wise update (also used by the
+    first-order offload engine, which steps each block's parameters on the host)."""
+    groups = optimizer.param_groups
+    group = groups[group_index]
+    single = {**group, "params": [p]}
+    if group.get("param_names"):  # the parameter's own name (8-bit state choice, error messages)
+        single["param_names"] = [group["param_names"][next(i for i, q in enumerate(group["params"]) if q is p)]]
+    optimizer.param_groups = [single]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = groups
+    p.grad = None
+
+
 class LayerwiseOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, grad_accum_steps: int = 1,
                  max_grad_norm: float | None = None):
@@ -75,14 +92,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._step_param(p)
 
     def _step_param(self, p: torch.Tensor) -> None:
-        """Run the inner optimizer on ``p`` alone (its group's current hyper-parameters), free the grad."""
-        groups = self.optimizer.param_groups
-        self.optimizer.param_groups = [{**groups[self._where[id(p)]], "params": [p]}]
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.param_groups = groups
-        p.grad = None
+        step_one(self.optimizer, self._where[id(p)], p)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -51,6 +51,8 @@ RESUME_CASES = {
     "zo_adamu": {"optim": {"name": "zo_adamu", "lr": 1e-3, "args": {"eps": 1e-3, "t1": 2, "t2": 4}}},
     "zo2_nvme": {"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}},
                  "offload": {"enabled": True, "host_memory_budget_gb": 0, "nvme_dir": "NVME"}},
+    "fuyou_nvme": {"optim": {"name": "apollo_mini", "lr": 1e-3, "max_grad_norm": None},
+                   "offload": {"enabled": True, "host_memory_budget_gb": 0, "nvme_dir": "NVME"}},
 }
 
 

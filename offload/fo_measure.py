@@ -1,0 +1,81 @@
+"""Measure steps of a first-order offloaded run in this process (``python -m lowmem.offload.fo_measure
+RECIPE.yaml [--steps N] [--inmemory | --forward]``): peak RSS while stepping, step times, tiers.
+
+The model is built and the engine set up first (loading holds the whole model once, as any run
+does); the kernel's RSS high-water mark is then reset (``/proc/self/clear_refs``), so the reported
+``peak_rss`` is the steps' own, the number :mod:`lowmem.plan_offload` predicts. ``--inmemory``
+takes the same steps with in-memory layer-wise training, ``--forward`` one no-grad forward of the
+whole model in memory (the comparisons the benchmarks make).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from types import SimpleNamespace
+
+
+def forward_peak(recipe) -> dict:
+    """Peak RSS of one no-grad forward of the whole model held in memory (after loading it)."""
+    from lowmem.memory import no_grad_forward, random_batch, reset_peak_rss, window_peak_rss_bytes
+    from lowmem.models import load_model
+
+    model = load_model(recipe.model)
+    batch = random_batch(recipe, model.config.vocab_size)
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    no_grad_forward(recipe, model, batch)
+    return {"peak_rss": window_peak_rss_bytes(), "forward_s": time.perf_counter() - t0}
+
+
+def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
+    from lowmem.build import build_optimizer, lm_loss
+    from lowmem.memory import current_rss_bytes, random_batch, reset_peak_rss, state_bytes, window_peak_rss_bytes
+    from lowmem.models import load_model
+    from lowmem.offload.engine import OffloadConfig
+    from lowmem.offload.firstorder import FirstOrderEngine
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    baseline = current_rss_bytes()
+    model = load_model(recipe.model).train()
+    optimizer, _, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
+    loss_fn = lm_loss(recipe.train)
+    engine = None
+    if inmemory:
+        optimizer = optimizer if isinstance(optimizer, LayerwiseOptimizer) else LayerwiseOptimizer(optimizer)
+    else:
+        engine = FirstOrderEngine(model, optimizer, OffloadConfig(**recipe.offload.model_dump()), device="cpu")
+    batch = random_batch(recipe, model.config.vocab_size)
+    reset_peak_rss()
+    times, losses = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        if engine is not None:
+            loss, _ = engine.step(lambda: loss_fn(model, batch))
+        else:
+            loss = loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    out = {"baseline_rss": baseline, "peak_rss": window_peak_rss_bytes(), "step_s": times, "losses": losses,
+           "state_bytes_in_memory": state_bytes(optimizer)}
+    if engine is not None:
+        out["tiers"] = {"masters": engine.store.tiers, "states": [engine.states.tiers.get(k) for k in
+                                                                  range(len(engine.packed))]}
+        engine.close()
+    return out
+
+
+if __name__ == "__main__":
+    from lowmem.memory import fix_malloc_threshold
+
+    fix_malloc_threshold()
+    from lowmem.recipe import load_recipe
+
+    args = sys.argv[1:]
+    n = int(args[args.index("--steps") + 1]) if "--steps" in args else 2
+    recipe = load_recipe(args[0])
+    print(json.dumps(forward_peak(recipe) if "--forward" in args else measure(recipe, n, "--inmemory" in args)))
