@@ -53,7 +53,7 @@ from lowmem.offload.engine import OffloadConfig, ZO2Engine
 from lowmem.offload.fo_driver import BlockDriver
 from lowmem.offload.fo_state import StateTier
 from lowmem.offload.store import BlockStore
-from lowmem.offload.streams import host_empty, host_wait
+from lowmem.offload.streams import HostMemory, host_wait
 from lowmem.offload.transfer import BlockMover, Packed
 from lowmem.optim.layerwise import LayerwiseOptimizer, step_one
 from lowmem.optim.registry import is_zeroth_order
@@ -108,9 +108,10 @@ class FirstOrderEngine:
         self.states = StateTier(optimizer, [pk.params for pk in self.packed], self._state_budget(),
                                 config.nvme_dir)
         biggest = max(pk.numel for pk in self.packed)
+        self.grad_memory = HostMemory(pin)  # exact-size page-locked buffers, released on close
         self.grad_bufs: queue.Queue = queue.Queue()
         for _ in range(config.prefetch_depth + 1):
-            self.grad_bufs.put(host_empty(biggest, MASTER_DTYPE, pin))
+            self.grad_bufs.put(self.grad_memory.empty(biggest, MASTER_DTYPE))
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-cpu-step")
         self.steps = 0
         self._steps_in_flight: list[Future] = []
@@ -342,4 +343,5 @@ class FirstOrderEngine:
             for p, view in zip(pk.params, pk.views(self.store.get(i))):
                 p.data = view.to(self.compute_dtype, copy=True)
         self.driver.remove()
+        self.grad_memory.close()
         self.store.close()
