@@ -1,6 +1,7 @@
 """Zeroth-order optimizers on SmolLM2-135M (CPU): step time, peak memory, quality at equal forwards.
 
-1. time: one ZO step / one no-grad forward on the same batch (MeZO, ZO-AdaMU).
+1. time: one ZO step / one no-grad forward on the same batch (MeZO, ZO-AdaMU, each noise kind),
+   against a plain 30-line MeZO loop measured in the same run.
 2. memory: peak RSS of inference, a MeZO step, a ZO-AdaMU step (momentum allocated) and
    a first-order AdamW step, each in a fresh subprocess on the same weights.
 3. quality: BBC News LM eval loss, and BBC topic accuracy (candidate classification,
@@ -30,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_result  # noqa: E402
+from _zo_timing import HEADER, step_times  # noqa: E402
 
 from lowmem.memory import current_rss_bytes, fix_malloc_threshold, reset_peak_rss, window_peak_rss_bytes  # noqa: E402
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss  # noqa: E402
@@ -72,26 +74,9 @@ def make_opt(name: str, params, steps: int, lr: float, seed: int = 0):
     return ZOAdaMU(params, lr=lr, eps=1e-3, total_steps=steps, seed=seed)
 
 
-def timing(model, tok, texts) -> list[list]:
+def timing(model, tok, texts, repeats: int) -> list[list]:
     batch = lm_batch(tok, texts[:4], 128)
-    rows = []
-    with torch.no_grad():
-        causal_lm_loss(model, batch)  # warm-up
-        start = time.perf_counter()
-        for _ in range(3):
-            causal_lm_loss(model, batch)
-        forward = (time.perf_counter() - start) / 3
-    for name in ("mezo", "zo_adamu"):
-        snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-        opt = make_opt(name, list(model.parameters()), 4, 0.0) if name == "mezo" else \
-            ZOAdaMU(list(model.parameters()), lr=0.0, total_steps=4, t1=0, t2=2)
-        opt.step(lambda: causal_lm_loss(model, batch))  # phase-1 step; the timed one uses the momentum
-        start = time.perf_counter()
-        opt.step(lambda: causal_lm_loss(model, batch))
-        step = time.perf_counter() - start
-        model.load_state_dict(snapshot)
-        rows.append([name, f"{forward:.2f}", f"{step:.2f}", f"{step / forward:.1f}"])
-    return rows
+    return step_times(model, lambda: causal_lm_loss(model, batch), repeats=repeats)
 
 
 def memory_probe(kind: str, model_dir: str) -> dict:
@@ -265,6 +250,7 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=4, help="evaluation points per LM run")
     parser.add_argument("--seeds", type=int, default=3, help="perturbation seeds per method at its chosen LM LR")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (1 thread each)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds (rows interleaved in each)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "timing", "quality"])
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "MODEL_DIR"))
     parser.add_argument("--run", nargs=4, metavar=("METHOD", "LR", "TASK", "SEED"))
@@ -283,7 +269,7 @@ def main() -> None:
         texts = [t for t, _ in bbc_examples()[1]]
     if "timing" not in args.skip:
         sections.append("### Step time (full model trainable, batch 4x128, fp32)\n\n" + markdown_table(
-            ["optimizer", "forward s", "ZO step s", "step / forward"], timing(model, tok, texts)))
+            HEADER, timing(model, tok, texts, args.repeats)))
     if "memory" not in args.skip:
         sections.append("### Peak RSS, fresh process each (full model trainable, batch 4x128)\n\n" + markdown_table(
             ["step", "RSS after load MiB", "peak RSS MiB", "peak / inference"], memory(model, tok)))
@@ -291,9 +277,13 @@ def main() -> None:
     if sections:
         write_result("bench_zo", "Zeroth-order optimizers (MeZO, ZO-AdaMU) on SmolLM2-135M, CPU: time and memory",
                      "\n\n".join(sections),
-                     common + ". Step time: one step after a warm-up step (ZO-AdaMU past phase 1, its momentum "
-                     "in use); the ideal is 2 forwards plus the noise passes (3 per step for MeZO, each drawing "
-                     "135M normals). Peak RSS: VmHWM reset after the load (weights are read lazily from the "
+                     common + ". Step time: each row's median of 3 steps after a warm-up step (ZO-AdaMU past phase 1, "
+                     "its momentum in use), divided by the median of 3 no-grad forwards of the same round; "
+                     f"{args.repeats} rounds, rows interleaved, median and min-max of the ratio over rounds (the "
+                     "machine is shared: compare rows of one run). The bound is 2 forwards; the rest is the 3 "
+                     "noise passes (135M values each). Reference: the plain MeZO loop of benchmarks/_zo_timing.py "
+                     "(one buffer, normal_, restore and update fused); noise kinds: lowmem.optim.zo_noise. "
+                     "Peak RSS: VmHWM reset after the load (weights are read lazily from the "
                      "safetensors file, so 'after load' is below their 513 MiB), glibc mmap threshold fixed as "
                      "in a training run; ZO-AdaMU's extra is its momentum buffer (fp32; "
                      "zo_adamu_int8: momentum_dtype=int8, 8-bit blockwise, about a quarter of it).")

@@ -131,15 +131,15 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     return optimizer, spec.zeroth_order, opt.layerwise
 
 
-def build_engine(recipe: Recipe, model, optimizer, accelerator: Accelerator):
-    """The ZO2 offload engine (lowmem.offload) driving ``model`` with the MeZO ``optimizer``."""
+def build_engine(recipe: Recipe, model, optimizer, accelerator: Accelerator, loss_fn: Callable):
+    """The ZO2 offload engine (lowmem.offload) driving ``model`` with the MeZO ``optimizer``; the LM
+    objective is the engine's own, any other (classification) goes through ``loss_fn``."""
     from lowmem.offload.engine import OffloadConfig, ZO2Engine
 
-    if recipe.data.task != "lm":
-        raise ValueError("offload.enabled: the ZO2 engine trains the LM objective only (data.task: lm)")
     if accelerator.num_processes > 1:
         raise ValueError("offload.enabled: the ZO2 engine runs on one process")
-    return ZO2Engine(model, optimizer, OffloadConfig(**recipe.offload.model_dump()))
+    return ZO2Engine(model, optimizer, OffloadConfig(**recipe.offload.model_dump()),
+                     loss_fn=None if recipe.data.task == "lm" else loss_fn)
 
 
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
@@ -156,7 +156,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     if recipe.offload.enabled and not zeroth_order:
         raise ValueError("offload.enabled: the ZO2 engine needs a zeroth-order optimizer (optim.name: mezo)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
-    engine = build_engine(recipe, model, optimizer, accelerator) if recipe.offload.enabled else None
+    engine = build_engine(recipe, model, optimizer, accelerator, loss_fn) if recipe.offload.enabled else None
     if engine is not None:
         stepped = optimizer
     elif zeroth_order or layerwise:

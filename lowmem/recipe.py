@@ -168,10 +168,10 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
-    def _offload_trains_every_weight(self):
-        if self.offload.enabled and (self.model.lora is not None or self.model.trainable is not None):
-            field = "model.lora" if self.model.lora is not None else "model.trainable"
-            raise ValueError(f"{field}: the ZO2 engine (offload.enabled) trains every weight; set it to null")
+    def _offload_without_adapters(self):
+        if self.offload.enabled and self.model.lora is not None:
+            raise ValueError("model.lora: the ZO2 engine (offload.enabled) trains the model's own weights "
+                             "(all, or the model.trainable subset); set it to null")
         return self
 
 

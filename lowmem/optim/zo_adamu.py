@@ -54,7 +54,7 @@ from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.state_store import MomentStore
 from lowmem.optim.zo_base import ZerothOrderOptimizer, all_finite
 from lowmem.optim.zo_distributed import world
-from lowmem.optim.zo_noise import gaussian_like, mix_seed, param_seed
+from lowmem.optim.zo_noise import Noise, mix_seed, param_seed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MOMENTUM_DTYPES = (*_DTYPES, "int8")  # int8: blockwise-quantized through MomentStore
@@ -76,7 +76,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
     def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, weight_decay: float = 0.0,
                  total_steps: int = 20000, t1: int | None = None, t2: int | None = None,
                  phi: tuple[float, float, float] = (1.0, 0.1, 1.5), momentum_dtype: str | None = None,
-                 seed: int = 0, fp32_forward: bool = True):
+                 seed: int = 0, fp32_forward: bool = True, noise: str = "gaussian"):
         t1 = min(1024, round(0.05 * total_steps)) if t1 is None else t1
         t2 = int(0.8 * total_steps) if t2 is None else t2
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
@@ -89,6 +89,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
             raise ValueError(f"optim.momentum_dtype: one of {', '.join(_MOMENTUM_DTYPES)}, got {momentum_dtype!r}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, seed=seed,
                          fp32_forward=fp32_forward)
+        self.noise = Noise(noise)  # the unit draws behind zdot and zdd (lowmem.optim.zo_noise)
         self.t1, self.t2, self.t3, self.phi = t1, t2, total_steps, tuple(float(f) for f in phi)
         self.momentum_dtype = _DTYPES.get(momentum_dtype)  # None: the parameter's (or int8)
         self._store = MomentStore(bits=8) if momentum_dtype == "int8" else None
@@ -111,15 +112,15 @@ class ZOAdaMU(ZerothOrderOptimizer):
             return self.state[p]["m"].to(p.dtype)
         if self._prev_seed < 0:
             return None  # m_0 = 0
-        return gaussian_like(p, param_seed(self._prev_seed, 0, index)).mul_(math.sqrt(self._prev_alpha))
+        return self.noise.draw(p, param_seed(self._prev_seed, 0, index)).mul_(math.sqrt(self._prev_alpha))
 
     def _draws(self, p: torch.Tensor, index: int, step_seed: int, coeffs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(zdot, zdd)``; ``zdd`` is None when neither ``z`` nor ``v`` uses it (b1 = b2 = 1)."""
         alpha, b1, b2 = coeffs
-        zdot = gaussian_like(p, param_seed(step_seed, 0, index)).mul_(math.sqrt(alpha))
+        zdot = self.noise.draw(p, param_seed(step_seed, 0, index)).mul_(math.sqrt(alpha))
         if b1 == 1.0 and b2 == 1.0:
             return zdot, None
-        zdd = gaussian_like(p, mix_seed(step_seed, 0, index, 1)).mul_(math.sqrt(1.0 - alpha))
+        zdd = self.noise.draw(p, mix_seed(step_seed, 0, index, 1)).mul_(math.sqrt(1.0 - alpha))
         m_prev = self._previous_m(p, index)
         if m_prev is not None:
             zdd.add_(m_prev)
