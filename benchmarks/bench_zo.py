@@ -69,9 +69,11 @@ def lm_batch(tok, texts: list[str], seq: int) -> dict:
 
 
 def make_opt(name: str, params, steps: int, lr: float, seed: int = 0):
-    if name == "mezo":
-        return MeZO(params, lr=lr, eps=1e-3, seed=seed)
-    return ZOAdaMU(params, lr=lr, eps=1e-3, total_steps=steps, seed=seed)
+    """``name``: ``mezo`` or ``zo_adamu``, optionally ``:<noise kind>`` (e.g. ``mezo:table``)."""
+    method, _, noise = name.partition(":")
+    if method == "mezo":
+        return MeZO(params, lr=lr, eps=1e-3, seed=seed, noise=noise or "gaussian")
+    return ZOAdaMU(params, lr=lr, eps=1e-3, total_steps=steps, seed=seed, noise=noise or "gaussian")
 
 
 def timing(model, tok, texts, repeats: int) -> list[list]:
@@ -190,7 +192,7 @@ def run_parallel(jobs: list[tuple], steps: int, trained: str, evals: int, worker
 def quality(args) -> str:
     """LR sweep on the LM task (each method's LR picked on the validation split), more perturbation
     seeds at the picked LRs, then both methods at their LR on topic classification; test-split tables."""
-    methods = ("mezo", "zo_adamu")
+    methods = tuple(args.methods)  # the first is the baseline of the reading
     lm = run_parallel([(m, lr, "lm", 0) for lr in args.lrs for m in methods],
                       args.steps, args.trained, args.evals, args.workers)
     final_val = lambda r: r["curve"][-1][1][0]  # noqa: E731
@@ -203,7 +205,7 @@ def quality(args) -> str:
     forwards = 2 * args.steps
     sweep = [[r["method"], f"{r['lr']:g}", f"{r['curve'][0][2][0]:.4f}", f"{final_val(r):.4f}",
               f"{final_test(r):.4f}", f"{r['seconds'] / args.steps:.2f}"] for r in lm]
-    steps_at = [c[0] for c in best["mezo"]["curve"]]
+    steps_at = [c[0] for c in best[methods[0]]["curve"]]
     curve = [[2 * k] + [f"{best[m]['curve'][i][2][0]:.4f}" for m in methods] for i, k in enumerate(steps_at)]
     seeds = []
     for m in methods:
@@ -213,15 +215,19 @@ def quality(args) -> str:
         seeds.append([m, f"{best[m]['lr']:g}", " / ".join(f"{t:.4f}" for t in tests.tolist()),
                       f"{tests.mean().item():.4f}", spread])
     means = {row[0]: (float(row[3]), float(row[4]) if row[4] != "-" else 0.0) for row in seeds}
-    (m_mean, m_std), (a_mean, a_std) = means["mezo"], means["zo_adamu"]
-    verdict = ("beats" if a_mean + a_std < m_mean - m_std else
-               "loses to" if m_mean + m_std < a_mean - a_std else "does not separate from")
-    reading = (f"Reading: at equal forwards ({forwards}) ZO-AdaMU {verdict} MeZO on the BBC LM test loss "
-               f"({a_mean:.4f} +- {a_std:.4f} vs {m_mean:.4f} +- {m_std:.4f} over {args.seeds} seeds; "
-               f"'beats' needs the one-std intervals apart).")
+    base_mean, base_std = means[methods[0]]
+    readings = []
+    for m in methods[1:]:
+        mean, std = means[m]
+        verdict = ("beats" if mean + std < base_mean - base_std else
+                   "loses to" if base_mean + base_std < mean - std else "does not separate from")
+        readings.append(f"{m} {verdict} {methods[0]} ({mean:.4f} +- {std:.4f} vs {base_mean:.4f} +- {base_std:.4f})")
+    reading = (f"Reading: at equal forwards ({forwards}) on the BBC LM test loss over {args.seeds} seeds, "
+               + "; ".join(readings) + " ('beats' needs the one-std intervals apart).")
     if cls:
         reading += (f" Topic accuracy after {2 * args.cls_steps} forwards, one seed, 100 test articles (binomial "
-                    f"std about 0.045): ZO-AdaMU {cls[1]['curve'][-1][2][1]:.3f}, MeZO {cls[0]['curve'][-1][2][1]:.3f}.")
+                    "std about 0.045): " + ", ".join(f"{m} {r['curve'][-1][2][1]:.3f}" for m, r in zip(methods, cls))
+                    + ".")
     topic = lambda point: [f"{point[0]:.4f}", f"{point[1]:.3f}"] if cls else []  # noqa: E731
     summary = [["zero-shot", "-", f"{lm[0]['curve'][0][2][0]:.4f}", *topic(cls[0]["curve"][0][2] if cls else None)]]
     for m, row in zip(methods, seeds):
@@ -251,6 +257,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="perturbation seeds per method at its chosen LM LR")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (1 thread each)")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds (rows interleaved in each)")
+    parser.add_argument("--methods", nargs="+", default=["mezo", "zo_adamu"],
+                        help="quality runs: mezo|zo_adamu[:gaussian|rademacher|table]; the first is the baseline")
     parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "timing", "quality"])
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "MODEL_DIR"))
     parser.add_argument("--run", nargs=4, metavar=("METHOD", "LR", "TASK", "SEED"))

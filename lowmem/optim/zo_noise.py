@@ -138,7 +138,7 @@ def _fill(out: torch.Tensor, seed: int, kind: str) -> None:
 
 def noise_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The shared table of ``TABLE_SIZE`` N(0, 1) values on ``device`` in ``dtype`` (made once)."""
-    key = ("table", torch.device(device), dtype)
+    key = ("table", torch.device(device), dtype, TABLE_SIZE)
     with _tables_lock:
         if key not in _tables:
             cpu = torch.empty(TABLE_SIZE, dtype=torch.float32)
