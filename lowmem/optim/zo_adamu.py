@@ -127,15 +127,23 @@ class ZOAdaMU(ZerothOrderOptimizer):
         return zdot, zdd
 
     def _perturb(self, step_seed: int, stream: int, scale: float) -> None:
-        coeffs = self.schedule(self._steps)
+        """``theta += scale eps z`` with ``z = b1 zdot + (1 - b1) zdd`` as (up to) three in-place adds of
+        ``b1 sqrt(alpha) u``, ``(1 - b1) sqrt(1 - alpha) u'`` and ``(1 - b1) m_{k-1}`` (``u, u'`` the unit draws):
+        no parameter-sized temporary, and only ``u`` while ``b1 = 1``."""
+        alpha, b1, _ = self.schedule(self._steps)
+        c = scale * self.eps
         for index, p, _ in self.indexed_params():
-            zdot, zdd = self._draws(p, index, step_seed, coeffs)
-            z = zdot.mul_(coeffs[1]) if zdd is None else zdot.mul_(coeffs[1]).add_(zdd, alpha=1.0 - coeffs[1])
-            p.add_(z, alpha=scale * self.eps)
+            self.noise.add_(p, param_seed(step_seed, 0, index), c * b1 * math.sqrt(alpha))
+            if b1 == 1.0:
+                continue
+            self.noise.add_(p, mix_seed(step_seed, 0, index, 1), c * (1.0 - b1) * math.sqrt(1.0 - alpha))
+            m_prev = self._previous_m(p, index)
+            if m_prev is not None:
+                p.add_(m_prev, alpha=c * (1.0 - b1))
 
     def _update(self, step_seed: int, g: float) -> None:
         """Algorithm 1's update; first ``theta += eps * z`` (the restore the two-point estimate left
-        pending, with ``z = m`` the same draw), one noise pass fewer than a separate restore."""
+        pending, with ``z = m`` from the same draws), one noise pass fewer than a separate restore."""
         alpha, b1, b2 = coeffs = self.schedule(self._steps)
         for index, p, group in self.indexed_params():
             zdot, zdd = self._draws(p, index, step_seed, coeffs)
@@ -145,7 +153,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
                 m = torch.mul(zdot, b1).add_(zdd, alpha=1.0 - b1)
                 v = zdot.square_().mul_(b2).add_(zdd.square_(), alpha=1.0 - b2)
                 del zdd
-            p.add_(m, alpha=self.eps)  # m is the perturbation z of _perturb, bit for bit
+            p.add_(m, alpha=self.eps)  # m is the perturbation z of _perturb (its three adds in one)
             self._keep_m(p, m, phase_1=b1 == 1.0)
             direction = m.div_(v.add_(_V_EPS).sqrt_()).mul_(g)
             if group["weight_decay"]:
