@@ -100,7 +100,8 @@ def memory_probe(kind: str, model_dir: str) -> dict:
         opt.step()
     else:
         momentum_dtype = "int8" if kind == "zo_adamu_int8" else None
-        opt = MeZO(model.parameters(), lr=1e-6) if kind == "mezo" else \
+        opt = MeZO(model.parameters(), lr=1e-6, noise="table" if kind == "mezo_table" else "gaussian") \
+            if kind.startswith("mezo") else \
             ZOAdaMU(model.parameters(), lr=1e-6, total_steps=4, t1=0, t2=2, momentum_dtype=momentum_dtype)
         for _ in range(2):  # ZO-AdaMU allocates its momentum at step 2
             opt.step(closure)
@@ -112,7 +113,7 @@ def memory(model, tok) -> list[list]:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         results = {}
-        for kind in ("inference", "mezo", "zo_adamu", "zo_adamu_int8", "adamw"):
+        for kind in ("inference", "mezo", "mezo_table", "zo_adamu", "zo_adamu_int8", "adamw"):
             out = subprocess.run([sys.executable, __file__, "--memory-probe", kind, d], capture_output=True,
                                  text=True, check=True)
             results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -294,7 +295,8 @@ def main() -> None:
                      "Peak RSS: VmHWM reset after the load (weights are read lazily from the "
                      "safetensors file, so 'after load' is below their 513 MiB), glibc mmap threshold fixed as "
                      "in a training run; ZO-AdaMU's extra is its momentum buffer (fp32; "
-                     "zo_adamu_int8: momentum_dtype=int8, 8-bit blockwise, about a quarter of it).")
+                     "zo_adamu_int8: momentum_dtype=int8, 8-bit blockwise, about a quarter of it); mezo_table: "
+                     "noise=table, whose shared table of 2^25 fp32 normals is 128 MiB.")
     if "quality" not in args.skip:
         notes = (f"{common}, batch 4. Each run trains the parameters matching `{args.trained}` and nothing else; "
                  f"the BBC articles are shuffled once (seed 0): the last 100 are the test split, the 100 before "

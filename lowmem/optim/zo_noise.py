@@ -21,9 +21,9 @@ Kinds of ``z`` (recipe field ``optim.args.noise``):
 ``gaussian`` (default)
     ``z ~ N(0, I)`` (MeZO). The tensor is cut into chunks of ``2^17`` elements,
     chunk ``k`` drawn by ``normal_`` from a private generator seeded with
-    ``mix(seed, k)`` (one chunk: ``seed`` itself); on CPU the chunks are drawn on
-    ``torch.get_num_threads()`` threads (torch ops release the GIL). The values do
-    not depend on the thread count.
+    ``mix(seed, k)`` (one chunk: ``seed`` itself), on ``torch.get_num_threads()``
+    threads (torch ops release the GIL); the values do not depend on the thread
+    count. On an accelerator one generator fills the whole tensor (no chunks).
 ``rademacher``
     ``z_i = +-1`` with probability 1/2 (Spall 1992's SPSA perturbation): one random
     bit per element, 32 per generator call, unpacked through a 256 x 8 table of
@@ -123,12 +123,12 @@ def _fill_chunk(out: torch.Tensor, seed: int, kind: str) -> None:
 
 def _fill(out: torch.Tensor, seed: int, kind: str) -> None:
     n = out.numel()
-    if n <= CHUNK:
+    if n <= CHUNK or out.device.type != "cpu":  # an accelerator fills a whole tensor in parallel
         _fill_chunk(out, seed, kind)
         return
     starts = range(0, n, CHUNK)
     work = lambda k: _fill_chunk(out[starts[k]:starts[k] + CHUNK], mix_seed(seed, k), kind)  # noqa: E731
-    pool = _threads() if out.device.type == "cpu" else None
+    pool = _threads()
     if pool is None:
         for k in range(len(starts)):
             work(k)
