@@ -305,8 +305,9 @@ def main() -> None:
                  f"the 5 folder names, max_length 48, loss and accuracy on 100 test articles, run at the LR chosen "
                  f"on the LM task. ZO-AdaMU: T3 = steps, T1 = 0.05 T3, T2 = 0.8 T3, phi = (1.0, 0.1, 1.5). "
                  f"Perturbation seed 0 for the sweep and the topic runs; {args.seeds} seeds at the chosen LR.")
-        write_result(args.result, f"MeZO vs ZO-AdaMU at equal forwards on SmolLM2-135M, CPU ({2 * args.steps} "
-                     "forwards)",
+        what = ("MeZO vs ZO-AdaMU" if args.methods == ["mezo", "zo_adamu"]
+                else "Perturbation kinds (" + ", ".join(args.methods) + ")")
+        write_result(args.result, f"{what} at equal forwards on SmolLM2-135M, CPU ({2 * args.steps} forwards)",
                      quality(args), notes)
 
 
