@@ -220,8 +220,8 @@ def quality(args) -> str:
     readings = []
     for m in methods[1:]:
         mean, std = means[m]
-        verdict = ("beats" if mean + std < base_mean - base_std else
-                   "loses to" if base_mean + base_std < mean - std else "does not separate from")
+        verdict = ("(one seed: no verdict) vs" if args.seeds < 2 else "beats" if mean + std < base_mean - base_std
+                   else "loses to" if base_mean + base_std < mean - std else "does not separate from")
         readings.append(f"{m} {verdict} {methods[0]} ({mean:.4f} +- {std:.4f} vs {base_mean:.4f} +- {base_std:.4f})")
     reading = (f"Reading: at equal forwards ({forwards}) on the BBC LM test loss over {args.seeds} seeds, "
                + "; ".join(readings) + " ('beats' needs the one-std intervals apart).")
