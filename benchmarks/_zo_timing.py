@@ -11,6 +11,7 @@ step, and divided by the median of 3 no-grad forwards of the same round.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -85,6 +86,7 @@ def step_times(model, loss: Callable[[], torch.Tensor], repeats: int = 3, steps:
             step = _median_time(lambda: opt.step(loss), steps)
             seconds[name].append(step)
             ratios[name].append(step / forward)
+            print(f"{name}: forward {forward:.3f} s, step {step:.3f} s, {step / forward:.2f}x", file=sys.stderr, flush=True)
             del opt
             with torch.no_grad():
                 for p, p0 in zip(params, snapshot):
