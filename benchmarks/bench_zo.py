@@ -1,6 +1,7 @@
 """Zeroth-order optimizers on SmolLM2-135M (CPU): step time, peak memory, quality at equal forwards.
 
-1. time: one ZO step / one no-grad forward on the same batch (MeZO, ZO-AdaMU).
+1. time: one ZO step / one no-grad forward on the same batch (MeZO, ZO-AdaMU, each noise kind),
+   against a plain 30-line MeZO loop measured in the same run.
 2. memory: peak RSS of inference, a MeZO step, a ZO-AdaMU step (momentum allocated) and
    a first-order AdamW step, each in a fresh subprocess on the same weights.
 3. quality: BBC News LM eval loss, and BBC topic accuracy (candidate classification,
@@ -30,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_result  # noqa: E402
+from _zo_timing import HEADER, step_times  # noqa: E402
 
 from lowmem.memory import current_rss_bytes, fix_malloc_threshold, reset_peak_rss, window_peak_rss_bytes  # noqa: E402
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss  # noqa: E402
@@ -67,31 +69,16 @@ def lm_batch(tok, texts: list[str], seq: int) -> dict:
 
 
 def make_opt(name: str, params, steps: int, lr: float, seed: int = 0):
-    if name == "mezo":
-        return MeZO(params, lr=lr, eps=1e-3, seed=seed)
-    return ZOAdaMU(params, lr=lr, eps=1e-3, total_steps=steps, seed=seed)
+    """``name``: ``mezo`` or ``zo_adamu``, optionally ``:<noise kind>`` (e.g. ``mezo:table``)."""
+    method, _, noise = name.partition(":")
+    if method == "mezo":
+        return MeZO(params, lr=lr, eps=1e-3, seed=seed, noise=noise or "gaussian")
+    return ZOAdaMU(params, lr=lr, eps=1e-3, total_steps=steps, seed=seed, noise=noise or "gaussian")
 
 
-def timing(model, tok, texts) -> list[list]:
+def timing(model, tok, texts, repeats: int) -> list[list]:
     batch = lm_batch(tok, texts[:4], 128)
-    rows = []
-    with torch.no_grad():
-        causal_lm_loss(model, batch)  # warm-up
-        start = time.perf_counter()
-        for _ in range(3):
-            causal_lm_loss(model, batch)
-        forward = (time.perf_counter() - start) / 3
-    for name in ("mezo", "zo_adamu"):
-        snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-        opt = make_opt(name, list(model.parameters()), 4, 0.0) if name == "mezo" else \
-            ZOAdaMU(list(model.parameters()), lr=0.0, total_steps=4, t1=0, t2=2)
-        opt.step(lambda: causal_lm_loss(model, batch))  # phase-1 step; the timed one uses the momentum
-        start = time.perf_counter()
-        opt.step(lambda: causal_lm_loss(model, batch))
-        step = time.perf_counter() - start
-        model.load_state_dict(snapshot)
-        rows.append([name, f"{forward:.2f}", f"{step:.2f}", f"{step / forward:.1f}"])
-    return rows
+    return step_times(model, lambda: causal_lm_loss(model, batch), repeats=repeats)
 
 
 def memory_probe(kind: str, model_dir: str) -> dict:
@@ -113,7 +100,8 @@ def memory_probe(kind: str, model_dir: str) -> dict:
         opt.step()
     else:
         momentum_dtype = "int8" if kind == "zo_adamu_int8" else None
-        opt = MeZO(model.parameters(), lr=1e-6) if kind == "mezo" else \
+        opt = MeZO(model.parameters(), lr=1e-6, noise="table" if kind == "mezo_table" else "gaussian") \
+            if kind.startswith("mezo") else \
             ZOAdaMU(model.parameters(), lr=1e-6, total_steps=4, t1=0, t2=2, momentum_dtype=momentum_dtype)
         for _ in range(2):  # ZO-AdaMU allocates its momentum at step 2
             opt.step(closure)
@@ -125,7 +113,7 @@ def memory(model, tok) -> list[list]:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         results = {}
-        for kind in ("inference", "mezo", "zo_adamu", "zo_adamu_int8", "adamw"):
+        for kind in ("inference", "mezo", "mezo_table", "zo_adamu", "zo_adamu_int8", "adamw"):
             out = subprocess.run([sys.executable, __file__, "--memory-probe", kind, d], capture_output=True,
                                  text=True, check=True)
             results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -205,7 +193,7 @@ def run_parallel(jobs: list[tuple], steps: int, trained: str, evals: int, worker
 def quality(args) -> str:
     """LR sweep on the LM task (each method's LR picked on the validation split), more perturbation
     seeds at the picked LRs, then both methods at their LR on topic classification; test-split tables."""
-    methods = ("mezo", "zo_adamu")
+    methods = tuple(args.methods)  # the first is the baseline of the reading
     lm = run_parallel([(m, lr, "lm", 0) for lr in args.lrs for m in methods],
                       args.steps, args.trained, args.evals, args.workers)
     final_val = lambda r: r["curve"][-1][1][0]  # noqa: E731
@@ -218,7 +206,7 @@ def quality(args) -> str:
     forwards = 2 * args.steps
     sweep = [[r["method"], f"{r['lr']:g}", f"{r['curve'][0][2][0]:.4f}", f"{final_val(r):.4f}",
               f"{final_test(r):.4f}", f"{r['seconds'] / args.steps:.2f}"] for r in lm]
-    steps_at = [c[0] for c in best["mezo"]["curve"]]
+    steps_at = [c[0] for c in best[methods[0]]["curve"]]
     curve = [[2 * k] + [f"{best[m]['curve'][i][2][0]:.4f}" for m in methods] for i, k in enumerate(steps_at)]
     seeds = []
     for m in methods:
@@ -228,15 +216,19 @@ def quality(args) -> str:
         seeds.append([m, f"{best[m]['lr']:g}", " / ".join(f"{t:.4f}" for t in tests.tolist()),
                       f"{tests.mean().item():.4f}", spread])
     means = {row[0]: (float(row[3]), float(row[4]) if row[4] != "-" else 0.0) for row in seeds}
-    (m_mean, m_std), (a_mean, a_std) = means["mezo"], means["zo_adamu"]
-    verdict = ("beats" if a_mean + a_std < m_mean - m_std else
-               "loses to" if m_mean + m_std < a_mean - a_std else "does not separate from")
-    reading = (f"Reading: at equal forwards ({forwards}) ZO-AdaMU {verdict} MeZO on the BBC LM test loss "
-               f"({a_mean:.4f} +- {a_std:.4f} vs {m_mean:.4f} +- {m_std:.4f} over {args.seeds} seeds; "
-               f"'beats' needs the one-std intervals apart).")
+    base_mean, base_std = means[methods[0]]
+    readings = []
+    for m in methods[1:]:
+        mean, std = means[m]
+        verdict = ("(one seed: no verdict) vs" if args.seeds < 2 else "beats" if mean + std < base_mean - base_std
+                   else "loses to" if base_mean + base_std < mean - std else "does not separate from")
+        readings.append(f"{m} {verdict} {methods[0]} ({mean:.4f} +- {std:.4f} vs {base_mean:.4f} +- {base_std:.4f})")
+    reading = (f"Reading: at equal forwards ({forwards}) on the BBC LM test loss over {args.seeds} seeds, "
+               + "; ".join(readings) + " ('beats' needs the one-std intervals apart).")
     if cls:
         reading += (f" Topic accuracy after {2 * args.cls_steps} forwards, one seed, 100 test articles (binomial "
-                    f"std about 0.045): ZO-AdaMU {cls[1]['curve'][-1][2][1]:.3f}, MeZO {cls[0]['curve'][-1][2][1]:.3f}.")
+                    "std about 0.045): " + ", ".join(f"{m} {r['curve'][-1][2][1]:.3f}" for m, r in zip(methods, cls))
+                    + ".")
     topic = lambda point: [f"{point[0]:.4f}", f"{point[1]:.3f}"] if cls else []  # noqa: E731
     summary = [["zero-shot", "-", f"{lm[0]['curve'][0][2][0]:.4f}", *topic(cls[0]["curve"][0][2] if cls else None)]]
     for m, row in zip(methods, seeds):
@@ -265,6 +257,9 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=4, help="evaluation points per LM run")
     parser.add_argument("--seeds", type=int, default=3, help="perturbation seeds per method at its chosen LM LR")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (1 thread each)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds (rows interleaved in each)")
+    parser.add_argument("--methods", nargs="+", default=["mezo", "zo_adamu"],
+                        help="quality runs: mezo|zo_adamu[:gaussian|rademacher|table]; the first is the baseline")
     parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "timing", "quality"])
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "MODEL_DIR"))
     parser.add_argument("--run", nargs=4, metavar=("METHOD", "LR", "TASK", "SEED"))
@@ -283,7 +278,7 @@ def main() -> None:
         texts = [t for t, _ in bbc_examples()[1]]
     if "timing" not in args.skip:
         sections.append("### Step time (full model trainable, batch 4x128, fp32)\n\n" + markdown_table(
-            ["optimizer", "forward s", "ZO step s", "step / forward"], timing(model, tok, texts)))
+            HEADER, timing(model, tok, texts, args.repeats)))
     if "memory" not in args.skip:
         sections.append("### Peak RSS, fresh process each (full model trainable, batch 4x128)\n\n" + markdown_table(
             ["step", "RSS after load MiB", "peak RSS MiB", "peak / inference"], memory(model, tok)))
@@ -291,12 +286,17 @@ def main() -> None:
     if sections:
         write_result("bench_zo", "Zeroth-order optimizers (MeZO, ZO-AdaMU) on SmolLM2-135M, CPU: time and memory",
                      "\n\n".join(sections),
-                     common + ". Step time: one step after a warm-up step (ZO-AdaMU past phase 1, its momentum "
-                     "in use); the ideal is 2 forwards plus the noise passes (3 per step for MeZO, each drawing "
-                     "135M normals). Peak RSS: VmHWM reset after the load (weights are read lazily from the "
+                     common + ". Step time: each row's median of 3 steps after a warm-up step (ZO-AdaMU past phase 1, "
+                     "its momentum in use), divided by the median of 3 no-grad forwards of the same round; "
+                     f"{args.repeats} rounds, rows interleaved, median and min-max of the ratio over rounds (the "
+                     "machine is shared: compare rows of one run). The bound is 2 forwards; the rest is the 3 "
+                     "noise passes (135M values each). Reference: the plain MeZO loop of benchmarks/_zo_timing.py "
+                     "(one buffer, normal_, restore and update fused); noise kinds: lowmem.optim.zo_noise. "
+                     "Peak RSS: VmHWM reset after the load (weights are read lazily from the "
                      "safetensors file, so 'after load' is below their 513 MiB), glibc mmap threshold fixed as "
                      "in a training run; ZO-AdaMU's extra is its momentum buffer (fp32; "
-                     "zo_adamu_int8: momentum_dtype=int8, 8-bit blockwise, about a quarter of it).")
+                     "zo_adamu_int8: momentum_dtype=int8, 8-bit blockwise, about a quarter of it); mezo_table: "
+                     "noise=table, whose shared table of 2^25 fp32 normals is 128 MiB.")
     if "quality" not in args.skip:
         notes = (f"{common}, batch 4. Each run trains the parameters matching `{args.trained}` and nothing else; "
                  f"the BBC articles are shuffled once (seed 0): the last 100 are the test split, the 100 before "
@@ -305,8 +305,9 @@ def main() -> None:
                  f"the 5 folder names, max_length 48, loss and accuracy on 100 test articles, run at the LR chosen "
                  f"on the LM task. ZO-AdaMU: T3 = steps, T1 = 0.05 T3, T2 = 0.8 T3, phi = (1.0, 0.1, 1.5). "
                  f"Perturbation seed 0 for the sweep and the topic runs; {args.seeds} seeds at the chosen LR.")
-        write_result(args.result, f"MeZO vs ZO-AdaMU at equal forwards on SmolLM2-135M, CPU ({2 * args.steps} "
-                     "forwards)",
+        what = ("MeZO vs ZO-AdaMU" if args.methods == ["mezo", "zo_adamu"]
+                else "Perturbation kinds (" + ", ".join(args.methods) + ")")
+        write_result(args.result, f"{what} at equal forwards on SmolLM2-135M, CPU ({2 * args.steps} forwards)",
                      quality(args), notes)
 
 

@@ -131,17 +131,22 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     return optimizer, spec.zeroth_order, opt.layerwise and not recipe.offload.enabled
 
 
-def build_engine(recipe: Recipe, model, optimizer, zeroth_order: bool, accelerator: Accelerator):
-    """The offload engine (lowmem.offload) driving ``model``: ZO2 for MeZO, else the first-order one."""
+def build_engine(recipe: Recipe, model, optimizer, zeroth_order: bool, accelerator: Accelerator,
+                 loss_fn: Callable):
+    """The offload engine (lowmem.offload) driving ``model``: ZO2 for MeZO (the LM objective is the engine's
+    own, any other, classification, goes through ``loss_fn``), else the first-order one (LM objective)."""
     from lowmem.offload.engine import OffloadConfig, ZO2Engine
     from lowmem.offload.firstorder import FirstOrderEngine
 
     if accelerator.num_processes > 1:
         raise ValueError("offload.enabled: the offload engines run on one process")
-    if recipe.data.task != "lm":
-        raise ValueError("offload.enabled: the offload engines train the LM objective only (data.task: lm)")
     config = OffloadConfig(**recipe.offload.model_dump())
-    return (ZO2Engine if zeroth_order else FirstOrderEngine)(model, optimizer, config)
+    if zeroth_order:
+        return ZO2Engine(model, optimizer, config, loss_fn=None if recipe.data.task == "lm" else loss_fn)
+    if recipe.data.task != "lm":
+        raise ValueError("offload.enabled: the first-order offload engine trains the LM objective only "
+                         "(data.task: lm)")
+    return FirstOrderEngine(model, optimizer, config)
 
 
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
@@ -156,7 +161,8 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
         lm_body_and_head(model)  # a model it cannot reproduce is refused before training
     optimizer, zeroth_order, layerwise = build_optimizer(recipe, model, accelerator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
-    engine = build_engine(recipe, model, optimizer, zeroth_order, accelerator) if recipe.offload.enabled else None
+    engine = (build_engine(recipe, model, optimizer, zeroth_order, accelerator, loss_fn)
+              if recipe.offload.enabled else None)
     if engine is not None:
         stepped = optimizer
     elif zeroth_order or layerwise:

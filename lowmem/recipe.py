@@ -185,16 +185,18 @@ class Recipe(_Section):
         if self.train.grad_accum != 1:
             raise ValueError("train.grad_accum: the first-order offload engine steps each block inside its "
                              "backward, so it takes one micro-batch per step; set it to 1")
+        if self.model.trainable is not None:
+            raise ValueError("model.trainable: the first-order offload engine trains every weight; set it to null")
         if self.train.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision: fp16 needs loss scaling, which the first-order offload "
                              "engine does not do; use bf16 or no")
         return self
 
     @model_validator(mode="after")
-    def _offload_trains_every_weight(self):
-        if self.offload.enabled and (self.model.lora is not None or self.model.trainable is not None):
-            field = "model.lora" if self.model.lora is not None else "model.trainable"
-            raise ValueError(f"{field}: the offload engines (offload.enabled) train every weight; set it to null")
+    def _offload_without_adapters(self):
+        if self.offload.enabled and self.model.lora is not None:
+            raise ValueError("model.lora: the offload engines (offload.enabled) train the model's own weights "
+                             "(all, or with ZO2 the model.trainable subset); set it to null")
         return self
 
 

@@ -142,7 +142,7 @@ class Trainer:
     def _eval_metrics(self, batch) -> dict[str, torch.Tensor]:
         run = self.run
         if run.engine is not None:  # flushes the deferred update first
-            return {"eval_loss": run.engine.eval_loss(batch)}
+            return run.engine.evaluate(run.eval_fn, batch)
         with self.accelerator.autocast():
             return run.eval_fn(run.model, batch)
 

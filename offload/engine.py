@@ -12,7 +12,9 @@ stay on it. One step of MeZO (ALGORITHMS.md §5) with step seed ``s``::
     g = (L+ - L-) / (2 eps)                  # float64, as lowmem.optim.mezo
     resident params: theta -= lr (g z + wd theta) now; blocks: pending until next visit
 
-so each block crosses PCIe once per direction per step. Every parameter goes
+so each block crosses PCIe once per direction per step. Only the optimizer's
+parameters are perturbed and updated (``model.trainable``: a frozen weight keeps
+its stored value, and a block with no trained weight is never written back). Every parameter goes
 through exactly MeZO's in-place sequence with the same per-parameter seeds
 (:mod:`lowmem.optim.zo_noise`): in fp32 the engine equals in-memory
 :class:`lowmem.optim.mezo.MeZO` bit for bit. Applying a pending update early
@@ -23,8 +25,11 @@ Contract with the trainer::
     opt = create_optimizer(model, "mezo", lr=..., eps=..., seed=...)   # n_samples=1, momentum=0
     engine = ZO2Engine(model, opt, OffloadConfig(**recipe.offload))     # model on CPU, weights loaded
     loss = engine.step(batch)        # batch: dict of tensors with "labels"; returns L+ (tensor)
+    # any other objective (e.g. candidate classification): ZO2Engine(..., loss_fn=fn), fn(model, batch)
+    # -> scalar loss computed from the model's outputs (lowmem.offload.objective)
     scheduler.step()                 # the LR of a step is read when the step runs
     engine.eval_loss(batch)          # flushes, then a plain streamed forward (model(**batch) works too)
+    engine.evaluate(metrics_fn, batch)   # flushes, then metrics_fn(model, batch) on the streamed model
     ckpt = {"weights": engine.model_state_dict(), "engine": engine.state_dict()}   # consistent pair
     engine.load_model_state_dict(ckpt["weights"]); engine.load_state_dict(ckpt["engine"])
     engine.close()                   # flush, put the blocks back into the model (CPU), remove hooks
@@ -37,11 +42,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from lowmem.offload.hooks import ModelDriver
+from lowmem.offload.objective import DualCall
 from lowmem.offload.resident import Indexed, ResidentPerturber, perturbed_pair
 from lowmem.offload.rounding import is_lower_precision
 from lowmem.offload.store import BlockStore
@@ -90,10 +97,10 @@ class ZO2Engine:
     """MeZO steps on ``model`` with its blocks offloaded; see the module docstring for the contract."""
 
     def __init__(self, model: nn.Module, optimizer, config: OffloadConfig | dict | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, loss_fn: Callable | None = None):
         config = OffloadConfig(**config) if isinstance(config, dict) else (config or OffloadConfig())
         _check_optimizer(optimizer)
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.driver = ModelDriver(model, self)
         group_no = {id(g): n for n, g in enumerate(optimizer.param_groups)}
@@ -110,7 +117,8 @@ class ZO2Engine:
         self.mover = BlockMover(self.packed, self.store, self.device, self.compute_dtype, config.prefetch_depth)
         self._offload_blocks(blocks)
         self.block_params: list[Indexed] = [self._indexed(pk.params) for pk in self.packed]
-        self.resident = ResidentPerturber([self._indexed(list(m.parameters())) for _, m in self.driver.units])
+        self.resident = ResidentPerturber([self._indexed(list(m.parameters())) for _, m in self.driver.units],
+                                          optimizer.noise)
         self.resident_params = list({id(p): (p, i) for ps in self.resident.unit_params for p, i in ps}.values())
         for _, module in self.driver.units:
             module.to(self.device)
@@ -152,8 +160,8 @@ class ZO2Engine:
         self.mover.acquire(k)
         changed = self._apply_pending(k)
         if len(runs) == 2:
-            outs = perturbed_pair(self.block_params[k], runs, self._seed, self.optimizer.eps)
-            changed = True
+            outs = perturbed_pair(self.block_params[k], runs, self._seed, self.optimizer.eps, self.optimizer.noise)
+            changed = changed or bool(self.block_params[k])  # a block of frozen weights stays as stored
         else:
             outs = [runs[0]()]
         seed = self._seed if self._seed is not None else (self.pending or {}).get("seed", 0)
@@ -168,7 +176,8 @@ class ZO2Engine:
         pend = self.pending
         for p, idx in self.block_params[k]:
             gi = self.index[id(p)][1]
-            sgd_update_(p, param_seed(pend["seed"], 0, idx), pend["lr"][gi], pend["grad"], pend["weight_decay"][gi])
+            sgd_update_(p, param_seed(pend["seed"], 0, idx), pend["lr"][gi], pend["grad"], pend["weight_decay"][gi],
+                        noise=self.optimizer.noise)
         pend["done"].add(k)
         return True
 
@@ -200,19 +209,17 @@ class ZO2Engine:
 
     def step(self, batch: dict) -> torch.Tensor:
         """One MeZO step (MeZO Alg. 1) through the offloaded blocks; returns L+ like ``MeZO.step``."""
-        labels = batch["labels"].to(self.device)
-        b, eps = labels.shape[0], self.optimizer.eps
+        eps = self.optimizer.eps
         # 1. step seed from the optimizer's private generator
         self._seed = seed = self.optimizer.draw_step_seed()
         # 2. both perturbed forwards in one pass; blocks take the deferred update of step t-1 on the way
         try:
-            with self._forward(half_batch=b):
-                logits = self.model(**self._inputs(batch, double=True), use_cache=False).logits
+            loss_plus, loss_minus = self._dual_losses(batch)
         finally:
             self.resident.end_forward(seed, eps)
             self._seed = None
-        loss_plus, loss_minus = self._loss(logits[:b], labels), self._loss(logits[b:], labels)
-        g = (float(loss_plus) - float(loss_minus)) / (2.0 * eps)  # in float64, as MeZO
+        g = (float(loss_plus) - float(loss_minus)) / (2.0 * eps)  # in float64, as MeZO ...
+        g = self.optimizer.exchange([g])[0]  # ... then as MeZO applies it (fp32 on the wire, or one byte)
         # 3. update: resident parameters now, blocks at their next visit (ZO2's deferred update);
         #    a NaN/Inf g updates nothing (the optimizer records the skip for the trainer)
         self.optimizer.finish_step([g])
@@ -221,11 +228,24 @@ class ZO2Engine:
         groups = self.optimizer.param_groups
         for p, idx in self.resident_params:
             group = groups[self.index[id(p)][1]]
-            sgd_update_(p, param_seed(seed, 0, idx), group["lr"], g, group["weight_decay"])
+            sgd_update_(p, param_seed(seed, 0, idx), group["lr"], g, group["weight_decay"], noise=self.optimizer.noise)
         self.pending = {"seed": seed, "grad": g, "lr": [gr["lr"] for gr in groups],
                         "weight_decay": [gr["weight_decay"] for gr in groups], "done": set()}
         self.steps += 1
         return loss_plus.detach()
+
+    def _dual_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L+, L-)`` from one dual forward: the model's LM loss, or ``loss_fn`` through :class:`DualCall`."""
+        if self.loss_fn is not None:
+            batch, rows = {k: v.to(self.device) for k, v in batch.items()}, batch["input_ids"].shape[0]
+            with self._forward(half_batch=rows):
+                dual = DualCall(self.model, rows)
+                return self.loss_fn(dual.branch(0), batch), self.loss_fn(dual.branch(1), batch)
+        labels = batch["labels"].to(self.device)
+        b = labels.shape[0]
+        with self._forward(half_batch=b):
+            logits = self.model(**self._inputs(batch, double=True), use_cache=False).logits
+        return self._loss(logits[:b], labels), self._loss(logits[b:], labels)
 
     def flush(self) -> None:
         """Apply the pending update to every block now (numerically the same as deferring it)."""
@@ -237,6 +257,12 @@ class ZO2Engine:
             for k in todo:
                 self.visit(("block", k), [lambda: None])
         self.pending = None
+
+    def evaluate(self, metrics_fn: Callable, batch: dict):
+        """``metrics_fn(model, batch)`` with the current weights (pending update flushed first), blocks streamed."""
+        self.flush()
+        with self._forward(half_batch=None):
+            return metrics_fn(self.model, {k: v.to(self.device) for k, v in batch.items()})
 
     def eval_loss(self, batch: dict) -> torch.Tensor:
         """The model's loss on ``batch`` with the current weights (pending update flushed first)."""

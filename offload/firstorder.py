@@ -257,6 +257,12 @@ class FirstOrderEngine:
             for p in list(self.resident) + [p for pk in self.packed for p in pk.params]:
                 p.grad = None
 
+    def evaluate(self, metrics_fn, batch: dict) -> dict:
+        """``metrics_fn(model, batch)`` (the run's eval metrics) with the current weights, blocks streamed."""
+        self.barrier()
+        with torch.no_grad():
+            return metrics_fn(self.model, {k: v.to(self.device) for k, v in batch.items()})
+
     def eval_loss(self, batch: dict) -> torch.Tensor:
         """The model's loss on ``batch`` with the current weights (a streamed no-grad forward)."""
         self.barrier()

@@ -21,30 +21,31 @@ from typing import Any, Callable
 
 import torch
 
-from lowmem.optim.zo_noise import param_seed, perturb_
+from lowmem.optim.zo_noise import GAUSSIAN, Noise, param_seed
 
 Indexed = list[tuple[torch.Tensor, int]]  # (parameter, its index in the optimizer's flat list)
 
 
-def perturbed_pair(params: Indexed, runs: list[Callable[[], Any]], step_seed: int, eps: float) -> list[Any]:
+def perturbed_pair(params: Indexed, runs: list[Callable[[], Any]], step_seed: int, eps: float,
+                   noise: Noise = GAUSSIAN) -> list[Any]:
     """MeZO's perturb / forward / perturb / forward / restore on ``params`` around ``runs[0]``, ``runs[1]``."""
     seeds = [param_seed(step_seed, 0, idx) for _, idx in params]
     for (p, _), s in zip(params, seeds):
-        perturb_(p, s, 1.0 * eps)
+        noise.add_(p, s, 1.0 * eps)
     plus = runs[0]()
     for (p, _), s in zip(params, seeds):
-        perturb_(p, s, -2.0 * eps)
+        noise.add_(p, s, -2.0 * eps)
     minus = runs[1]()
     for (p, _), s in zip(params, seeds):
-        perturb_(p, s, 1.0 * eps)
+        noise.add_(p, s, 1.0 * eps)
     return [plus, minus]
 
 
 class ResidentPerturber:
     """Per-forward bookkeeping of the resident units' perturbations."""
 
-    def __init__(self, unit_params: list[Indexed]):
-        self.unit_params = unit_params
+    def __init__(self, unit_params: list[Indexed], noise: Noise = GAUSSIAN):
+        self.unit_params, self.noise = unit_params, noise
         owners: dict[int, int] = {}
         for params in unit_params:
             for p, _ in params:
@@ -63,7 +64,7 @@ class ResidentPerturber:
         held = [self._held[id(p)] for p, _ in params if id(p) in self._held]
         seeds = [param_seed(step_seed, 0, idx) for _, idx in fresh]
         for (p, idx), s in zip(fresh, seeds):
-            perturb_(p, s, 1.0 * eps)
+            self.noise.add_(p, s, 1.0 * eps)
             if id(p) in self.shared:
                 self._held[id(p)] = (p, p.detach().clone(), idx)
         minus_data = [p.data for p, _, _ in held]
@@ -73,17 +74,17 @@ class ResidentPerturber:
         for (p, _, _), data in zip(held, minus_data):
             p.data = data
         for (p, _), s in zip(fresh, seeds):
-            perturb_(p, s, -2.0 * eps)
+            self.noise.add_(p, s, -2.0 * eps)
         minus = runs[1]()
         for (p, idx), s in zip(fresh, seeds):
             if id(p) not in self.shared:
-                perturb_(p, s, 1.0 * eps)
+                self.noise.add_(p, s, 1.0 * eps)
                 self._done.add(id(p))
         return [plus, minus]
 
     def end_forward(self, step_seed: int, eps: float) -> None:
         """Restore the shared parameters (``theta - eps z`` + ``eps z``) and forget the forward."""
         for p, _, idx in self._held.values():
-            perturb_(p, param_seed(step_seed, 0, idx), 1.0 * eps)
+            self.noise.add_(p, param_seed(step_seed, 0, idx), 1.0 * eps)
         self._held.clear()
         self._done.clear()

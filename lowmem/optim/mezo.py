@@ -10,6 +10,8 @@ Per step, with step seed ``s`` (private generator) and samples ``i = 1..n``
     theta <- theta - lr * d                                        # momentum = 0 (reference MeZO)
     buf   <- mu * buf + d ;  theta <- theta - lr * buf              # momentum mu > 0 (= torch SGD)
 
+* ``z``: ``noise`` picks N(0, I) (default), Rademacher +-1 or slices of a shared
+  noise table (:mod:`lowmem.optim.zo_noise`; the table is the fast one on CPU).
 * ``n = 1``, ``mu = 0``: each parameter is updated by
   :func:`lowmem.optim.zo_noise.sgd_update_`, the rule the ZO2 engine shares.
 * noise passes: the reference draws ``z`` four times per step (+eps, -2 eps,
@@ -43,7 +45,7 @@ import torch
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.zo_base import ZerothOrderOptimizer, all_finite
 from lowmem.optim.zo_distributed import GradExchange
-from lowmem.optim.zo_noise import gaussian_like, param_seed, perturb_, sgd_update_
+from lowmem.optim.zo_noise import Noise, param_seed, sgd_update_
 
 
 class MeZO(ZerothOrderOptimizer):
@@ -51,7 +53,8 @@ class MeZO(ZerothOrderOptimizer):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  momentum: float = 0.0, n_samples: int = 1, seed: int = 0, fp32_forward: bool = True,
-                 one_byte: bool = False, levels_per_efold: int = 8, process_group=None):
+                 one_byte: bool = False, levels_per_efold: int = 8, process_group=None,
+                 noise: str = "gaussian"):
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
             raise ValueError(f"optim.weight_decay: must be >= 0, got {weight_decay!r}")
         if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
@@ -61,11 +64,12 @@ class MeZO(ZerothOrderOptimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params, defaults, eps=eps, seed=seed, fp32_forward=fp32_forward)
         self.n_samples = n_samples
+        self.noise = Noise(noise)
         self.exchange = GradExchange(one_byte=one_byte, levels_per_efold=levels_per_efold, group=process_group)
 
     def _perturb(self, step_seed: int, stream: int, scale: float) -> None:
         for index, p, _ in self.indexed_params():
-            perturb_(p, param_seed(step_seed, stream, index), scale * self.eps)
+            self.noise.add_(p, param_seed(step_seed, stream, index), scale * self.eps)
 
     def set_process_group(self, group) -> None:
         """Go on with the processes of ``group`` from the next step, e.g. after a process left.
@@ -138,14 +142,14 @@ def apply_updates(opt: MeZO, step_seed: int, samples: list[tuple[int, float]], r
         if mu == 0:
             # weight decay once: lr/n * (n wd) = lr wd; with n = 1 exactly sgd_update_(p, s, lr, g, wd)
             for k, (seed, g) in enumerate(seeds):
-                sgd_update_(p, seed, lr / n, g, wd * n if k == 0 else 0.0, restore=restore)
+                sgd_update_(p, seed, lr / n, g, wd * n if k == 0 else 0.0, restore=restore, noise=opt.noise)
             continue
         state = opt.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"].mul_(mu)
         for seed, g in seeds:
-            z = gaussian_like(p, seed)
+            z = opt.noise.view(p, seed)
             if restore:
                 p.add_(z, alpha=restore)
             buf.add_(z, alpha=g / n)

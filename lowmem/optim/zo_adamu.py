@@ -54,7 +54,7 @@ from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.state_store import MomentStore
 from lowmem.optim.zo_base import ZerothOrderOptimizer, all_finite
 from lowmem.optim.zo_distributed import world
-from lowmem.optim.zo_noise import gaussian_like, mix_seed, param_seed
+from lowmem.optim.zo_noise import Noise, mix_seed, param_seed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MOMENTUM_DTYPES = (*_DTYPES, "int8")  # int8: blockwise-quantized through MomentStore
@@ -76,7 +76,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
     def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, weight_decay: float = 0.0,
                  total_steps: int = 20000, t1: int | None = None, t2: int | None = None,
                  phi: tuple[float, float, float] = (1.0, 0.1, 1.5), momentum_dtype: str | None = None,
-                 seed: int = 0, fp32_forward: bool = True):
+                 seed: int = 0, fp32_forward: bool = True, noise: str = "gaussian"):
         t1 = min(1024, round(0.05 * total_steps)) if t1 is None else t1
         t2 = int(0.8 * total_steps) if t2 is None else t2
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
@@ -89,6 +89,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
             raise ValueError(f"optim.momentum_dtype: one of {', '.join(_MOMENTUM_DTYPES)}, got {momentum_dtype!r}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, seed=seed,
                          fp32_forward=fp32_forward)
+        self.noise = Noise(noise)  # the unit draws behind zdot and zdd (lowmem.optim.zo_noise)
         self.t1, self.t2, self.t3, self.phi = t1, t2, total_steps, tuple(float(f) for f in phi)
         self.momentum_dtype = _DTYPES.get(momentum_dtype)  # None: the parameter's (or int8)
         self._store = MomentStore(bits=8) if momentum_dtype == "int8" else None
@@ -111,30 +112,38 @@ class ZOAdaMU(ZerothOrderOptimizer):
             return self.state[p]["m"].to(p.dtype)
         if self._prev_seed < 0:
             return None  # m_0 = 0
-        return gaussian_like(p, param_seed(self._prev_seed, 0, index)).mul_(math.sqrt(self._prev_alpha))
+        return self.noise.draw(p, param_seed(self._prev_seed, 0, index)).mul_(math.sqrt(self._prev_alpha))
 
     def _draws(self, p: torch.Tensor, index: int, step_seed: int, coeffs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(zdot, zdd)``; ``zdd`` is None when neither ``z`` nor ``v`` uses it (b1 = b2 = 1)."""
         alpha, b1, b2 = coeffs
-        zdot = gaussian_like(p, param_seed(step_seed, 0, index)).mul_(math.sqrt(alpha))
+        zdot = self.noise.draw(p, param_seed(step_seed, 0, index)).mul_(math.sqrt(alpha))
         if b1 == 1.0 and b2 == 1.0:
             return zdot, None
-        zdd = gaussian_like(p, mix_seed(step_seed, 0, index, 1)).mul_(math.sqrt(1.0 - alpha))
+        zdd = self.noise.draw(p, mix_seed(step_seed, 0, index, 1)).mul_(math.sqrt(1.0 - alpha))
         m_prev = self._previous_m(p, index)
         if m_prev is not None:
             zdd.add_(m_prev)
         return zdot, zdd
 
     def _perturb(self, step_seed: int, stream: int, scale: float) -> None:
-        coeffs = self.schedule(self._steps)
+        """``theta += scale eps z`` with ``z = b1 zdot + (1 - b1) zdd`` as (up to) three in-place adds of
+        ``b1 sqrt(alpha) u``, ``(1 - b1) sqrt(1 - alpha) u'`` and ``(1 - b1) m_{k-1}`` (``u, u'`` the unit draws):
+        no parameter-sized temporary, and only ``u`` while ``b1 = 1``."""
+        alpha, b1, _ = self.schedule(self._steps)
+        c = scale * self.eps
         for index, p, _ in self.indexed_params():
-            zdot, zdd = self._draws(p, index, step_seed, coeffs)
-            z = zdot.mul_(coeffs[1]) if zdd is None else zdot.mul_(coeffs[1]).add_(zdd, alpha=1.0 - coeffs[1])
-            p.add_(z, alpha=scale * self.eps)
+            self.noise.add_(p, param_seed(step_seed, 0, index), c * b1 * math.sqrt(alpha))
+            if b1 == 1.0:
+                continue
+            self.noise.add_(p, mix_seed(step_seed, 0, index, 1), c * (1.0 - b1) * math.sqrt(1.0 - alpha))
+            m_prev = self._previous_m(p, index)
+            if m_prev is not None:
+                p.add_(m_prev, alpha=c * (1.0 - b1))
 
     def _update(self, step_seed: int, g: float) -> None:
         """Algorithm 1's update; first ``theta += eps * z`` (the restore the two-point estimate left
-        pending, with ``z = m`` the same draw), one noise pass fewer than a separate restore."""
+        pending, with ``z = m`` from the same draws), one noise pass fewer than a separate restore."""
         alpha, b1, b2 = coeffs = self.schedule(self._steps)
         for index, p, group in self.indexed_params():
             zdot, zdd = self._draws(p, index, step_seed, coeffs)
@@ -144,7 +153,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
                 m = torch.mul(zdot, b1).add_(zdd, alpha=1.0 - b1)
                 v = zdot.square_().mul_(b2).add_(zdd.square_(), alpha=1.0 - b2)
                 del zdd
-            p.add_(m, alpha=self.eps)  # m is the perturbation z of _perturb, bit for bit
+            p.add_(m, alpha=self.eps)  # m is the perturbation z of _perturb (its three adds in one)
             self._keep_m(p, m, phase_1=b1 == 1.0)
             direction = m.div_(v.add_(_V_EPS).sqrt_()).mul_(g)
             if group["weight_decay"]:

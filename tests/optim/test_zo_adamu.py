@@ -146,8 +146,9 @@ def test_int8_momentum_is_blockwise_quantized_m_and_a_quarter_of_the_memory():
     for _ in range(4):
         opt0.step(closure(still))
     assert "m_codes" in opt0.state[still[0]]
-    for p, t in zip(still, start):
-        torch.testing.assert_close(p.detach(), t, rtol=0, atol=1e-6)
+    for p, t in zip(still, start):  # rounding only: 4 steps of 9 fp32 roundings (3 adds per perturbation)
+        ulp = torch.finfo(torch.float32).eps * t.abs().clamp_min(1.0)
+        assert ((p.detach() - t).abs() <= 4 * 9 * ulp).all()  # a restore reading another m would be ~eps * m
 
 
 @pytest.mark.parametrize("momentum_dtype", [None, "int8"])
