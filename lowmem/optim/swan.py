@@ -67,7 +67,7 @@ def swan_direction(g: torch.Tensor, ns_steps: int = 10, orient: bool = True, cen
     def direction(x: torch.Tensor) -> torch.Tensor:
         d = whiten(grad_norm(x, eps, center), ns_steps)
         norm = d.norm().clamp_min(torch.finfo(d.dtype).tiny)  # a zero gradient gives a zero update
-        return d * (float(x.numel()) ** 0.5 / norm)
+        return d / norm * float(x.numel()) ** 0.5
 
     return oriented(direction, g, orient)
 
