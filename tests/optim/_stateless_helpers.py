@@ -12,7 +12,8 @@ from lowmem.optim.targets import split_parameters
 def dense_reference_trajectory(model, batches, direction, lr: float, lr_scale: float, betas=(0.9, 0.999),
                                eps: float = 1e-8) -> list[torch.Tensor]:
     """Obviously-correct fp64 loop: block Linear weights ``W -= lr*lr_scale*direction(G)``; every other
-    parameter HF-style AdamW (bias-corrected step size, eps outside the correction), no weight decay."""
+    parameter HF-style AdamW (bias-corrected step size, eps outside the correction) with fp32 moments
+    (lowmem's MomentStore keeps moments in fp32 whatever the parameter dtype), no weight decay."""
     split = split_parameters(model)
     targets = {id(p) for _, p in split.targets}
     moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -26,11 +27,12 @@ def dense_reference_trajectory(model, batches, direction, lr: float, lr_scale: f
                 if id(p) in targets:
                     p -= lr * lr_scale * direction(g)
                     continue
-                m, v = moments.setdefault(id(p), (torch.zeros_like(p), torch.zeros_like(p)))
-                m.mul_(betas[0]).add_((1 - betas[0]) * g)
-                v.mul_(betas[1]).add_((1 - betas[1]) * g * g)
+                g = g.float()
+                m, v = moments.setdefault(id(p), (torch.zeros_like(g), torch.zeros_like(g)))
+                m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+                v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
                 step = lr * (1 - betas[1] ** t) ** 0.5 / (1 - betas[0] ** t)
-                p -= step * m / (v.sqrt() + eps)
+                p -= step * (m / (v.sqrt() + eps)).double()
         model.zero_grad()
         losses.append(loss.detach())
     return losses
