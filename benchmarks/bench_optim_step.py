@@ -22,7 +22,9 @@ GAP = 200
 CASES = [("AdamW (torch)", "adamw", {}), ("GaLore r=128", "galore_adamw", dict(rank=128)),
          ("APOLLO r=128", "apollo", dict(rank=128)), ("APOLLO-Mini", "apollo_mini", {}),
          ("FRUGAL rho=0.25 blocks", "frugal", dict(density=0.25)),
-         ("FRUGAL rho=0.25 columns", "frugal", dict(density=0.25, proj_type="columns"))]
+         ("FRUGAL rho=0.25 columns", "frugal", dict(density=0.25, proj_type="columns")),
+         ("SGD-SaI", "sgd_sai", {}), ("SWAN (10 NS steps)", "swan", {}), ("SinkGD (5 iterations)", "sinkgd", {})]
+PROJECTED = ("galore_adamw", "apollo", "apollo_mini", "frugal")  # take update_proj_gap
 
 
 def build_model():
@@ -39,7 +41,7 @@ def time_steps(name: str, hparams: dict, steps: int = 6) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-    extra = {} if name == "adamw" else dict(update_proj_gap=GAP)
+    extra = dict(update_proj_gap=GAP) if name in PROJECTED else {}
     opt = create_optimizer(model, name, lr=1e-4, **hparams, **extra)
     times = []
     for _ in range(steps + 1):
@@ -50,11 +52,18 @@ def time_steps(name: str, hparams: dict, steps: int = 6) -> tuple[float, float]:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", default=None, help="labels of CASES to run (default: all)")
+    args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     base, _ = time_steps("adamw", {})
     rows = []
     for label, name, hparams in CASES:
+        if args.only is not None and label not in args.only and name != "adamw":
+            continue
         step, refresh = time_steps(name, hparams)
         amortized = max(refresh - step, 0.0) / GAP
         rows.append([label, f"{step * 1e3:.1f}", f"{step / base:.2f}x", f"{refresh * 1e3:.1f}",

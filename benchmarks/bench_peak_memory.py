@@ -55,6 +55,13 @@ METHODS = [
     ("AdamW8bit (8-bit embedding), layer-wise, checkpointing", ["optim.name=adamw8bit", BYTE8, *LW, *GC]),
     ("MeZO", ["optim.name=mezo"]),
     ("ZO-AdaMU", ["optim.name=zo_adamu"]),
+    ("SGD-SaI", ["optim.name=sgd_sai"]),
+    ("SinkGD", ["optim.name=sinkgd"]),
+    ("SWAN", ["optim.name=swan"]),
+    ("SinkGD, layer-wise", ["optim.name=sinkgd", *LW]),
+    ("SinkGD 8-bit AdamW part, layer-wise, checkpointing", ["optim.name=sinkgd", "optim.args={state_bits: 8}", *LW, *GC]),
+    ("SWAN 8-bit AdamW part, layer-wise, checkpointing", ["optim.name=swan", "optim.args={state_bits: 8}", *LW, *GC]),
+    ("SGD-SaI 8-bit momentum, layer-wise, checkpointing", ["optim.name=sgd_sai", "optim.args={state_bits: 8}", *LW, *GC]),
 ]
 QUICK = {"no-grad forward (reference)", "AdamW (torch)", "APOLLO-Mini 8-bit states, layer-wise, checkpointing", "MeZO"}
 
@@ -119,8 +126,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="reference, AdamW, the best first-order recipe, MeZO")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--only", nargs="*", default=None, help="method labels (the reference always runs)")
     args = parser.parse_args()
-    methods = [m for m in METHODS if not args.quick or m[0] in QUICK]
+    methods = [m for m in METHODS if (not args.quick or m[0] in QUICK)
+               and (args.only is None or m[1] is None or m[0] in args.only)]
     rows = run(methods, args.batch, args.seq)
     Path(__file__).resolve().parent.joinpath("results", "peak_memory.json").write_text(json.dumps(rows, indent=1))
     notes = ("Each measured cell is a fresh process: peak RSS includes the Python/torch/transformers runtime, "
