@@ -51,12 +51,50 @@ def time_steps(name: str, hparams: dict, steps: int = 6) -> tuple[float, float]:
     return statistics.median(times[1:]), times[0]
 
 
+def interleaved_ratio(name: str, hparams: dict, pairs: int = 5) -> tuple[float, float]:
+    """Median over ``pairs`` of (method step / AdamW step), the two steps taken back to back on two
+    copies of the model, so that a load change on a shared machine hits both sides of each ratio."""
+    times = {}
+    opts = {}
+    for key, n, h in (("adamw", "adamw", {}), ("method", name, hparams)):
+        model = build_model()
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        opts[key] = create_optimizer(model, n, lr=1e-4, **h, **(dict(update_proj_gap=GAP) if n in PROJECTED else {}))
+        opts[key].step()  # first step (state creation, refresh) not timed
+        times[key] = []
+    for _ in range(pairs):
+        for key in ("adamw", "method"):
+            start = time.perf_counter()
+            opts[key].step()
+            times[key].append(time.perf_counter() - start)
+    ratios = [m / a for m, a in zip(times["method"], times["adamw"])]
+    return statistics.median(times["method"]), statistics.median(ratios)
+
+
 def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None, help="labels of CASES to run (default: all)")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="time each method against AdamW step by step (for a loaded machine): median ratio")
     args = ap.parse_args()
+    if args.interleaved:
+        torch.set_num_threads(1)
+        warnings.filterwarnings("ignore")
+        rows = []
+        for label, name, hparams in CASES:
+            if name == "adamw" or (args.only is not None and label not in args.only):
+                continue
+            step, ratio = interleaved_ratio(name, hparams)
+            rows.append([label, f"{step * 1e3:.1f}", f"{ratio:.2f}x"])
+            print(rows[-1], flush=True)
+        write_result("optim_step_interleaved", "Optimizer step time on CPU against AdamW, interleaved (1 thread, "
+                     "Llama hidden 512, 2 layers, fp32)", markdown_table(["optimizer", "step ms", "vs AdamW"], rows),
+                     notes="Each ratio is the median of 5 (method step / torch AdamW step) pairs taken back to back.")
+        return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     base, _ = time_steps("adamw", {})
