@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE))
 import plots  # noqa: E402
 from _common import RESULTS_DIR, machine  # noqa: E402
 
-ORDER = ["default", "quality", "peak_memory", "planner_table", "optim_state", "optim_step", "bench_adamw8bit", "layerwise_memory",
+ORDER = ["default", "quality", "peak_memory", "planner_table", "optim_state", "optim_step", "optim_step_interleaved", "bench_adamw8bit", "layerwise_memory",
          "wta_crs", "bench_zo", "bench_zo_quality", "bench_zo_quality_1000", "bbc_topic", "zo2"]
 LOSS_RUNS = {"adamw": ["optim.name=adamw"], "apollo_mini": ["optim.name=apollo_mini"],
              "mezo": ["optim.name=mezo", "optim.lr=1e-6", "train.mixed_precision=no"]}
