@@ -114,8 +114,9 @@ def main() -> None:
              f"{r['peak_rss_gb']:.2f}", f"{r['wall_time_s']:.0f}"] for m, r in results.items()]
     table = markdown_table(["method", "eval loss before", "eval loss after", "/ AdamW", "optimizer state MiB",
                             "peak RSS GiB", "train wall s"], rows)
+    kind = "LR sweep on the validation split" if args.val else "Quality"
     write_result("quality_val" if args.val else "quality",
-                 f"{'LR sweep on the validation split' if args.val else 'Quality'}: default fine-tune (SmolLM2-135M, BBC News), {args.steps} steps per method",
+                 f"{kind}: default fine-tune (SmolLM2-135M, BBC News), {args.steps} steps per method",
                  table, notes="Same data order, schedule (cosine, 3 warmup steps) and bf16 autocast for every "
                               "method; eval on 4 held-out batches of 4x128 tokens. Loss curves: runs/quality/*/metrics.jsonl.")
 
