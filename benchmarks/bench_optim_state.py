@@ -29,6 +29,10 @@ CASES = [  # label, lowmem name, hparams, reference factory name
     ("APOLLO-Mini", "apollo_mini", {}, "apollo"),
     ("FRUGAL rho=0.25 (blocks)", "frugal", dict(density=0.25), None),
     ("FRUGAL rho=0.25 (columns)", "frugal", dict(density=0.25, proj_type="columns"), None),
+    ("SGD-SaI", "sgd_sai", {}, "sgd_sai"),
+    ("SGD-SaI, 8-bit momentum", "sgd_sai", dict(state_bits=8), None),
+    ("SWAN", "swan", {}, None),
+    ("SinkGD", "sinkgd", {}, None),
 ]
 
 
@@ -44,6 +48,10 @@ def build_model(layers: int):
 def reference(kind: str, model, hparams: dict):
     if kind == "torch":
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if kind == "sgd_sai":
+        from sgd_sai import SGD_sai
+
+        return SGD_sai(model.parameters(), lr=1e-3)
     split = split_parameters(model)
     keys = dict(rank=hparams.get("rank", 1), update_proj_gap=200, scale=hparams.get("scale", 1.0), proj_type="std")
     if kind == "apollo":
@@ -92,10 +100,13 @@ def counter_for(opt, counter, params) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--only", nargs="*", default=None, help="labels of CASES to run (default: all)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     rows = []
     for label, name, hparams, ref_kind in CASES:
+        if args.only is not None and label not in args.only:
+            continue
         model = build_model(args.layers)
         all_b, tgt_b = measure(model, create_optimizer(model, name, lr=1e-3, **hparams), state_bytes)
         ref_all = ref_tgt = "-"
@@ -112,7 +123,8 @@ def main() -> None:
                  notes="Measured after one step from the tensors each optimizer holds (lowmem: `optimizer.state`; "
                        "references: `optimizer.state` plus the projector matrix they keep in a Python object). "
                        "APOLLO's random projection is regenerated from its seed, so lowmem stores no matrix. "
-                       "'all' includes embeddings, norms and lm_head (plain AdamW, 8 B/param).")
+                       "'all' includes embeddings, norms and lm_head (plain AdamW, 8 B/param; SGD-SaI: "
+                       "its momentum buffer, 4 B/param, and one g-SNR scalar per tensor).")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ GAP = 200
 CASES = [("AdamW (torch)", "adamw", {}), ("GaLore r=128", "galore_adamw", dict(rank=128)),
          ("APOLLO r=128", "apollo", dict(rank=128)), ("APOLLO-Mini", "apollo_mini", {}),
          ("FRUGAL rho=0.25 blocks", "frugal", dict(density=0.25)),
-         ("FRUGAL rho=0.25 columns", "frugal", dict(density=0.25, proj_type="columns"))]
+         ("FRUGAL rho=0.25 columns", "frugal", dict(density=0.25, proj_type="columns")),
+         ("SGD-SaI", "sgd_sai", {}), ("SWAN (10 NS steps)", "swan", {}), ("SinkGD (5 iterations)", "sinkgd", {})]
+PROJECTED = ("galore_adamw", "apollo", "apollo_mini", "frugal")  # take update_proj_gap
 
 
 def build_model():
@@ -39,7 +41,7 @@ def time_steps(name: str, hparams: dict, steps: int = 6) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-    extra = {} if name == "adamw" else dict(update_proj_gap=GAP)
+    extra = dict(update_proj_gap=GAP) if name in PROJECTED else {}
     opt = create_optimizer(model, name, lr=1e-4, **hparams, **extra)
     times = []
     for _ in range(steps + 1):
@@ -49,12 +51,57 @@ def time_steps(name: str, hparams: dict, steps: int = 6) -> tuple[float, float]:
     return statistics.median(times[1:]), times[0]
 
 
+def interleaved_ratio(name: str, hparams: dict, pairs: int = 5) -> tuple[float, float]:
+    """Median over ``pairs`` of (method step / AdamW step), the two steps taken back to back on two
+    copies of the model, so that a load change on a shared machine hits both sides of each ratio."""
+    times = {}
+    opts = {}
+    for key, n, h in (("adamw", "adamw", {}), ("method", name, hparams)):
+        model = build_model()
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        opts[key] = create_optimizer(model, n, lr=1e-4, **h, **(dict(update_proj_gap=GAP) if n in PROJECTED else {}))
+        opts[key].step()  # first step (state creation, refresh) not timed
+        times[key] = []
+    for _ in range(pairs):
+        for key in ("adamw", "method"):
+            start = time.perf_counter()
+            opts[key].step()
+            times[key].append(time.perf_counter() - start)
+    ratios = [m / a for m, a in zip(times["method"], times["adamw"])]
+    return statistics.median(times["method"]), statistics.median(ratios)
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", default=None, help="labels of CASES to run (default: all)")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="time each method against AdamW step by step (for a loaded machine): median ratio")
+    args = ap.parse_args()
+    if args.interleaved:
+        torch.set_num_threads(1)
+        warnings.filterwarnings("ignore")
+        rows = []
+        for label, name, hparams in CASES:
+            if name == "adamw" or (args.only is not None and label not in args.only):
+                continue
+            step, ratio = interleaved_ratio(name, hparams)
+            rows.append([label, f"{step * 1e3:.1f}", f"{ratio:.2f}x"])
+            print(rows[-1], flush=True)
+        write_result("optim_step_interleaved", "Optimizer step time on CPU against AdamW, interleaved (1 thread, "
+                     "Llama hidden 512, 2 layers, fp32)", markdown_table(["optimizer", "step ms", "vs AdamW"], rows),
+                     notes="Each ratio is the median of 5 (method step / torch AdamW step) pairs taken back to back.")
+        return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     base, _ = time_steps("adamw", {})
     rows = []
     for label, name, hparams in CASES:
+        if args.only is not None and label not in args.only and name != "adamw":
+            continue
         step, refresh = time_steps(name, hparams)
         amortized = max(refresh - step, 0.0) / GAP
         rows.append([label, f"{step * 1e3:.1f}", f"{step / base:.2f}x", f"{refresh * 1e3:.1f}",

@@ -56,6 +56,19 @@ METHODS = [
     ("AdamW8bit (8-bit embedding), layer-wise, checkpointing", ["optim.name=adamw8bit", BYTE8, *LW, *GC]),
     ("MeZO", ["optim.name=mezo"]),
     ("ZO-AdaMU", ["optim.name=zo_adamu"]),
+    ("SinkGD 8-bit AdamW part, layer-wise, checkpointing",
+     ["optim.name=sinkgd", "optim.args={state_bits: 8}", *LW, *GC]),
+    ("SinkGD, layer-wise", ["optim.name=sinkgd", *LW]),
+    ("SinkGD", ["optim.name=sinkgd"]),
+    ("SGD-SaI", ["optim.name=sgd_sai"]),
+    ("SGD-SaI 8-bit momentum, layer-wise, checkpointing",
+     ["optim.name=sgd_sai", "optim.args={state_bits: 8}", *LW, *GC]),
+    ("SWAN 8-bit AdamW part, layer-wise, checkpointing", ["optim.name=swan", "optim.args={state_bits: 8}", *LW, *GC]),
+    ("SinkGD 8-bit AdamW part, layer-wise, checkpointing, chunked loss",
+     ["optim.name=sinkgd", "optim.args={state_bits: 8}", *LW, *GC, "train.loss_chunk_tokens=128"]),
+    ("SWAN 8-bit AdamW part, layer-wise, checkpointing, chunked loss",
+     ["optim.name=swan", "optim.args={state_bits: 8}", *LW, *GC, "train.loss_chunk_tokens=128"]),
+    ("SWAN", ["optim.name=swan"]),
 ]
 QUICK = {"no-grad forward (reference)", "AdamW (torch)", "APOLLO-Mini 8-bit states, layer-wise, checkpointing", "MeZO"}
 

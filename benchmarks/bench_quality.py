@@ -5,7 +5,10 @@ data order, steps and schedule; only the optimizer (and its LR) or the activatio
 changes. Reported: eval loss before/after, the ratio to AdamW's final eval loss, optimizer-state
 MiB (from the optimizer's own tensors), peak RSS and wall time.
 
-    python benchmarks/bench_quality.py [--steps 30] [--only adamw apollo_mini] [--reuse]
+    python benchmarks/bench_quality.py [--steps 30] [--only adamw apollo_mini] [--reuse] [--val]
+
+``--val`` runs on a validation split for LR sweeps: the training documents of the default split
+(the test documents are never read), of which 5% are held out by the same seeded rule.
 """
 
 from __future__ import annotations
@@ -45,10 +48,44 @@ METHODS: dict[str, list[str]] = {
     "apollo r128 8-bit": ["optim.name=apollo", "optim.lr=1e-4",
                           "optim.args={rank: 128, update_proj_gap: 200, scale: 1, state_bits: 8}"],
 }
+# LR sweeps (issue 15): run with --val, then the best of each on the test split. SWAN/SinkGD: optim.lr is
+# AdamW's (embeddings, norms, lm_head), lr_scale sets the block matrices' lr * lr_scale.
+SWEEP = {"adamw": ["1e-4", "3e-4"], "apollo_mini": ["1e-4", "3e-4"], "sgd_sai": ["1e-3", "3e-3", "1e-2"],
+         "sinkgd": ["0.3", "1", "3"], "swan": ["0.3", "1", "3"]}
+for _lr in SWEEP["adamw"]:
+    METHODS[f"adamw lr={_lr}"] = ["optim.name=adamw", f"optim.lr={_lr}", "optim.args={}"]
+for _lr in SWEEP["apollo_mini"]:
+    METHODS[f"apollo_mini lr={_lr}"] = ["optim.name=apollo_mini", f"optim.lr={_lr}", "optim.args={scale_front: true}"]
+for _lr in SWEEP["sgd_sai"]:
+    METHODS[f"sgd_sai lr={_lr}"] = ["optim.name=sgd_sai", f"optim.lr={_lr}", "optim.args={}"]
+    METHODS[f"sgd_sai lr={_lr} 8-bit layer-wise"] = ["optim.name=sgd_sai", f"optim.lr={_lr}", "optim.layerwise=true",
+                                                     "optim.max_grad_norm=null", "optim.args={state_bits: 8}"]
+for _name in ("sinkgd", "swan"):
+    for _s in SWEEP[_name]:
+        METHODS[f"{_name} lr_scale={_s}"] = [f"optim.name={_name}", "optim.lr=1e-4", f"optim.args={{lr_scale: {_s}}}"]
+        METHODS[f"{_name} lr_scale={_s} layer-wise"] = [f"optim.name={_name}", "optim.lr=1e-4", "optim.layerwise=true",
+                                                        "optim.max_grad_norm=null", f"optim.args={{lr_scale: {_s}}}"]
 
 
-def run(method: str, overrides: list[str], steps: int, reuse: bool) -> dict:
-    out = RUNS / method.replace(" ", "_").replace("=", "").replace("+", "")
+def validation_data() -> Path:
+    """The default split's training documents as one JSONL file (the test documents left out)."""
+    from lowmem.data import split_documents
+    from lowmem.recipe import load_recipe
+
+    path = RUNS.parent / "quality_val" / "train_documents.jsonl"
+    if not path.exists():
+        recipe = load_recipe(ROOT / "recipes" / "default.yaml")
+        train, _ = split_documents(recipe.data, recipe.train.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in train))
+    return path
+
+
+def run(method: str, overrides: list[str], steps: int, reuse: bool, val: bool = False) -> dict:
+    runs = RUNS.parent / "quality_val" if val else RUNS
+    out = runs / method.replace(" ", "_").replace("=", "").replace("+", "")
+    if val:
+        overrides = [*overrides, f"data.path={validation_data()}"]
     if reuse and (out / "summary.json").exists():  # a finished run of the same length: keep it
         summary = json.loads((out / "summary.json").read_text())
         if summary["steps"] == steps:
@@ -67,16 +104,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--only", nargs="*", default=None, help="method names (default: all)")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of the same length")
+    parser.add_argument("--val", action="store_true", help="validation split (LR sweeps), not the test split")
     args = parser.parse_args()
     chosen = [m for m in METHODS if args.only is None or m in args.only]
-    results = {m: run(m, METHODS[m], args.steps, args.reuse) for m in chosen}
-    base = results.get("adamw", {}).get("eval_loss")
+    results = {m: run(m, METHODS[m], args.steps, args.reuse, args.val) for m in chosen}
+    base = (results.get("adamw") or results.get("adamw lr=1e-4") or {}).get("eval_loss")
     rows = [[m, f"{r['eval_loss_before']:.4f}", f"{r['eval_loss']:.4f}",
              f"{r['eval_loss'] / base:.4f}" if base else "-", f"{r['optimizer_state_mb']:.1f}",
              f"{r['peak_rss_gb']:.2f}", f"{r['wall_time_s']:.0f}"] for m, r in results.items()]
     table = markdown_table(["method", "eval loss before", "eval loss after", "/ AdamW", "optimizer state MiB",
                             "peak RSS GiB", "train wall s"], rows)
-    write_result("quality", f"Quality: default fine-tune (SmolLM2-135M, BBC News), {args.steps} steps per method",
+    kind = "LR sweep on the validation split" if args.val else "Quality"
+    write_result("quality_val" if args.val else "quality",
+                 f"{kind}: default fine-tune (SmolLM2-135M, BBC News), {args.steps} steps per method",
                  table, notes="Same data order, schedule (cosine, 3 warmup steps) and bf16 autocast for every "
                               "method; eval on 4 held-out batches of 4x128 tokens. Loss curves: runs/quality/*/metrics.jsonl.")
 

@@ -67,6 +67,9 @@ def measure_in_process(recipe) -> dict:
     ["optim.name=galore_adamw", "optim.args={rank: 16}"],
     ["optim.name=frugal"],
     ["optim.name=mezo"],
+    ["optim.name=sgd_sai", "optim.args={state_bits: 8}"],
+    ["optim.name=swan"],
+    ["optim.name=sinkgd"],
 ], ids=lambda o: o[0].split("=")[1])
 def test_parameter_gradient_state_parts_are_exact(tmp_path, monkeypatch, overrides):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the bytes do not depend on the kernel; its speed does

@@ -37,6 +37,9 @@ _MODULES: dict[str, str] = {
     "sgd8bit": "lowmem.optim.adamw8bit",
     "mezo": "lowmem.optim.mezo",
     "zo_adamu": "lowmem.optim.zo_adamu",
+    "sgd_sai": "lowmem.optim.sgd_sai",
+    "swan": "lowmem.optim.swan",
+    "sinkgd": "lowmem.optim.sinkgd",
 }
 
 

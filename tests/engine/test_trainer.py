@@ -45,6 +45,9 @@ RESUME_CASES = {
     "galore_adamw": {"optim": {"name": "galore_adamw", "args": {"rank": 4, "update_proj_gap": 2}}},
     "frugal": {"optim": {"name": "frugal", "args": {"density": 0.25, "update_proj_gap": 2}}},
     "adamw8bit": {"optim": {"name": "adamw8bit", "args": {"fp32_state_params": []}}},
+    "sgd_sai": {"optim": {"name": "sgd_sai", "lr": 1e-3}},  # the g-SNR of step 1 must survive the restart
+    "swan": {"optim": {"name": "swan", "args": {"lr_scale": 1.0}}},
+    "sinkgd_layerwise": {"optim": {"name": "sinkgd", "layerwise": True, "max_grad_norm": None}},
     "wta_crs": {"activations": {"wta_crs": {"keep_ratio": 0.3}}},
     "wta_crs_lean": {"activations": {"wta_crs": {"keep_ratio": 0.3}, "lean": True}},
     "mezo": {"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}}},

@@ -62,7 +62,9 @@ def _assert_same_weights(a: dict, b: dict) -> None:
     ({"name": "adamw", "lr": 1e-3}, "accelerate", []),
     ({"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 2}}, "torchrun", []),
     ({"name": "adamw", "lr": 1e-3}, "torchrun", ["train.loss_chunk_tokens=13"]),
-], ids=["adamw", "apollo", "adamw-chunked-loss"])
+    ({"name": "sgd_sai", "lr": 1e-3}, "accelerate", []),  # the g-SNR of the averaged gradient
+    ({"name": "swan", "lr": 1e-3, "args": {"lr_scale": 1.0}}, "torchrun", []),
+], ids=["adamw", "apollo", "adamw-chunked-loss", "sgd_sai", "swan"])
 def test_two_processes_equal_one(tiny_recipe, tmp_path, optim, launcher, extra):
     recipe = tiny_recipe(optim=optim, train={"steps": 4, "checkpoint_every": 0})
     summary = _reference(recipe, tmp_path / "one")

@@ -80,9 +80,14 @@ def test_lean_modules_train_as_the_plain_ones(tiny_model, token_dataset, trainer
     torch.testing.assert_close(finals[1], finals[0], rtol=1e-4, atol=5e-5)
 
 
-@pytest.mark.parametrize("name, dtype, wta", [("apollo", torch.bfloat16, 0.5), ("adamw8bit", torch.float32, None)])
+HPARAMS = {"apollo": {"rank": 4, "update_proj_gap": 2}, "adamw8bit": {"min_8bit_size": 64}, "sgd_sai": {},
+           "sinkgd": {"lr_scale": 1.0}}
+
+
+@pytest.mark.parametrize("name, dtype, wta", [("apollo", torch.bfloat16, 0.5), ("adamw8bit", torch.float32, None),
+                                              ("sgd_sai", torch.bfloat16, None), ("sinkgd", torch.float32, None)])
 def test_resume_is_exact_and_keeps_state_dtypes(tiny_model, token_dataset, trainer_args, name, dtype, wta):
-    hparams = {"rank": 4, "update_proj_gap": 2} if name == "apollo" else {"min_8bit_size": 64}
+    hparams = HPARAMS[name]
     args = trainer_args(max_steps=6, save_strategy="steps", save_steps=3)
 
     def run(resume=None):

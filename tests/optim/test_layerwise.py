@@ -11,7 +11,8 @@ from lowmem.optim.layerwise import LayerwiseOptimizer
 
 OPTIMIZERS = [("adamw", {}), ("galore_adamw", dict(rank=4, update_proj_gap=2)),
               ("apollo", dict(rank=4, update_proj_gap=2)), ("apollo_mini", {}),
-              ("frugal", dict(density=0.25, update_proj_gap=2, proj_type="block", block_order="random"))]
+              ("frugal", dict(density=0.25, update_proj_gap=2, proj_type="block", block_order="random")),
+              ("sgd_sai", {}), ("swan", {}), ("sinkgd", {})]
 
 
 class GradMeter:
