@@ -69,6 +69,12 @@ class OffloadConfig:
     host_memory_budget_gb: float | None = None  # None: every block in host RAM
     prefetch_depth: int = 1                  # blocks uploaded ahead of the one computing
 
+    def __post_init__(self):  # the fields every offload engine reads
+        if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
+            raise ValueError(f"offload.prefetch_depth: must be an int >= 1, got {self.prefetch_depth!r}")
+        if self.host_memory_budget_gb is not None and not self.host_memory_budget_gb >= 0:
+            raise ValueError(f"offload.host_memory_budget_gb: must be >= 0, got {self.host_memory_budget_gb!r}")
+
     def validate(self, compute_dtype: torch.dtype) -> torch.dtype:
         """Check the fields; return the host dtype."""
         if self.host_dtype is not None and self.host_dtype not in _DTYPES:
@@ -77,10 +83,6 @@ class OffloadConfig:
         if host != compute_dtype and not is_lower_precision(host, compute_dtype):
             raise ValueError(f"offload.host_dtype: {self.host_dtype} is not coarser than the training "
                              f"dtype {compute_dtype}; use it or a 16-bit type below fp32")
-        if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
-            raise ValueError(f"offload.prefetch_depth: must be an int >= 1, got {self.prefetch_depth!r}")
-        if self.host_memory_budget_gb is not None and not self.host_memory_budget_gb >= 0:
-            raise ValueError(f"offload.host_memory_budget_gb: must be >= 0, got {self.host_memory_budget_gb!r}")
         return host
 
 

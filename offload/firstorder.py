@@ -69,10 +69,6 @@ def _check(optimizer, config: OffloadConfig) -> None:
     if config.host_dtype not in (None, "float32"):
         raise ValueError(f"offload.host_dtype: the first-order engine keeps fp32 master weights on the host; "
                          f"got {config.host_dtype!r}, use null")
-    if not isinstance(config.prefetch_depth, int) or config.prefetch_depth < 1:
-        raise ValueError(f"offload.prefetch_depth: must be an int >= 1, got {config.prefetch_depth!r}")
-    if config.host_memory_budget_gb is not None and not config.host_memory_budget_gb >= 0:
-        raise ValueError(f"offload.host_memory_budget_gb: must be >= 0, got {config.host_memory_budget_gb!r}")
 
 
 class FirstOrderEngine:

@@ -84,8 +84,9 @@ def test_bad_selection_is_a_one_line_error(tiny_recipe, model, message):
 
 
 def test_first_order_offload_refuses_a_subset(tiny_recipe):
-    proc = _cli(tiny_recipe(model={**TINY_MODEL, "trainable": ["*norm*"]}, optim={**OPTIMS["adamw"]},
-                            offload={"enabled": True}), check=False)
+    optim = {**OPTIMS["adamw"], "max_grad_norm": None}  # layer-wise rules: no global clipping
+    proc = _cli(tiny_recipe(model={**TINY_MODEL, "trainable": ["*norm*"]}, optim=optim, offload={"enabled": True}),
+                check=False)
     assert proc.returncode == 2 and "model.trainable: the first-order offload engine" in proc.stderr
 
 
