@@ -24,6 +24,11 @@ import torch  # noqa: E402  (importing torch defines no Triton kernel)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+try:  # define the kernels now, while TRITON_INTERPRET decides how: a later import (the planner's fake-tensor
+    import lowmem.kernels.adamw8bit_step_triton  # noqa: E402,F401  trace pulls in torch parts that reset
+except ImportError:  # Triton's interpret knob) would define them compiled, and every interpreted call fails
+    pass
+
 
 def _tiny_config(arch: str = "llama", tied: bool = False, layers: int = 2, vocab: int = 128, hidden: int = 32):
     from transformers import AutoConfig

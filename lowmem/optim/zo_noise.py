@@ -85,6 +85,14 @@ def param_seed(step_seed: int, stream: int, index: int) -> int:
     return mix_seed(step_seed, stream, index)
 
 
+def _tracing() -> bool:
+    """True under fake tensors (the planner's trace, ``--plan``): then nothing is cached for later real
+    steps and no work goes to other threads (a dispatch mode is per thread)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
+
+
 def _threads() -> ThreadPoolExecutor | None:
     global _pool
     n = torch.get_num_threads()
@@ -98,9 +106,12 @@ def _threads() -> ThreadPoolExecutor | None:
 def _signs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(256, 8): row b holds +-1 for the 8 bits of byte b (bit i -> column i)."""
     key = ("signs", device, dtype)
-    if key not in _tables:
+    if key not in _tables or _tracing():
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        _tables[key] = (bits * 2 - 1).to(device=device, dtype=dtype)
+        signs = (bits * 2 - 1).to(device=device, dtype=dtype)
+        if _tracing():
+            return signs
+        _tables[key] = signs
     return _tables[key]
 
 
@@ -123,7 +134,7 @@ def _fill_chunk(out: torch.Tensor, seed: int, kind: str) -> None:
 
 def _fill(out: torch.Tensor, seed: int, kind: str) -> None:
     n = out.numel()
-    if n <= CHUNK or out.device.type != "cpu":  # an accelerator fills a whole tensor in parallel
+    if n <= CHUNK or out.device.type != "cpu" or _tracing():  # an accelerator fills a whole tensor in parallel
         _fill_chunk(out, seed, kind)
         return
     starts = range(0, n, CHUNK)
@@ -140,15 +151,20 @@ def noise_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The shared table of ``TABLE_SIZE`` N(0, 1) values on ``device`` in ``dtype`` (made once)."""
     key = ("table", torch.device(device), dtype, TABLE_SIZE)
     with _tables_lock:
-        if key not in _tables:
+        if key not in _tables or _tracing():
             cpu = torch.empty(TABLE_SIZE, dtype=torch.float32)
             _fill(cpu, _TABLE_SEED, "gaussian")
-            _tables[key] = cpu.to(device=device, dtype=dtype)
+            table = cpu.to(device=device, dtype=dtype)
+            if _tracing():
+                return table
+            _tables[key] = table
         return _tables[key]
 
 
 def _scratch(like: torch.Tensor) -> torch.Tensor:
     """A flat buffer of ``like.numel()`` elements, reused by this thread (grown when needed)."""
+    if _tracing():
+        return torch.empty(like.numel(), dtype=like.dtype, device=like.device)
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
