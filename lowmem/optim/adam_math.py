@@ -100,6 +100,13 @@ def check_positive_int(group: dict, key: str, minimum: int = 1) -> None:
         raise ValueError(f"optim.args.{key}: must be an integer >= {minimum}, got {value!r}")
 
 
+def check_nonnegative(**values: float) -> None:
+    """One-line error naming the first ``optim.args`` field that is negative (lr, eps, weight_decay ...)."""
+    for name, value in values.items():
+        if value < 0.0:
+            raise ValueError(f"optim.args.{name}: must be >= 0, got {value}")
+
+
 class DenseGradOptimizer(torch.optim.Optimizer):
     """The ``step`` loop every optimizer here shares: run the closure under grad, walk the groups'
     parameters (with their ``param_names`` where the group has them) and hand each one with a
@@ -146,14 +153,9 @@ class MomentOptimizer(DenseGradOptimizer):
                  state_bits: int, **extra_defaults):
         from lowmem.optim.state_store import MomentStore  # 8-bit kernels load on first use
 
-        if lr < 0.0:
-            raise ValueError(f"optim.args.lr: must be >= 0, got {lr}")
+        check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"optim.args.betas: each must be in [0, 1), got {tuple(betas)}")
-        if eps < 0.0:
-            raise ValueError(f"optim.args.eps: must be >= 0, got {eps}")
-        if weight_decay < 0.0:
-            raise ValueError(f"optim.args.weight_decay: must be >= 0, got {weight_decay}")
         self.store = MomentStore(state_bits)
         self.state_bits = state_bits
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **extra_defaults)

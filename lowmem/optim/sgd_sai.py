@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.optim.adam_math import DenseGradOptimizer
+from lowmem.optim.adam_math import DenseGradOptimizer, check_nonnegative
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.stateless import compute_dtype
 
@@ -49,14 +49,9 @@ class SGDSaI(DenseGradOptimizer):
                  weight_decay: float = 1e-2, state_bits: int = 32):
         from lowmem.optim.state_store import MomentStore  # 8-bit kernels load on first use
 
-        if lr < 0.0:
-            raise ValueError(f"optim.args.lr: must be >= 0, got {lr}")
+        check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"optim.args.momentum: must be in [0, 1), got {momentum}")
-        if eps < 0.0:
-            raise ValueError(f"optim.args.eps: must be >= 0, got {eps}")
-        if weight_decay < 0.0:
-            raise ValueError(f"optim.args.weight_decay: must be >= 0, got {weight_decay}")
         self.store = MomentStore(state_bits)
         self.state_bits = state_bits
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay))
