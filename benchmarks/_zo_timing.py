@@ -5,7 +5,8 @@ Algorithm 1) one would write by hand: one reusable ``z`` buffer, ``normal_`` fro
 private generator reseeded per pass, the restore and the update fused into one add.
 Every row is timed in each of ``repeats`` rounds (rows interleaved, so a slow phase of
 a shared machine hits all of them), as the median of ``steps`` steps after a warm-up
-step, and divided by the median of 3 no-grad forwards of the same round.
+step, and divided by the median of 3 no-grad forwards timed right before that row's steps (so a
+slow phase of a shared machine hits a row's step and its forward alike).
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ def step_times(model, loss: Callable[[], torch.Tensor], repeats: int = 3, steps:
     with torch.no_grad():
         loss()  # warm-up
     for _ in range(repeats):
-        with torch.no_grad():
-            forward = _median_time(loss, 3)
-        forwards.append(forward)
         for name, make in ROWS.items():
             opt = make(params)
             opt.step(loss)  # warm-up (ZO-AdaMU: allocates its momentum, phase 2 from here)
+            with torch.no_grad():  # the forward right before the row's steps: both see the same machine
+                forward = _median_time(loss, 3)
+            forwards.append(forward)
             step = _median_time(lambda: opt.step(loss), steps)
             seconds[name].append(step)
             ratios[name].append(step / forward)

@@ -287,7 +287,7 @@ def main() -> None:
         write_result("bench_zo", "Zeroth-order optimizers (MeZO, ZO-AdaMU) on SmolLM2-135M, CPU: time and memory",
                      "\n\n".join(sections),
                      common + ". Step time: each row's median of 3 steps after a warm-up step (ZO-AdaMU past phase 1, "
-                     "its momentum in use), divided by the median of 3 no-grad forwards of the same round; "
+                     "its momentum in use), divided by the median of 3 no-grad forwards timed right before it; "
                      f"{args.repeats} rounds, rows interleaved, median and min-max of the ratio over rounds (the "
                      "machine is shared: compare rows of one run). The bound is 2 forwards; the rest is the 3 "
                      "noise passes (135M values each). Reference: the plain MeZO loop of benchmarks/_zo_timing.py "
