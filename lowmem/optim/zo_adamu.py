@@ -28,9 +28,21 @@ or are broken (ALGORITHMS.md §6):
 * The perturbation and the update use the same ``b1`` and the same draws (the code mixes
   a fixed ``0.9 zdd + 0.1 zdot`` into the perturbation), and ``m`` is stored as ``m``,
   not ``sign(g) m``: Algorithm 1.
-* The randomness is regenerated from seeds (:mod:`lowmem.optim.zo_noise`): ``zdot``
-  from ``param_seed(s, 0, index)`` -- so phase 1 perturbs exactly like MeZO -- and the
-  unit noise of ``zdd`` from ``mix_seed(s, 0, index, 1)``.
+* The randomness is regenerated from seeds (:mod:`lowmem.optim.zo_noise`), see "Draws".
+
+Draws. ``zdot = sqrt(alpha) u`` and ``zdd = m_{k-1} + sqrt(1 - alpha) u'`` need two independent
+unit normals ``u, u'`` per element, but the perturbation only sees their mix
+``a u + c u'`` (``a = b1 sqrt(alpha)``, ``c = (1 - b1) sqrt(1 - alpha)``). So each parameter
+draws ``w`` (seed ``param_seed(s, 0, index)``) and ``r`` (seed ``mix_seed(s, 0, index, 1)``),
+both N(0, 1), and sets, with ``sigma = sqrt(a^2 + c^2)``::
+
+    u = (a w + c r) / sigma,   u' = (c w - a r) / sigma      # a rotation: u, u' iid N(0, 1)
+    z = b1 zdot + (1 - b1) zdd = sigma w + (1 - b1) m_{k-1}
+
+The pair ``(u, u')`` has exactly Algorithm 1's distribution, and a perturbation pass draws
+``w`` alone: 4 noise draws per parameter and step (1 + 1 + 2 in the update) instead of 6,
+against MeZO's 3. In phase 1 (``b1 = alpha = 1``) ``z = w``, MeZO's own draw, so phase 1
+perturbs exactly like MeZO.
 
 Memory. The reference keeps ``m`` for every parameter from step 0, in the parameter
 dtype. Here, while ``b1 = 1`` (phase 1) ``m_k = zdot_k`` is regenerated from the previous
@@ -40,7 +52,7 @@ per parameter in ``momentum_dtype``: default the parameter's; ``"bfloat16"`` hal
 values: about a quarter of fp32; :class:`~lowmem.optim.state_store.MomentStore`, tensors under
 4096 values stay fp32). The perturbation and the update read the same stored ``m``, so
 rounding it changes the walk, not the estimator's consistency. Temporaries: three tensors the
-size of the parameter being updated.
+size of the parameter being updated (and the noise scratch buffer).
 Single process only (``mezo`` does distributed ZO).
 """
 
@@ -114,52 +126,64 @@ class ZOAdaMU(ZerothOrderOptimizer):
             return None  # m_0 = 0
         return self.noise.draw(p, param_seed(self._prev_seed, 0, index)).mul_(math.sqrt(self._prev_alpha))
 
-    def _draws(self, p: torch.Tensor, index: int, step_seed: int, coeffs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(zdot, zdd)``; ``zdd`` is None when neither ``z`` nor ``v`` uses it (b1 = b2 = 1)."""
-        alpha, b1, b2 = coeffs
-        zdot = self.noise.draw(p, param_seed(step_seed, 0, index)).mul_(math.sqrt(alpha))
-        if b1 == 1.0 and b2 == 1.0:
-            return zdot, None
-        zdd = self.noise.draw(p, mix_seed(step_seed, 0, index, 1)).mul_(math.sqrt(1.0 - alpha))
-        m_prev = self._previous_m(p, index)
-        if m_prev is not None:
-            zdd.add_(m_prev)
-        return zdot, zdd
+    @staticmethod
+    def _mix(alpha: float, b1: float) -> tuple[float, float, float]:
+        """``(sigma, cos, sin)``: ``b1 zdot + (1 - b1)(zdd - m) = sigma w`` with ``w ~ N(0, 1)``, and the
+        rotation that recovers the unit draws ``u = cos w + sin r``, ``u' = sin w - cos r`` from ``w`` and
+        a second draw ``r`` (module docstring, "Draws")."""
+        a, c = b1 * math.sqrt(alpha), (1.0 - b1) * math.sqrt(1.0 - alpha)
+        sigma = math.hypot(a, c)
+        return (sigma, a / sigma, c / sigma) if sigma > 0 else (0.0, 1.0, 0.0)
 
     def _perturb(self, step_seed: int, stream: int, scale: float) -> None:
-        """``theta += scale eps z`` with ``z = b1 zdot + (1 - b1) zdd`` as (up to) three in-place adds of
-        ``b1 sqrt(alpha) u``, ``(1 - b1) sqrt(1 - alpha) u'`` and ``(1 - b1) m_{k-1}`` (``u, u'`` the unit draws):
-        no parameter-sized temporary, and only ``u`` while ``b1 = 1``."""
+        """``theta += scale eps z`` with ``z = sigma w + (1 - b1) m_{k-1}``: one noise draw per parameter
+        (two in-place adds; only the first while ``b1 = 1``), no parameter-sized temporary."""
         alpha, b1, _ = self.schedule(self._steps)
+        sigma = self._mix(alpha, b1)[0]
         c = scale * self.eps
         for index, p, _ in self.indexed_params():
-            self.noise.add_(p, param_seed(step_seed, 0, index), c * b1 * math.sqrt(alpha))
-            if b1 == 1.0:
-                continue
-            self.noise.add_(p, mix_seed(step_seed, 0, index, 1), c * (1.0 - b1) * math.sqrt(1.0 - alpha))
-            m_prev = self._previous_m(p, index)
+            self.noise.add_(p, param_seed(step_seed, 0, index), c * sigma)
+            m_prev = self._previous_m(p, index) if b1 != 1.0 else None
             if m_prev is not None:
                 p.add_(m_prev, alpha=c * (1.0 - b1))
 
     def _update(self, step_seed: int, g: float) -> None:
         """Algorithm 1's update; first ``theta += eps * z`` (the restore the two-point estimate left
         pending, with ``z = m`` from the same draws), one noise pass fewer than a separate restore."""
-        alpha, b1, b2 = coeffs = self.schedule(self._steps)
+        coeffs = self.schedule(self._steps)
         for index, p, group in self.indexed_params():
-            zdot, zdd = self._draws(p, index, step_seed, coeffs)
-            if zdd is None:  # phase 1: m = zdot, v = zdot^2
-                m, v = zdot, zdot.square()
-            else:
-                m = torch.mul(zdot, b1).add_(zdd, alpha=1.0 - b1)
-                v = zdot.square_().mul_(b2).add_(zdd.square_(), alpha=1.0 - b2)
-                del zdd
-            p.add_(m, alpha=self.eps)  # m is the perturbation z of _perturb (its three adds in one)
-            self._keep_m(p, m, phase_1=b1 == 1.0)
-            direction = m.div_(v.add_(_V_EPS).sqrt_()).mul_(g)
+            m, v = self._moments(p, index, step_seed, coeffs)
+            p.add_(m, alpha=self.eps)  # m is the perturbation z of _perturb
+            self._keep_m(p, m, phase_1=coeffs[1] == 1.0)
             if group["weight_decay"]:
-                direction.add_(p, alpha=group["weight_decay"])
-            p.sub_(direction.mul_(group["lr"]))
-        self._prev_seed, self._prev_alpha = (step_seed, alpha) if b1 == 1.0 else (-1, 1.0)
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.addcdiv_(m, v.add_(_V_EPS).sqrt_(), value=-group["lr"] * g)
+        self._prev_seed, self._prev_alpha = (step_seed, coeffs[0]) if coeffs[1] == 1.0 else (-1, 1.0)
+
+    def _moments(self, p: torch.Tensor, index: int, step_seed: int, coeffs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m_k, v_k)`` of one parameter from the step's draws ``w``, ``r`` and ``m_{k-1}``; ``m_k`` is
+        written into the stored momentum when that buffer has the parameter's dtype."""
+        alpha, b1, b2 = coeffs
+        sigma, cos, sin = self._mix(alpha, b1)
+        w = self.noise.draw(p, param_seed(step_seed, 0, index))
+        if b1 == 1.0:  # phase 1: z = m = zdot = sqrt(alpha) w, v = zdot^2
+            m = w.mul_(sigma)
+            return m, m.square()
+        r = self.noise.view(p, mix_seed(step_seed, 0, index, 1))
+        m_prev = self._previous_m(p, index)
+        root_a, root_1a = math.sqrt(alpha), math.sqrt(1.0 - alpha)
+        zdot = torch.mul(w, root_a * cos).add_(r, alpha=root_a * sin)          # sqrt(alpha) u
+        zdd = torch.mul(w, root_1a * sin).add_(r, alpha=-root_1a * cos)        # sqrt(1 - alpha) u' (+ m below)
+        if m_prev is not None:
+            zdd.add_(m_prev)
+        v = zdot.square_().mul_(b2).addcmul_(zdd, zdd, value=1.0 - b2)
+        del zdd
+        stored = self.state[p].get("m")
+        if m_prev is None:
+            return w.mul_(sigma), v
+        if stored is m_prev:  # m_k = (1 - b1) m_{k-1} + sigma w, in the buffer itself
+            return m_prev.mul_(1.0 - b1).add_(w, alpha=sigma), v
+        return w.mul_(sigma).add_(m_prev, alpha=1.0 - b1), v
 
     def _keep_m(self, p: torch.Tensor, m: torch.Tensor, phase_1: bool) -> None:
         """Store ``m_k`` for the next step (none in phase 1: m_k = sqrt(alpha) zdot_k is regenerated)."""
@@ -173,7 +197,8 @@ class ZOAdaMU(ZerothOrderOptimizer):
             for chunk in self._store.chunks(p.numel()):  # quantized chunk by chunk: one chunk's temporaries
                 self._store.store(state, "m", m.reshape(-1)[chunk[0]].float(), signed=True, chunk=chunk)
         elif "m" in state:
-            state["m"].copy_(m)
+            if state["m"] is not m:  # not already written in place by _moments
+                state["m"].copy_(m)
         else:
             state["m"] = m.to(self.momentum_dtype or p.dtype, copy=True)
 

@@ -49,10 +49,17 @@ class DenseAdaMU:
         self.m = [torch.zeros_like(p) for p in self.params]
 
     def draws(self, seed: int, k: int):
+        """Algorithm 1's ``zdot ~ N(0, alpha)``, ``zdd ~ N(m, 1 - alpha)`` from the unit normals
+        ``u, u'`` that the optimizer's two seeded draws ``w, r`` are rotated into."""
         alpha, b1, b2 = self.opt.schedule(k)
-        zdot = [math.sqrt(alpha) * regenerate(p, seed, 0, i) for i, p in enumerate(self.params)]
-        zdd = [self.m[i] + math.sqrt(1 - alpha) * gaussian_like(p, mix_seed(seed, 0, i, 1))
-               for i, p in enumerate(self.params)]
+        a, c = b1 * math.sqrt(alpha), (1 - b1) * math.sqrt(1 - alpha)
+        sigma = math.hypot(a, c)
+        zdot, zdd = [], []
+        for i, p in enumerate(self.params):
+            w, r = regenerate(p, seed, 0, i), gaussian_like(p, mix_seed(seed, 0, i, 1))
+            u, u2 = ((a * w + c * r) / sigma, (c * w - a * r) / sigma) if sigma > 0 else (w, -r)
+            zdot.append(math.sqrt(alpha) * u)
+            zdd.append(self.m[i] + math.sqrt(1 - alpha) * u2)
         return zdot, zdd, b1, b2
 
     def perturbation(self, seed: int, k: int) -> torch.Tensor:
@@ -82,6 +89,30 @@ def test_trajectory_equals_dense_algorithm_1_through_all_phases():
         torch.testing.assert_close(model.w, dense.theta[0], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(model.b, dense.theta[1], rtol=1e-10, atol=1e-10)
         assert ("m" in opt.state[model.w]) == (opt.schedule(k)[1] < 1.0)  # buffer only after phase 1
+
+
+@pytest.mark.parametrize("alpha, b1", [(0.3, 0.6), (0.01, 0.13), (0.9, 0.05)])
+def test_moments_have_algorithm_1_distribution(alpha, b1):
+    """From the rotated draws: zdot ~ N(0, alpha) and zdd - m ~ N(0, 1 - alpha), independent, and
+    m_k = b1 zdot + (1 - b1) zdd (the perturbation), over 2^20 elements."""
+    p = torch.zeros(1 << 20, dtype=torch.float64)
+    opt = ZOAdaMU([p], lr=0.0, total_steps=10, t1=0, t2=5)
+    m_prev = torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    opt.state[p]["m"] = m_prev.clone()
+    b2 = 0.5
+    m, v = opt._moments(p, 0, 123, (alpha, b1, b2))
+    # invert: zdot and zdd from m and v (v = b2 zdot^2 + (1-b2) zdd^2) is not unique, so regenerate w, r
+    w, r = regenerate(p, 123, 0, 0), gaussian_like(p, mix_seed(123, 0, 0, 1))
+    sigma, cos, sin = opt._mix(alpha, b1)
+    zdot = math.sqrt(alpha) * (cos * w + sin * r)
+    noise = math.sqrt(1 - alpha) * (sin * w - cos * r)  # zdd - m_prev
+    torch.testing.assert_close(m, b1 * zdot + (1 - b1) * (m_prev + noise))
+    torch.testing.assert_close(v, b2 * zdot ** 2 + (1 - b2) * (m_prev + noise) ** 2)
+    cov = torch.cov(torch.stack([zdot, noise]))
+    n = p.numel()
+    assert cov[0, 0].item() == pytest.approx(alpha, abs=6 * alpha * math.sqrt(2 / n))
+    assert cov[1, 1].item() == pytest.approx(1 - alpha, abs=6 * (1 - alpha) * math.sqrt(2 / n))
+    assert abs(cov[0, 1].item()) < 6 * math.sqrt(alpha * (1 - alpha) / n)
 
 
 def test_phase_1_perturbs_like_mezo_and_updates_by_normalised_zdot():
