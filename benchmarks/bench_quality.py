@@ -81,9 +81,10 @@ def validation_data() -> Path:
     return path
 
 
-def run(method: str, overrides: list[str], steps: int, reuse: bool, val: bool = False) -> dict:
+def run(method: str, overrides: list[str], steps: int, reuse: bool, val: bool = False,
+        precision: str = "bf16") -> dict:
     runs = RUNS.parent / "quality_val" if val else RUNS
-    out = runs / method.replace(" ", "_").replace("=", "").replace("+", "")
+    out = runs / (method.replace(" ", "_").replace("=", "").replace("+", "") + ("" if precision == "bf16" else "_fp32"))
     if val:
         overrides = [*overrides, f"data.path={validation_data()}"]
     if reuse and (out / "summary.json").exists():  # a finished run of the same length: keep it
@@ -91,7 +92,8 @@ def run(method: str, overrides: list[str], steps: int, reuse: bool, val: bool = 
         if summary["steps"] == steps:
             return summary
     cmd = [sys.executable, "-m", "lowmem.cli", str(ROOT / "recipes" / "default.yaml"), *overrides,
-           f"train.steps={steps}", f"train.eval_every={max(1, steps // 3)}", "train.checkpoint_every=0",
+           f"train.mixed_precision={precision}", f"train.steps={steps}", f"train.eval_every={max(1, steps // 3)}",
+           "train.checkpoint_every=0",
            "output.save_model=false", f"output.dir={out}", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -105,9 +107,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="method names (default: all)")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of the same length")
     parser.add_argument("--val", action="store_true", help="validation split (LR sweeps), not the test split")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "no"],
+                        help="train.mixed_precision (no: fp32, for a CPU without AVX-512, where bf16 matmuls are slow)")
     args = parser.parse_args()
     chosen = [m for m in METHODS if args.only is None or m in args.only]
-    results = {m: run(m, METHODS[m], args.steps, args.reuse, args.val) for m in chosen}
+    results = {m: run(m, METHODS[m], args.steps, args.reuse, args.val, args.precision) for m in chosen}
     base = (results.get("adamw") or results.get("adamw lr=1e-4") or {}).get("eval_loss")
     rows = [[m, f"{r['eval_loss_before']:.4f}", f"{r['eval_loss']:.4f}",
              f"{r['eval_loss'] / base:.4f}" if base else "-", f"{r['optimizer_state_mb']:.1f}",
@@ -115,9 +119,10 @@ def main() -> None:
     table = markdown_table(["method", "eval loss before", "eval loss after", "/ AdamW", "optimizer state MiB",
                             "peak RSS GiB", "train wall s"], rows)
     kind = "LR sweep on the validation split" if args.val else "Quality"
-    write_result("quality_val" if args.val else "quality",
-                 f"{kind}: default fine-tune (SmolLM2-135M, BBC News), {args.steps} steps per method",
-                 table, notes="Same data order, schedule (cosine, 3 warmup steps) and bf16 autocast for every "
+    autocast = "bf16 autocast" if args.precision == "bf16" else "fp32 (no autocast)"
+    write_result(("quality_val" if args.val else "quality") + ("" if args.precision == "bf16" else "_fp32"),
+                 f"{kind}: default fine-tune (SmolLM2-135M, BBC News), {args.steps} steps per method, {autocast}",
+                 table, notes=f"Same data order, schedule (cosine, 3 warmup steps) and {autocast} for every "
                               "method; eval on 4 held-out batches of 4x128 tokens. Loss curves: runs/quality/*/metrics.jsonl.")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -134,7 +134,9 @@ class TrainSection(_Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (linear/cosine)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast (weights keep model.dtype)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "no", description="Autocast (weights keep model.dtype); auto: bf16 where this machine multiplies bf16 "
+                          "in hardware (a CUDA GPU with bf16, a CPU with AVX-512), else no")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training)")
     eval_batches: int = Field(8, ge=1, description="Micro-batches per evaluation")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: never)")
@@ -147,6 +149,22 @@ class TrainSection(_Section):
     loss_chunk_tokens: int | None = Field(None, ge=1, description="LM loss over chunks of this many tokens, logits "
                                                                   "recomputed in backward (no (tokens, vocab) logits "
                                                                   "kept); null: the model's own loss")
+
+    @field_validator("mixed_precision")
+    @classmethod
+    def _resolve_auto(cls, value: str) -> str:
+        return native_bf16_precision() if value == "auto" else value
+
+
+def native_bf16_precision() -> str:
+    """``bf16`` if this machine's matmuls run bf16 natively, else ``no``: on a CPU without AVX-512
+    torch falls back to a scalar bf16 GEMM, about 50x slower than fp32 (measured: 512x576 @ 576x1536,
+    1.34 s against 0.026 s on a 2-core AVX2 EPYC)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
 class OutputSection(_Section):

@@ -35,6 +35,27 @@ def test_bad_fields_name_the_field_in_one_line(tiny_recipe, override, field):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("native", ["bf16", "no"])
+def test_mixed_precision_auto_is_resolved_when_the_recipe_loads(tiny_recipe, monkeypatch, native):
+    import lowmem.recipe
+
+    monkeypatch.setattr(lowmem.recipe, "native_bf16_precision", lambda: native)
+    assert load_recipe(tiny_recipe(), ["train.mixed_precision=auto"]).train.mixed_precision == native
+    assert load_recipe(tiny_recipe(), ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
+def test_native_bf16_probe_matches_the_cpu():
+    """On a CPU, ``auto`` picks bf16 exactly where oneDNN runs bf16 matmuls (AVX-512 and up)."""
+    import torch
+
+    from lowmem.recipe import native_bf16_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule; a GPU machine resolves through torch.cuda.is_bf16_supported()")
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert native_bf16_precision() == ("bf16" if avx512 else "no")
+
+
 def test_malformed_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {path: x\ntrain: [")
