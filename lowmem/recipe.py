@@ -150,9 +150,11 @@ class TrainSection(_Section):
                                                                   "recomputed in backward (no (tokens, vocab) logits "
                                                                   "kept); null: the model's own loss")
 
-    @field_validator("mixed_precision")
+    @field_validator("mixed_precision", mode="before")
     @classmethod
-    def _resolve_auto(cls, value: str) -> str:
+    def _resolve_auto(cls, value):
+        if value is False:  # YAML 1.1 reads a bare `no` as false
+            return "no"
         return native_bf16_precision() if value == "auto" else value
 
 

@@ -42,6 +42,7 @@ def test_mixed_precision_auto_is_resolved_when_the_recipe_loads(tiny_recipe, mon
     monkeypatch.setattr(lowmem.recipe, "native_bf16_precision", lambda: native)
     assert load_recipe(tiny_recipe(), ["train.mixed_precision=auto"]).train.mixed_precision == native
     assert load_recipe(tiny_recipe(), ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    assert load_recipe(tiny_recipe(), ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML's false
 
 
 def test_native_bf16_probe_matches_the_cpu():
