@@ -50,7 +50,7 @@ METHODS: dict[str, list[str]] = {
 }
 # LR sweeps (issue 15): run with --val, then the best of each on the test split. SWAN/SinkGD: optim.lr is
 # AdamW's (embeddings, norms, lm_head), lr_scale sets the block matrices' lr * lr_scale.
-SWEEP = {"adamw": ["1e-4", "3e-4"], "apollo_mini": ["1e-4", "3e-4"], "sgd_sai": ["1e-3", "3e-3", "1e-2"],
+SWEEP = {"adamw": ["1e-4", "3e-4"], "apollo_mini": ["1e-4", "3e-4"], "sgd_sai": ["3e-5", "1e-4", "3e-4"],
          "sinkgd": ["0.3", "1", "3"], "swan": ["0.3", "1", "3"]}
 for _lr in SWEEP["adamw"]:
     METHODS[f"adamw lr={_lr}"] = ["optim.name=adamw", f"optim.lr={_lr}", "optim.args={}"]

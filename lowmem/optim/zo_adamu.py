@@ -115,6 +115,8 @@ class ZOAdaMU(ZerothOrderOptimizer):
         return "m" in self.state[p] or "m_codes" in self.state[p]
 
     def _previous_m(self, p: torch.Tensor, index: int) -> torch.Tensor | None:
+        """``m_{k-1}``: the stored buffer itself when it has ``p``'s dtype, else a fresh tensor (dequantized,
+        cast or regenerated); either way the caller may overwrite it with ``m_k``."""
         if self._store is not None and "m_codes" in self.state[p]:  # dequantized chunk by chunk
             m = torch.empty_like(p)
             for chunk in self._store.chunks(p.numel()):
@@ -162,7 +164,8 @@ class ZOAdaMU(ZerothOrderOptimizer):
 
     def _moments(self, p: torch.Tensor, index: int, step_seed: int, coeffs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m_k, v_k)`` of one parameter from the step's draws ``w``, ``r`` and ``m_{k-1}``; ``m_k`` is
-        written into the stored momentum when that buffer has the parameter's dtype."""
+        written into the stored momentum when that buffer has the parameter's dtype. Temporaries: ``w``
+        (then ``zdd`` in place), the noise scratch ``r`` and ``zdot`` (then ``v``)."""
         alpha, b1, b2 = coeffs
         sigma, cos, sin = self._mix(alpha, b1)
         w = self.noise.draw(p, param_seed(step_seed, 0, index))
@@ -172,18 +175,14 @@ class ZOAdaMU(ZerothOrderOptimizer):
         r = self.noise.view(p, mix_seed(step_seed, 0, index, 1))
         m_prev = self._previous_m(p, index)
         root_a, root_1a = math.sqrt(alpha), math.sqrt(1.0 - alpha)
-        zdot = torch.mul(w, root_a * cos).add_(r, alpha=root_a * sin)          # sqrt(alpha) u
-        zdd = torch.mul(w, root_1a * sin).add_(r, alpha=-root_1a * cos)        # sqrt(1 - alpha) u' (+ m below)
+        zdot = torch.mul(w, root_a * cos).add_(r, alpha=root_a * sin)           # sqrt(alpha) u
+        zdd = w.mul_(root_1a * sin).add_(r, alpha=-root_1a * cos)               # sqrt(1 - alpha) u', in w
         if m_prev is not None:
             zdd.add_(m_prev)
+        m = m_prev if m_prev is not None else torch.empty_like(p)  # m_{k-1} is read: m_k goes in its place
+        torch.lerp(zdd, zdot, b1, out=m)                           # b1 zdot + (1 - b1) zdd
         v = zdot.square_().mul_(b2).addcmul_(zdd, zdd, value=1.0 - b2)
-        del zdd
-        stored = self.state[p].get("m")
-        if m_prev is None:
-            return w.mul_(sigma), v
-        if stored is m_prev:  # m_k = (1 - b1) m_{k-1} + sigma w, in the buffer itself
-            return m_prev.mul_(1.0 - b1).add_(w, alpha=sigma), v
-        return w.mul_(sigma).add_(m_prev, alpha=1.0 - b1), v
+        return m, v
 
     def _keep_m(self, p: torch.Tensor, m: torch.Tensor, phase_1: bool) -> None:
         """Store ``m_k`` for the next step (none in phase 1: m_k = sqrt(alpha) zdot_k is regenerated)."""
