@@ -18,7 +18,8 @@ import torch
 from _common import markdown_table, write_result
 
 CONFIGS = [("AdamW", "adamw", {}), ("APOLLO-Mini", "apollo_mini", {}),
-           ("FRUGAL rho=0.25 columns", "frugal", dict(density=0.25, proj_type="columns"))]
+           ("FRUGAL rho=0.25 columns", "frugal", dict(density=0.25, proj_type="columns")),
+           ("SGD-SaI", "sgd_sai", {}), ("SWAN", "swan", {}), ("SinkGD", "sinkgd", {})]
 
 
 def one(name: str, hparams: dict, layerwise: bool) -> dict:

@@ -35,6 +35,11 @@ METHODS = [
     ("APOLLO-Mini", ["optim.name=apollo_mini", "model.gradient_checkpointing=true"]),
     ("APOLLO-Mini, layer-wise, lm_head rank-1", ["optim.name=apollo_mini", *LW_GC,
                                                  'optim.target_modules=["*layers*", "lm_head"]']),
+    ("SGD-SaI", ["optim.name=sgd_sai", "model.gradient_checkpointing=true"]),
+    ("SWAN", ["optim.name=swan", "model.gradient_checkpointing=true"]),
+    ("SinkGD", ["optim.name=sinkgd", "model.gradient_checkpointing=true"]),
+    ("SWAN, layer-wise, 8-bit AdamW part", ["optim.name=swan", "optim.args={state_bits: 8}", *LW_GC]),
+    ("SinkGD, layer-wise, 8-bit AdamW part", ["optim.name=sinkgd", "optim.args={state_bits: 8}", *LW_GC]),
     ("MeZO", ["optim.name=mezo"]),
     ("ZO2 (MeZO, blocks on the host)", ["optim.name=mezo", "offload.enabled=true"]),
 ]

@@ -127,7 +127,7 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
         if recipe.train.mixed_precision == "fp16":
             raise ValueError("optim.layerwise: not supported with train.mixed_precision=fp16 (loss scaling)")
         optimizer = LayerwiseOptimizer(optimizer, grad_accum_steps=recipe.train.grad_accum,
-                                       max_grad_norm=opt.max_grad_norm)
+                                       max_grad_norm=opt.max_grad_norm, model=model)
     return optimizer, spec.zeroth_order, opt.layerwise and not recipe.offload.enabled
 
 

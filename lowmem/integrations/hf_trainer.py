@@ -136,7 +136,7 @@ class LowMemCallback(TrainerCallback, ExportableState):
 
             self.lean_handle = apply_lean(model)
         if self.layerwise:
-            self._make_layerwise(args, optimizer, inner)
+            self._make_layerwise(args, optimizer, inner, model)
 
     def _apply_wta_crs(self, model, state) -> None:
         if self.wta_handle is None:  # a second trainer.train() keeps the layers already swapped
@@ -149,7 +149,7 @@ class LowMemCallback(TrainerCallback, ExportableState):
             self.wta_handle.load_state_dict({k: _tensor_from_json(v) for k, v in saved.items()})
 
     @staticmethod
-    def _make_layerwise(args, optimizer, inner) -> None:
+    def _make_layerwise(args, optimizer, inner, model) -> None:
         _check_layerwise(args)
         if isinstance(inner, LayerwiseOptimizer):
             return
@@ -159,7 +159,8 @@ class LowMemCallback(TrainerCallback, ExportableState):
             raise ValueError("LowMemCallback(layerwise=True): expected the Trainer's accelerate-prepared optimizer")
         # the wrapper steps the layer-wise view; param_groups/state are the inner optimizer's own
         # objects, so the Trainer's LR scheduler (built on `inner`) drives the LR the hooks use
-        optimizer.optimizer = LayerwiseOptimizer(inner, grad_accum_steps=args.gradient_accumulation_steps)
+        # with the model, a tied embedding/LM-head gradient is held once in backward (lowmem.optim.tied_lookup)
+        optimizer.optimizer = LayerwiseOptimizer(inner, grad_accum_steps=args.gradient_accumulation_steps, model=model)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # ZOTrainer has already stepped and cleared the sync flag; a plain Trainer would step without a closure

@@ -25,6 +25,10 @@ Fixes of the reference's layer-wise mode (ALGORITHMS.md §1 "Known problems"):
   dropped) and :meth:`take_nonfinite` reports it, so the trainer counts a skipped step. Unlike
   normal mode the other parameters of that step were already updated: the guard keeps the
   weights finite, it cannot make the step all-or-nothing.
+
+Given the ``model``, a tied input embedding returns its lookup gradient as rows
+(:mod:`lowmem.optim.tied_lookup`, bit-identical sums): the embedding/LM-head weight's dense
+gradient then exists once at the end of backward instead of three times (issue 15).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.optim.registry import is_zeroth_order
+from lowmem.optim.tied_lookup import install_row_gradients
 
 
 def step_one(optimizer: torch.optim.Optimizer, group_index: int, p: torch.Tensor) -> None:
@@ -53,7 +58,7 @@ def step_one(optimizer: torch.optim.Optimizer, group_index: int, p: torch.Tensor
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, grad_accum_steps: int = 1,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, model: torch.nn.Module | None = None):
         if isinstance(optimizer, LayerwiseOptimizer):
             raise ValueError("optim.layerwise: the optimizer is already layer-wise")
         if is_zeroth_order(optimizer):
@@ -76,6 +81,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if p.requires_grad:
                     self._where[id(p)] = index
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self._undo_lookup = None if model is None else install_row_gradients(model)
 
     def _share_inner(self) -> None:
         self.param_groups = self.optimizer.param_groups
@@ -83,6 +89,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _on_grad(self, p: torch.Tensor) -> None:
+        if p.grad.is_sparse:  # a tied embedding's rows alone (its head took no part in this loss)
+            p.grad = p.grad.to_dense()
         if not torch.isfinite(p.grad).all():  # never step on NaN/Inf: drop this gradient
             self._nonfinite = True
             p.grad = None
@@ -126,3 +134,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._undo_lookup is not None:
+            self._undo_lookup()
+            self._undo_lookup = None

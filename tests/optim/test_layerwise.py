@@ -1,5 +1,6 @@
-"""Layer-wise mode: same parameters as normal mode (accumulation 1 and 2, with an LR schedule),
-lower peak of live gradient bytes, refusals, state_dict through the wrapper."""
+"""Layer-wise mode: same parameters as normal mode (accumulation 1 and 2, with an LR schedule, tied
+embeddings with row gradients), lower peak of live gradient bytes, refusals, state_dict through
+the wrapper."""
 
 import copy
 
@@ -42,7 +43,7 @@ def _pair(tiny_model, name, hparams, accum):
     lw_model = copy.deepcopy(model)
     opt = create_optimizer(model, name, lr=1e-2, **hparams)
     inner = create_optimizer(lw_model, name, lr=1e-2, **hparams)
-    lw = LayerwiseOptimizer(inner, grad_accum_steps=accum)
+    lw = LayerwiseOptimizer(inner, grad_accum_steps=accum, model=lw_model)  # tied: row gradients
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (opt, lw)]
     return (model, opt, schedules[0]), (lw_model, lw, schedules[1]), inner
 
