@@ -30,7 +30,10 @@ or are broken (ALGORITHMS.md §6):
   not ``sign(g) m``: Algorithm 1.
 * The randomness is regenerated from seeds (:mod:`lowmem.optim.zo_noise`): ``zdot``
   from ``param_seed(s, 0, index)`` -- so phase 1 perturbs exactly like MeZO -- and the
-  unit noise of ``zdd`` from ``mix_seed(s, 0, index, 1)``.
+  unit noise of ``zdd`` from ``mix_seed(s, 0, index, 1)``. ``noise`` (recipe
+  ``optim.args.noise``) picks their kind: ``gaussian`` (default), ``rademacher``, ``table``
+  or ``philox`` (counter-based normals; on CUDA the perturbations are in-place Triton
+  kernels, the update draws ``zdot``/``zdd`` into buffers as for the other kinds).
 
 Memory. The reference keeps ``m`` for every parameter from step 0, in the parameter
 dtype. Here, while ``b1 = 1`` (phase 1) ``m_k = zdot_k`` is regenerated from the previous

@@ -245,6 +245,13 @@ class Noise:
         tensor.add_(self.view(tensor, seed), alpha=alpha)
 
     @torch.no_grad()
+    def add_view_(self, tensor: torch.Tensor, seed: int, alpha: float) -> torch.Tensor:
+        """``tensor += alpha * z(seed)`` with the same arithmetic as :meth:`add_`, and ``z`` as :meth:`view`."""
+        z = self.view(tensor, seed)
+        tensor.add_(z, alpha=alpha)
+        return z
+
+    @torch.no_grad()
     def update_(self, tensor: torch.Tensor, seed: int, restore: float, decay: float, alpha: float) -> None:
         """In place, ``z`` drawn once: ``tensor += restore z`` (its own add), ``tensor *= decay``, ``tensor += alpha z``."""
         z = self.view(tensor, seed)
@@ -272,6 +279,11 @@ class PhiloxNoise(Noise):
     def add_(self, tensor: torch.Tensor, seed: int, alpha: float) -> None:
         if not _tracing():
             perturb.add_(tensor, seed, alpha, _threads())
+
+    @torch.no_grad()
+    def add_view_(self, tensor: torch.Tensor, seed: int, alpha: float) -> torch.Tensor:
+        self.add_(tensor, seed, alpha)  # the kernel's add, then z a second time (cheap: it is generated)
+        return self.view(tensor, seed)
 
     @torch.no_grad()
     def update_(self, tensor: torch.Tensor, seed: int, restore: float, decay: float, alpha: float) -> None:

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from _zo_helpers import PeakLiveBytes, Quadratic, lm_closure, regenerate
+from _zo_helpers import PeakLiveBytes, Quadratic, lm_closure
 
 from lowmem.memory import state_bytes
 from lowmem.optim import create_optimizer
 from lowmem.optim.mezo import MeZO
 from lowmem.optim.zo_adamu import ZOAdaMU, anneal
-from lowmem.optim.zo_noise import gaussian_like, mix_seed
+from lowmem.optim.zo_noise import mix_seed, param_seed
 
 
 def _reference_code_schedule(steps, t1, t2, t3, varphi):
@@ -50,8 +50,9 @@ class DenseAdaMU:
 
     def draws(self, seed: int, k: int):
         alpha, b1, b2 = self.opt.schedule(k)
-        zdot = [math.sqrt(alpha) * regenerate(p, seed, 0, i) for i, p in enumerate(self.params)]
-        zdd = [self.m[i] + math.sqrt(1 - alpha) * gaussian_like(p, mix_seed(seed, 0, i, 1))
+        draw = self.opt.noise.draw  # the optimizer's noise kind, regenerated from the seeds
+        zdot = [math.sqrt(alpha) * draw(p, param_seed(seed, 0, i)) for i, p in enumerate(self.params)]
+        zdd = [self.m[i] + math.sqrt(1 - alpha) * draw(p, mix_seed(seed, 0, i, 1))
                for i, p in enumerate(self.params)]
         return zdot, zdd, b1, b2
 
@@ -67,8 +68,9 @@ class DenseAdaMU:
             self.theta[i] = self.theta[i] - self.lr * (g * self.m[i] / torch.sqrt(v + 1e-8) + self.wd * self.theta[i])
 
 
-def test_trajectory_equals_dense_algorithm_1_through_all_phases():
-    kw = dict(lr=0.01, eps=1e-4, weight_decay=0.1, total_steps=12, t1=3, t2=8, seed=4)
+@pytest.mark.parametrize("noise", ["gaussian", "philox"])
+def test_trajectory_equals_dense_algorithm_1_through_all_phases(noise):
+    kw = dict(lr=0.01, eps=1e-4, weight_decay=0.1, total_steps=12, t1=3, t2=8, seed=4, noise=noise)
     model = Quadratic()
     opt = ZOAdaMU(model.parameters(), **kw)
     dense = DenseAdaMU(Quadratic(), opt, lr=0.01, wd=0.1)
@@ -84,17 +86,18 @@ def test_trajectory_equals_dense_algorithm_1_through_all_phases():
         assert ("m" in opt.state[model.w]) == (opt.schedule(k)[1] < 1.0)  # buffer only after phase 1
 
 
-def test_phase_1_perturbs_like_mezo_and_updates_by_normalised_zdot():
+@pytest.mark.parametrize("noise", ["gaussian", "philox"])  # philox in fp32: the kernel (interpreted on CPU)
+def test_phase_1_perturbs_like_mezo_and_updates_by_normalised_zdot(noise):
     model, twin = Quadratic(dtype=torch.float32), Quadratic(dtype=torch.float32)
-    adamu = ZOAdaMU(model.parameters(), lr=1e-2, eps=1e-3, seed=9, t1=100, total_steps=1000)
-    mezo = MeZO(twin.parameters(), lr=0.0, eps=1e-3, seed=9)
+    adamu = ZOAdaMU(model.parameters(), lr=1e-2, eps=1e-3, seed=9, t1=100, total_steps=1000, noise=noise)
+    mezo = MeZO(twin.parameters(), lr=0.0, eps=1e-3, seed=9, noise=noise)
     before = [p.detach().clone() for p in (model.w, model.b)]
     adamu.step(model)
     mezo.step(twin)
     assert adamu.last_projected_grads == mezo.last_projected_grads  # same z = zdot, same forwards
     g = adamu.last_projected_grads[0]
     for i, (p, q, p0) in enumerate(zip((model.w, model.b), (twin.w, twin.b), before)):
-        zdot = regenerate(p0, adamu.last_step_seed, 0, i)
+        zdot = adamu.noise.draw(p0, param_seed(adamu.last_step_seed, 0, i))
         torch.testing.assert_close(p.detach(), q.detach() - 1e-2 * g * zdot / torch.sqrt(zdot ** 2 + 1e-8))
     assert state_bytes(adamu) == 0
 
