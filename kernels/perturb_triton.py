@@ -39,7 +39,7 @@ def _apply(ptr, offs, n, z, restore, decay, alpha, MODE: tl.constexpr):
     tl.store(ptr + offs, out.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed divisible by 16 must not compile a second variant
 def _perturb_kernel(ptr, n, seed, restore, decay, alpha, LANES: tl.constexpr, MODE: tl.constexpr):
     tile = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, LANES)

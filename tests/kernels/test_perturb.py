@@ -139,3 +139,29 @@ def test_reference_chunks_and_threads_do_not_change_z():
     strided = torch.zeros(n, 2)[:, 0]  # not contiguous: the whole-tensor fallback
     P.add_(strided, 3, 1.0)
     assert torch.equal(strided, whole)
+
+
+# ---- compiled on a GPU (skipped visibly without CUDA) -------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 4097, 1823 * 781])
+def test_compiled_kernel_equals_the_reference_on_the_gpu(n):
+    seed = (1 << 62) + n
+    words = philox_words_triton(seed, -(-n // 4), "cuda", first=(1 << 32) - 100)
+    ref = torch.stack(P.philox4x32(seed, torch.arange((1 << 32) - 100, (1 << 32) - 100 + words.shape[1],
+                                                      device="cuda")))
+    assert torch.equal(words, ref)
+    z = torch.empty(n, device="cuda")
+    perturb_triton(z, seed, mode=0)
+    torch.testing.assert_close(z, P.philox_normal(seed, 0, n, "cuda"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_compiled_restoring_update_equals_add_then_update(dtype):
+    p0 = torch.randn(3 * P.TILE + 77, device="cuda").to(dtype)
+    fused, split = p0.clone(), p0.clone()
+    perturb_triton(fused, 5, mode=3, restore=1e-2, decay=0.99, alpha=-0.5)
+    perturb_triton(split, 5, mode=1, alpha=1e-2)
+    perturb_triton(split, 5, mode=2, decay=0.99, alpha=-0.5)
+    assert torch.equal(fused, split)
