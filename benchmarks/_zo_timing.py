@@ -53,6 +53,8 @@ ROWS = {  # name -> optimizer factory over the model's parameters (lr 0: the wei
     "mezo": lambda ps: MeZO(ps, lr=0.0),
     "mezo noise=rademacher": lambda ps: MeZO(ps, lr=0.0, noise="rademacher"),
     "mezo noise=table": lambda ps: MeZO(ps, lr=0.0, noise="table"),
+    # on CPU: the chunked PyTorch reference of the Philox kernel (int64 tensor ops), slow by design
+    "mezo noise=philox": lambda ps: MeZO(ps, lr=0.0, noise="philox"),
     "zo_adamu": lambda ps: ZOAdaMU(ps, lr=0.0, total_steps=8, t1=0, t2=4),
     "zo_adamu noise=table": lambda ps: ZOAdaMU(ps, lr=0.0, total_steps=8, t1=0, t2=4, noise="table"),
 }

@@ -14,7 +14,10 @@ than it needs (``ESTIMATE_S``); a failing step is recorded and the next one runs
 5. ``zo2``: MeZO through ZO2 on an OPT-30B shape (blocks in host RAM): peak GPU memory
    (target <= 8 GB, 3 slots), step time against the PCIe bound (bytes moved / measured pinned
    host-to-device bandwidth, target <= 1.2x); one MeZO step of OPT-1.3B in memory and through ZO2
-   (target <= 1.15x).
+   (target <= 1.15x);
+6. ``zo_noise``: the Philox perturbation kernel against its reference on the device, and one MeZO
+   step with ``noise=gaussian`` and ``noise=philox`` against one no-grad forward (OPT-1.3B shape,
+   fp16, batch 4 x 128; target <= 2.2x, issue #17): :mod:`gpu_proof_zo`.
 
 Everything goes to ``OUT_DIR/gpu_proof.json`` (written after every step, so a cut run keeps what it
 measured), ``OUT_DIR/gpu_proof.md`` (the RESULTS.md section with the measured columns: copy it to
@@ -56,8 +59,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2"]
-ESTIMATE_S = {"pytest_gpu": 60, "kernels": 45, "adamw8bit": 30, "llama_step": 60, "zo2": 150}
+STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "zo_noise"]
+ESTIMATE_S = {"pytest_gpu": 60, "kernels": 45, "adamw8bit": 30, "llama_step": 60, "zo2": 150, "zo_noise": 40}
 
 
 def gpu_test_files() -> list[str]:
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined: the interpreter on CPU
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gpu_proof_steps as steps
+    import gpu_proof_zo
     from gpu_proof_report import write_markdown
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     calls = {"pytest_gpu": lambda: pytest_gpu(args.out_dir, max(proof.left() - 300, 60) if not args.dry_run
                                               else max(proof.left(), 1)),
              "kernels": lambda: steps.kernels(shapes), "adamw8bit": lambda: steps.adamw8bit(shapes),
-             "llama_step": lambda: steps.llama_step(shapes), "zo2": lambda: steps.zo2(shapes)}
+             "llama_step": lambda: steps.llama_step(shapes), "zo2": lambda: steps.zo2(shapes),
+             "zo_noise": lambda: gpu_proof_zo.zo_noise(shapes)}
     for name in STEPS:
         if name in args.only:
             proof.run(name, calls[name])

@@ -62,10 +62,23 @@ def _zo2(e: dict) -> str:
            f"A model that fits (OPT-1.3B shape, fp16, batch 4 x 512):\n\n{fit}"
 
 
+def _zo_noise(e: dict) -> str:
+    kernel = markdown_table(["elements", "Philox word mismatches", "normal max err", "ok"],
+                            [[f"{r['numel']:,}", r["word_mismatch"], _f(r["normal_max_err"], ".1e"), _f(r["ok"])]
+                             for r in e["kernel"]])
+    st = e["step"]
+    steps = markdown_table(["noise", "MeZO step s", "step / forward", "<= 2.2x", "one +eps z pass ms", "pass GB/s"],
+                           [[k, _f(r["step_s"], ".4f"), _f(r["step_over_forward"]), _f(r["target_2_2x"]),
+                             _f(r["pass_ms"]), _f(r["pass_GBps"], ".0f")] for k, r in st["rows"].items()])
+    return f"{kernel}\n\nOPT-1.3B shape, fp16 ({st['params_GiB']:.2f} GiB of parameters), batch " \
+           f"{st['tokens'][0]} x {st['tokens'][1]}, one no-grad forward {st['forward_s']:.4f} s:\n\n{steps}"
+
+
 SECTIONS = {"kernels": ("Triton kernels vs PyTorch references", _kernels),
             "adamw8bit": ("8-bit AdamW step, 1B bf16 parameters", _adamw),
             "llama_step": ("Llama-3-8B shape, bf16, 1 x 1024, APOLLO-Mini layer-wise + checkpointing", _llama),
-            "zo2": ("ZO2 offload", _zo2)}
+            "zo2": ("ZO2 offload", _zo2),
+            "zo_noise": ("Zeroth-order step per noise kind (Philox kernel, issue #17)", _zo_noise)}
 
 
 def write_markdown(report: dict, path: Path) -> None:

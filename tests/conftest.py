@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
 
 try:  # define the kernels now, while TRITON_INTERPRET decides how: a later import (the planner's fake-tensor
     import lowmem.kernels.adamw8bit_step_triton  # noqa: E402,F401  trace pulls in torch parts that reset
+    import lowmem.kernels.perturb_triton  # noqa: E402,F401
 except ImportError:  # Triton's interpret knob) would define them compiled, and every interpreted call fails
     pass
 

@@ -10,8 +10,10 @@ Per step, with step seed ``s`` (private generator) and samples ``i = 1..n``
     theta <- theta - lr * d                                        # momentum = 0 (reference MeZO)
     buf   <- mu * buf + d ;  theta <- theta - lr * buf              # momentum mu > 0 (= torch SGD)
 
-* ``z``: ``noise`` picks N(0, I) (default), Rademacher +-1 or slices of a shared
-  noise table (:mod:`lowmem.optim.zo_noise`; the table is the fast one on CPU).
+* ``z``: ``noise`` picks N(0, I) (default), Rademacher +-1, slices of a shared
+  noise table (:mod:`lowmem.optim.zo_noise`; the table is the fast one on CPU) or
+  ``philox``: N(0, I) from a counter-based generator, added in place by one Triton
+  kernel per parameter on CUDA, with no ``z`` buffer (issue #17).
 * ``n = 1``, ``mu = 0``: each parameter is updated by
   :func:`lowmem.optim.zo_noise.sgd_update_`, the rule the ZO2 engine shares.
 * noise passes: the reference draws ``z`` four times per step (+eps, -2 eps,
@@ -149,9 +151,7 @@ def apply_updates(opt: MeZO, step_seed: int, samples: list[tuple[int, float]], r
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"].mul_(mu)
         for seed, g in seeds:
-            z = opt.noise.view(p, seed)
-            if restore:
-                p.add_(z, alpha=restore)
+            z = opt.noise.add_view_(p, seed, restore) if restore else opt.noise.view(p, seed)
             buf.add_(z, alpha=g / n)
         if wd:
             buf.add_(p, alpha=wd)

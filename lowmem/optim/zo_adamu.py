@@ -42,7 +42,9 @@ both N(0, 1), and sets, with ``sigma = sqrt(a^2 + c^2)``::
 The pair ``(u, u')`` has exactly Algorithm 1's distribution, and a perturbation pass draws
 ``w`` alone: 4 noise draws per parameter and step (1 + 1 + 2 in the update) instead of 6,
 against MeZO's 3. In phase 1 (``b1 = alpha = 1``) ``z = w``, MeZO's own draw, so phase 1
-perturbs exactly like MeZO.
+perturbs exactly like MeZO. ``noise`` (recipe ``optim.args.noise``) picks the kind of
+``w`` and ``r``: ``gaussian`` (default), ``rademacher``, ``table`` or ``philox`` (counter-based
+normals; on CUDA the perturbation passes are in-place Triton kernels).
 
 Memory. The reference keeps ``m`` for every parameter from step 0, in the parameter
 dtype. Here, while ``b1 = 1`` (phase 1) ``m_k = zdot_k`` is regenerated from the previous

@@ -41,6 +41,16 @@ Kinds of ``z`` (recipe field ``optim.args.noise``):
     a random, zero-mean cross term in ``g z`` that averages out over steps, not a
     bias. A parameter larger than the table is read in windows of ``2^24``
     elements at offsets ``mix(seed, k)``. Memory: the table, once per device.
+``philox``
+    ``z ~ N(0, I)`` from a counter-based generator (Philox4x32-10 and Box-Muller,
+    Salmon et al. 2011, as ``tl.randn4x``): ``z_e`` is a pure function of the
+    parameter's seed and the element's position ``e`` (:mod:`lowmem.kernels.perturb`).
+    On CUDA one Triton kernel per parameter and pass adds ``alpha z`` in place,
+    generating ``z`` in registers: no ``z`` buffer, one read and one write of the
+    parameter (issue #17); MeZO's update (restore, decay, ``-lr g z``) is one launch
+    too. On CPU the PyTorch reference makes the same integers and (to float
+    rounding) the same normals, by chunks on the noise threads -- slower than
+    ``gaussian`` there; it is the GPU kind.
 
 Arithmetic happens on whole tensors (only the noise is drawn by chunk), so an
 update reads as the formula it implements. :meth:`Noise.view` returns ``z`` in a
@@ -55,8 +65,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from lowmem.kernels import perturb
+
 _MASK64 = (1 << 64) - 1
-NOISE_KINDS = ("gaussian", "rademacher", "table")
+NOISE_KINDS = ("gaussian", "rademacher", "table", "philox")
 CHUNK = 1 << 17          # elements drawn from one generator
 TABLE_SIZE = 1 << 25     # entries of the shared noise table
 _TABLE_SEED = 0x5EED_7AB1E
@@ -182,7 +194,11 @@ def release_scratch() -> None:
 
 
 class Noise:
-    """The perturbation ``z(seed)`` of one kind, shaped like a given tensor."""
+    """The perturbation ``z(seed)`` of one kind, shaped like a given tensor (``Noise("philox")`` is a
+    :class:`PhiloxNoise`)."""
+
+    def __new__(cls, kind: str = "gaussian"):
+        return super().__new__(PhiloxNoise if cls is Noise and kind == "philox" else cls)
 
     def __init__(self, kind: str = "gaussian"):
         if kind not in NOISE_KINDS:
@@ -228,6 +244,52 @@ class Noise:
         """In place: ``tensor += alpha * z(seed)``."""
         tensor.add_(self.view(tensor, seed), alpha=alpha)
 
+    @torch.no_grad()
+    def add_view_(self, tensor: torch.Tensor, seed: int, alpha: float) -> torch.Tensor:
+        """``tensor += alpha * z(seed)`` with the same arithmetic as :meth:`add_`, and ``z`` as :meth:`view`."""
+        z = self.view(tensor, seed)
+        tensor.add_(z, alpha=alpha)
+        return z
+
+    @torch.no_grad()
+    def update_(self, tensor: torch.Tensor, seed: int, restore: float, decay: float, alpha: float) -> None:
+        """In place, ``z`` drawn once: ``tensor += restore z`` (its own add), ``tensor *= decay``, ``tensor += alpha z``."""
+        z = self.view(tensor, seed)
+        if restore:
+            tensor.add_(z, alpha=restore)
+        if decay != 1.0:
+            tensor.mul_(decay)
+        tensor.add_(z, alpha=alpha)
+
+
+class PhiloxNoise(Noise):
+    """``noise: philox``: Philox normals added in place by the Triton kernel on CUDA (no ``z`` buffer),
+    by the chunked PyTorch reference elsewhere (:mod:`lowmem.kernels.perturb`). Under fake tensors
+    (the planner's trace) nothing runs: the kernel allocates nothing, and fake values mean nothing."""
+
+    def _into(self, out: torch.Tensor, seed: int) -> torch.Tensor:
+        if not _tracing():
+            perturb.write_normal_(out, seed, _threads())
+        return out
+
+    def view(self, like: torch.Tensor, seed: int) -> torch.Tensor:
+        return self._into(_scratch(like), seed).view(like.shape)
+
+    @torch.no_grad()
+    def add_(self, tensor: torch.Tensor, seed: int, alpha: float) -> None:
+        if not _tracing():
+            perturb.add_(tensor, seed, alpha, _threads())
+
+    @torch.no_grad()
+    def add_view_(self, tensor: torch.Tensor, seed: int, alpha: float) -> torch.Tensor:
+        self.add_(tensor, seed, alpha)  # the kernel's add, then z a second time (cheap: it is generated)
+        return self.view(tensor, seed)
+
+    @torch.no_grad()
+    def update_(self, tensor: torch.Tensor, seed: int, restore: float, decay: float, alpha: float) -> None:
+        if not _tracing():
+            perturb.update_(tensor, seed, restore, decay, alpha, _threads())
+
 
 GAUSSIAN = Noise("gaussian")
 
@@ -253,12 +315,8 @@ def sgd_update_(tensor: torch.Tensor, seed: int, lr: float, projected_grad: floa
     ``tensor += restore z; tensor *= 1 - lr wd; tensor += -lr g z`` -- the restore
     is its own add, so the ZO2 engine (which restores inside the block's visit and
     updates at the next one) makes exactly the same operations. The single place
-    this rule is written: in-memory MeZO and the ZO2 offload engine both call it,
-    so the two stay bit-identical.
+    this rule is called from: in-memory MeZO and the ZO2 offload engine both call it,
+    so the two stay bit-identical; the noise kind carries it out (:meth:`Noise.update_`;
+    ``philox`` on CUDA: one kernel launch, which rounds after the restore as an add would).
     """
-    z = noise.view(tensor, seed)
-    if restore:
-        tensor.add_(z, alpha=restore)
-    if weight_decay:
-        tensor.mul_(1.0 - lr * weight_decay)
-    tensor.add_(z, alpha=-lr * projected_grad)
+    noise.update_(tensor, seed, restore, 1.0 - lr * weight_decay, -lr * projected_grad)

@@ -9,13 +9,16 @@ from tests.offload.helpers import HP, assert_same_weights, batches, ref_step
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [{}, {"prefetch_depth": 2}, {"host_memory_budget_gb": 0.0, "nvme_dir": "NVME"}])
-def test_cuda_engine_equals_cuda_mezo(tiny_model, tmp_path, config):
+@pytest.mark.parametrize("config,noise", [({}, "gaussian"), ({"prefetch_depth": 2}, "gaussian"),
+                                          ({"host_memory_budget_gb": 0.0, "nvme_dir": "NVME"}, "gaussian"),
+                                          ({}, "philox")])  # philox: the compiled in-place kernel (issue #17)
+def test_cuda_engine_equals_cuda_mezo(tiny_model, tmp_path, config, noise):
     config = {k: str(tmp_path) if v == "NVME" else v for k, v in config.items()}
+    hp = {**HP, "noise": noise}
     ref = tiny_model(arch="opt", tied=True, layers=4).cuda().eval()
-    ref_opt = create_optimizer(ref, "mezo", **HP)
+    ref_opt = create_optimizer(ref, "mezo", **hp)
     model = tiny_model(arch="opt", tied=True, layers=4)
-    eng = ZO2Engine(model, create_optimizer(model, "mezo", **HP), OffloadConfig(**config), device="cuda")
+    eng = ZO2Engine(model, create_optimizer(model, "mezo", **hp), OffloadConfig(**config), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     for batch in batches(4):
         assert torch.equal(ref_step(ref, ref_opt, {k: v.cuda() for k, v in batch.items()}), eng.step(batch))

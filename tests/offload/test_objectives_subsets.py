@@ -84,7 +84,7 @@ def test_classification_on_a_subset(tiny_model):
     _run(ref, ref_opt, eng, cls_batches(3, seed=4), cls_loss)
 
 
-@pytest.mark.parametrize("noise", ["rademacher", "table"])
+@pytest.mark.parametrize("noise", ["rademacher", "table", "philox"])
 def test_noise_kinds_are_bit_identical_to_mezo(tiny_model, noise):
     ref, ref_opt = reference(tiny_model, hp=dict(noise=noise), arch="llama", tied=True, layers=3)
     _, eng = engine(tiny_model, hp=dict(noise=noise), arch="llama", tied=True, layers=3)

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from _zo_helpers import PeakLiveBytes, Quadratic, lm_closure, regenerate
+from _zo_helpers import PeakLiveBytes, Quadratic, lm_closure
 
 from lowmem.memory import state_bytes
 from lowmem.optim import create_optimizer
 from lowmem.optim.mezo import MeZO
 from lowmem.optim.zo_adamu import ZOAdaMU, anneal
-from lowmem.optim.zo_noise import gaussian_like, mix_seed
+from lowmem.optim.zo_noise import mix_seed, param_seed
 
 
 def _reference_code_schedule(steps, t1, t2, t3, varphi):
@@ -54,9 +54,10 @@ class DenseAdaMU:
         alpha, b1, b2 = self.opt.schedule(k)
         a, c = b1 * math.sqrt(alpha), (1 - b1) * math.sqrt(1 - alpha)
         sigma = math.hypot(a, c)
+        draw = self.opt.noise.draw  # the optimizer's noise kind, regenerated from the seeds
         zdot, zdd = [], []
         for i, p in enumerate(self.params):
-            w, r = regenerate(p, seed, 0, i), gaussian_like(p, mix_seed(seed, 0, i, 1))
+            w, r = draw(p, param_seed(seed, 0, i)), draw(p, mix_seed(seed, 0, i, 1))
             u, u2 = ((a * w + c * r) / sigma, (c * w - a * r) / sigma) if sigma > 0 else (w, -r)
             zdot.append(math.sqrt(alpha) * u)
             zdd.append(self.m[i] + math.sqrt(1 - alpha) * u2)
@@ -74,8 +75,9 @@ class DenseAdaMU:
             self.theta[i] = self.theta[i] - self.lr * (g * self.m[i] / torch.sqrt(v + 1e-8) + self.wd * self.theta[i])
 
 
-def test_trajectory_equals_dense_algorithm_1_through_all_phases():
-    kw = dict(lr=0.01, eps=1e-4, weight_decay=0.1, total_steps=12, t1=3, t2=8, seed=4)
+@pytest.mark.parametrize("noise", ["gaussian", "philox"])
+def test_trajectory_equals_dense_algorithm_1_through_all_phases(noise):
+    kw = dict(lr=0.01, eps=1e-4, weight_decay=0.1, total_steps=12, t1=3, t2=8, seed=4, noise=noise)
     model = Quadratic()
     opt = ZOAdaMU(model.parameters(), **kw)
     dense = DenseAdaMU(Quadratic(), opt, lr=0.01, wd=0.1)
@@ -102,7 +104,7 @@ def test_moments_have_algorithm_1_distribution(alpha, b1):
     b2 = 0.5
     m, v = opt._moments(p, 0, 123, (alpha, b1, b2))
     # invert: zdot and zdd from m and v (v = b2 zdot^2 + (1-b2) zdd^2) is not unique, so regenerate w, r
-    w, r = regenerate(p, 123, 0, 0), gaussian_like(p, mix_seed(123, 0, 0, 1))
+    w, r = opt.noise.draw(p, param_seed(123, 0, 0)), opt.noise.draw(p, mix_seed(123, 0, 0, 1))
     sigma, cos, sin = opt._mix(alpha, b1)
     zdot = math.sqrt(alpha) * (cos * w + sin * r)
     noise = math.sqrt(1 - alpha) * (sin * w - cos * r)  # zdd - m_prev
@@ -115,17 +117,18 @@ def test_moments_have_algorithm_1_distribution(alpha, b1):
     assert abs(cov[0, 1].item()) < 6 * math.sqrt(alpha * (1 - alpha) / n)
 
 
-def test_phase_1_perturbs_like_mezo_and_updates_by_normalised_zdot():
+@pytest.mark.parametrize("noise", ["gaussian", "philox"])  # philox in fp32: the kernel (interpreted on CPU)
+def test_phase_1_perturbs_like_mezo_and_updates_by_normalised_zdot(noise):
     model, twin = Quadratic(dtype=torch.float32), Quadratic(dtype=torch.float32)
-    adamu = ZOAdaMU(model.parameters(), lr=1e-2, eps=1e-3, seed=9, t1=100, total_steps=1000)
-    mezo = MeZO(twin.parameters(), lr=0.0, eps=1e-3, seed=9)
+    adamu = ZOAdaMU(model.parameters(), lr=1e-2, eps=1e-3, seed=9, t1=100, total_steps=1000, noise=noise)
+    mezo = MeZO(twin.parameters(), lr=0.0, eps=1e-3, seed=9, noise=noise)
     before = [p.detach().clone() for p in (model.w, model.b)]
     adamu.step(model)
     mezo.step(twin)
     assert adamu.last_projected_grads == mezo.last_projected_grads  # same z = zdot, same forwards
     g = adamu.last_projected_grads[0]
     for i, (p, q, p0) in enumerate(zip((model.w, model.b), (twin.w, twin.b), before)):
-        zdot = regenerate(p0, adamu.last_step_seed, 0, i)
+        zdot = adamu.noise.draw(p0, param_seed(adamu.last_step_seed, 0, i))
         torch.testing.assert_close(p.detach(), q.detach() - 1e-2 * g * zdot / torch.sqrt(zdot ** 2 + 1e-8))
     assert state_bytes(adamu) == 0
 

@@ -16,10 +16,10 @@ from lowmem.optim.zo_distributed import GradExchange, decode_one_byte, encode_on
 WORKER = Path(__file__).with_name("zo_dist_worker.py")
 
 
-def _torchrun(tmp_path, steps, n_samples, one_byte, procs=2, leave_at=None):
+def _torchrun(tmp_path, steps, n_samples, one_byte, procs=2, leave_at=None, noise="gaussian"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-           str(WORKER), str(tmp_path), str(steps), str(n_samples), "1" if one_byte else "0"]
+           str(WORKER), str(tmp_path), str(steps), str(n_samples), "1" if one_byte else "0", noise]
     cmd += [] if leave_at is None else [str(leave_at)]
     for _ in range(2):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -31,32 +31,32 @@ def _torchrun(tmp_path, steps, n_samples, one_byte, procs=2, leave_at=None):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(procs)]
 
 
-def _replay(log):
+def _replay(log, noise="gaussian"):
     """One process applying a recorded ``(step seed, [g])`` list; its parameters."""
     from zo_dist_worker import make_model
 
     model = make_model()
-    opt = MeZO(model.parameters(), lr=0.05, eps=1e-3, weight_decay=0.01, seed=123)
+    opt = MeZO(model.parameters(), lr=0.05, eps=1e-3, weight_decay=0.01, seed=123, noise=noise)
     for step_seed, gs in log:
         assert opt.draw_step_seed() == step_seed
         opt.replay(step_seed, gs)
     return [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("one_byte", [False, True])
-def test_two_processes_stay_identical_and_equal_a_single_process_replay(tmp_path, one_byte):
+@pytest.mark.parametrize("one_byte,noise", [(False, "gaussian"), (True, "gaussian"), (False, "philox")])
+def test_two_processes_stay_identical_and_equal_a_single_process_replay(tmp_path, one_byte, noise):
     sys.path.insert(0, str(WORKER.parent))
     from zo_dist_worker import make_model
 
     steps, n = 6, 2
-    ranks = _torchrun(tmp_path, steps, n, one_byte)
+    ranks = _torchrun(tmp_path, steps, n, one_byte, noise=noise)
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(a, b)
     assert ranks[0]["log"] == ranks[1]["log"]
     assert all(len(gs) == 2 * n for _, gs in ranks[0]["log"])
     assert ranks[0]["log"][0][1][:n] != ranks[0]["log"][0][1][n:]  # the ranks did see different data
 
-    for p, q in zip(_replay(ranks[0]["log"]), ranks[0]["params"]):
+    for p, q in zip(_replay(ranks[0]["log"], noise), ranks[0]["params"]):
         assert torch.equal(p, q)
     assert not torch.equal(ranks[0]["params"][0], make_model()[0].weight.detach())  # it trained
 
