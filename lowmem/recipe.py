@@ -280,7 +280,9 @@ def reference_markdown() -> str:
             default = "required" if sub.is_required() else repr(sub.get_default(call_default_factory=True))
             lines.append(f"| `{name}` | {kind} | `{default}` | {sub.description or ''} |")
         lines.append("")
-    return "\n".join(lines)
+    from lowmem.optim.registry import args_reference
+
+    return "\n".join(lines + args_reference())
 
 
 if __name__ == "__main__":

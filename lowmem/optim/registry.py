@@ -169,3 +169,23 @@ def create_optimizer(model: nn.Module, name: str, *, target_modules: list[str] |
 def is_zeroth_order(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "zeroth_order", False))
 
+
+
+def args_reference() -> list[str]:
+    """Markdown lines: each optimizer's ``optim.args`` with defaults and ranges (the README's reference)."""
+    from typing import Literal, get_args, get_origin
+
+    marks = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    lines = ["**`optim.args`** per `optim.name` (typed: checked when the recipe loads; target-group keys first)",
+             "", "| `optim.name` | its `optim.weight_decay` | arguments: default (range) |", "|---|---|---|"]
+    for name in available():
+        items, fields = [], args_model(name).model_fields
+        for key, f in fields.items():
+            if key in ("lr", "weight_decay", "process_group"):  # optim.lr, optim.weight_decay; Python only
+                continue
+            limits = [f"{marks[k]} {getattr(m, k)}" for m in f.metadata for k in marks if hasattr(m, k)]
+            if get_origin(f.annotation) is Literal:
+                limits.append(" / ".join(map(str, get_args(f.annotation))))
+            items.append(f"`{key}`: `{f.default!r}`" + (f" ({', '.join(limits)})" if limits else ""))
+        lines.append(f"| `{name}` | `{fields['weight_decay'].default}` | {'; '.join(items)} |")
+    return lines
