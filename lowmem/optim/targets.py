@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 
@@ -85,13 +84,3 @@ def split_parameters(model: nn.Module, target_modules: list[str] | None = None) 
             split.no_decay.append((name, p))
     return split
 
-
-def is_no_decay_name(name: str) -> bool:
-    """Names that zeroth-order methods exempt from weight decay (MeZO reference:
-    ``bias``, ``layer_norm``, ``layernorm``; plus the ``norm`` modules of Llama-style models)."""
-    lowered = name.lower()
-    return "bias" in lowered or "norm" in lowered or ".ln" in lowered or lowered.startswith("ln")
-
-
-def trainable_named_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
