@@ -1,8 +1,10 @@
 """The parameter-target rule: which weights get the memory-saving method.
 
-DESIGN.md §2: by default the 2-D weights of ``nn.Linear`` layers *inside the
-transformer blocks* (the modules under the model's block ``ModuleList``) are
-targets; embeddings, norms, biases and ``lm_head`` are not. A recipe may
+By default the 2-D weights of ``nn.Linear`` layers *inside the transformer
+blocks* (the modules under the model's block ``ModuleList``) are targets;
+embeddings, norms, biases and ``lm_head`` are not (the split of the GaLore
+reference's ``torchrun_main.py``: Linear modules of attention and MLP; Zhao et
+al. 2024, arXiv 2403.03507). A recipe may
 replace the rule with glob patterns on module names (``optim.target_modules``).
 
 The rule returns three disjoint, ordered lists so the optimizer can build

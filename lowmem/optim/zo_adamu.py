@@ -11,8 +11,8 @@ momentum ``m`` (zero at the start)::
     m_k  = b1 zdot + (1 - b1) zdd ;  v_k = b2 zdot^2 + (1 - b2) zdd^2
     theta <- theta - lr (g m_k / sqrt(v_k + 1e-8) + wd theta)   # wd per param group
 
-Choices where the paper and the released code (MathIsAll/ZO-AdaMU @ d5f7de2) disagree
-or are broken (ALGORITHMS.md §6):
+Choices where the paper (arXiv 2312.15184, Algorithm 1 and Eq. 7) and the released code
+(MathIsAll/ZO-AdaMU @ d5f7de2, ``trainer.py`` and ``mezo.sh``) disagree or are broken:
 
 * Anneal: ``1`` for ``k < T1``; then ``0.5 (1 + cos(pi s / L(s)))`` with
   ``s = min(k, T2) - T1`` and ``L(s) = T3 - phi s (T3 - T2) / (T2 - T1)``, one ``phi`` per
