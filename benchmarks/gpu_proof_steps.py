@@ -284,11 +284,11 @@ def _batch(config: dict, tokens: tuple[int, int], device: str = "cpu") -> dict:
 
 
 def _zo2_engine(config: dict, device: str):
-    from lowmem.offload.engine import OffloadConfig, ZO2Engine
+    from lowmem.offload.engine import ZO2Engine
     from lowmem.optim import create_optimizer
 
     model = host_model(config, torch.float16)
-    return ZO2Engine(model, create_optimizer(model, "mezo", lr=1e-7, eps=1e-3), OffloadConfig(), device=device)
+    return ZO2Engine(model, create_optimizer(model, "mezo", lr=1e-7, eps=1e-3), device=device)
 
 
 def engine_device_bytes(engine) -> int:

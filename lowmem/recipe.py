@@ -193,6 +193,26 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _offload_host_dtype(self):
+        """ZO2 keeps the only copy of a block on the host: the training dtype or a coarser 16-bit one
+        (stochastically rounded); the first-order engine keeps fp32 masters there."""
+        import torch
+
+        from lowmem.optim.registry import get_spec
+
+        host = self.offload.host_dtype
+        if not self.offload.enabled or host is None or host == self.model.dtype:
+            return self
+        if not get_spec(self.optim.name).zeroth_order:
+            if host != "float32":
+                raise ValueError(f"offload.host_dtype: the first-order offload engine keeps fp32 master weights "
+                                 f"on the host; got {host!r}, use null")
+        elif torch.finfo(getattr(torch, host)).eps <= torch.finfo(getattr(torch, self.model.dtype)).eps:
+            raise ValueError(f"offload.host_dtype: {host} is not coarser than the training dtype "
+                             f"{self.model.dtype} (model.dtype); use it or a 16-bit type below fp32")
+        return self
+
+    @model_validator(mode="after")
     def _offload_without_adapters(self):
         if self.offload.enabled and self.model.lora is not None:
             raise ValueError("model.lora: the offload engines (offload.enabled) train the model's own weights "

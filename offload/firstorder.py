@@ -32,7 +32,7 @@ equals in-memory layer-wise training bit for bit.
 
 Contract with the trainer::
 
-    engine = FirstOrderEngine(model, optimizer, OffloadConfig(**recipe.offload))  # model on CPU
+    engine = FirstOrderEngine(model, optimizer, recipe.offload)   # OffloadSection; model on CPU
     loss, nonfinite = engine.step(lambda: loss_fn(model, batch), autocast)         # one optimizer step
     engine.eval_loss(batch)                       # model(**batch) streams the blocks too
     with engine.full_state(): optimizer.state_dict()   # every block's state in memory meanwhile
@@ -49,60 +49,50 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
 from lowmem.offload.fo_driver import BlockDriver
 from lowmem.offload.fo_state import StateTier
-from lowmem.offload.store import BlockStore
+from lowmem.offload.streamed import StreamedModel, check_blocks, model_units, offload_section
 from lowmem.offload.streams import HostMemory, host_wait
-from lowmem.offload.transfer import BlockMover, Packed
 from lowmem.optim.layerwise import LayerwiseOptimizer, step_one
 from lowmem.optim.registry import is_zeroth_order
+from lowmem.recipe import OffloadSection
 
 MASTER_DTYPE = torch.float32
 
 
-def _check(optimizer, config: OffloadConfig) -> None:
+def _check(optimizer, blocks: nn.ModuleList, units: list, group_of: dict) -> None:
     if is_zeroth_order(optimizer):
         raise ValueError("optim.name: a zeroth-order optimizer offloads with the ZO2 engine, not the first-order one")
     if isinstance(optimizer, LayerwiseOptimizer):
         raise ValueError("optim.layerwise: give the offload engine the plain optimizer (it is layer-wise itself)")
-    if config.host_dtype not in (None, "float32"):
-        raise ValueError(f"offload.host_dtype: the first-order engine keeps fp32 master weights on the host; "
-                         f"got {config.host_dtype!r}, use null")
+    check_blocks(blocks, units)
+    if any(not p.requires_grad or id(p) not in group_of for p in blocks.parameters()):
+        raise ValueError("model: every block parameter must be trainable and in the optimizer "
+                         "(model.trainable / model.lora are not supported with offload)")
 
 
 class FirstOrderEngine:
     """First-order steps on ``model`` with its blocks offloaded; see the module docstring."""
 
-    def __init__(self, model: nn.Module, optimizer, config: OffloadConfig | dict | None = None,
+    def __init__(self, model: nn.Module, optimizer, config: OffloadSection | dict | None = None,
                  device: torch.device | str | None = None):
-        config = OffloadConfig(**config) if isinstance(config, dict) else (config or OffloadConfig())
-        _check(optimizer, config)
+        config = offload_section(config)
         self.model, self.optimizer, self.config = model, optimizer, config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.driver = BlockDriver(model, self.device)
         self.group_of = {id(p): n for n, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        blocks = self.driver.blocks
-        self.compute_dtype = next(blocks.parameters()).dtype
-        self.packed = [Packed.of(b, MASTER_DTYPE) for b in blocks]
+        blocks, units = model_units(model)
+        _check(optimizer, blocks, units, self.group_of)
+        # nothing is written back from the device (a block's update happens on the host): no draining slot
+        self.streamed = StreamedModel(model, blocks, units, self.device, config, MASTER_DTYPE, MASTER_DTYPE,
+                                      slots=config.prefetch_depth + 1)
+        self.packed, self.store, self.mover = self.streamed.packed, self.streamed.store, self.streamed.mover
+        self.compute_dtype = self.streamed.compute_dtype
         self.budget = None if config.host_memory_budget_gb is None else config.host_memory_budget_gb * 2**30
-        pin = self.device.type == "cuda"
-        try:
-            self._check_model()
-            self.store = BlockStore([pk.numel for pk in self.packed], MASTER_DTYPE, budget_bytes=self.budget,
-                                    nvme_dir=config.nvme_dir, pin=pin, prefetch_depth=config.prefetch_depth)
-        except ValueError:
-            self.driver.remove()  # a refused model keeps its own forward
-            raise
-        self.mover = BlockMover(self.packed, self.store, self.device, self.compute_dtype, config.prefetch_depth,
-                                slots=config.prefetch_depth + 1)  # nothing is written back from the device
-        self.driver.mover = self.mover
-        self._offload_blocks()
-        self.resident = list({id(p): p for _, m in self.driver.units for p in m.parameters()}.values())
-        for _, module in self.driver.units:
-            module.to(self.device)
+        self.driver = BlockDriver(model, self.device, self.mover)
+        self.resident = list({id(p): p for _, m in units for p in m.parameters()}.values())
         self.states = StateTier(optimizer, [pk.params for pk in self.packed], self._state_budget(),
                                 config.nvme_dir)
+        pin = self.device.type == "cuda"
         biggest = max(pk.numel for pk in self.packed)
         self.grad_memory = HostMemory(pin)  # exact-size page-locked buffers, released on close
         self.grad_bufs: queue.Queue = queue.Queue()
@@ -113,29 +103,11 @@ class FirstOrderEngine:
         self._steps_in_flight: list[Future] = []
 
     # ---- set-up --------------------------------------------------------------------
-    def _check_model(self) -> None:
-        in_blocks = {id(p) for p in self.driver.blocks.parameters()}
-        if in_blocks & {id(p) for _, m in self.driver.units for p in m.parameters()}:
-            raise ValueError("model: a parameter is shared between a block and a module outside the blocks")
-        if len({p.dtype for p in self.driver.blocks.parameters()}) != 1:
-            raise ValueError("model: the decoder blocks mix parameter dtypes; the offload engine needs one")
-        frozen = [p for p in self.driver.blocks.parameters() if not p.requires_grad or id(p) not in self.group_of]
-        if frozen:
-            raise ValueError("model: every block parameter must be trainable and in the optimizer "
-                             "(model.trainable / model.lora are not supported with offload)")
-
     def _state_budget(self) -> float | None:
         if self.budget is None:
             return None
         on_host = sum(pk.numel for pk, t in zip(self.packed, self.store.tiers) if t == "host")
         return max(0.0, self.budget - on_host * MASTER_DTYPE.itemsize)
-
-    def _offload_blocks(self) -> None:
-        for i, (block, pk) in enumerate(zip(self.driver.blocks, self.packed)):
-            self.store.put(i, pk.pack([p.detach() for p in pk.params], MASTER_DTYPE))
-            self.mover.unbind(i)
-            for buf in block.buffers():
-                buf.data = buf.data.to(self.device)
 
     # ---- one step ------------------------------------------------------------------
     def step(self, closure, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, bool]:
@@ -317,33 +289,18 @@ class FirstOrderEngine:
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state on the CPU; block weights are the fp32 masters."""
         self.barrier()
-        slots = {id(p): (i, j) for i, pk in enumerate(self.packed) for j, p in enumerate(pk.params)}
-        cache, out = {}, {}
-        for name, t in self.model.state_dict(keep_vars=True).items():
-            if id(t) in slots:
-                i, j = slots[id(t)]
-                if i not in cache:
-                    cache[i] = self.packed[i].views(self.store.get(i))
-                out[name] = cache[i][j].clone()
-            else:
-                out[name] = t.detach().to("cpu", copy=True)
-        return out
+        return self.streamed.model_state_dict(MASTER_DTYPE)
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights saved by :meth:`model_state_dict` (blocks go to the store as masters)."""
         self.barrier()
-        ZO2Engine.load_model_state_dict(self, state)
-
-    _block_param_slots = ZO2Engine._block_param_slots
+        self.streamed.load_model_state_dict(state, self.steps)
 
     def close(self) -> None:
         """Wait for the last step, give the blocks' weights back to the model (CPU, training dtype),
         remove the hooks. The NVMe tier's optimizer state is not read back."""
         self.barrier()
         self.worker.shutdown()
-        for i, pk in enumerate(self.packed):
-            for p, view in zip(pk.params, pk.views(self.store.get(i))):
-                p.data = view.to(self.compute_dtype, copy=True)
+        self.streamed.close()
         self.driver.remove()
         self.grad_memory.close()
-        self.store.close()

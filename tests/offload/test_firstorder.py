@@ -131,8 +131,6 @@ def test_refusals(tiny_model):
         FirstOrderEngine(model, create_optimizer(model, "mezo", lr=1e-3), device="cpu")
     with pytest.raises(ValueError, match="^optim.layerwise: "):
         FirstOrderEngine(model, LayerwiseOptimizer(optimizer(model, "adamw")), device="cpu")
-    with pytest.raises(ValueError, match="^offload.host_dtype: "):
-        FirstOrderEngine(model, optimizer(model, "adamw"), dict(host_dtype="bfloat16"), device="cpu")
     with pytest.raises(ValueError, match="^offload.host_memory_budget_gb: .*nvme_dir is not set"):
         FirstOrderEngine(model, optimizer(model, "adamw"), dict(host_memory_budget_gb=0.0), device="cpu")
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
@@ -155,7 +153,8 @@ def test_nonfinite_gradient_is_dropped_and_reported(tiny_model):
 
 @pytest.mark.parametrize("override, field", [("optim.max_grad_norm=1.0", "optim.max_grad_norm"),
                                              ("train.grad_accum=2", "train.grad_accum"),
-                                             ("train.mixed_precision=fp16", "train.mixed_precision")])
+                                             ("train.mixed_precision=fp16", "train.mixed_precision"),
+                                             ("offload.host_dtype=bfloat16", "offload.host_dtype")])
 def test_recipe_refuses_what_layerwise_cannot_do(override, field):
     from pathlib import Path
 
