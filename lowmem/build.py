@@ -145,7 +145,7 @@ def build_engine(recipe: Recipe, model, optimizer, zeroth_order: bool, accelerat
     if recipe.data.task != "lm":
         raise ValueError("offload.enabled: the first-order offload engine trains the LM objective only "
                          "(data.task: lm)")
-    return FirstOrderEngine(model, optimizer, recipe.offload)
+    return FirstOrderEngine(model, optimizer, recipe.offload, device_budget_gb=recipe.train.device_memory_gb)
 
 
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:

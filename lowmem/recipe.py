@@ -124,6 +124,12 @@ class OffloadSection(_Section):
                                                                          "weights first, then optimizer states); the "
                                                                          "rest go to nvme_dir")
     prefetch_depth: int = Field(1, ge=1, description="Blocks uploaded ahead of the one computing")
+    swap_activations: Literal["auto", "on", "off"] = Field(
+        "auto", description="First-order: block-boundary activations to host memory; auto: decided after the first "
+                            "step from measured copy bandwidths, block compute time and train.device_memory_gb")
+    offload_embeddings: Literal["auto", "on", "off"] = Field(
+        "auto", description="First-order: embeddings/lm_head masters and state follow the blocks' placement; auto: "
+                            "those larger than one block")
 
 
 class TrainSection(_Section):
@@ -182,9 +188,6 @@ class Recipe(_Section):
         if self.optim.max_grad_norm is not None:
             raise ValueError("optim.max_grad_norm: the first-order offload engine steps each block inside "
                              "backward (layer-wise), before a global norm exists; set it to null")
-        if self.train.grad_accum != 1:
-            raise ValueError("train.grad_accum: the first-order offload engine steps each block inside its "
-                             "backward, so it takes one micro-batch per step; set it to 1")
         if self.model.trainable is not None:
             raise ValueError("model.trainable: the first-order offload engine trains every weight; set it to null")
         if self.train.mixed_precision == "fp16":

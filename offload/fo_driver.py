@@ -106,6 +106,7 @@ class BlockDriver:
         self.recording = False
         self.swap = 0              # block inputs x_1 .. x_swap go to the host during a recording forward
         self.timer = None          # a fo_swap.BlockTimer during the profile step
+        self.last_boundary = None  # a block input seen by the profile step (its copy bandwidth is measured)
         self.swapped: dict[int, tuple] = {}  # k -> (host copy of x_k, event of the copy)
         self.saved: dict[int, Saved] = {}
         self._original: list[Callable] = []
@@ -130,6 +131,7 @@ class BlockDriver:
             x, rng = _hidden(args, kwargs), rng_states(self.device)
             call_args, call_kwargs = _with_hidden(args, kwargs, x.detach())
             if self.timer is not None:
+                self.last_boundary = x.detach()
                 self.timer.start()
             with torch.no_grad():
                 out = self._original[i](*call_args, **call_kwargs)

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-import lowmem.offload.firstorder as firstorder
+import lowmem.offload.fo_host as fo_host
 from lowmem.memory import state_bytes
 from lowmem.offload.firstorder import FirstOrderEngine
 from lowmem.optim import create_optimizer
@@ -76,13 +76,13 @@ def test_dropout_replayed_in_recompute(tiny_model):
 
 def test_slow_cpu_step_changes_nothing(tiny_model, tmp_path, monkeypatch):
     """The barrier holds: a CPU step delayed past the backward still precedes the next forward."""
-    real = firstorder.step_one
+    real = fo_host.step_one
 
     def slow(opt, group, p):
         time.sleep(0.002)
         real(opt, group, p)
 
-    monkeypatch.setattr(firstorder, "step_one", slow)
+    monkeypatch.setattr(fo_host, "step_one", slow)
     ref, _, eng = _run_both(tiny_model, "adamw", TIERS["nvme"](tmp_path), layers=3)
     assert_same_weights(eng.model_state_dict(), ref)
 
