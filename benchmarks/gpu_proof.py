@@ -14,7 +14,10 @@ than it needs (``ESTIMATE_S``); a failing step is recorded and the next one runs
 5. ``zo2``: MeZO through ZO2 on an OPT-30B shape (blocks in host RAM): peak GPU memory
    (target <= 8 GB, 3 slots), step time against the PCIe bound (bytes moved / measured pinned
    host-to-device bandwidth, target <= 1.2x); one MeZO step of OPT-1.3B in memory and through ZO2
-   (target <= 1.15x).
+   (target <= 1.15x);
+6. ``fuyou``: AdamW through the first-order offload engine on 2 blocks of the Llama-3-8B shape (fp32
+   masters and states on the host, embeddings placed as the blocks): peak GPU memory against the
+   planner, tokens/s (the full 8B comparison with ZeRO-Infinity: ``bench_fuyou.py --gpu``).
 
 Everything goes to ``OUT_DIR/gpu_proof.json`` (written after every step, so a cut run keeps what it
 measured), ``OUT_DIR/gpu_proof.md`` (the RESULTS.md section with the measured columns: copy it to
@@ -56,8 +59,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2"]
-ESTIMATE_S = {"pytest_gpu": 60, "kernels": 45, "adamw8bit": 30, "llama_step": 60, "zo2": 150}
+STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "fuyou"]
+ESTIMATE_S = {"pytest_gpu": 60, "kernels": 45, "adamw8bit": 30, "llama_step": 60, "zo2": 150, "fuyou": 90}
 
 
 def gpu_test_files() -> list[str]:
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     calls = {"pytest_gpu": lambda: pytest_gpu(args.out_dir, max(proof.left() - 300, 60) if not args.dry_run
                                               else max(proof.left(), 1)),
              "kernels": lambda: steps.kernels(shapes), "adamw8bit": lambda: steps.adamw8bit(shapes),
-             "llama_step": lambda: steps.llama_step(shapes), "zo2": lambda: steps.zo2(shapes)}
+             "llama_step": lambda: steps.llama_step(shapes), "zo2": lambda: steps.zo2(shapes),
+             "fuyou": lambda: steps.fuyou(shapes)}
     for name in STEPS:
         if name in args.only:
             proof.run(name, calls[name])

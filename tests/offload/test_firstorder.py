@@ -152,7 +152,6 @@ def test_nonfinite_gradient_is_dropped_and_reported(tiny_model):
 
 
 @pytest.mark.parametrize("override, field", [("optim.max_grad_norm=1.0", "optim.max_grad_norm"),
-                                             ("train.grad_accum=2", "train.grad_accum"),
                                              ("train.mixed_precision=fp16", "train.mixed_precision"),
                                              ("offload.host_dtype=bfloat16", "offload.host_dtype")])
 def test_recipe_refuses_what_layerwise_cannot_do(override, field):
@@ -166,4 +165,4 @@ def test_recipe_refuses_what_layerwise_cannot_do(override, field):
         load_recipe(path, [override])
     assert "\n" not in str(err.value)
     load_recipe(path, [override, "optim.name=mezo", "optim.args={eps: 0.001}", 'train.mixed_precision="no"',
-                       "train.grad_accum=1", "optim.max_grad_norm=null"])  # ZO2 takes the same section
+                       "optim.max_grad_norm=null"])  # ZO2 takes the same section
