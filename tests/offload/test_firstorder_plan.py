@@ -73,5 +73,6 @@ def test_plan_follows_accumulation_swapping_and_embeddings(tmp_path):
     assert swap.host_parts["host_buffers"] - p0.host_parts["host_buffers"] == (n - 1) * boundary
     embedding = CONFIG["vocab_size"] * CONFIG["hidden_size"]  # tied, larger than a block: auto moves it alone
     assert emb.host_parts["host_masters"] - p0.host_parts["host_masters"] == 4 * embedding
-    assert p0.parts["optimizer_states"] - emb.parts["optimizer_states"] == 2 * 4 * embedding  # AdamW m, v
-    assert emb.host_parts["host_states"] - p0.host_parts["host_states"] == 2 * 4 * embedding
+    moments = pytest.approx(2 * 4 * embedding, abs=8)  # AdamW m, v (and torch's 4-byte step tensor)
+    assert p0.parts["optimizer_states"] - emb.parts["optimizer_states"] == moments
+    assert emb.host_parts["host_states"] - p0.host_parts["host_states"] == moments
