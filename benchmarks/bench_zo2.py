@@ -19,7 +19,7 @@ import time
 import torch
 
 from _common import markdown_table, write_result
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import ZO2Engine
 from lowmem.optim import create_optimizer
 
 SHAPES = {  # name -> (model_type, config kwargs)
@@ -81,7 +81,7 @@ def bytes_per_step(engine: ZO2Engine) -> int:
 def run_zo2(name, dtype, data, device, config: dict, steps: int):
     model = build(name, dtype)
     opt = create_optimizer(model, "mezo", lr=1e-7, eps=1e-3)
-    engine = ZO2Engine(model, opt, OffloadConfig(**config), device=device)
+    engine = ZO2Engine(model, opt, config, device=device)
     cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -7,13 +7,16 @@ Llama-3-8B shape (random init, bf16 compute), one GPU, same batch and sequence f
 * DeepSpeed ZeRO-Infinity (ZeRO-3; parameters and optimizer offloaded to ``--ds-offload``
   = cpu or nvme; DeepSpeedCPUAdam, torch-style AdamW; the model's own gradient checkpointing,
   as the engine recomputes each block), in a fresh process, with the code defaults of the
-  pinned DeepSpeed version for everything not set here (``deepspeed/runtime/zero/config.py`` and
-  ``offload_config.py``; the engine of Rajbhandari et al. 2021, "ZeRO-Infinity", arXiv 2104.07857).
+  pinned DeepSpeed version for everything not set here (ZeRO-Infinity: Rajbhandari et al., 2021,
+  arXiv 2104.07857; config keys in DeepSpeed's ``runtime/zero/offload_config.py``).
 
 Reported: peak GPU memory (``torch.cuda.max_memory_allocated``), tokens/s (median step after
 ``--warmup`` steps), the first losses (AdamW rows should agree within bf16 tolerance), and the
 planner's predicted device peak and host RSS for the engine rows. Targets (issue 16): the 8B
 AdamW engine run within 24 GB of GPU memory, and at least 2x ZeRO-Infinity's tokens/s.
+
+``--dry-run`` rehearses the engine rows on the CPU with a tiny Llama shape (no DeepSpeed row, no
+result file; the table is printed), so the script cannot rot between GPU sessions.
 """
 
 from __future__ import annotations
@@ -32,14 +35,25 @@ import torch
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
                  rope_theta=500000.0, tie_word_embeddings=False)
+TINY = dict(LLAMA3_8B, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=256)
 HP = dict(lr=1e-5, weight_decay=0.0)
 
 
-def _config(layers: int):
+def _shape(args) -> dict:
+    return dict(TINY if args.dry_run else LLAMA3_8B, num_hidden_layers=args.layers)
+
+
+def _config(args):
     from transformers import AutoConfig
 
-    cfg = dict(LLAMA3_8B, num_hidden_layers=layers)
+    cfg = _shape(args)
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _batch(args, vocab: int, device: str) -> dict:
@@ -51,10 +65,10 @@ def _batch(args, vocab: int, device: str) -> dict:
 def _timed(step, args) -> tuple[list[float], list[float]]:
     times, losses = [], []
     for _ in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        _sync(args.device)
         t0 = time.perf_counter()
         losses.append(float(step()))
-        torch.cuda.synchronize()
+        _sync(args.device)
         times.append(time.perf_counter() - t0)
     return times[args.warmup:], losses
 
@@ -66,14 +80,17 @@ def engine_run(args, optim: str) -> dict:
     from lowmem.optim import create_optimizer
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(args.layers), dtype=torch.bfloat16).train()
+    cuda = args.device == "cuda"
+    model = AutoModelForCausalLM.from_config(_config(args), dtype=torch.bfloat16 if cuda else torch.float32).train()
     opt = create_optimizer(model, optim, **HP)
     engine = FirstOrderEngine(model, opt, dict(nvme_dir=args.nvme_dir, host_memory_budget_gb=args.host_gb,
-                                               prefetch_depth=args.prefetch), device="cuda")
-    batch = _batch(args, model.config.vocab_size, "cuda")
-    torch.cuda.reset_peak_memory_stats()
+                                               prefetch_depth=args.prefetch), device=args.device)
+    batch = _batch(args, model.config.vocab_size, args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times, losses = _timed(lambda: engine.step(lambda: model(**batch, use_cache=False).loss)[0], args)
-    out = {"peak_gpu": torch.cuda.max_memory_allocated(), "step_s": statistics.median(times), "losses": losses}
+    out = {"peak_gpu": torch.cuda.max_memory_allocated() if cuda else 0, "step_s": statistics.median(times),
+           "losses": losses, "offloaded_embeddings": len(engine.big_params), "swapped_inputs": engine.driver.swap}
     engine.close()
     return out
 
@@ -106,7 +123,7 @@ def deepspeed_run(args) -> dict:
     config = ds_config(args)
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=config):
-        model = AutoModelForCausalLM.from_config(_config(args.layers), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(_config(args), dtype=torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     batch = _batch(args, model.config.vocab_size, "cuda")
@@ -137,7 +154,7 @@ def _predicted(args, optim: str) -> tuple[float, float]:
     from lowmem.planner import plan
     from lowmem.recipe import recipe_from_dict
 
-    tree = {"model": {"config": dict(LLAMA3_8B, num_hidden_layers=args.layers), "tokenizer": "bytes",
+    tree = {"model": {"config": _shape(args), "tokenizer": "bytes",
                       "dtype": "bfloat16"},
             "data": {"path": "unused"}, "optim": {"name": optim, "max_grad_norm": None, **HP},
             "train": {"steps": 1, "batch_size": args.batch, "seq_len": args.seq},
@@ -162,15 +179,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--optims", nargs="+", default=["adamw", "apollo_mini"])
+    parser.add_argument("--dry-run", action="store_true", help="engine rows on the CPU, tiny shape, no DeepSpeed")
     args, _ = parser.parse_known_args(argv)
     args.argv = [a for a in argv if a != "--gpu"]
+    args.device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        args.host_gb = 1e-4  # a block on the host, the rest through the NVMe tier
+        args.layers, args.batch, args.seq, args.warmup, args.steps = 3, 1, 32, 1, 1
     if args.child:
         result = deepspeed_run(args) if args.child == "deepspeed" else engine_run(args, args.child)
         print(json.dumps(result))
         return
     from _common import markdown_table, write_result
 
-    results = {name: _fresh(args, name) for name in [*args.optims, "deepspeed"]}
+    results = {name: _fresh(args, name) for name in args.optims}
+    results["deepspeed"] = {"error": "not run in the dry run"} if args.dry_run else _fresh(args, "deepspeed")
     base = results["deepspeed"]
     tokens = args.batch * args.seq
     rows = []
@@ -181,11 +204,15 @@ def main(argv: list[str]) -> None:
         pred = _predicted(args, name) if name != "deepspeed" else None
         speed = tokens / r["step_s"]
         ratio = f"{base['step_s'] / r['step_s']:.2f}x" if "step_s" in base else "-"
+        name = f"{name} ({r['offloaded_embeddings']} embedding params placed as blocks)" if pred else name
         rows.append([name if name != "deepspeed" else f"ZeRO-Infinity ({args.ds_offload}, DS {r['deepspeed']})",
                      f"{r['peak_gpu'] / 2**30:.2f}", "-" if pred is None else f"{pred[0]:.2f} / {pred[1]:.1f}",
                      f"{speed:.0f}", ratio, " ".join(f"{x:.3f}" for x in r["losses"][:3])])
     table = markdown_table(["run", "peak GPU (GiB)", "--plan GPU / host RSS (GiB)", "tokens/s",
                             "speed vs ZeRO-Infinity", "first losses"], rows)
+    if args.dry_run:
+        print(table)
+        return
     write_result("fuyou_gpu", f"First-order offload vs ZeRO-Infinity: Llama-3-8B shape, batch {args.batch} x "
                               f"{args.seq}, bf16", table,
                  f"Engine: host budget {args.host_gb} GB, NVMe dir {args.nvme_dir}, prefetch {args.prefetch}. "

@@ -18,6 +18,9 @@ than it needs (``ESTIMATE_S``); a failing step is recorded and the next one runs
 6. ``zo_noise``: the Philox perturbation kernel against its reference on the device, and one MeZO
    step with ``noise=gaussian`` and ``noise=philox`` against one no-grad forward (OPT-1.3B shape,
    fp16, batch 4 x 128; target <= 2.2x, issue #17): :mod:`gpu_proof_zo`.
+7. ``fuyou``: AdamW through the first-order offload engine on 2 blocks of the Llama-3-8B shape (fp32
+   masters and states on the host, embeddings placed as the blocks): peak GPU memory against the
+   planner, tokens/s (the full 8B comparison with ZeRO-Infinity: ``bench_fuyou.py --gpu``).
 
 Everything goes to ``OUT_DIR/gpu_proof.json`` (written after every step, so a cut run keeps what it
 measured), ``OUT_DIR/gpu_proof.md`` (the RESULTS.md section with the measured columns: copy it to
@@ -59,8 +62,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "zo_noise"]
-ESTIMATE_S = {"pytest_gpu": 60, "kernels": 45, "adamw8bit": 30, "llama_step": 60, "zo2": 150, "zo_noise": 40}
+STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "zo_noise", "fuyou"]
+ESTIMATE_S = {"pytest_gpu": 60, "kernels": 45, "adamw8bit": 30, "llama_step": 60, "zo2": 150, "zo_noise": 40,
+              "fuyou": 90}
 
 
 def gpu_test_files() -> list[str]:
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                                               else max(proof.left(), 1)),
              "kernels": lambda: steps.kernels(shapes), "adamw8bit": lambda: steps.adamw8bit(shapes),
              "llama_step": lambda: steps.llama_step(shapes), "zo2": lambda: steps.zo2(shapes),
-             "zo_noise": lambda: gpu_proof_zo.zo_noise(shapes)}
+             "zo_noise": lambda: gpu_proof_zo.zo_noise(shapes),
+             "fuyou": lambda: steps.fuyou(shapes)}
     for name in STEPS:
         if name in args.only:
             proof.run(name, calls[name])

@@ -74,11 +74,20 @@ def _zo_noise(e: dict) -> str:
            f"{st['tokens'][0]} x {st['tokens'][1]}, one no-grad forward {st['forward_s']:.4f} s:\n\n{steps}"
 
 
+def _fuyou(e: dict) -> str:
+    row = [e["layers"], e["offloaded_embeddings"], _f(e.get("measured_GiB")), _f(e["predicted_GiB"]),
+           _f(e.get("planner_error"), "+.1%"), _f(e["predicted_host_GiB"], ".1f"), _f(e["step_s"]),
+           _f(e["tokens_per_s"], ".0f"), e["swap"]]
+    return markdown_table(["blocks", "offloaded embedding params", "measured peak GiB", "planner GiB",
+                           "planner error", "planner host RSS GiB", "step s", "tokens/s", "swapped inputs"], [row])
+
+
 SECTIONS = {"kernels": ("Triton kernels vs PyTorch references", _kernels),
             "adamw8bit": ("8-bit AdamW step, 1B bf16 parameters", _adamw),
             "llama_step": ("Llama-3-8B shape, bf16, 1 x 1024, APOLLO-Mini layer-wise + checkpointing", _llama),
             "zo2": ("ZO2 offload", _zo2),
-            "zo_noise": ("Zeroth-order step per noise kind (Philox kernel, issue #17)", _zo_noise)}
+            "zo_noise": ("Zeroth-order step per noise kind (Philox kernel, issue #17)", _zo_noise),
+            "fuyou": ("First-order offload (Fuyou), Llama-3-8B shape blocks, AdamW, bf16, 1 x 1024", _fuyou)}
 
 
 def write_markdown(report: dict, path: Path) -> None:

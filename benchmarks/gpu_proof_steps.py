@@ -44,6 +44,7 @@ class Shapes:
     zo2_fit_tokens: tuple[int, int]
     repeats: int = 5
     zo2_repeats: int = 2
+    fuyou_layers: int = 2         # blocks of the Llama shape through the first-order offload engine
     copy_bytes: int = 1 << 30
     notes: dict = field(default_factory=dict)
 
@@ -258,6 +259,42 @@ def llama_step(s: Shapes) -> dict:
     return out
 
 
+# ---- first-order offload (Fuyou): Llama-3-8B shape, AdamW, embeddings offloaded (auto rule) -------
+def fuyou(s: Shapes) -> dict:
+    """AdamW steps through :class:`FirstOrderEngine` on ``fuyou_layers`` blocks of the Llama shape (bf16
+    compute, fp32 masters and states in host RAM; the embeddings, larger than a block, placed as the
+    blocks): peak device memory against the planner, step time, tokens/s. The whole 8B run against
+    ZeRO-Infinity is ``python benchmarks/bench_fuyou.py --gpu`` (fuyou_gpu.py)."""
+    from lowmem.offload.firstorder import FirstOrderEngine
+    from lowmem.optim import create_optimizer
+    from lowmem.planner import plan
+
+    config = dict(s.llama, num_hidden_layers=s.fuyou_layers)
+    dtype = "bfloat16" if s.device == "cuda" else "float32"
+    recipe = _recipe(config, s.llama_tokens, dtype, {"name": "adamw", "max_grad_norm": None, "lr": 1e-5}, {})
+    predicted = plan(recipe.model_copy(update={"offload": recipe.offload.model_copy(
+        update={"enabled": True, "prefetch_depth": 2})}), "cuda", suggest=False)
+    model = host_model(config, getattr(torch, dtype)).train()
+    engine = FirstOrderEngine(model, create_optimizer(model, "adamw", lr=1e-5), dict(prefetch_depth=2),
+                              device=s.device)
+    batch = _batch(config, s.llama_tokens, s.device)
+    base = 0
+    if s.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    step = median_time(lambda: engine.step(lambda: model(**batch, use_cache=False).loss), s.device, 2)
+    measured = torch.cuda.max_memory_allocated() - base if s.device == "cuda" else None
+    out = {"layers": s.fuyou_layers, "offloaded_embeddings": len(engine.big_params), "step_s": step,
+           "tokens_per_s": s.llama_tokens[0] * s.llama_tokens[1] / step, "swap": engine.driver.swap,
+           "predicted_GiB": predicted.peak_bytes / 2**30, "predicted_host_GiB": predicted.host_rss_bytes / 2**30}
+    engine.close()
+    del engine, model
+    free(s.device)
+    if measured is not None:
+        out.update(measured_GiB=measured / 2**30, planner_error=(predicted.peak_bytes - measured) / measured)
+    return out
+
+
 # ---- ZO2: OPT-30B shape offloaded; MeZO in memory vs through ZO2 on a model that fits ------------
 def host_model(config: dict, dtype: torch.dtype) -> torch.nn.Module:
     """A causal LM on the host with cheap initialisation: built on the meta device, materialised
@@ -284,11 +321,11 @@ def _batch(config: dict, tokens: tuple[int, int], device: str = "cpu") -> dict:
 
 
 def _zo2_engine(config: dict, device: str):
-    from lowmem.offload.engine import OffloadConfig, ZO2Engine
+    from lowmem.offload.engine import ZO2Engine
     from lowmem.optim import create_optimizer
 
     model = host_model(config, torch.float16)
-    return ZO2Engine(model, create_optimizer(model, "mezo", lr=1e-7, eps=1e-3), OffloadConfig(), device=device)
+    return ZO2Engine(model, create_optimizer(model, "mezo", lr=1e-7, eps=1e-3), device=device)
 
 
 def engine_device_bytes(engine) -> int:

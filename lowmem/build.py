@@ -135,18 +135,17 @@ def build_engine(recipe: Recipe, model, optimizer, zeroth_order: bool, accelerat
                  loss_fn: Callable):
     """The offload engine (lowmem.offload) driving ``model``: ZO2 for MeZO (the LM objective is the engine's
     own, any other, classification, goes through ``loss_fn``), else the first-order one (LM objective)."""
-    from lowmem.offload.engine import OffloadConfig, ZO2Engine
+    from lowmem.offload.engine import ZO2Engine
     from lowmem.offload.firstorder import FirstOrderEngine
 
     if accelerator.num_processes > 1:
         raise ValueError("offload.enabled: the offload engines run on one process")
-    config = OffloadConfig(**recipe.offload.model_dump())
     if zeroth_order:
-        return ZO2Engine(model, optimizer, config, loss_fn=None if recipe.data.task == "lm" else loss_fn)
+        return ZO2Engine(model, optimizer, recipe.offload, loss_fn=None if recipe.data.task == "lm" else loss_fn)
     if recipe.data.task != "lm":
         raise ValueError("offload.enabled: the first-order offload engine trains the LM objective only "
                          "(data.task: lm)")
-    return FirstOrderEngine(model, optimizer, config)
+    return FirstOrderEngine(model, optimizer, recipe.offload, device_budget_gb=recipe.train.device_memory_gb)
 
 
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:

@@ -7,15 +7,21 @@ optimizer state plus one block's weights, gradients and recompute activations an
 head's activations (logits). A fake optimizer step on the one-block model splits the state
 bytes into the block's and the resident parameters'. The rest is the engine's fixed layout:
 
-device  = trace(1 block) - state(block)                        # block states live on the host (fp32)
+device  = trace(1 block) - state(block) - state(E)             # block states live on the host (fp32)
           + (slots - 1) * W_c + slots * W_32 [if compute != fp32]   # mover slots (+ fp32 staging)
-          + (N - 1) * B*S*H*c                                   # kept block-boundary activations
+          + (N - 1 - swapped) * B*S*H*c                         # kept block-boundary activations
 host    = masters on the host tier + states on the host tier    # budget: masters first, then states
           + (depth + 1) * W_32                                  # gradient buffers of the CPU step
+          + [grad_accum > 1] N * W_32                           # each block's gradient sum
+          + swapped * B*S*H*c                                   # swapped block-boundary activations
           + [a master on NVMe] (2 depth + 4) * W_32             # read/write buffers, a read master
           + [a state on NVMe] 2 * state(block)                  # the payload read, the one written
+          + E_32 + state(E) [within the budget, else read buffers]  # offloaded embeddings' master, state
 with ``slots = min(depth + 1, N)``, ``W_c``/``W_32`` a block's weights in the compute dtype /
-fp32. On a CPU "device" both live in one process: peak RSS = runtime + device + host.
+fp32, ``E`` the parameters outside the blocks that ``offload.offload_embeddings`` moves (their
+state read from the same fake step), ``swapped`` the boundary activations
+``offload.swap_activations: on`` swaps (``auto`` decides after a profile step that swaps none, so
+the plan keeps them). On a CPU "device" both live in one process: peak RSS = runtime + device + host.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ def _one_block(recipe: Recipe, config):
     return rec, one
 
 
-def _state_split(recipe: Recipe, config) -> tuple[int, int, int]:
-    """(one block's parameter count, its optimizer-state bytes, hidden size) after one fake step."""
+def _state_split(recipe: Recipe, config) -> tuple[int, int, int, list[tuple[int, int]]]:
+    """(one block's parameter count, its optimizer-state bytes, hidden size, [(numel, state bytes)] of
+    each parameter outside the blocks) after one fake step."""
     from types import SimpleNamespace
 
     from lowmem.build import build_optimizer
@@ -53,10 +60,14 @@ def _state_split(recipe: Recipe, config) -> tuple[int, int, int]:
             p.grad = torch.zeros_like(p)
         with _LiveBytes(fake):  # reads a data-dependent scalar (.item()) as the trace does
             optimizer.step()
+        def state_of(ps):
+            return sum(v.numel() * v.element_size() for p in ps for v in optimizer.state[p].values()
+                       if isinstance(v, torch.Tensor))
+
         block = list(block_container(model)[1][0].parameters())
-        state = sum(v.numel() * v.element_size() for p in block for v in optimizer.state[p].values()
-                    if isinstance(v, torch.Tensor))
-        return sum(p.numel() for p in block), state, config.hidden_size
+        outside = [p for p in params if all(p is not q for q in block)]
+        return (sum(p.numel() for p in block), state_of(block), config.hidden_size,
+                [(p.numel(), state_of([p])) for p in outside])
 
 
 def _fits(count: int, each: int, budget: float | None) -> tuple[int, float | None]:
@@ -73,23 +84,31 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
 
     rec1, one = _one_block(recipe, config)
     parts, totals = trace_step(rec1, one, 1, False, device)
-    numel, traced_state, hidden = _state_split(rec1, one)  # the block's state as the trace holds it
+    numel, traced_state, hidden, outside = _state_split(rec1, one)  # the block's state as the trace holds it
     masters = with_overrides(rec1, ["model.dtype=float32"])  # the host steps fp32 masters: fp32 state
     state = _state_split(masters, one)[1] if recipe.model.dtype != "float32" else traced_state
+    mode = recipe.offload.offload_embeddings  # the parameters outside the blocks that follow their placement
+    moved = [(n, s) for n, s in outside if mode == "on" or (mode == "auto" and n > numel)]
     n, off = config.num_hidden_layers, recipe.offload
     compute = DTYPES[recipe.model.dtype].itemsize
     w32 = numel * 4  # fp32 master (the packing's 512-byte alignment is negligible)
     slots = min(off.prefetch_depth + 1, n)
     device_parts = dict(parts)
-    device_parts["optimizer_states"] = max(0, parts.get("optimizer_states", 0) - traced_state)
+    device_parts["optimizer_states"] = max(0, parts.get("optimizer_states", 0) - traced_state
+                                           - sum(s for _, s in moved))
     device_parts["transfer_buffers"] = (slots - 1) * numel * compute + (slots * w32 if compute != 4 else 0)
     boundary = recipe.train.batch_size * recipe.train.seq_len * hidden * compute
-    device_parts["activations"] = parts.get("activations", 0) + (n - 1) * boundary
+    swapped = n - 1 if off.swap_activations == "on" else 0
+    device_parts["activations"] = parts.get("activations", 0) + (n - 1 - swapped) * boundary
     budget = None if off.host_memory_budget_gb is None else off.host_memory_budget_gb * 2**30
     host_masters, left = _fits(n, w32, budget)
-    host_states, _ = _fits(n, state, left)
-    host = {"host_masters": host_masters * w32, "host_states": host_states * state,
-            "host_buffers": (off.prefetch_depth + 1) * w32}
+    e32, e_state = 4 * sum(m for m, _ in moved), sum(s for _, s in moved)
+    e_masters, left = _fits(1 if moved else 0, e32, left)  # one entry: the moved parameters' fp32 masters
+    host_states, left = _fits(n, state, left)
+    e_states, _ = _fits(1 if moved else 0, e_state, left)
+    host = {"host_masters": host_masters * w32 + e_masters * e32, "host_states": host_states * state
+            + e_states * e_state, "host_buffers": (off.prefetch_depth + 1) * w32 + swapped * boundary
+            + (n * w32 if recipe.train.grad_accum > 1 else 0) + ((1 - e_states) * 2 * e_state + (1 - e_masters) * e32) * bool(moved)}
     if host_masters < n:  # the store's read-ahead and write buffers, a master read for its step
         host["host_buffers"] += (2 * off.prefetch_depth + 3) * w32 + w32
     if host_states < n:   # a state payload read and the one written

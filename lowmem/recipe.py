@@ -130,6 +130,12 @@ class OffloadSection(_Section):
                                                                          "weights first, then optimizer states); the "
                                                                          "rest go to nvme_dir")
     prefetch_depth: int = Field(1, ge=1, description="Blocks uploaded ahead of the one computing")
+    swap_activations: Literal["auto", "on", "off"] = Field(
+        "auto", description="First-order: block-boundary activations to host memory; auto: decided after the first "
+                            "step from measured copy bandwidths, block compute time and train.device_memory_gb")
+    offload_embeddings: Literal["auto", "on", "off"] = Field(
+        "auto", description="First-order: embeddings/lm_head masters and state follow the blocks' placement; auto: "
+                            "those larger than one block")
 
 
 class TrainSection(_Section):
@@ -208,14 +214,31 @@ class Recipe(_Section):
         if self.optim.max_grad_norm is not None:
             raise ValueError("optim.max_grad_norm: the first-order offload engine steps each block inside "
                              "backward (layer-wise), before a global norm exists; set it to null")
-        if self.train.grad_accum != 1:
-            raise ValueError("train.grad_accum: the first-order offload engine steps each block inside its "
-                             "backward, so it takes one micro-batch per step; set it to 1")
         if self.model.trainable is not None:
             raise ValueError("model.trainable: the first-order offload engine trains every weight; set it to null")
         if self.train.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision: fp16 needs loss scaling, which the first-order offload "
                              "engine does not do; use bf16 or no")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_host_dtype(self):
+        """ZO2 keeps the only copy of a block on the host: the training dtype or a coarser 16-bit one
+        (stochastically rounded); the first-order engine keeps fp32 masters there."""
+        import torch
+
+        from lowmem.optim.registry import get_spec
+
+        host = self.offload.host_dtype
+        if not self.offload.enabled or host is None or host == self.model.dtype:
+            return self
+        if not get_spec(self.optim.name).zeroth_order:
+            if host != "float32":
+                raise ValueError(f"offload.host_dtype: the first-order offload engine keeps fp32 master weights "
+                                 f"on the host; got {host!r}, use null")
+        elif torch.finfo(getattr(torch, host)).eps <= torch.finfo(getattr(torch, self.model.dtype)).eps:
+            raise ValueError(f"offload.host_dtype: {host} is not coarser than the training dtype "
+                             f"{self.model.dtype} (model.dtype); use it or a 16-bit type below fp32")
         return self
 
     @model_validator(mode="after")

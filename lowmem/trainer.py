@@ -70,9 +70,9 @@ class Trainer:
     def first_order_step(self) -> tuple[float, float | None]:
         """Returns (mean loss, grad norm); NaN loss if the step was skipped."""
         run, acc, tr = self.run, self.accelerator, self.recipe.train
-        if run.engine is not None:  # first-order offload: one micro-batch, every block stepped in backward
-            batch = self.micro_batch(0)
-            loss, nonfinite = run.engine.step(lambda: run.loss_fn(run.model, batch), acc.autocast)
+        if run.engine is not None:  # first-order offload: every block stepped on the host inside backward
+            closures = [lambda m=m: run.loss_fn(run.model, self.micro_batch(m)) for m in range(tr.grad_accum)]
+            loss, nonfinite = run.engine.step(closures, acc.autocast)
             return (math.nan if nonfinite or not math.isfinite(float(loss)) else float(loss)), None
         total = 0.0
         for micro in range(tr.grad_accum):

@@ -1,10 +1,11 @@
 """ZO2: zeroth-order fine-tuning with the decoder blocks offloaded (Wang et al., 2025,
 "Scalable Zeroth-Order Fine-Tuning for Extremely Large Language Models with Limited
-GPU Memory"; reference liangyuwang/zo2; ALGORITHMS.md §7).
+GPU Memory", arXiv 2503.12668; reference liangyuwang/zo2).
 
 The blocks' parameters live off the device -- host RAM, or NVMe files beyond a
-host budget (:mod:`lowmem.offload.store`); embeddings, final norm and ``lm_head``
-stay on it. One step of MeZO (ALGORITHMS.md §5) with step seed ``s``::
+host budget (:mod:`lowmem.offload.streamed`, :mod:`lowmem.offload.store`); embeddings,
+final norm and ``lm_head`` stay on it. This module is ZO2's schedule alone (§3.2-3.3):
+one step of MeZO (Malladi et al., 2023, arXiv 2305.17333, Alg. 1) with step seed ``s``::
 
     dual forward of [x; x] (hooks.py): for each unit in forward order
         block i: upload (prefetched) -> apply the deferred update of step t-1
@@ -23,7 +24,7 @@ through exactly MeZO's in-place sequence with the same per-parameter seeds
 Contract with the trainer::
 
     opt = create_optimizer(model, "mezo", lr=..., eps=..., seed=...)   # n_samples=1, momentum=0
-    engine = ZO2Engine(model, opt, OffloadConfig(**recipe.offload))     # model on CPU, weights loaded
+    engine = ZO2Engine(model, opt, recipe.offload)   # the recipe's OffloadSection; model on CPU
     loss = engine.step(batch)        # batch: dict of tensors with "labels"; returns L+ (tensor)
     # any other objective (e.g. candidate classification): ZO2Engine(..., loss_fn=fn), fn(model, batch)
     # -> scalar loss computed from the model's outputs (lowmem.offload.objective)
@@ -41,7 +42,6 @@ update (seed, g, per-group lr and wd): plain numbers and tensors only.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,40 +50,11 @@ from torch import nn
 from lowmem.offload.hooks import ModelDriver
 from lowmem.offload.objective import DualCall
 from lowmem.offload.resident import Indexed, ResidentPerturber, perturbed_pair
-from lowmem.offload.rounding import is_lower_precision
-from lowmem.offload.store import BlockStore
-from lowmem.offload.transfer import BlockMover, Packed
+from lowmem.offload.streamed import StreamedModel, check_blocks, model_units, offload_section
 from lowmem.optim.zo_noise import mix_seed, param_seed, sgd_update_
+from lowmem.recipe import OffloadSection
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ROUND_STREAM = 1 << 40  # seeds of the stochastic rounding, apart from the perturbation streams
-
-
-@dataclass
-class OffloadConfig:
-    """The recipe's ``offload:`` section."""
-
-    enabled: bool = True
-    host_dtype: str | None = None           # None: the training dtype; else float32|bfloat16|float16
-    nvme_dir: str | None = None              # where blocks beyond the host budget live
-    host_memory_budget_gb: float | None = None  # None: every block in host RAM
-    prefetch_depth: int = 1                  # blocks uploaded ahead of the one computing
-
-    def __post_init__(self):  # the fields every offload engine reads
-        if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
-            raise ValueError(f"offload.prefetch_depth: must be an int >= 1, got {self.prefetch_depth!r}")
-        if self.host_memory_budget_gb is not None and not self.host_memory_budget_gb >= 0:
-            raise ValueError(f"offload.host_memory_budget_gb: must be >= 0, got {self.host_memory_budget_gb!r}")
-
-    def validate(self, compute_dtype: torch.dtype) -> torch.dtype:
-        """Check the fields; return the host dtype."""
-        if self.host_dtype is not None and self.host_dtype not in _DTYPES:
-            raise ValueError(f"offload.host_dtype: {self.host_dtype!r} is not one of {', '.join(_DTYPES)}")
-        host = compute_dtype if self.host_dtype is None else _DTYPES[self.host_dtype]
-        if host != compute_dtype and not is_lower_precision(host, compute_dtype):
-            raise ValueError(f"offload.host_dtype: {self.host_dtype} is not coarser than the training "
-                             f"dtype {compute_dtype}; use it or a 16-bit type below fp32")
-        return host
 
 
 def _check_optimizer(optimizer) -> None:
@@ -98,57 +69,34 @@ def _check_optimizer(optimizer) -> None:
 class ZO2Engine:
     """MeZO steps on ``model`` with its blocks offloaded; see the module docstring for the contract."""
 
-    def __init__(self, model: nn.Module, optimizer, config: OffloadConfig | dict | None = None,
+    def __init__(self, model: nn.Module, optimizer, config: OffloadSection | dict | None = None,
                  device: torch.device | str | None = None, loss_fn: Callable | None = None):
-        config = OffloadConfig(**config) if isinstance(config, dict) else (config or OffloadConfig())
+        config = offload_section(config)
         _check_optimizer(optimizer)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.driver = ModelDriver(model, self)
+        blocks, units = model_units(model)
+        check_blocks(blocks, units)
         group_no = {id(g): n for n, g in enumerate(optimizer.param_groups)}
         self.index = {id(p): (idx, group_no[id(group)]) for idx, p, group in optimizer.indexed_params()}
-        self._check_coverage()
-        blocks = self.driver.blocks
+        if set(self.index) - {id(p) for p in model.parameters()}:
+            raise ValueError("model: the optimizer holds a parameter outside the model's blocks and modules")
         self.compute_dtype = next(blocks.parameters()).dtype
-        host_dtype = config.validate(self.compute_dtype)
-        self.packed = [Packed.of(b, self.compute_dtype) for b in blocks]
-        budget = None if config.host_memory_budget_gb is None else config.host_memory_budget_gb * 2**30
-        self.store = BlockStore([pk.numel for pk in self.packed], host_dtype, budget_bytes=budget,
-                                nvme_dir=config.nvme_dir, pin=self.device.type == "cuda",
-                                prefetch_depth=config.prefetch_depth)
-        self.mover = BlockMover(self.packed, self.store, self.device, self.compute_dtype, config.prefetch_depth)
-        self._offload_blocks(blocks)
+        host_dtype = self.compute_dtype if config.host_dtype is None else getattr(torch, config.host_dtype)
+        self.streamed = StreamedModel(model, blocks, units, self.device, config, host_dtype, self.compute_dtype)
+        self.packed, self.store, self.mover = self.streamed.packed, self.streamed.store, self.streamed.mover
+        self.driver = ModelDriver(model, self)
         self.block_params: list[Indexed] = [self._indexed(pk.params) for pk in self.packed]
-        self.resident = ResidentPerturber([self._indexed(list(m.parameters())) for _, m in self.driver.units],
+        self.resident = ResidentPerturber([self._indexed(list(m.parameters())) for _, m in units],
                                           optimizer.noise)
         self.resident_params = list({id(p): (p, i) for ps in self.resident.unit_params for p, i in ps}.values())
-        for _, module in self.driver.units:
-            module.to(self.device)
         self.steps = 0              # completed steps; every block holds the updates of all but ``pending``
         self.pending: dict | None = None
         self._seed: int | None = None  # step seed of the dual forward in progress
 
     # ---- set-up --------------------------------------------------------------------
-    def _check_coverage(self) -> None:
-        in_blocks = {id(p) for p in self.driver.blocks.parameters()}
-        in_units = {id(p) for _, m in self.driver.units for p in m.parameters()}
-        if in_blocks & in_units:
-            raise ValueError("model: a parameter is shared between a block and a module outside the blocks")
-        if set(self.index) - in_blocks - in_units:
-            raise ValueError("model: the optimizer holds a parameter outside the model's blocks and modules")
-        if len({p.dtype for p in self.driver.blocks.parameters()}) != 1:
-            raise ValueError("model: the decoder blocks mix parameter dtypes; ZO2 needs one training dtype")
-
     def _indexed(self, params: list[nn.Parameter]) -> Indexed:
         return [(p, self.index[id(p)][0]) for p in params if id(p) in self.index]
-
-    def _offload_blocks(self, blocks: nn.ModuleList) -> None:
-        """Move each block's parameters into the store (one block at a time) and its buffers to the device."""
-        for i, (block, pk) in enumerate(zip(blocks, self.packed)):
-            self.store.put(i, pk.pack([p.detach() for p in pk.params], self.store.dtype))
-            self.mover.unbind(i)
-            for name, buf in block.named_buffers():
-                buf.data = buf.data.to(self.device)
 
     # ---- the visitor called by the hooks -------------------------------------------
     def visit(self, key: tuple[str, int], runs: list) -> list:
@@ -290,45 +238,17 @@ class ZO2Engine:
         self.pending = None if pending is None else {**pending, "seed": int(pending["seed"]),
                                                      "grad": float(pending["grad"]), "done": set()}
 
-    def _block_param_slots(self) -> dict[int, tuple[int, int]]:
-        return {id(p): (i, j) for i, pk in enumerate(self.packed) for j, p in enumerate(pk.params)}
-
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state (CPU, training dtype), blocks read from the store.
         Pairs with :meth:`state_dict` (a pending update is not applied: ``flush()`` first for a final model)."""
-        slots, cache = self._block_param_slots(), {}
-        out = {}
-        for name, t in self.model.state_dict(keep_vars=True).items():
-            if id(t) in slots:
-                i, j = slots[id(t)]
-                if i not in cache:
-                    cache[i] = self.packed[i].views(self.store.get(i))
-                out[name] = cache[i][j].to(self.compute_dtype, copy=True)
-            else:
-                out[name] = t.detach().to("cpu", copy=True)
-        return out
+        return self.streamed.model_state_dict(self.compute_dtype)
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights saved by :meth:`model_state_dict` (blocks go to the store)."""
-        slots = self._block_param_slots()
-        blocks: dict[int, list] = {i: [None] * len(pk.params) for i, pk in enumerate(self.packed)}
-        for name, t in self.model.state_dict(keep_vars=True).items():
-            if name not in state:
-                raise ValueError(f"state_dict: missing {name!r}")
-            if id(t) in slots:
-                i, j = slots[id(t)]
-                blocks[i][j] = state[name]
-            else:
-                with torch.no_grad():
-                    t.copy_(state[name])
-        for i, tensors in blocks.items():
-            self.store.put(i, self.packed[i].pack(tensors, self.store.dtype), version=self.steps)
+        self.streamed.load_model_state_dict(state, self.steps)
 
     def close(self) -> None:
         """Flush, give the blocks' parameters back to the model (CPU, training dtype), remove the hooks."""
         self.flush()
-        for i, pk in enumerate(self.packed):  # block by block: the store frees each one as it is handed back
-            for p, view in zip(pk.params, pk.views(self.store.take(i))):
-                p.data = view.to(self.compute_dtype)  # same dtype: a view of the unpinned host block, no copy
+        self.streamed.close()
         self.driver.remove()
-        self.store.close()

@@ -6,34 +6,37 @@ and Accelerate 100B Model Fine-tuning on a Single GPU", arXiv 2403.06504, §4; r
 Placement: fp32 master weights of every block in a :class:`~lowmem.offload.store.BlockStore`
 (host RAM up to ``offload.host_memory_budget_gb``, checksummed files under ``offload.nvme_dir``
 beyond it), the block's optimizer state in host RAM while the budget left covers it, else in
-files (:mod:`lowmem.offload.fo_state`); embeddings, final norm and ``lm_head`` (with their
-state) on the device. The device holds compute copies of ``prefetch_depth + 1`` blocks at
-most (:class:`~lowmem.offload.transfer.BlockMover` slots: the one computing and the ones
-prefetched; nothing is written back from the device, a block's update happens on the host).
+files (:mod:`lowmem.offload.fo_state`); embeddings, final norm and ``lm_head`` on the device, or,
+when large, with master and state placed as the blocks' (:mod:`lowmem.offload.fo_resident`). The
+device holds compute copies of ``prefetch_depth + 1`` blocks at most (mover slots: the one
+computing and the ones prefetched; nothing is written back from the device).
 
-One step on a batch (N blocks; :mod:`lowmem.offload.fo_driver` cuts the graph)::
+One step on ``grad_accum`` micro-batches (N blocks; :mod:`lowmem.offload.fo_driver` cuts the graph)::
 
-    forward : upload blocks 0..N-1 ahead of use, run each without autograd, keep its input x_k
-    loss.backward()                         # head gradients, dL/dh_{N-1}
-    for k = N-1 .. 0:                       # blocks uploaded again, in reverse
-        recompute block k from x_k, backprop dL/dh_k -> block grads G_k, dL/dx_k
-        G_k -> host (pinned buffer, offload lane); dL/dx_k -> dL/dh_{k-1} (or the embeddings)
-        host worker: read master W_k and state S_k (RAM or NVMe), W_k, S_k <- opt(W_k, G_k, S_k)
-                     per parameter, write them back           # overlaps the backward of k-1..0
-    barrier (every block stepped and written) ; step the resident parameters on the device
+    for each micro-batch m (loss scaled by 1/grad_accum):
+        forward : upload blocks 0..N-1 ahead of use, run each without autograd, keep its input x_k
+                  (on the device, or swapped to the host: fo_swap.py decides from measurements)
+        loss.backward()                         # head gradients, dL/dh_{N-1}
+        for k = N-1 .. 0:                       # blocks uploaded again, in reverse
+            recompute block k from x_k, backprop dL/dh_k -> block grads G_k, dL/dx_k
+            G_k -> host; dL/dx_k -> dL/dh_{k-1} (or the embeddings)
+            host worker (fo_host.py): A_k += G_k; on the last micro-batch read master W_k and
+                state S_k (RAM or NVMe), W_k, S_k <- opt(W_k, A_k, S_k), write them back
+    barrier (every block stepped and written) ; step the parameters outside the blocks
 
 This is Fuyou's synchronous out-of-core CPU optimizer: step t is complete before the
 forward of step t+1 reads the masters (no stale weights). Each parameter is stepped alone
 with its gradient by :func:`lowmem.optim.layerwise.step_one`, as in-memory layer-wise
 training does, so the same rules hold: no global gradient clipping, a parameter whose
-gradient holds NaN/Inf is not updated (and the step is reported as non-finite), one
-micro-batch per step. With a CPU "device" the lanes are no-ops and, in fp32, training
-equals in-memory layer-wise training bit for bit.
+(accumulated) gradient holds NaN/Inf is not updated (and the step is reported as non-finite).
+With a CPU "device" the lanes are no-ops and, in fp32, training equals in-memory layer-wise
+training with the same ``grad_accum`` bit for bit.
 
 Contract with the trainer::
 
-    engine = FirstOrderEngine(model, optimizer, OffloadConfig(**recipe.offload))  # model on CPU
-    loss, nonfinite = engine.step(lambda: loss_fn(model, batch), autocast)         # one optimizer step
+    engine = FirstOrderEngine(model, optimizer, recipe.offload)   # OffloadSection; model on CPU
+    loss, nonfinite = engine.step([lambda: loss_fn(model, b) for b in micro_batches], autocast)
+    # one optimizer step; a single callable is one micro-batch; loss: the mean over micro-batches
     engine.eval_loss(batch)                       # model(**batch) streams the blocks too
     with engine.full_state(): optimizer.state_dict()   # every block's state in memory meanwhile
     engine.model_state_dict() / load_model_state_dict(sd) / state_dict() / load_state_dict(sd)
@@ -43,214 +46,165 @@ Contract with the trainer::
 from __future__ import annotations
 
 import contextlib
-import queue
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
 
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
 from lowmem.offload.fo_driver import BlockDriver
+from lowmem.offload.fo_host import HostStepper
+from lowmem.offload.fo_resident import ResidentTier, offloaded_params
 from lowmem.offload.fo_state import StateTier
-from lowmem.offload.store import BlockStore
-from lowmem.offload.streams import HostMemory, host_wait
-from lowmem.offload.transfer import BlockMover, Packed
+from lowmem.offload.fo_swap import BlockTimer, Profile, swap_count, take_profile
+from lowmem.offload.streamed import StreamedModel, check_blocks, model_units, offload_section
 from lowmem.optim.layerwise import LayerwiseOptimizer, step_one
 from lowmem.optim.registry import is_zeroth_order
+from lowmem.recipe import OffloadSection
 
 MASTER_DTYPE = torch.float32
 
 
-def _check(optimizer, config: OffloadConfig) -> None:
+def _check(optimizer, blocks: nn.ModuleList, units: list, group_of: dict) -> None:
     if is_zeroth_order(optimizer):
         raise ValueError("optim.name: a zeroth-order optimizer offloads with the ZO2 engine, not the first-order one")
     if isinstance(optimizer, LayerwiseOptimizer):
         raise ValueError("optim.layerwise: give the offload engine the plain optimizer (it is layer-wise itself)")
-    if config.host_dtype not in (None, "float32"):
-        raise ValueError(f"offload.host_dtype: the first-order engine keeps fp32 master weights on the host; "
-                         f"got {config.host_dtype!r}, use null")
+    check_blocks(blocks, units)
+    if any(not p.requires_grad or id(p) not in group_of for p in blocks.parameters()):
+        raise ValueError("model: every block parameter must be trainable and in the optimizer "
+                         "(model.trainable / model.lora are not supported with offload)")
 
 
 class FirstOrderEngine:
     """First-order steps on ``model`` with its blocks offloaded; see the module docstring."""
 
-    def __init__(self, model: nn.Module, optimizer, config: OffloadConfig | dict | None = None,
-                 device: torch.device | str | None = None):
-        config = OffloadConfig(**config) if isinstance(config, dict) else (config or OffloadConfig())
-        _check(optimizer, config)
+    def __init__(self, model: nn.Module, optimizer, config: OffloadSection | dict | None = None,
+                 device: torch.device | str | None = None, device_budget_gb: float | None = None):
+        config = offload_section(config)
         self.model, self.optimizer, self.config = model, optimizer, config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.driver = BlockDriver(model, self.device)
+        self.device_budget = None if device_budget_gb is None else device_budget_gb * 2**30
         self.group_of = {id(p): n for n, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        blocks = self.driver.blocks
-        self.compute_dtype = next(blocks.parameters()).dtype
-        self.packed = [Packed.of(b, MASTER_DTYPE) for b in blocks]
+        blocks, units = model_units(model)
+        _check(optimizer, blocks, units, self.group_of)
+        # nothing is written back from the device (a block's update happens on the host): no draining slot
+        self.streamed = StreamedModel(model, blocks, units, self.device, config, MASTER_DTYPE, MASTER_DTYPE,
+                                      slots=config.prefetch_depth + 1)
+        self.packed, self.store, self.mover = self.streamed.packed, self.streamed.store, self.streamed.mover
+        self.compute_dtype = self.streamed.compute_dtype
         self.budget = None if config.host_memory_budget_gb is None else config.host_memory_budget_gb * 2**30
-        pin = self.device.type == "cuda"
-        try:
-            self._check_model()
-            self.store = BlockStore([pk.numel for pk in self.packed], MASTER_DTYPE, budget_bytes=self.budget,
-                                    nvme_dir=config.nvme_dir, pin=pin, prefetch_depth=config.prefetch_depth)
-        except ValueError:
-            self.driver.remove()  # a refused model keeps its own forward
-            raise
-        self.mover = BlockMover(self.packed, self.store, self.device, self.compute_dtype, config.prefetch_depth,
-                                slots=config.prefetch_depth + 1)  # nothing is written back from the device
-        self.driver.mover = self.mover
-        self._offload_blocks()
-        self.resident = list({id(p): p for _, m in self.driver.units for p in m.parameters()}.values())
-        for _, module in self.driver.units:
-            module.to(self.device)
-        self.states = StateTier(optimizer, [pk.params for pk in self.packed], self._state_budget(),
-                                config.nvme_dir)
-        biggest = max(pk.numel for pk in self.packed)
-        self.grad_memory = HostMemory(pin)  # exact-size page-locked buffers, released on close
-        self.grad_bufs: queue.Queue = queue.Queue()
-        for _ in range(config.prefetch_depth + 1):
-            self.grad_bufs.put(self.grad_memory.empty(biggest, MASTER_DTYPE))
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-cpu-step")
+        self.driver = BlockDriver(model, self.device, self.mover)
+        resident = list({id(p): p for _, m in units for p in m.parameters()}.values())
+        big = offloaded_params(config.offload_embeddings, resident, self.packed)
+        self.resident = [p for p in resident if all(p is not q for q in big)]
+        self.big_params = big
+        self.big = ResidentTier(self, big, self._budget_left(0), len(self.packed)) if big else None
+        self.states = StateTier(optimizer, [pk.params for pk in self.packed] + ([big] if big else []),
+                                self._budget_left(self.big.host_bytes if big else 0), config.nvme_dir)
+        self.host = HostStepper(self, config.prefetch_depth)
         self.steps = 0
-        self._steps_in_flight: list[Future] = []
+        self.profile: Profile | None = None
 
     # ---- set-up --------------------------------------------------------------------
-    def _check_model(self) -> None:
-        in_blocks = {id(p) for p in self.driver.blocks.parameters()}
-        if in_blocks & {id(p) for _, m in self.driver.units for p in m.parameters()}:
-            raise ValueError("model: a parameter is shared between a block and a module outside the blocks")
-        if len({p.dtype for p in self.driver.blocks.parameters()}) != 1:
-            raise ValueError("model: the decoder blocks mix parameter dtypes; the offload engine needs one")
-        frozen = [p for p in self.driver.blocks.parameters() if not p.requires_grad or id(p) not in self.group_of]
-        if frozen:
-            raise ValueError("model: every block parameter must be trainable and in the optimizer "
-                             "(model.trainable / model.lora are not supported with offload)")
-
-    def _state_budget(self) -> float | None:
+    def _budget_left(self, other_host_bytes: int) -> float | None:
+        """The host budget left after the blocks' masters (and ``other_host_bytes``) on the host."""
         if self.budget is None:
             return None
         on_host = sum(pk.numel for pk, t in zip(self.packed, self.store.tiers) if t == "host")
-        return max(0.0, self.budget - on_host * MASTER_DTYPE.itemsize)
+        return max(0.0, self.budget - on_host * MASTER_DTYPE.itemsize - other_host_bytes)
 
-    def _offload_blocks(self) -> None:
-        for i, (block, pk) in enumerate(zip(self.driver.blocks, self.packed)):
-            self.store.put(i, pk.pack([p.detach() for p in pk.params], MASTER_DTYPE))
-            self.mover.unbind(i)
-            for buf in block.buffers():
-                buf.data = buf.data.to(self.device)
+    def _state_budget(self) -> float | None:
+        return self._budget_left(self.big.host_bytes if self.big else 0)
 
     # ---- one step ------------------------------------------------------------------
-    def step(self, closure, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, bool]:
-        """Forward (``closure()`` returns the loss), streamed backward, every parameter stepped.
-        Returns (loss, nonfinite); a non-finite loss updates nothing."""
+    def step(self, closures, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over ``closures`` (one per micro-batch, each returns its loss; a
+        single callable is one). Returns (mean loss, nonfinite); a non-finite loss updates nothing."""
+        closures = [closures] if callable(closures) else list(closures)
+        self.driver.swap = swap_count(self.config.swap_activations, len(self.packed), self.profile,
+                                      self.device.type, self.device_budget)
+        profiling = self.profile is None and self.config.swap_activations == "auto"
+        losses, nonfinite = [], False
+        for m, closure in enumerate(closures):
+            loss = self._forward(closure, autocast, timed=profiling and m == 0)
+            if not torch.isfinite(loss.detach()).all():
+                self._abort()
+                return loss.detach(), True
+            losses.append(loss.detach())
+            nonfinite |= self._backward(loss, len(closures), autocast, last=m == len(closures) - 1)
+        nonfinite |= self.host.barrier()
+        self._step_resident()
+        self.steps += 1
+        if len(losses) == 1:
+            return losses[0], nonfinite
+        return torch.tensor(sum(float(x) / len(losses) for x in losses), dtype=torch.float64), nonfinite
+
+    def _forward(self, closure, autocast, timed: bool) -> torch.Tensor:
         self.driver.recording = True
+        self.driver.timer = BlockTimer(self.device) if timed else None
+        if timed and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             with autocast():
-                loss = closure()
+                return closure()
         except BaseException:
             self._abort()
             raise
         finally:
             self.driver.recording = False
-        if not torch.isfinite(loss.detach()).all():
-            self._abort()
-            return loss.detach(), True
+
+    def _backward(self, loss: torch.Tensor, micro_batches: int, autocast, last: bool) -> bool:
+        """Backward of one micro-batch; gradients outside the blocks summed as autograd would."""
+        sums = {id(p): p.grad for p in self.resident + self.big_params}
+        for p in self.resident + self.big_params:
+            p.grad = None
         try:
-            loss.backward()
-            self._blocks_backward(autocast)
+            (loss if micro_batches == 1 else loss / micro_batches).backward()
+            self._blocks_backward(autocast, last)
         except BaseException:
             self._abort()
             raise
-        nonfinite = self.barrier()
-        nonfinite |= self._step_resident()
-        self.steps += 1
-        return loss.detach(), nonfinite
+        if self.driver.timer is not None:
+            self.profile = take_profile(self.driver, self.device)
+        nonfinite = False
+        for p in self.resident + self.big_params:
+            before, fresh = sums[id(p)], p.grad
+            total = fresh if before is None else (before if fresh is None else before.add_(fresh))
+            if total is not None and not torch.isfinite(total).all():  # as optim.layerwise: drop it
+                nonfinite, total = True, None
+            p.grad = total
+        return nonfinite
 
-    def _blocks_backward(self, autocast) -> None:
+    def _blocks_backward(self, autocast, last: bool) -> None:
         order = list(reversed(range(len(self.packed))))
         self.mover.begin(order)
         for k in order:
             self.mover.acquire(k)
             try:
                 dx = self.driver.backward_block(k, autocast)
-                grads = self._grads_to_host(k)
+                grads = self.host.to_host(k)
             finally:
                 self.mover.release(k, write_back=False, version=0, round_seed=0)
             self.driver.propagate(k, dx)
-            self._steps_in_flight.append(self.worker.submit(self._host_step, k, *grads))
+            self.host.submit(k, grads, last)
 
-    def _grads_to_host(self, k: int):
-        """Queue the copy of block ``k``'s gradients into a free host buffer (offload lane)."""
-        buf = self.grad_bufs.get()  # back-pressure: at most prefetch_depth + 1 blocks wait for the CPU step
-        lane = self.mover.lanes.offload
-        has = []
-        with lane.use():
-            lane.wait(self.mover.lanes.compute.record())
-            for p, view in zip(self.packed[k].params, self.packed[k].views(buf)):
-                has.append(p.grad is not None)
-                if p.grad is not None:
-                    view.copy_(p.grad.view(view.shape), non_blocking=True)
-                    if lane.stream is not None:
-                        p.grad.record_stream(lane.stream)
-                    p.grad = None
-            copied = lane.record()
-        return buf, copied, has
-
-    def _host_step(self, k: int, buf: torch.Tensor, copied, has: list[bool]) -> bool:
-        """On the CPU worker: step block ``k``'s parameters on their master copy; write it back."""
-        try:
-            host_wait(copied)
-            nvme = self.store.tiers[k] == "nvme"
-            master = self.store.get(k) if nvme else self.store.fetch(k).result().tensor
-            self.states.load(k)
-            nonfinite = False
-            pk = self.packed[k]
-            for p, w, g, got in zip(pk.params, pk.views(master), pk.views(buf), has):
-                if not got:
-                    continue
-                if not torch.isfinite(g).all():  # as optim.layerwise: drop this gradient
-                    nonfinite = True
-                    continue
-                p.data, p.grad = w, g
+    def _step_resident(self) -> None:
+        for p in self.resident:
+            if p.grad is not None:
                 step_one(self.optimizer, self.group_of[id(p)], p)
-            self.mover.unbind(k)
-            version = self.steps + 1
-            if nvme:
-                self.store.put(k, master, version=version)
-            self.states.save(k, version)
-            return nonfinite
-        finally:
-            self.grad_bufs.put(buf)
+        if self.big is not None:
+            self.big.step(self.steps + 1)
 
     def barrier(self) -> bool:
         """Wait for every block step in flight; True if one dropped a non-finite gradient."""
-        done, self._steps_in_flight = self._steps_in_flight, []
-        nonfinite, errors = False, []
-        for future in done:  # every one, so that no step is still running when an error is raised
-            try:
-                nonfinite |= future.result()
-            except Exception as err:  # noqa: BLE001 -- the first is raised below
-                errors.append(err)
-        if errors:
-            raise errors[0]
-        return nonfinite
-
-    def _step_resident(self) -> bool:
-        nonfinite = False
-        for p in self.resident:
-            if p.grad is None:
-                continue
-            if not torch.isfinite(p.grad).all():
-                nonfinite, p.grad = True, None
-                continue
-            step_one(self.optimizer, self.group_of[id(p)], p)
-        return nonfinite
+        return self.host.barrier()
 
     def _abort(self) -> None:
         self.mover.abort()
         self.driver.forget()
         try:
-            self.barrier()
+            self.host.abort()
         finally:
-            for p in list(self.resident) + [p for pk in self.packed for p in pk.params]:
+            for p in self.resident + self.big_params + [p for pk in self.packed for p in pk.params]:
                 p.grad = None
 
     def evaluate(self, metrics_fn, batch: dict) -> dict:
@@ -269,16 +223,18 @@ class FirstOrderEngine:
     # ---- state -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _params_on_host(self):
-        """Block parameters point at empty CPU fp32 tensors meanwhile, so that loading the
-        optimizer puts their state on the host (torch moves state to its parameter's device)."""
-        for pk in self.packed:
-            for p in pk.params:
-                p.data = torch.empty(0, dtype=MASTER_DTYPE)
+        """Parameters whose state lives on the host point at empty CPU fp32 tensors meanwhile, so that
+        loading the optimizer puts their state there (torch moves state to its parameter's device)."""
+        big = [(p, p.data) for p in self.big_params]
+        for p in [p for pk in self.packed for p in pk.params] + self.big_params:
+            p.data = torch.empty(0, dtype=MASTER_DTYPE)
         try:
             yield
         finally:
             for i in range(len(self.packed)):
                 self.mover.unbind(i)
+            for p, data in big:
+                p.data = data
 
     @contextlib.contextmanager
     def full_state(self):
@@ -315,35 +271,28 @@ class FirstOrderEngine:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's full state on the CPU; block weights are the fp32 masters."""
+        """The model's full state on the CPU; block (and offloaded embedding) weights are the fp32 masters."""
         self.barrier()
-        slots = {id(p): (i, j) for i, pk in enumerate(self.packed) for j, p in enumerate(pk.params)}
-        cache, out = {}, {}
+        out = self.streamed.model_state_dict(MASTER_DTYPE)
+        masters = self.big.masters() if self.big is not None else {}
         for name, t in self.model.state_dict(keep_vars=True).items():
-            if id(t) in slots:
-                i, j = slots[id(t)]
-                if i not in cache:
-                    cache[i] = self.packed[i].views(self.store.get(i))
-                out[name] = cache[i][j].clone()
-            else:
-                out[name] = t.detach().to("cpu", copy=True)
+            if id(t) in masters:
+                out[name] = masters[id(t)].clone()
         return out
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights saved by :meth:`model_state_dict` (blocks go to the store as masters)."""
         self.barrier()
-        ZO2Engine.load_model_state_dict(self, state)
-
-    _block_param_slots = ZO2Engine._block_param_slots
+        self.streamed.load_model_state_dict(state, self.steps)
+        if self.big is not None:
+            names = {id(t): n for n, t in self.model.state_dict(keep_vars=True).items()}
+            self.big.load([state[names[id(p)]] for p in self.big_params], self.steps)
 
     def close(self) -> None:
         """Wait for the last step, give the blocks' weights back to the model (CPU, training dtype),
         remove the hooks. The NVMe tier's optimizer state is not read back."""
-        self.barrier()
-        self.worker.shutdown()
-        for i, pk in enumerate(self.packed):
-            for p, view in zip(pk.params, pk.views(self.store.get(i))):
-                p.data = view.to(self.compute_dtype, copy=True)
+        self.host.close()
+        self.streamed.close()
+        if self.big is not None:
+            self.big.close()
         self.driver.remove()
-        self.grad_memory.close()
-        self.store.close()

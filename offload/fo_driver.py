@@ -5,7 +5,7 @@ the GPU: the forward streams the blocks through the device and keeps only each b
 input activation; the backward streams them again in reverse and recomputes each block
 from that activation (activation checkpointing at block granularity). We do it with the
 model's own ``forward`` and an instance-level ``forward`` override on each block, found
-as in ZO2 (:func:`lowmem.offload.hooks.model_units`):
+as in ZO2 (:func:`lowmem.offload.streamed.model_units`):
 
 * recording forward (a training step): block ``k`` runs **without autograd** on the input
   ``x_k`` it receives (a tensor with the graph back to the previous block's output leaf,
@@ -18,6 +18,12 @@ as in ZO2 (:func:`lowmem.offload.hooks.model_units`):
   ``x_k.detach()`` with the saved RNG state (dropout identical), backprop ``h_k.grad``
   through it (block parameter gradients, ``dx_k``), then backprop ``dx_k`` through the
   graph of ``x_k`` (into ``h_{k-1}.grad``, or into the embeddings for ``k = 0``).
+
+Activation swapping (``swap`` blocks, :mod:`lowmem.offload.fo_swap` decides how many): once
+block ``k`` has run, its input ``x_k`` (for ``1 <= k <= swap``, when it is the leaf ``h_{k-1}``)
+is copied to host memory on the offload lane and the leaf's device storage is released (the
+leaf keeps its autograd identity); the backward of block ``k`` brings it back on the upload lane
+(and starts bringing ``x_{k-1}``) before recomputing. The bytes are copied, never converted.
 
 Every gradient is the one a single in-memory backward computes, with the same kernels on
 the same operands, so in fp32 training matches in-memory layer-wise training bit for bit.
@@ -33,7 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lowmem.offload.hooks import model_units
+from lowmem.offload.streamed import model_units
 
 
 _CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -94,11 +100,14 @@ class Saved:
 class BlockDriver:
     """Installs the block overrides; ``recording`` is on during a training forward."""
 
-    def __init__(self, model: nn.Module, device: torch.device):
+    def __init__(self, model: nn.Module, device: torch.device, mover):
         self.blocks, self.units = model_units(model)
-        self.device = device
-        self.mover = None        # set by the engine once the blocks are packed
+        self.device, self.mover = device, mover
         self.recording = False
+        self.swap = 0              # block inputs x_1 .. x_swap go to the host during a recording forward
+        self.timer = None          # a fo_swap.BlockTimer during the profile step
+        self.last_boundary = None  # a block input seen by the profile step (its copy bandwidth is measured)
+        self.swapped: dict[int, tuple] = {}  # k -> (host copy of x_k, event of the copy)
         self.saved: dict[int, Saved] = {}
         self._original: list[Callable] = []
         for i, block in enumerate(self.blocks):
@@ -121,18 +130,56 @@ class BlockDriver:
             kwargs = _no_cache(kwargs)
             x, rng = _hidden(args, kwargs), rng_states(self.device)
             call_args, call_kwargs = _with_hidden(args, kwargs, x.detach())
+            if self.timer is not None:
+                self.last_boundary = x.detach()
+                self.timer.start()
             with torch.no_grad():
                 out = self._original[i](*call_args, **call_kwargs)
+            if self.timer is not None:
+                self.timer.stop()
         finally:
             mover.release(i, write_back=False, version=0, round_seed=0)
         leaf = _first(out).detach().requires_grad_(True)
         self.saved[i] = Saved(x, args, kwargs, rng, leaf)
+        if 1 <= i <= self.swap and self.saved[i - 1].out is x:
+            self._swap_out(i, x)
         return _replace_first(out, leaf)
+
+    def _swap_out(self, k: int, x: torch.Tensor) -> None:
+        """Copy ``x_k`` (the leaf ``h_{k-1}``) to the host; release its device storage."""
+        lanes = self.mover.lanes
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.device.type == "cuda")
+        with lanes.offload.use():
+            lanes.offload.wait(lanes.compute.record())
+            host.copy_(x.detach(), non_blocking=True)
+            if lanes.offload.stream is not None:
+                x.record_stream(lanes.offload.stream)
+            copied = lanes.offload.record()
+        x.data = torch.empty(0, dtype=x.dtype, device=self.device)
+        self.swapped[k] = (host, copied)
+
+    def _swap_in(self, k: int) -> None:
+        """Start bringing ``x_k`` back to the device (upload lane); compute waits for it."""
+        if k not in self.swapped:
+            return
+        host, copied = self.swapped.pop(k)
+        lanes = self.mover.lanes
+        with lanes.upload.use():
+            lanes.upload.wait(copied)
+            back = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            back.copy_(host, non_blocking=True)
+            uploaded = lanes.upload.record()
+        lanes.compute.wait(uploaded)
+        if lanes.compute.stream is not None:
+            back.record_stream(lanes.compute.stream)
+        self.saved[k].inp.data = back
 
     def backward_block(self, k: int, autocast: Callable) -> torch.Tensor | None:
         """Recompute block ``k`` (resident now) and backprop its output gradient into its
         parameters; return ``dx_k`` (None when the input needs no gradient)."""
         s = self.saved[k]
+        self._swap_in(k)
+        self._swap_in(k - 1)  # ahead: overlaps this block's recompute
         if s.out.grad is None:
             raise RuntimeError(f"offload: the output of block {k} did not reach the loss")
         x = s.inp.detach().requires_grad_(s.inp.requires_grad)
@@ -150,6 +197,7 @@ class BlockDriver:
 
     def forget(self) -> None:
         self.saved.clear()
+        self.swapped.clear()
 
     def remove(self) -> None:
         for block in self.blocks:

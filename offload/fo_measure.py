@@ -33,7 +33,6 @@ def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
     from lowmem.build import build_optimizer, lm_loss
     from lowmem.memory import current_rss_bytes, random_batch, reset_peak_rss, state_bytes, window_peak_rss_bytes
     from lowmem.models import load_model
-    from lowmem.offload.engine import OffloadConfig
     from lowmem.offload.firstorder import FirstOrderEngine
     from lowmem.optim.layerwise import LayerwiseOptimizer
 
@@ -45,7 +44,7 @@ def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
     if inmemory:
         optimizer = optimizer if isinstance(optimizer, LayerwiseOptimizer) else LayerwiseOptimizer(optimizer)
     else:
-        engine = FirstOrderEngine(model, optimizer, OffloadConfig(**recipe.offload.model_dump()), device="cpu")
+        engine = FirstOrderEngine(model, optimizer, recipe.offload, device="cpu")
     batch = random_batch(recipe, model.config.vocab_size)
     reset_peak_rss()
     times, losses = [], []

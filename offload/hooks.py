@@ -1,6 +1,6 @@
 """Driving the blocks of a Hugging Face causal LM for ZO2, without copying model code.
 
-ZO2 (Wang et al., 2025, §3.3) runs the ``+eps z`` and ``-eps z`` forwards *together*
+ZO2 (Wang et al., 2025, arXiv 2503.12668, §3.3) runs the ``+eps z`` and ``-eps z`` forwards *together*
 so that each block is uploaded once per step. We do it with the model's own
 ``forward`` on a doubled batch ``[x; x]`` (first half: branch +, second half:
 branch -) and an instance-level ``forward`` override on each *unit*:
@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from lowmem.optim.targets import block_container
+from lowmem.offload.streamed import model_units  # noqa: F401 -- also imported from here by the planner
 
 Run = Callable[[], Any]
 
@@ -37,32 +37,6 @@ class Visitor(Protocol):
     def visit(self, key: tuple[str, int], runs: list[Run]) -> list[Any]:
         """Run unit ``key`` (``("block", i)`` or ``("unit", k)``): ``runs`` has one entry
         (plain forward) or two (branch +, branch -); return their outputs in order."""
-
-
-def model_units(model: nn.Module) -> tuple[nn.ModuleList, list[tuple[str, nn.Module]]]:
-    """The decoder blocks and the top-most parameter-holding modules outside them."""
-    found = block_container(model)
-    if found is None:
-        raise ValueError("model: no nn.ModuleList of decoder blocks found; ZO2 needs one")
-    prefix, blocks = found
-    ancestors = {""} | {prefix.rsplit(".", i)[0] for i in range(1, prefix.count(".") + 1)} | {prefix}
-    units = []
-
-    def walk(name: str, module: nn.Module) -> None:
-        if name not in ancestors:
-            if any(True for _ in module.parameters()):
-                units.append((name, module))
-            return
-        if name != prefix and any(True for _ in module.parameters(recurse=False)):
-            raise ValueError(f"model: {name or type(module).__name__} holds parameters directly and "
-                             f"contains the blocks; ZO2 cannot drive it")
-        if name == prefix:
-            return
-        for child, sub in module.named_children():
-            walk(f"{name}.{child}" if name else child, sub)
-
-    walk("", model)
-    return blocks, units
 
 
 def _split(obj: Any, half: int, b: int) -> Any:

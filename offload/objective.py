@@ -1,7 +1,7 @@
 """Any ``loss_fn(model, batch)`` objective through ZO2's dual forward (e.g. MeZO's candidate
 classification, :func:`lowmem.objectives.classification_loss`).
 
-ZO2 (Wang et al., 2025, §3.3) evaluates ``L(theta + eps z)`` and ``L(theta - eps z)`` in
+ZO2 (Wang et al., 2025, arXiv 2503.12668, §3.3) evaluates ``L(theta + eps z)`` and ``L(theta - eps z)`` in
 *one* forward of the doubled batch ``[x; x]`` (:mod:`lowmem.offload.hooks`), but an
 objective calls the model itself, once per loss. :class:`DualCall` stands in for the
 model inside the objective::

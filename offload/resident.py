@@ -3,10 +3,10 @@
 During one dual forward (:mod:`lowmem.offload.hooks`) each resident unit runs its
 branch-+ half and then its branch-- half. A parameter must go through exactly
 MeZO's in-place sequence ``p += eps z; p += -2 eps z; p += eps z`` once per step
-(ALGORITHMS.md §5) to stay bit-identical with in-memory MeZO, and z is drawn once
+(Malladi et al., 2023, arXiv 2305.17333, Alg. 1) to stay bit-identical with in-memory MeZO, and z is drawn once
 per parameter, so a tied embedding/``lm_head`` weight is perturbed once per step
-as in MeZO -- not once per module as in the ZO2 reference (ALGORITHMS.md §7,
-pitfalls).
+as in MeZO -- not once per module as in the ZO2 reference code (liangyuwang/zo2,
+arXiv 2503.12668), which perturbs a tied weight twice.
 
 A parameter used by one unit is perturbed, used, and restored inside that unit's
 visit. A parameter shared by several units (tied weights) is perturbed at its

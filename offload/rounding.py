@@ -1,8 +1,8 @@
 """Rounding the compute copy of a block to its (lower-precision) host copy.
 
-ZO2 (Wang et al., 2025, §3.4, "AMP mode") keeps blocks on the host in fp16 and
-computes in higher precision, which halves the PCIe bytes per block. Its pitfall
-(ALGORITHMS.md §7): an update ``lr * g * z`` of ~1e-7 is far below half an ulp of
+ZO2 (Wang et al., 2025, arXiv 2503.12668, §3.4, "AMP mode") keeps blocks on the host in fp16 and
+computes in higher precision, which halves the PCIe bytes per block. The pitfall of
+that mode: an update ``lr * g * z`` of ~1e-7 is far below half an ulp of
 a bf16/fp16 weight (~1e-3 relative), so round-to-nearest writes back the old value
 and training silently stops.
 

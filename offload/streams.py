@@ -1,6 +1,6 @@
 """CUDA streams and events for the ZO2 schedule, their no-op stand-ins on the CPU, and pinned host memory.
 
-ZO2 (Wang et al., 2025, §3.2) overlaps three kinds of work on three CUDA streams:
+ZO2 (Wang et al., 2025, arXiv 2503.12668, §3.2) overlaps three kinds of work on three CUDA streams:
 the upload of block i+1 (host -> GPU), the compute of block i, and the offload of
 block i-1 (GPU -> host). A :class:`Lane` is one such stream; ordering between lanes
 is expressed only with events (``lane.wait(event)``), never with a device-wide

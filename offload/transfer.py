@@ -1,4 +1,5 @@
-"""Moving blocks between their host copy and a small pool of device slots (ZO2 §3.2).
+"""Moving blocks between their host copy and a small pool of device slots (ZO2, Wang et al., 2025,
+arXiv 2503.12668, §3.2; the first-order engine uses it too).
 
 Each block's parameters are packed into one flat buffer (offsets aligned to 512
 bytes, the CUDA caching allocator's alignment, so kernels see the same alignment

@@ -8,7 +8,7 @@ import torch
 
 from lowmem.memory import tensor_bytes
 from lowmem.models import load_model
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import ZO2Engine
 from lowmem.offload.resident import ResidentPerturber
 from lowmem.optim import create_optimizer
 from lowmem.planner import model_config, plan, zo2_device_buffers
@@ -31,7 +31,7 @@ def engine_allocations(recipe, monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(ResidentPerturber, "visit", spy)
     model = load_model(recipe.model)
     opt = create_optimizer(model, "mezo", lr=1e-4, eps=1e-3)
-    cfg = OffloadConfig(host_dtype=recipe.offload.host_dtype, prefetch_depth=recipe.offload.prefetch_depth)
+    cfg = recipe.offload  # the engine takes the recipe's section
     eng = ZO2Engine(model, opt, cfg, device="cpu")
     ids = torch.randint(0, OPT["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     eng.step({"input_ids": ids, "labels": ids})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import ZO2Engine
 from lowmem.optim import create_optimizer
 
 HP = dict(lr=1e-3, eps=1e-3, weight_decay=0.1, seed=7)
@@ -29,7 +29,7 @@ def engine(tiny_model, config: dict | None = None, hp: dict | None = None,
            **model_kw) -> tuple[torch.nn.Module, ZO2Engine]:
     model = tiny_model(**model_kw)
     opt = create_optimizer(model, "mezo", **{**HP, **(hp or {})})
-    return model, ZO2Engine(model, opt, OffloadConfig(**(config or {})), device="cpu")
+    return model, ZO2Engine(model, opt, config or {}, device="cpu")
 
 
 def ref_step(model, opt, batch) -> torch.Tensor:

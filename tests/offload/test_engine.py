@@ -4,7 +4,7 @@ arXiv 2503.12668: the offloaded run must equal standard ZO)."""
 import pytest
 import torch
 
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import ZO2Engine
 from lowmem.optim import create_optimizer
 from tests.offload.helpers import assert_same_weights, batches, engine, ref_step, reference
 
@@ -109,6 +109,18 @@ def test_bad_config(tiny_model, field, value, message):
 def test_refuses_unsupported_optimizer(tiny_model):
     model = tiny_model()
     with pytest.raises(ValueError, match="optim.args"):
-        ZO2Engine(model, create_optimizer(model, "mezo", momentum=0.9), OffloadConfig(), device="cpu")
+        ZO2Engine(model, create_optimizer(model, "mezo", momentum=0.9), device="cpu")
     with pytest.raises(ValueError, match="optim.name"):
-        ZO2Engine(model, create_optimizer(model, "adamw"), OffloadConfig(), device="cpu")
+        ZO2Engine(model, create_optimizer(model, "adamw"), device="cpu")
+
+
+def test_recipe_checks_the_host_dtype_against_the_training_dtype():
+    """The one place the host dtype is checked (the engines take the recipe's section as it is)."""
+    from pathlib import Path
+
+    from lowmem.recipe import RecipeError, load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "zo2-nvme-cpu.yaml"
+    assert load_recipe(path, ["model.dtype=float32", "offload.host_dtype=bfloat16"]).offload.host_dtype == "bfloat16"
+    with pytest.raises(RecipeError, match="offload.host_dtype: float32 is not coarser than the training dtype"):
+        load_recipe(path, ["model.dtype=bfloat16", "offload.host_dtype=float32"])

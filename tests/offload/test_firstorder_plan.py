@@ -55,3 +55,24 @@ def test_gpu_plan_holds_resident_parts_and_a_few_blocks(tmp_path, depth):
     # the blocks' AdamW moments are stepped on fp32 masters: twice the bytes of a bf16 in-memory run's
     in_blocks = whole.totals["optimizer_states"] - p.parts["optimizer_states"]
     assert p.host_parts["host_states"] == pytest.approx(2 * in_blocks, rel=1e-3)
+
+
+def test_plan_follows_accumulation_swapping_and_embeddings(tmp_path):
+    """Each switch moves exactly its bytes: gradient sums on the host (grad_accum > 1), swapped block
+    inputs from the device to the host, the embedding's fp32 master and AdamW state off the device."""
+    from lowmem.planner import with_overrides
+
+    base = make_recipe(tmp_path, *OFFLOAD, "offload.offload_embeddings=off", config=CONFIG)
+    n, boundary = CONFIG["num_hidden_layers"], 2 * 128 * CONFIG["hidden_size"] * 4  # batch 2 x 128, fp32
+    p0 = plan(base, "cuda")
+    w32 = p0.host_parts["host_masters"] // n
+    acc, swap, emb = (plan(with_overrides(base, [o]), "cuda") for o in
+                      ["train.grad_accum=2", "offload.swap_activations=on", "offload.offload_embeddings=auto"])
+    assert acc.host_parts["host_buffers"] - p0.host_parts["host_buffers"] == n * w32
+    assert p0.parts["activations"] - swap.parts["activations"] == (n - 1) * boundary
+    assert swap.host_parts["host_buffers"] - p0.host_parts["host_buffers"] == (n - 1) * boundary
+    embedding = CONFIG["vocab_size"] * CONFIG["hidden_size"]  # tied, larger than a block: auto moves it alone
+    assert emb.host_parts["host_masters"] - p0.host_parts["host_masters"] == 4 * embedding
+    moments = pytest.approx(2 * 4 * embedding, abs=8)  # AdamW m, v (and torch's 4-byte step tensor)
+    assert p0.parts["optimizer_states"] - emb.parts["optimizer_states"] == moments
+    assert emb.host_parts["host_states"] - p0.host_parts["host_states"] == moments

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import ZO2Engine
 from lowmem.optim import create_optimizer
 from tests.offload.helpers import HP, assert_same_weights, batches, ref_step
 
@@ -18,7 +18,7 @@ def test_cuda_engine_equals_cuda_mezo(tiny_model, tmp_path, config, noise):
     ref = tiny_model(arch="opt", tied=True, layers=4).cuda().eval()
     ref_opt = create_optimizer(ref, "mezo", **hp)
     model = tiny_model(arch="opt", tied=True, layers=4)
-    eng = ZO2Engine(model, create_optimizer(model, "mezo", **hp), OffloadConfig(**config), device="cuda")
+    eng = ZO2Engine(model, create_optimizer(model, "mezo", **hp), config, device="cuda")
     torch.cuda.reset_peak_memory_stats()
     for batch in batches(4):
         assert torch.equal(ref_step(ref, ref_opt, {k: v.cuda() for k, v in batch.items()}), eng.step(batch))

@@ -5,7 +5,7 @@ rounding on the device."""
 import pytest
 import torch
 
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import ZO2Engine
 from lowmem.offload.rounding import stochastic_round_
 from lowmem.offload.store import BlockStore
 from lowmem.optim import create_optimizer
@@ -34,7 +34,7 @@ def test_pinned_blocks_exact_size_and_freed_on_take():
 def _pair(tiny_model):
     ref = tiny_model(arch="opt", tied=True, layers=4).cuda().eval()
     model = tiny_model(arch="opt", tied=True, layers=4)
-    eng = ZO2Engine(model, create_optimizer(model, "mezo", **HP), OffloadConfig(), device="cuda")
+    eng = ZO2Engine(model, create_optimizer(model, "mezo", **HP), device="cuda")
     return ref, create_optimizer(ref, "mezo", **HP), eng
 
 

@@ -6,7 +6,7 @@ import torch
 
 from lowmem.models import keep_trainable
 from lowmem.objectives import classification_loss
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import ZO2Engine
 from lowmem.offload.objective import DualCall
 from lowmem.optim import create_optimizer
 from tests.offload.helpers import HP, assert_same_weights, batches, engine, ref_step, reference
@@ -42,7 +42,7 @@ def _pair(tiny_model, trainable=None, hp=None, config=None, loss_fn=None, **mode
         keep_trainable(model, trainable)
     hp = {**HP, **(hp or {})}
     ref_opt = create_optimizer(ref, "mezo", **hp)
-    eng = ZO2Engine(model, create_optimizer(model, "mezo", **hp), OffloadConfig(**(config or {})), device="cpu",
+    eng = ZO2Engine(model, create_optimizer(model, "mezo", **hp), config or {}, device="cpu",
                     loss_fn=loss_fn)
     return ref, ref_opt, eng
 

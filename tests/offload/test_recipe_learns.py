@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem.offload.engine import OffloadConfig, ZO2Engine
+from lowmem.offload.engine import ZO2Engine
 from lowmem.optim import create_optimizer
 from lowmem.recipe import load_recipe
 from tests.offload.helpers import batches
@@ -29,7 +29,7 @@ def progress(tiny_model, dtype: torch.dtype, host_dtype: str | None, lr: float, 
     """(S, its expected value sum|delta|, the bound on its standard deviation) after one step."""
     hp = dict(lr=lr, eps=eps, weight_decay=0.0, seed=3)
     model = tiny_model(arch="opt", layers=2, hidden=64, dtype=dtype)
-    eng = ZO2Engine(model, create_optimizer(model, "mezo", **hp), OffloadConfig(host_dtype=host_dtype), device="cpu")
+    eng = ZO2Engine(model, create_optimizer(model, "mezo", **hp), dict(host_dtype=host_dtype), device="cpu")
     start = {k: v.float() for k, v in eng.model_state_dict().items()}
     ref = tiny_model(arch="opt", layers=2, hidden=64).eval()  # exact fp32 MeZO from the same weights
     ref.load_state_dict(start)

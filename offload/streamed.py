@@ -1,0 +1,138 @@
+"""The generic part of both offload engines: a model whose decoder blocks live off the device.
+
+ZO2 (Wang et al., 2025, arXiv 2503.12668, §3.1-3.2) and Fuyou (Liao et al., 2024, arXiv
+2403.06504, §4) place a model the same way: the decoder blocks' parameters are packed one flat
+buffer per block (:class:`~lowmem.offload.transfer.Packed`) and kept in a
+:class:`~lowmem.offload.store.BlockStore` (host RAM up to ``offload.host_memory_budget_gb``,
+checksummed NVMe files beyond it); a :class:`~lowmem.offload.transfer.BlockMover` uploads them
+into a few device slots ahead of use; the modules outside the blocks (embeddings, final norm,
+``lm_head``: the *units* of :func:`model_units`) stay on the device. While a block is not resident
+its parameters point at empty placeholders, so the model object itself never holds the blocks.
+
+:class:`StreamedModel` does that set-up and the model-state I/O (the full state dict read from the
+store, loading one into it, handing the blocks back to the model on close); each engine adds its
+schedule on top (:mod:`lowmem.offload.engine`: ZO2; :mod:`lowmem.offload.firstorder`: Fuyou).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from lowmem.offload.store import BlockStore
+from lowmem.offload.transfer import BlockMover, Packed
+from lowmem.optim.targets import block_container
+from lowmem.recipe import OffloadSection, _one_line
+
+
+def offload_section(config: OffloadSection | dict | None) -> OffloadSection:
+    """The recipe's ``offload:`` section (a dict is validated as one; None: the defaults)."""
+    if config is None or isinstance(config, OffloadSection):
+        return config or OffloadSection()
+    try:
+        return OffloadSection(**config)
+    except ValidationError as err:  # one line naming the field, as a recipe's error
+        raise ValueError(f"offload.{_one_line(err)}") from None
+
+
+def model_units(model: nn.Module) -> tuple[nn.ModuleList, list[tuple[str, nn.Module]]]:
+    """The decoder blocks and the top-most parameter-holding modules outside them."""
+    found = block_container(model)
+    if found is None:
+        raise ValueError("model: no nn.ModuleList of decoder blocks found; the offload engines need one")
+    prefix, blocks = found
+    ancestors = {""} | {prefix.rsplit(".", i)[0] for i in range(1, prefix.count(".") + 1)} | {prefix}
+    units = []
+
+    def walk(name: str, module: nn.Module) -> None:
+        if name not in ancestors:
+            if any(True for _ in module.parameters()):
+                units.append((name, module))
+            return
+        if name != prefix and any(True for _ in module.parameters(recurse=False)):
+            raise ValueError(f"model: {name or type(module).__name__} holds parameters directly and "
+                             f"contains the blocks; the offload engines cannot drive it")
+        if name == prefix:
+            return
+        for child, sub in module.named_children():
+            walk(f"{name}.{child}" if name else child, sub)
+
+    walk("", model)
+    return blocks, units
+
+
+def check_blocks(blocks: nn.ModuleList, units: list[tuple[str, nn.Module]]) -> None:
+    """What both engines need of the model: no parameter shared across the block boundary, one dtype."""
+    in_blocks = {id(p) for p in blocks.parameters()}
+    if in_blocks & {id(p) for _, m in units for p in m.parameters()}:
+        raise ValueError("model: a parameter is shared between a block and a module outside the blocks")
+    if len({p.dtype for p in blocks.parameters()}) != 1:
+        raise ValueError("model: the decoder blocks mix parameter dtypes; the offload engines need one")
+
+
+class StreamedModel:
+    """``model`` with its blocks packed in ``pack_dtype`` into a store of ``store_dtype``.
+
+    ``slots``: device slots of the mover (None: ``prefetch_depth + 2``, one for a block going back)."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, units: list[tuple[str, nn.Module]],
+                 device: torch.device, config: OffloadSection, store_dtype: torch.dtype,
+                 pack_dtype: torch.dtype, slots: int | None = None):
+        self.model, self.blocks, self.units, self.device = model, blocks, units, device
+        self.compute_dtype = next(blocks.parameters()).dtype
+        self.packed = [Packed.of(b, pack_dtype) for b in blocks]
+        budget = None if config.host_memory_budget_gb is None else config.host_memory_budget_gb * 2**30
+        self.store = BlockStore([pk.numel for pk in self.packed], store_dtype, budget_bytes=budget,
+                                nvme_dir=config.nvme_dir, pin=device.type == "cuda",
+                                prefetch_depth=config.prefetch_depth)
+        self.mover = BlockMover(self.packed, self.store, device, self.compute_dtype, config.prefetch_depth,
+                                slots=slots)
+        for i, (block, pk) in enumerate(zip(blocks, self.packed)):  # one block at a time into the store
+            self.store.put(i, pk.pack([p.detach() for p in pk.params], store_dtype))
+            self.mover.unbind(i)
+            for buf in block.buffers():
+                buf.data = buf.data.to(device)
+        for _, module in units:
+            module.to(device)
+
+    def slots_of(self) -> dict[int, tuple[int, int]]:
+        """id(parameter) -> (block, index in the block) for every block parameter."""
+        return {id(p): (i, j) for i, pk in enumerate(self.packed) for j, p in enumerate(pk.params)}
+
+    def model_state_dict(self, block_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The model's full state on the CPU; block tensors read from the store, in ``block_dtype``."""
+        slots, cache, out = self.slots_of(), {}, {}
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if id(t) in slots:
+                i, j = slots[id(t)]
+                if i not in cache:
+                    cache[i] = self.packed[i].views(self.store.get(i))
+                out[name] = cache[i][j].to(block_dtype, copy=True)
+            else:
+                out[name] = t.detach().to("cpu", copy=True)
+        return out
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Load a full state (as :meth:`model_state_dict` gives it): blocks go to the store."""
+        slots = self.slots_of()
+        blocks: dict[int, list] = {i: [None] * len(pk.params) for i, pk in enumerate(self.packed)}
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if name not in state:
+                raise ValueError(f"state_dict: missing {name!r}")
+            if id(t) in slots:
+                i, j = slots[id(t)]
+                blocks[i][j] = state[name]
+            else:
+                with torch.no_grad():
+                    t.copy_(state[name])
+        for i, tensors in blocks.items():
+            self.store.put(i, self.packed[i].pack(tensors, self.store.dtype), version=version)
+
+    def close(self) -> None:
+        """Give the blocks' parameters back to the model (CPU, training dtype) and close the store,
+        block by block: the store frees each one as it is handed back (no second copy)."""
+        for i, pk in enumerate(self.packed):
+            for p, view in zip(pk.params, pk.views(self.store.take(i))):
+                p.data = view.to(self.compute_dtype)  # same dtype: a view of the unpinned host block
+        self.store.close()
