@@ -20,6 +20,7 @@ from lowmem.models import load_model, load_tokenizer
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
 from lowmem.recipe import Recipe, TrainSection
+from lowmem.steps import Step, make_step
 
 
 def lm_metrics(model, batch, chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
@@ -38,19 +39,21 @@ def classification_metrics(model, batch) -> dict[str, torch.Tensor]:
 
 @dataclass
 class Run:
-    model: torch.nn.Module
+    stepper: Step            # how a step runs (lowmem.steps): model, optimizer, loss, eval, checkpoint parts
     tokenizer: object
-    optimizer: torch.optim.Optimizer          # what the loop steps (maybe accelerate-wrapped)
-    inner_optimizer: torch.optim.Optimizer    # what a checkpoint saves
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_batches: PackedBatches
     eval_batches: list[dict[str, torch.Tensor]]
-    loss_fn: Callable        # (model, batch) -> scalar loss
-    eval_fn: Callable        # (model, batch) -> {"eval_loss": ..., ...}
-    zeroth_order: bool = False
-    layerwise: bool = False
     generators: dict[str, torch.Generator] = field(default_factory=dict)
-    engine: object | None = None              # the offload engine (ZO2 or first-order), when offload.enabled
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.stepper.model
+
+    @property
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """What a checkpoint saves and the scheduler drives."""
+        return self.stepper.inner_optimizer
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
@@ -74,25 +77,46 @@ def lr_lambda(train: TrainSection) -> Callable[[int], float]:
     return factor
 
 
+def classification_train_loss(model, batch) -> torch.Tensor:
+    return classification_loss(model, batch)[0]
+
+
+# data.task -> (train.* -> (loss_fn, eval_fn)): the run's objective, also what the planner traces
+OBJECTIVES = {
+    "lm": lambda tr: (lm_loss(tr), functools.partial(lm_metrics, chunk_tokens=tr.loss_chunk_tokens)),
+    "classification": lambda tr: (classification_train_loss, classification_metrics),
+}
+
+
+def objective(recipe: Recipe) -> tuple[Callable, Callable]:
+    """``(loss_fn, eval_fn)`` of ``data.task``: ``(model, batch) -> loss`` and ``-> {"eval_loss": ...}``."""
+    return OBJECTIVES[recipe.data.task](recipe.train)
+
+
+def candidate_collator(recipe: Recipe, tokenizer) -> CandidateCollator:
+    """The collator of ``data.task: classification`` (rows of at most ``train.seq_len`` tokens)."""
+    cls = recipe.data.classification
+    return CandidateCollator(tokenizer, [cls.candidates[k] for k in cls.candidates], cls.template,
+                             recipe.train.seq_len)
+
+
 def _lm_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
     tr = recipe.train
     train_rows = pack_tokens(train_docs, tokenizer, tr.seq_len, "data.path")
     eval_rows = pack_tokens(eval_docs, tokenizer, tr.seq_len, recipe.data.eval_path or "data.path (eval split)")
     evals = [{"input_ids": b, "labels": b.clone()} for b in eval_rows[: tr.eval_batches * tr.batch_size].split(tr.batch_size)]
-    return (PackedBatches(train_rows, tr.batch_size, tr.seed), evals, lm_loss(tr),
-            functools.partial(lm_metrics, chunk_tokens=tr.loss_chunk_tokens))
+    return PackedBatches(train_rows, tr.batch_size, tr.seed), evals
 
 
 def _classification_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
-    tr, cls = recipe.train, recipe.data.classification
-    labels = list(cls.candidates)
-    collator = CandidateCollator(tokenizer, [cls.candidates[k] for k in labels], cls.template, tr.seq_len)
+    tr = recipe.train
+    labels = list(recipe.data.classification.candidates)
+    collator = candidate_collator(recipe, tokenizer)
     train = label_examples(train_docs, labels, recipe.data.path)
     held = label_examples(eval_docs, labels, recipe.data.eval_path or recipe.data.path)
     held = held[: tr.eval_batches * tr.batch_size]
     evals = [collator(held[i:i + tr.batch_size]) for i in range(0, len(held), tr.batch_size)]
-    return (CandidateBatches(train, collator, tr.batch_size, tr.seed), evals,
-            lambda model, batch: classification_loss(model, batch)[0], classification_metrics)
+    return CandidateBatches(train, collator, tr.batch_size, tr.seed), evals
 
 
 DATA_BUILDERS = {"lm": _lm_data, "classification": _classification_data}
@@ -101,7 +125,7 @@ DATA_BUILDERS = {"lm": _lm_data, "classification": _classification_data}
 def build_data(recipe: Recipe, tokenizer):
     """Return (train batches, eval batches, loss_fn, eval_fn) for ``data.task``."""
     train_docs, eval_docs = split_documents(recipe.data, recipe.train.seed)
-    return DATA_BUILDERS[recipe.data.task](recipe, tokenizer, train_docs, eval_docs)
+    return (*DATA_BUILDERS[recipe.data.task](recipe, tokenizer, train_docs, eval_docs), *objective(recipe))
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Accelerator):
@@ -131,24 +155,6 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     return optimizer, spec.zeroth_order, opt.layerwise and not recipe.offload.enabled
 
 
-def build_engine(recipe: Recipe, model, optimizer, zeroth_order: bool, accelerator: Accelerator,
-                 loss_fn: Callable):
-    """The offload engine (lowmem.offload) driving ``model``: ZO2 for MeZO (the LM objective is the engine's
-    own, any other, classification, goes through ``loss_fn``), else the first-order one (LM objective)."""
-    from lowmem.offload.engine import OffloadConfig, ZO2Engine
-    from lowmem.offload.firstorder import FirstOrderEngine
-
-    if accelerator.num_processes > 1:
-        raise ValueError("offload.enabled: the offload engines run on one process")
-    config = OffloadConfig(**recipe.offload.model_dump())
-    if zeroth_order:
-        return ZO2Engine(model, optimizer, config, loss_fn=None if recipe.data.task == "lm" else loss_fn)
-    if recipe.data.task != "lm":
-        raise ValueError("offload.enabled: the first-order offload engine trains the LM objective only "
-                         "(data.task: lm)")
-    return FirstOrderEngine(model, optimizer, config)
-
-
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     tokenizer = load_tokenizer(recipe.model)
     train_batches, eval_batches, loss_fn, eval_fn = build_data(recipe, tokenizer)
@@ -159,18 +165,8 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
         generators["wta_crs"] = sampler
     if recipe.train.loss_chunk_tokens is not None:
         lm_body_and_head(model)  # a model it cannot reproduce is refused before training
-    optimizer, zeroth_order, layerwise = build_optimizer(recipe, model, accelerator)
+    optimizer, zeroth_order, _ = build_optimizer(recipe, model, accelerator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
-    engine = (build_engine(recipe, model, optimizer, zeroth_order, accelerator, loss_fn)
-              if recipe.offload.enabled else None)
-    if engine is not None:
-        stepped = optimizer
-    elif zeroth_order or layerwise:
-        model = model.to(accelerator.device)
-        stepped = optimizer
-    else:
-        model, stepped = accelerator.prepare(model, optimizer)
-    return Run(model=model, tokenizer=tokenizer, optimizer=stepped, inner_optimizer=optimizer,
-               scheduler=scheduler, train_batches=train_batches, eval_batches=eval_batches,
-               loss_fn=loss_fn, eval_fn=eval_fn, zeroth_order=zeroth_order, layerwise=layerwise,
-               generators=generators, engine=engine)
+    stepper = make_step(recipe, model, optimizer, zeroth_order, accelerator, loss_fn, eval_fn)
+    return Run(stepper=stepper, tokenizer=tokenizer, scheduler=scheduler, train_batches=train_batches,
+               eval_batches=eval_batches, generators=generators)
