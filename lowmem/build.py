@@ -140,16 +140,13 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     optimizer = create_optimizer(model, opt.name, target_modules=opt.target_modules, **hparams)
     if spec.zeroth_order and recipe.train.grad_accum != 1:
         raise ValueError("train.grad_accum: zeroth-order optimizers take one batch per step (set it to 1)")
-    if spec.zeroth_order and opt.layerwise:
-        raise ValueError("optim.layerwise: has no meaning for zeroth-order optimizers")
-    if opt.layerwise and not recipe.offload.enabled:  # the offload engine is layer-wise itself
-        from lowmem.optim.layerwise import LayerwiseOptimizer
+    if opt.layerwise:
+        from lowmem.optim.layerwise import LayerwiseOptimizer, check_layerwise
 
-        if accelerator.num_processes > 1:
-            raise ValueError("optim.layerwise: not supported with data parallel (updates would run before "
-                             "the gradient all-reduce)")
-        if recipe.train.mixed_precision == "fp16":
-            raise ValueError("optim.layerwise: not supported with train.mixed_precision=fp16 (loss scaling)")
+        check_layerwise("optim.layerwise", zeroth_order=spec.zeroth_order)
+    if opt.layerwise and not recipe.offload.enabled:  # the offload engine is layer-wise itself
+        check_layerwise("optim.layerwise", max_grad_norm=opt.max_grad_norm, processes=accelerator.num_processes,
+                        fp16=recipe.train.mixed_precision == "fp16")
         optimizer = LayerwiseOptimizer(optimizer, grad_accum_steps=recipe.train.grad_accum,
                                        max_grad_norm=opt.max_grad_norm)
     return optimizer, spec.zeroth_order, opt.layerwise and not recipe.offload.enabled

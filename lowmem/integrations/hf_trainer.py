@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
-from lowmem.optim.layerwise import LayerwiseOptimizer
+from lowmem.optim.layerwise import LayerwiseOptimizer, check_layerwise
 from lowmem.optim.registry import check_hparams, create_optimizer, is_zeroth_order
 from lowmem.steps import ZerothOrderStep
 
@@ -54,18 +54,6 @@ def _tensor_to_json(t: torch.Tensor) -> dict:
 
 def _tensor_from_json(d: dict) -> torch.Tensor:
     return torch.tensor(d["values"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
-
-
-def _check_layerwise(args) -> None:
-    """Layer-wise updates happen inside backward, before anything the loop does after it."""
-    if args.max_grad_norm and args.max_grad_norm > 0:
-        raise ValueError("LowMemCallback(layerwise=True): set TrainingArguments(max_grad_norm=0); clipping needs "
-                         "every gradient, but layer-wise mode applies and frees them during backward")
-    if args.world_size > 1:
-        raise ValueError("LowMemCallback(layerwise=True): not supported with data parallel (updates would run "
-                         "before the gradient all-reduce)")
-    if args.fp16:
-        raise ValueError("LowMemCallback(layerwise=True): not supported with fp16 (loss scaling); use bf16")
 
 
 class OptimizerFactory:
@@ -151,11 +139,11 @@ class LowMemCallback(TrainerCallback, ExportableState):
 
     @staticmethod
     def _make_layerwise(args, optimizer, inner) -> None:
-        _check_layerwise(args)
+        check_layerwise("LowMemCallback(layerwise=True)", zeroth_order=is_zeroth_order(inner),
+                        max_grad_norm=max(args.max_grad_norm or 0, 0), processes=args.world_size, fp16=args.fp16,
+                        clip_fix="set TrainingArguments(max_grad_norm=0)")
         if isinstance(inner, LayerwiseOptimizer):
             return
-        if is_zeroth_order(inner):
-            raise ValueError("LowMemCallback(layerwise=True): zeroth-order optimizers have no backward to hook")
         if optimizer is inner:
             raise ValueError("LowMemCallback(layerwise=True): expected the Trainer's accelerate-prepared optimizer")
         # the wrapper steps the layer-wise view; param_groups/state are the inner optimizer's own
