@@ -6,7 +6,6 @@ One function per part, composed by :func:`build_run`; the trainer only sees the 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -60,21 +59,22 @@ class Run:
         self.tokenizer.save_pretrained(directory)
 
 
-def lr_lambda(train: TrainSection) -> Callable[[int], float]:
-    """Warmup (linear from 0) then constant, linear or cosine decay to ``min_lr_ratio``."""
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train.lr_schedule`` as transformers' scheduler (linear warmup from 0 over ``warmup_steps``, then):
+    constant -> ``get_constant_schedule_with_warmup``; linear -> ``get_polynomial_decay_schedule_with_warmup``
+    with power 1 down to ``min_lr_ratio`` (``get_linear_schedule_with_warmup`` when it is 0); cosine ->
+    ``get_cosine_with_min_lr_schedule_with_warmup`` with ``min_lr_rate = min_lr_ratio``."""
+    import transformers.optimization as sched
+
     warm, total, floor = train.warmup_steps, train.steps, train.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        if train.lr_schedule == "constant":
-            return 1.0
-        if train.lr_schedule == "linear":
-            return 1.0 - (1.0 - floor) * progress
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    if train.lr_schedule == "constant" or floor == 1.0:
+        return sched.get_constant_schedule_with_warmup(optimizer, warm)
+    if train.lr_schedule == "cosine":
+        return sched.get_cosine_with_min_lr_schedule_with_warmup(optimizer, warm, total, min_lr_rate=floor)
+    if floor == 0.0:
+        return sched.get_linear_schedule_with_warmup(optimizer, warm, total)
+    lr = optimizer.defaults["lr"]  # the polynomial schedule takes the end LR in absolute terms
+    return sched.get_polynomial_decay_schedule_with_warmup(optimizer, warm, total, lr_end=lr * floor, power=1.0)
 
 
 def classification_train_loss(model, batch) -> torch.Tensor:
@@ -163,7 +163,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     if recipe.train.loss_chunk_tokens is not None:
         lm_body_and_head(model)  # a model it cannot reproduce is refused before training
     optimizer, zeroth_order, _ = build_optimizer(recipe, model, accelerator)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
+    scheduler = build_scheduler(optimizer, recipe.train)
     stepper = make_step(recipe, model, optimizer, zeroth_order, accelerator, loss_fn, eval_fn)
     return Run(stepper=stepper, tokenizer=tokenizer, scheduler=scheduler, train_batches=train_batches,
                eval_batches=eval_batches, generators=generators)
