@@ -3,7 +3,7 @@
 Model: the offline default's shapes (SmolLM2-135M-Instruct: config read from the GGUF
 header, weights randomly initialised, so no GGUF de-quantisation transient enters the
 peak), fp32, batch 2 x 256 random tokens. For each method, one fresh subprocess
-(``python -m lowmem.memory``) builds the model and optimizer and takes one training
+(``python -m lowmem.steps.measure``) builds the model and optimizer and takes one training
 step; its peak (CPU: peak RSS, ``ru_maxrss``; GPU: ``max_memory_allocated``, against a
 CUDA plan) is divided by the peak of a no-grad forward measured the same way. Like ``lowmem-train``, that process keeps
 glibc's mmap threshold fixed (:func:`lowmem.memory.fix_malloc_threshold`), so freed tensors
@@ -83,10 +83,10 @@ def base_recipe(batch: int, seq: int):
 
 
 def measure(recipe, forward: bool) -> dict:
-    """Run ``python -m lowmem.memory`` on ``recipe`` in a fresh process; its JSON report."""
+    """Run ``python -m lowmem.steps.measure`` on ``recipe`` in a fresh process; its JSON report."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(recipe.model_dump(), f)
-    cmd = [sys.executable, "-m", "lowmem.memory", f.name] + (["--forward"] if forward else [])
+    cmd = [sys.executable, "-m", "lowmem.steps.measure", f.name] + (["--forward"] if forward else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     Path(f.name).unlink()
     if out.returncode:

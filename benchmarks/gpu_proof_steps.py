@@ -13,7 +13,6 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
@@ -227,10 +226,9 @@ def _recipe(config: dict, tokens: tuple[int, int], dtype: str, optim: dict, mode
 
 def llama_step(s: Shapes) -> dict:
     from lowmem.activations import apply_activations
-    from lowmem.build import build_optimizer
-    from lowmem.memory import random_batch, training_step
     from lowmem.planner import model_config, plan
     from lowmem.step_trace import fake_model
+    from lowmem.steps.measure import recipe_step, sample_batch
 
     recipe = _recipe(s.llama, s.llama_tokens, "bfloat16",
                      {"name": "apollo_mini", "layerwise": True, "max_grad_norm": None},
@@ -245,11 +243,11 @@ def llama_step(s: Shapes) -> dict:
     with torch.device(s.device):
         model = fake_model(recipe.model, model_config(recipe.model))  # built on the device: cheap init
     apply_activations(model, recipe.activations, recipe.train.seed)
-    optimizer, zeroth_order, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
-    batch = random_batch(recipe, model.config.vocab_size, s.device)
-    step = median_time(lambda: training_step(recipe, model, optimizer, batch, zeroth_order), s.device, 1)
+    stepper, _ = recipe_step(recipe, model, s.device)  # the trainer's step object, one process
+    batch = sample_batch(recipe, model.config.vocab_size, s.device)
+    step = median_time(lambda: stepper.step(lambda micro: batch), s.device, 1)
     measured = torch.cuda.max_memory_allocated() - base if s.device == "cuda" else None
-    del model, optimizer
+    del model, stepper
     free(s.device)
     out = {"predicted_GiB": predicted.peak_bytes / 2**30, "plan_s": plan_s, "step_s": step,
            "parts_GiB": {k: v / 2**30 for k, v in predicted.parts.items() if v}}

@@ -6,7 +6,6 @@ One function per part, composed by :func:`build_run`; the trainer only sees the 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from lowmem.models import load_model, load_tokenizer
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
 from lowmem.recipe import Recipe, TrainSection
+from lowmem.steps import Step, make_step
 
 
 def lm_metrics(model, batch, chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
@@ -38,40 +38,66 @@ def classification_metrics(model, batch) -> dict[str, torch.Tensor]:
 
 @dataclass
 class Run:
-    model: torch.nn.Module
+    stepper: Step            # how a step runs (lowmem.steps): model, optimizer, loss, eval, checkpoint parts
     tokenizer: object
-    optimizer: torch.optim.Optimizer          # what the loop steps (maybe accelerate-wrapped)
-    inner_optimizer: torch.optim.Optimizer    # what a checkpoint saves
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_batches: PackedBatches
     eval_batches: list[dict[str, torch.Tensor]]
-    loss_fn: Callable        # (model, batch) -> scalar loss
-    eval_fn: Callable        # (model, batch) -> {"eval_loss": ..., ...}
-    zeroth_order: bool = False
-    layerwise: bool = False
     generators: dict[str, torch.Generator] = field(default_factory=dict)
-    engine: object | None = None              # the offload engine (ZO2 or first-order), when offload.enabled
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.stepper.model
+
+    @property
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """What a checkpoint saves and the scheduler drives."""
+        return self.stepper.inner_optimizer
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
 
 
-def lr_lambda(train: TrainSection) -> Callable[[int], float]:
-    """Warmup (linear from 0) then constant, linear or cosine decay to ``min_lr_ratio``."""
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train.lr_schedule`` as transformers' scheduler (linear warmup from 0 over ``warmup_steps``, then):
+    constant -> ``get_constant_schedule_with_warmup``; linear -> ``get_polynomial_decay_schedule_with_warmup``
+    with power 1 down to ``min_lr_ratio`` (``get_linear_schedule_with_warmup`` when it is 0); cosine ->
+    ``get_cosine_with_min_lr_schedule_with_warmup`` with ``min_lr_rate = min_lr_ratio``."""
+    import transformers.optimization as sched
+
     warm, total, floor = train.warmup_steps, train.steps, train.min_lr_ratio
+    if train.lr_schedule == "constant" or floor == 1.0:
+        return sched.get_constant_schedule_with_warmup(optimizer, warm)
+    if train.lr_schedule == "cosine":
+        return sched.get_cosine_with_min_lr_schedule_with_warmup(optimizer, warm, total, min_lr_rate=floor)
+    if floor == 0.0:
+        return sched.get_linear_schedule_with_warmup(optimizer, warm, total)
+    lr = optimizer.defaults["lr"]  # the polynomial schedule takes the end LR in absolute terms
+    return sched.get_polynomial_decay_schedule_with_warmup(optimizer, warm, total, lr_end=lr * floor, power=1.0)
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        if train.lr_schedule == "constant":
-            return 1.0
-        if train.lr_schedule == "linear":
-            return 1.0 - (1.0 - floor) * progress
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return factor
+def classification_train_loss(model, batch) -> torch.Tensor:
+    return classification_loss(model, batch)[0]
+
+
+# data.task -> (train.* -> (loss_fn, eval_fn)): the run's objective, also what the planner traces
+OBJECTIVES = {
+    "lm": lambda tr: (lm_loss(tr), functools.partial(lm_metrics, chunk_tokens=tr.loss_chunk_tokens)),
+    "classification": lambda tr: (classification_train_loss, classification_metrics),
+}
+
+
+def objective(recipe: Recipe) -> tuple[Callable, Callable]:
+    """``(loss_fn, eval_fn)`` of ``data.task``: ``(model, batch) -> loss`` and ``-> {"eval_loss": ...}``."""
+    return OBJECTIVES[recipe.data.task](recipe.train)
+
+
+def candidate_collator(recipe: Recipe, tokenizer) -> CandidateCollator:
+    """The collator of ``data.task: classification`` (rows of at most ``train.seq_len`` tokens)."""
+    cls = recipe.data.classification
+    return CandidateCollator(tokenizer, [cls.candidates[k] for k in cls.candidates], cls.template,
+                             recipe.train.seq_len)
 
 
 def _lm_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
@@ -79,20 +105,18 @@ def _lm_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
     train_rows = pack_tokens(train_docs, tokenizer, tr.seq_len, "data.path")
     eval_rows = pack_tokens(eval_docs, tokenizer, tr.seq_len, recipe.data.eval_path or "data.path (eval split)")
     evals = [{"input_ids": b, "labels": b.clone()} for b in eval_rows[: tr.eval_batches * tr.batch_size].split(tr.batch_size)]
-    return (PackedBatches(train_rows, tr.batch_size, tr.seed), evals, lm_loss(tr),
-            functools.partial(lm_metrics, chunk_tokens=tr.loss_chunk_tokens))
+    return PackedBatches(train_rows, tr.batch_size, tr.seed), evals
 
 
 def _classification_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
-    tr, cls = recipe.train, recipe.data.classification
-    labels = list(cls.candidates)
-    collator = CandidateCollator(tokenizer, [cls.candidates[k] for k in labels], cls.template, tr.seq_len)
+    tr = recipe.train
+    labels = list(recipe.data.classification.candidates)
+    collator = candidate_collator(recipe, tokenizer)
     train = label_examples(train_docs, labels, recipe.data.path)
     held = label_examples(eval_docs, labels, recipe.data.eval_path or recipe.data.path)
     held = held[: tr.eval_batches * tr.batch_size]
     evals = [collator(held[i:i + tr.batch_size]) for i in range(0, len(held), tr.batch_size)]
-    return (CandidateBatches(train, collator, tr.batch_size, tr.seed), evals,
-            lambda model, batch: classification_loss(model, batch)[0], classification_metrics)
+    return CandidateBatches(train, collator, tr.batch_size, tr.seed), evals
 
 
 DATA_BUILDERS = {"lm": _lm_data, "classification": _classification_data}
@@ -101,7 +125,7 @@ DATA_BUILDERS = {"lm": _lm_data, "classification": _classification_data}
 def build_data(recipe: Recipe, tokenizer):
     """Return (train batches, eval batches, loss_fn, eval_fn) for ``data.task``."""
     train_docs, eval_docs = split_documents(recipe.data, recipe.train.seed)
-    return DATA_BUILDERS[recipe.data.task](recipe, tokenizer, train_docs, eval_docs)
+    return (*DATA_BUILDERS[recipe.data.task](recipe, tokenizer, train_docs, eval_docs), *objective(recipe))
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Accelerator):
@@ -116,36 +140,16 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     optimizer = create_optimizer(model, opt.name, target_modules=opt.target_modules, **hparams)
     if spec.zeroth_order and recipe.train.grad_accum != 1:
         raise ValueError("train.grad_accum: zeroth-order optimizers take one batch per step (set it to 1)")
-    if spec.zeroth_order and opt.layerwise:
-        raise ValueError("optim.layerwise: has no meaning for zeroth-order optimizers")
-    if opt.layerwise and not recipe.offload.enabled:  # the offload engine is layer-wise itself
-        from lowmem.optim.layerwise import LayerwiseOptimizer
+    if opt.layerwise:
+        from lowmem.optim.layerwise import LayerwiseOptimizer, check_layerwise
 
-        if accelerator.num_processes > 1:
-            raise ValueError("optim.layerwise: not supported with data parallel (updates would run before "
-                             "the gradient all-reduce)")
-        if recipe.train.mixed_precision == "fp16":
-            raise ValueError("optim.layerwise: not supported with train.mixed_precision=fp16 (loss scaling)")
+        check_layerwise("optim.layerwise", zeroth_order=spec.zeroth_order)
+    if opt.layerwise and not recipe.offload.enabled:  # the offload engine is layer-wise itself
+        check_layerwise("optim.layerwise", max_grad_norm=opt.max_grad_norm, processes=accelerator.num_processes,
+                        fp16=recipe.train.mixed_precision == "fp16")
         optimizer = LayerwiseOptimizer(optimizer, grad_accum_steps=recipe.train.grad_accum,
                                        max_grad_norm=opt.max_grad_norm, model=model)
     return optimizer, spec.zeroth_order, opt.layerwise and not recipe.offload.enabled
-
-
-def build_engine(recipe: Recipe, model, optimizer, zeroth_order: bool, accelerator: Accelerator,
-                 loss_fn: Callable):
-    """The offload engine (lowmem.offload) driving ``model``: ZO2 for MeZO (the LM objective is the engine's
-    own, any other, classification, goes through ``loss_fn``), else the first-order one (LM objective)."""
-    from lowmem.offload.engine import ZO2Engine
-    from lowmem.offload.firstorder import FirstOrderEngine
-
-    if accelerator.num_processes > 1:
-        raise ValueError("offload.enabled: the offload engines run on one process")
-    if zeroth_order:
-        return ZO2Engine(model, optimizer, recipe.offload, loss_fn=None if recipe.data.task == "lm" else loss_fn)
-    if recipe.data.task != "lm":
-        raise ValueError("offload.enabled: the first-order offload engine trains the LM objective only "
-                         "(data.task: lm)")
-    return FirstOrderEngine(model, optimizer, recipe.offload, device_budget_gb=recipe.train.device_memory_gb)
 
 
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
@@ -158,18 +162,8 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
         generators["wta_crs"] = sampler
     if recipe.train.loss_chunk_tokens is not None:
         lm_body_and_head(model)  # a model it cannot reproduce is refused before training
-    optimizer, zeroth_order, layerwise = build_optimizer(recipe, model, accelerator)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
-    engine = (build_engine(recipe, model, optimizer, zeroth_order, accelerator, loss_fn)
-              if recipe.offload.enabled else None)
-    if engine is not None:
-        stepped = optimizer
-    elif zeroth_order or layerwise:
-        model = model.to(accelerator.device)
-        stepped = optimizer
-    else:
-        model, stepped = accelerator.prepare(model, optimizer)
-    return Run(model=model, tokenizer=tokenizer, optimizer=stepped, inner_optimizer=optimizer,
-               scheduler=scheduler, train_batches=train_batches, eval_batches=eval_batches,
-               loss_fn=loss_fn, eval_fn=eval_fn, zeroth_order=zeroth_order, layerwise=layerwise,
-               generators=generators, engine=engine)
+    optimizer, zeroth_order, _ = build_optimizer(recipe, model, accelerator)
+    scheduler = build_scheduler(optimizer, recipe.train)
+    stepper = make_step(recipe, model, optimizer, zeroth_order, accelerator, loss_fn, eval_fn)
+    return Run(stepper=stepper, tokenizer=tokenizer, scheduler=scheduler, train_batches=train_batches,
+               eval_batches=eval_batches, generators=generators)

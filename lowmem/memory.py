@@ -4,10 +4,9 @@ Measured, never estimated: state bytes are summed over the optimizer's own
 tensors (``optimizer.state``), peak RSS comes from the kernel (``ru_maxrss``),
 saved-activation bytes from ``torch.autograd.graph.saved_tensors_hooks``.
 
-:func:`training_step` is the one step whose memory is measured here and predicted
-by :mod:`lowmem.planner` (which runs the same function on fake tensors);
-``python -m lowmem.memory RECIPE.yaml [--forward]`` measures it in a fresh process
-(:func:`measure_step`) and prints JSON.
+This module only measures: the step whose memory is measured and predicted is the trainer's own
+(:mod:`lowmem.steps`); ``python -m lowmem.steps.measure RECIPE.yaml [--forward]`` measures one in a
+fresh process, and :mod:`lowmem.planner` traces the same step on fake tensors.
 
 Both that process and ``lowmem-train`` first call :func:`fix_malloc_threshold`, so that on
 glibc the memory of a freed tensor goes back to the OS and peak RSS follows the live tensors
@@ -19,16 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import resource
 import sys
-from types import SimpleNamespace
-from typing import Callable
 
 import torch
-
-from lowmem.dtypes import AUTOCAST_DTYPES
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -139,96 +133,3 @@ class SavedTensorMeter:
     def measure(self):
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield self
-
-
-def _autocast(recipe, device_type: str):
-    dtype = AUTOCAST_DTYPES.get(recipe.train.mixed_precision)
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
-
-
-def recipe_loss(recipe, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The run's LM loss (:func:`lowmem.build.lm_loss`: chunked when ``train.loss_chunk_tokens``)."""
-    from lowmem.build import lm_loss
-
-    return lm_loss(recipe.train)(model, batch)
-
-
-def training_step(recipe, model: torch.nn.Module, optimizer, batch: dict[str, torch.Tensor],
-                  zeroth_order: bool, on_phase: Callable[[str], None] = lambda phase: None) -> None:
-    """One optimizer step of ``recipe`` on one micro-batch, as the trainer takes it:
-    forward, backward, clip (first order, not layer-wise), ``step``, ``zero_grad``; or
-    ``step(closure)`` with a no-grad forward (zeroth order). ``on_phase`` is told
-    "forward", "backward", "step" as each begins (the planner labels memory by phase)."""
-    device_type = batch["input_ids"].device.type
-    if zeroth_order:
-        on_phase("forward")
-
-        def closure():
-            with torch.no_grad(), _autocast(recipe, device_type):
-                return recipe_loss(recipe, model, batch)
-
-        optimizer.step(closure)
-        return
-    on_phase("forward")
-    with _autocast(recipe, device_type):
-        loss = recipe_loss(recipe, model, batch)
-    on_phase("backward")
-    loss.backward()
-    del loss
-    on_phase("step")
-    if recipe.optim.max_grad_norm and not recipe.optim.layerwise:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def no_grad_forward(recipe, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    """The reference every step peak is compared with: one forward without autograd."""
-    with torch.no_grad(), _autocast(recipe, batch["input_ids"].device.type):
-        model(**batch, use_cache=False)
-
-
-def random_batch(recipe, vocab_size: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """A (batch_size, seq_len) batch of token ids with labels, from a fixed generator."""
-    gen = torch.Generator().manual_seed(recipe.train.seed)
-    ids = torch.randint(0, vocab_size, (recipe.train.batch_size, recipe.train.seq_len), generator=gen)
-    return {"input_ids": ids.to(device), "labels": ids.to(device)}
-
-
-def measure_step(recipe, forward_only: bool = False) -> dict:
-    """Build ``recipe``'s model (``model.config`` or loaded, with its ``activations`` section
-    applied) and optimizer, take one
-    :func:`training_step` (or one no-grad forward) and report measured bytes: RSS
-    after the imports (the runtime baseline), peak RSS, parameters, gradients (just
-    before ``step``), optimizer state, and the CUDA peak when on a GPU.
-    Run it in a fresh process (``python -m lowmem.memory``) so the peak is this step's."""
-    from lowmem.activations import apply_activations
-    from lowmem.build import build_optimizer
-    from lowmem.models import load_model
-
-    baseline = current_rss_bytes()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(recipe.model).to(device)
-    apply_activations(model, recipe.activations, recipe.train.seed)  # WTA-CRS, lean modules: as the trainer
-    batch = random_batch(recipe, model.config.vocab_size, device)
-    params = {id(p): p for p in model.parameters()}.values()
-    out = {"baseline_rss": baseline, "param_bytes": sum(tensor_bytes(p) for p in params), "grad_bytes": 0}
-    if forward_only:
-        no_grad_forward(recipe, model, batch)
-    else:
-        optimizer, zeroth_order, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
-
-        def on_phase(phase: str) -> None:
-            if phase == "step":
-                out["grad_bytes"] = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
-
-        training_step(recipe, model, optimizer, batch, zeroth_order, on_phase)
-        out["state_bytes"] = state_bytes(optimizer)
-    return {**out, "peak_rss": peak_rss_bytes(), "cuda_peak": cuda_peak_bytes()}
-
-
-if __name__ == "__main__":
-    fix_malloc_threshold()
-    from lowmem.recipe import load_recipe
-
-    print(json.dumps(measure_step(load_recipe(sys.argv[1]), forward_only="--forward" in sys.argv[2:])))

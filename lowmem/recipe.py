@@ -143,8 +143,10 @@ class TrainSection(_Section):
     batch_size: int = Field(4, ge=1, description="Sequences per micro-batch (per process)")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step")
     seq_len: int = Field(256, ge=8, description="Tokens per packed sequence")
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup (transformers' "
+                                   "constant/polynomial(power 1)/cosine_with_min_lr schedules)")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from LR 0 over these steps "
+                              "(transformers' schedulers: the first step has LR 0)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (linear/cosine)")
     mixed_precision: Literal["auto"] | MixedPrecision = Field(
         "no", description="Autocast (weights keep model.dtype); auto: bf16 where this machine multiplies bf16 "

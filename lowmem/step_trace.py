@@ -2,15 +2,21 @@
 
 The model is built from its config alone under ``FakeTensorMode``: tensors carry shapes and
 dtypes but no storage. The real optimizer (:func:`lowmem.build.build_optimizer`) is built on
-it and the trainer's own step (:func:`lowmem.memory.training_step`) runs on it, while a
-dispatch mode (:class:`_LiveBytes`) counts the bytes of every live tensor storage (freed
-storages are subtracted through weak-reference finalizers). So the parameter, gradient and
-optimizer-state parts are the real tensors' byte counts, and activations (sequence length,
-batch, gradient checkpointing, WTA-CRS, autocast) follow from the real forward/backward code.
+it and the trainer's own step object (:mod:`lowmem.steps`, through
+:func:`lowmem.steps.measure.recipe_step`) runs on it, while a dispatch mode (:class:`_LiveBytes`)
+counts the bytes of every live tensor storage (freed storages are subtracted through
+weak-reference finalizers). So the parameter, gradient and optimizer-state parts are the real
+tensors' byte counts, and activations (sequence length, batch, gradient checkpointing, WTA-CRS,
+autocast) follow from the real forward/backward code.
 
-The loss is the run's own (:func:`lowmem.memory.recipe_loss`), so a chunked loss
-(``train.loss_chunk_tokens``: checkpointed chunks, logits recomputed in backward) is
-traced as it runs, not modelled.
+What the trainer's step does is traced as it runs, not modelled: the recipe's objective
+(``data.task``: the LM loss, a chunked ``train.loss_chunk_tokens`` one included, or candidate
+classification), ``train.grad_accum`` micro-batches, eval mode and fp32 forwards of a
+zeroth-order step, the run's autocast, the gradient-norm clipping.
+
+The micro-batch (:func:`lowmem.steps.measure.sample_batch`) holds real tensors: an op whose tensor
+inputs are all real runs for real, so the batch's own data-dependent values (a classification
+batch's option lengths and padding) are exact.
 
 The peak is the largest live total, split at that moment into weights, gradients, optimizer
 states, activations (forward/backward tensors) and step temporaries (allocated by
@@ -20,7 +26,7 @@ CUDA: the 8-bit kernels run in Triton, fused: the step writes in place and (de)q
 allocates only its outputs. Fake tensors take the CPU reference path, so for a CUDA trace
 those reference functions are replaced by stubs that allocate just that (:func:`_kernels`).
 
-Data-dependent values on fake tensors: ``.item()`` reads 1; ``torch.unique`` returns its
+Data-dependent values of fake tensors: ``.item()`` reads 1; ``torch.unique`` returns its
 largest possible size (WTA-CRS stores at most k rows), so WTA-CRS activations are an
 upper bound.
 """
@@ -31,15 +37,15 @@ import contextlib
 import functools
 import itertools
 import weakref
-from types import SimpleNamespace
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import (DynamicOutputShapeException, FakeTensor, FakeTensorMode,
+                                          unset_fake_temporarily)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from lowmem.memory import no_grad_forward, random_batch, tensor_bytes, training_step
+from lowmem.memory import tensor_bytes
 from lowmem.recipe import Recipe
 
 PARTS = ("runtime", "weights", "gradients", "optimizer_states", "activations", "step_temporaries",
@@ -90,12 +96,17 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default:
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if tensors and not any(isinstance(t, FakeTensor) for t in tensors):  # the batch's own values: exact
+            with unset_fake_temporarily():
+                out = func(*args, **kwargs)
+        elif func is torch.ops.aten._local_scalar_dense.default:
             return 1  # .item() on a fake tensor: any plain value takes the ordinary code path
-        try:
-            out = func(*args, **kwargs)
-        except DynamicOutputShapeException:
-            out = self._largest_output(func, args, kwargs)
+        else:
+            try:
+                out = func(*args, **kwargs)
+            except DynamicOutputShapeException:
+                out = self._largest_output(func, args, kwargs)
         for t in tree_flatten(out)[0]:
             self.add(t)
         return out
@@ -126,9 +137,10 @@ def fake_model(section, config):
 
 
 def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
-    """Model (+ WTA-CRS, lean modules) and optimizer built by the engine's own functions, on fake tensors."""
+    """Model (+ WTA-CRS, lean modules), optimizer and the trainer's step object, built by the engine's
+    own functions on fake tensors."""
     from lowmem.activations import apply_activations
-    from lowmem.build import build_optimizer
+    from lowmem.steps.measure import recipe_step
 
     model = fake_model(recipe.model, config)
     apply_activations(model, recipe.activations, recipe.train.seed)
@@ -143,10 +155,11 @@ def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
 
     for p in trainable:  # before the layer-wise hooks, which update the parameter and free its gradient
         p.register_post_accumulate_grad_hook(gradient_done)
-    optimizer, zeroth_order, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
+    stepper, zeroth_order = recipe_step(recipe, model)
     for p in trainable:  # after them: back to backward
         p.register_post_accumulate_grad_hook(lambda p: setattr(tracker, "phase", "backward"))
-    return model, optimizer, zeroth_order
+    stepper.on_phase = lambda phase: setattr(tracker, "phase", phase)
+    return stepper, zeroth_order
 
 
 @contextlib.contextmanager
@@ -186,22 +199,24 @@ def _kernels(device: str):
 
 def trace_step(recipe: Recipe, config, batch_factor: int = 1, forward_only: bool = False,
                device: str = "cpu") -> tuple[dict[str, int], dict[str, int]]:
-    """(bytes by part at the peak, totals) of one :func:`training_step` (or one no-grad forward)
-    on fake tensors, with ``device``'s kernels."""
+    """(bytes by part at the peak, totals) of one step of the trainer's step object (or one no-grad
+    forward) on fake tensors, with ``device``'s kernels; the micro-batch's rows repeated ``batch_factor`` times."""
+    from lowmem.steps.measure import no_grad_forward, sample_batch
+
+    batch = {k: v.repeat(batch_factor, *[1] * (v.dim() - 1))
+             for k, v in sample_batch(recipe, config.vocab_size).items()}
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = _LiveBytes(fake)
     with fake, _kernels(device):
-        model, optimizer, zeroth_order = _build_on_fake(recipe, config, tracker)
-        batch = random_batch(recipe, config.vocab_size)
-        batch = {k: v.repeat(batch_factor, 1) for k, v in batch.items()}
+        stepper, zeroth_order = _build_on_fake(recipe, config, tracker)
+        model, optimizer = stepper.model, stepper.inner_optimizer
         weights = tracker.by_part["weights"]
         with tracker:
             tracker.phase = "forward"
             if forward_only:
                 no_grad_forward(recipe, model, batch)
             else:
-                training_step(recipe, model, optimizer, batch, zeroth_order,
-                              on_phase=lambda phase: setattr(tracker, "phase", phase))
+                stepper.step(lambda micro: batch)
         states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         for t in {tracker.token(v): v for v in states}.values():
             _state_at_peak(tracker, t)

@@ -1,11 +1,8 @@
 """The training loop: recipe -> model, data, optimizer -> steps -> metrics, checkpoints, model.
 
-Short and linear (nanoGPT's train.py is the model). One step is one of:
-
-* first order  : forward/backward over ``grad_accum`` micro-batches, clip, ``optimizer.step()``;
-* layer-wise   : the same, but each parameter is updated inside backward (LayerwiseOptimizer);
-* offloaded    : ``engine.step(closure)`` streams the blocks and steps each on the host (lowmem.offload);
-* zeroth order : ``optimizer.step(closure)``; the closure runs a no-grad forward (MeZO, ZO-AdaMU).
+Short and linear (nanoGPT's train.py is the model). How one step runs (first order, layer-wise,
+zeroth order, ZO2, first-order offload) is the run's step object (:mod:`lowmem.steps`, chosen once
+by :func:`lowmem.build.build_run`); the loop only feeds it micro-batches and reads the loss back.
 
 A non-finite loss or gradient skips the step without touching the optimizer
 (it is counted and logged); ``train.max_bad_steps`` in a row stop the run with
@@ -16,10 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
-import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,6 +27,7 @@ from lowmem.build import build_run
 from lowmem.integrations.deepspeed import refuse_deepspeed_launch
 from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
 from lowmem.recipe import Recipe
+from lowmem.steps import eval_mode
 
 
 class TrainingStopped(RuntimeError):
@@ -63,75 +58,19 @@ class Trainer:
         return {k: v.to(acc.device) for k, v in self.run.train_batches.batch(position).items()}
 
     # ---------------------------------------------------------------- steps
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=self.accelerator.device)
-        return self.accelerator.reduce(bad, "sum").item() == 0
-
-    def first_order_step(self) -> tuple[float, float | None]:
-        """Returns (mean loss, grad norm); NaN loss if the step was skipped."""
-        run, acc, tr = self.run, self.accelerator, self.recipe.train
-        if run.engine is not None:  # first-order offload: every block stepped on the host inside backward
-            closures = [lambda m=m: run.loss_fn(run.model, self.micro_batch(m)) for m in range(tr.grad_accum)]
-            loss, nonfinite = run.engine.step(closures, acc.autocast)
-            return (math.nan if nonfinite or not math.isfinite(float(loss)) else float(loss)), None
-        total = 0.0
-        for micro in range(tr.grad_accum):
-            batch = self.micro_batch(micro)
-            sync = micro == tr.grad_accum - 1
-            with nullcontext() if sync else acc.no_sync(run.model):
-                with acc.autocast():
-                    loss = run.loss_fn(run.model, batch)
-                if not self._all_finite(loss.detach()):
-                    run.optimizer.zero_grad(set_to_none=True)
-                    return math.nan, None
-                acc.backward(loss / tr.grad_accum)
-            total += loss.item() / tr.grad_accum
-        if run.layerwise:  # updates already happened inside backward; NaN/Inf grads were dropped
-            nonfinite = run.optimizer.take_nonfinite()
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            return (math.nan if nonfinite else total), None
-        max_norm = self.recipe.optim.max_grad_norm or float("inf")
-        norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
-        if not torch.isfinite(torch.as_tensor(norm)):
-            run.optimizer.zero_grad(set_to_none=True)
-            return math.nan, float(norm)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        return total, float(norm)
-
-    def zeroth_order_step(self) -> tuple[float, None]:
-        run, acc = self.run, self.accelerator
-        batch = self.micro_batch(0)
-        # fp32 forwards by default: under autocast the finite difference drowns in rounding (issue #9)
-        autocast = nullcontext if getattr(run.optimizer, "fp32_forward", False) else acc.autocast
-
-        def closure():
-            with torch.no_grad(), autocast():
-                return run.loss_fn(run.model, batch)
-
-        was_training = run.model.training
-        run.model.eval()  # no dropout noise in the finite difference (MeZO's trainer, ZO2 and ZOTrainer alike)
-        try:
-            loss = run.engine.step(batch) if run.engine is not None else run.optimizer.step(closure)
-        finally:
-            run.model.train(was_training)
-        return (math.nan if run.optimizer.last_step_skipped else float(loss)), None
-
     def train_step(self) -> dict:
+        """One step attempt of the run's step object (lowmem.steps); a NaN loss means it was skipped."""
         t0 = time.perf_counter()
-        loss, norm = self.zeroth_order_step() if self.run.zeroth_order else self.first_order_step()
+        loss, norm = self.run.stepper.step(self.micro_batch)
         self.attempt += 1
-        record = {"step": self.step + 1, "loss": loss, "lr": self.run.optimizer.param_groups[0]["lr"]}
+        record = {"step": self.step + 1, "loss": loss, "lr": self.run.inner_optimizer.param_groups[0]["lr"]}
         if math.isnan(loss):
             self.bad_in_row += 1
             self.bad_total += 1
             return {**record, "step": self.step, "skipped": True, "bad_steps": self.bad_total}
         self.bad_in_row = 0
         self.step += 1
-        with warnings.catch_warnings():  # the ZO2 engine steps without optimizer.step()
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-            self.run.scheduler.step()
+        self.run.scheduler.step()
         tokens = self.run.train_batches.tokens_per_batch() * self.recipe.train.grad_accum
         record["tokens_per_s"] = tokens * self.accelerator.num_processes / (time.perf_counter() - t0)
         if norm is not None:
@@ -139,27 +78,18 @@ class Trainer:
         return record
 
     # ---------------------------------------------------------------- eval
-    def _eval_metrics(self, batch) -> dict[str, torch.Tensor]:
-        run = self.run
-        if run.engine is not None:  # flushes the deferred update first
-            return run.engine.evaluate(run.eval_fn, batch)
-        with self.accelerator.autocast():
-            return run.eval_fn(run.model, batch)
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean of each eval metric over the eval batches (split across processes)."""
         run, acc = self.run, self.accelerator
-        was_training = run.model.training
-        run.model.eval()
         sums: dict[str, torch.Tensor] = {}
         count = torch.zeros((), device=acc.device)
-        for i in range(acc.process_index, len(run.eval_batches), acc.num_processes):
-            batch = {k: v.to(acc.device) for k, v in run.eval_batches[i].items()}
-            for name, value in self._eval_metrics(batch).items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
-            count += 1
-        run.model.train(was_training)
+        with eval_mode(run.model):
+            for i in range(acc.process_index, len(run.eval_batches), acc.num_processes):
+                batch = {k: v.to(acc.device) for k, v in run.eval_batches[i].items()}
+                for name, value in run.stepper.evaluate(batch).items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+                count += 1
         total = acc.reduce(torch.stack([*sums.values(), count]), "sum")
         return {name: (total[i] / total[-1]).item() for i, name in enumerate(sums)}
 
@@ -170,23 +100,14 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def save(self) -> None:
-        run, extra = self.run, {"attempt": self.attempt, "bad_total": self.bad_total}
-        full_state = nullcontext()
-        if run.engine is not None:  # weights from the block store; the deferred update travels in extra
-            weights = {n: t for n, t in run.engine.model_state_dict().items() if n in self._trainable_names()}
-            if run.zeroth_order:
-                engine_state = run.engine.state_dict()
-                extra["zo2"] = {k: engine_state[k] for k in ("steps", "pending")}
-            else:  # first-order offload: the blocks' optimizer state is read back from NVMe meanwhile
-                extra["offload"] = {"steps": run.engine.steps}
-                full_state = run.engine.full_state()
-            where = {"weights": weights, "extra": extra}
-        else:
-            where = {"model": self.accelerator.unwrap_model(run.model), "extra": extra}
+        stepper = self.run.stepper
+        where = stepper.save_kwargs()  # the weights (model or engine's) and the step's extra
+        where["extra"].update(attempt=self.attempt, bad_total=self.bad_total)
         generator_states = self._generator_states()  # a collective: before the rank-0-only write
         if self.accelerator.is_main_process:
-            with full_state:
-                ckpt.save_checkpoint(self.out, self.step, optimizer=run.inner_optimizer, scheduler=run.scheduler,
+            with stepper.saving():
+                ckpt.save_checkpoint(self.out, self.step, optimizer=stepper.inner_optimizer,
+                                     scheduler=self.run.scheduler,
                                      generator_states=generator_states,
                                      keep_last=self.recipe.train.keep_checkpoints, **where)
         self.accelerator.wait_for_everyone()
@@ -203,35 +124,16 @@ class Trainer:
                 states[name] = [state]
         return states
 
-    def _trainable_names(self) -> set[str]:
-        return {n for n, p in self.run.model.named_parameters() if p.requires_grad}
-
-    def _load_engine_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Full engine state with the checkpoint's trainable tensors, tied aliases included."""
-        state = self.run.engine.model_state_dict()
-        first = {}
-        for name, p in self.run.model.named_parameters(remove_duplicate=False):
-            first.setdefault(id(p), name)
-            if first[id(p)] in weights:
-                state[name] = weights[first[id(p)]]
-        self.run.engine.load_model_state_dict(state)
-
     def restore(self) -> bool:
-        run = self.run
+        stepper = self.run.stepper
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             return False
-        target = ({"load_weights": self._load_engine_weights} if run.engine is not None
-                  else {"model": self.accelerator.unwrap_model(run.model)})
-        first_order_engine = run.engine is not None and not run.zeroth_order
-        with run.engine.loading_state() if first_order_engine else nullcontext():  # block states to host/NVMe
-            extra = ckpt.load_checkpoint(path, optimizer=run.inner_optimizer, scheduler=run.scheduler,
-                                         generators=run.generators, rank=self.accelerator.process_index,
-                                         world_size=self.accelerator.num_processes, **target)
-        if first_order_engine:
-            run.engine.steps = extra["offload"]["steps"]
-        elif run.engine is not None:
-            run.engine.load_state_dict({**extra["zo2"], "optimizer": run.inner_optimizer.state_dict()})
+        with stepper.loading():
+            extra = ckpt.load_checkpoint(path, optimizer=stepper.inner_optimizer, scheduler=self.run.scheduler,
+                                         generators=self.run.generators, rank=self.accelerator.process_index,
+                                         world_size=self.accelerator.num_processes, **stepper.load_kwargs())
+        stepper.restore(extra)
         self.step, self.attempt, self.bad_total = extra["step"], extra["attempt"], extra["bad_total"]
         metrics = self.out / "metrics.jsonl"
         if self.accelerator.is_main_process and metrics.exists():  # drop records past the checkpoint
@@ -287,8 +189,7 @@ class Trainer:
             "optimizer_state_mb": round(state_bytes(self.run.inner_optimizer) / 2**20, 3),
             "optimizer": self.recipe.optim.name,
         }
-        if self.run.engine is not None:  # flush the last deferred update, blocks back into the model
-            self.run.engine.close()
+        self.run.stepper.close()  # the last deferred update flushed, offloaded blocks back into the model
         if self.accelerator.is_main_process:
             if self.recipe.output.save_model:
                 self.run.save_model(self.accelerator.unwrap_model(self.run.model), self.out / "model")

@@ -18,11 +18,12 @@ from types import SimpleNamespace
 
 def forward_peak(recipe) -> dict:
     """Peak RSS of one no-grad forward of the whole model held in memory (after loading it)."""
-    from lowmem.memory import no_grad_forward, random_batch, reset_peak_rss, window_peak_rss_bytes
+    from lowmem.memory import reset_peak_rss, window_peak_rss_bytes
+    from lowmem.steps.measure import no_grad_forward, sample_batch
     from lowmem.models import load_model
 
     model = load_model(recipe.model)
-    batch = random_batch(recipe, model.config.vocab_size)
+    batch = sample_batch(recipe, model.config.vocab_size)
     reset_peak_rss()
     t0 = time.perf_counter()
     no_grad_forward(recipe, model, batch)
@@ -31,7 +32,8 @@ def forward_peak(recipe) -> dict:
 
 def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
     from lowmem.build import build_optimizer, lm_loss
-    from lowmem.memory import current_rss_bytes, random_batch, reset_peak_rss, state_bytes, window_peak_rss_bytes
+    from lowmem.memory import current_rss_bytes, reset_peak_rss, state_bytes, window_peak_rss_bytes
+    from lowmem.steps.measure import sample_batch
     from lowmem.models import load_model
     from lowmem.offload.firstorder import FirstOrderEngine
     from lowmem.optim.layerwise import LayerwiseOptimizer
@@ -45,7 +47,7 @@ def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
         optimizer = optimizer if isinstance(optimizer, LayerwiseOptimizer) else LayerwiseOptimizer(optimizer)
     else:
         engine = FirstOrderEngine(model, optimizer, recipe.offload, device="cpu")
-    batch = random_batch(recipe, model.config.vocab_size)
+    batch = sample_batch(recipe, model.config.vocab_size)
     reset_peak_rss()
     times, losses = [], []
     for _ in range(steps):

@@ -13,12 +13,11 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from lowmem.memory import random_batch, state_bytes, tensor_bytes, training_step
+from lowmem.memory import state_bytes, tensor_bytes
 from lowmem.planner import config_section, format_plan, model_config, plan, refusal, trace_step, with_overrides
 from lowmem.recipe import ModelSection, recipe_from_dict
 
@@ -43,11 +42,11 @@ def make_recipe(tmp_path, *overrides, config=MEDIUM, batch=2, seq=128):
 
 def measure_in_process(recipe) -> dict:
     """Real tensors: parameter bytes, gradient bytes before step, state bytes after."""
-    from lowmem.build import build_optimizer
     from lowmem.models import load_model
+    from lowmem.steps.measure import recipe_step, sample_batch
 
     model = load_model(recipe.model)
-    optimizer, zeroth_order, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
+    stepper, _ = recipe_step(recipe, model)
     params = list({id(p): p for p in model.parameters()}.values())
     out = {"weights": sum(tensor_bytes(t) for t in params + list(model.buffers())), "gradients": 0}
 
@@ -55,8 +54,10 @@ def measure_in_process(recipe) -> dict:
         if phase == "step":
             out["gradients"] = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
 
-    training_step(recipe, model, optimizer, random_batch(recipe, model.config.vocab_size), zeroth_order, on_phase)
-    out["optimizer_states"] = state_bytes(optimizer)
+    stepper.on_phase = on_phase
+    batch = sample_batch(recipe, model.config.vocab_size)
+    stepper.step(lambda micro: batch)
+    out["optimizer_states"] = state_bytes(stepper.inner_optimizer)
     return out
 
 
@@ -79,7 +80,7 @@ def test_parameter_gradient_state_parts_are_exact(tmp_path, monkeypatch, overrid
 
 
 def start_fresh_processes(tmp_path, recipes: dict, forward: tuple[str, ...] = ()) -> dict:
-    """Start ``python -m lowmem.memory`` on each recipe, each in its own process (RSS is per process,
+    """Start ``python -m lowmem.steps.measure`` on each recipe, each in its own process (RSS is per process,
     so they may overlap each other and the planning done meanwhile), on the PyTorch kernels as in a
     CPU run (conftest sets TRITON_INTERPRET for the kernel tests)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -87,7 +88,7 @@ def start_fresh_processes(tmp_path, recipes: dict, forward: tuple[str, ...] = ()
     for name, recipe in recipes.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe.model_dump()))
-        cmd = [sys.executable, "-m", "lowmem.memory", str(path)] + (["--forward"] if name in forward else [])
+        cmd = [sys.executable, "-m", "lowmem.steps.measure", str(path)] + (["--forward"] if name in forward else [])
         running[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return running
 

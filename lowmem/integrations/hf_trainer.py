@@ -35,8 +35,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
-from lowmem.optim.layerwise import LayerwiseOptimizer
+from lowmem.optim.layerwise import LayerwiseOptimizer, check_layerwise
 from lowmem.optim.registry import check_hparams, create_optimizer, is_zeroth_order
+from lowmem.steps import ZerothOrderStep
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -53,18 +54,6 @@ def _tensor_to_json(t: torch.Tensor) -> dict:
 
 def _tensor_from_json(d: dict) -> torch.Tensor:
     return torch.tensor(d["values"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
-
-
-def _check_layerwise(args) -> None:
-    """Layer-wise updates happen inside backward, before anything the loop does after it."""
-    if args.max_grad_norm and args.max_grad_norm > 0:
-        raise ValueError("LowMemCallback(layerwise=True): set TrainingArguments(max_grad_norm=0); clipping needs "
-                         "every gradient, but layer-wise mode applies and frees them during backward")
-    if args.world_size > 1:
-        raise ValueError("LowMemCallback(layerwise=True): not supported with data parallel (updates would run "
-                         "before the gradient all-reduce)")
-    if args.fp16:
-        raise ValueError("LowMemCallback(layerwise=True): not supported with fp16 (loss scaling); use bf16")
 
 
 class OptimizerFactory:
@@ -150,11 +139,11 @@ class LowMemCallback(TrainerCallback, ExportableState):
 
     @staticmethod
     def _make_layerwise(args, optimizer, inner, model) -> None:
-        _check_layerwise(args)
+        check_layerwise("LowMemCallback(layerwise=True)", zeroth_order=is_zeroth_order(inner),
+                        max_grad_norm=max(args.max_grad_norm or 0, 0), processes=args.world_size, fp16=args.fp16,
+                        clip_fix="set TrainingArguments(max_grad_norm=0)")
         if isinstance(inner, LayerwiseOptimizer):
             return
-        if is_zeroth_order(inner):
-            raise ValueError("LowMemCallback(layerwise=True): zeroth-order optimizers have no backward to hook")
         if optimizer is inner:
             raise ValueError("LowMemCallback(layerwise=True): expected the Trainer's accelerate-prepared optimizer")
         # the wrapper steps the layer-wise view; param_groups/state are the inner optimizer's own
@@ -185,10 +174,11 @@ class LowMemCallback(TrainerCallback, ExportableState):
 class ZOTrainer(Trainer):
     """A ``transformers.Trainer`` for lowmem's zeroth-order optimizers (``mezo``, ``zo_adamu``).
 
-    Only ``training_step`` changes: it runs ``optimizer.step(closure)`` on the batch (two
-    no-grad forwards per perturbation, model in eval mode as in MeZO) and returns the loss
-    at ``theta + eps z``. The loop's own ``optimizer.step()`` that follows is skipped through
-    accelerate's sync flag (the mechanism the loop uses between accumulation micro-batches);
+    Only ``training_step`` changes: it runs lowmem's zeroth-order step
+    (:class:`lowmem.steps.ZerothOrderStep`, as ``lowmem-train`` does): ``optimizer.step(closure)`` on the
+    batch, two no-grad forwards per perturbation with the model in eval mode as in MeZO, and returns
+    the loss at ``theta + eps z`` (NaN when the update was skipped). The loop's own
+    ``optimizer.step()`` that follows is skipped through accelerate's sync flag (the mechanism the loop uses between accumulation micro-batches);
     the LR scheduler, logging, evaluation and checkpoints run unchanged.
     """
 
@@ -199,13 +189,15 @@ class ZOTrainer(Trainer):
                              "use transformers.Trainer for first-order optimizers")
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("ZOTrainer: set gradient_accumulation_steps=1 (a zeroth-order step takes one batch)")
-        model.eval()
         inputs = self._prepare_inputs(inputs)
 
-        def closure() -> torch.Tensor:
+        def loss_fn(model, batch) -> torch.Tensor:
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, inputs)
+                return self.compute_loss(model, batch)
 
-        loss = zo.step(closure)
+        # the step lowmem-train takes (lowmem.steps): eval mode, fp32 forwards unless the optimizer allows
+        # autocast, NaN when the update was skipped (the Trainer's logging_nan_inf_filter leaves it out)
+        stepper = ZerothOrderStep(None, model, zo, self.accelerator, loss_fn, None)
+        loss, _ = stepper.step(lambda micro: inputs)
         self.accelerator.gradient_state._set_sync_gradients(False)  # the update is done: no second step
-        return loss.detach().to(self.args.device)
+        return torch.tensor(loss, device=self.args.device)

@@ -58,16 +58,32 @@ def step_one(optimizer: torch.optim.Optimizer, group_index: int, p: torch.Tensor
     p.grad = None
 
 
+def check_layerwise(where: str, *, zeroth_order: bool = False, max_grad_norm: float | None = None,
+                    processes: int = 1, fp16: bool = False, clip_fix: str = "set it to null") -> None:
+    """Refuse, in one line naming ``where`` (``optim.layerwise``, ``LowMemCallback(layerwise=True)``), what
+    layer-wise updates cannot do: hook a zeroth-order optimizer (no backward), clip by the global
+    norm (known only after most layers were updated and their gradients freed), run under data
+    parallel (updates would precede the gradient all-reduce) or fp16 (the loss scaler unscales and
+    checks gradients only after backward). The one statement of these rules, for the recipe
+    (:func:`lowmem.build.build_optimizer`), the wrapper and the Hugging Face callback."""
+    if zeroth_order:
+        raise ValueError(f"{where}: zeroth-order optimizers have no backward pass to hook")
+    if max_grad_norm:
+        raise ValueError(f"{where}: gradient clipping (max_grad_norm) is not supported, the global gradient norm "
+                         f"is known only after the layers were updated; {clip_fix}")
+    if processes > 1:
+        raise ValueError(f"{where}: not supported with data parallel (updates would run before the gradient "
+                         "all-reduce)")
+    if fp16:
+        raise ValueError(f"{where}: not supported with fp16 mixed precision (loss scaling); use bf16")
+
+
 class LayerwiseOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, grad_accum_steps: int = 1,
                  max_grad_norm: float | None = None, model: torch.nn.Module | None = None):
         if isinstance(optimizer, LayerwiseOptimizer):
             raise ValueError("optim.layerwise: the optimizer is already layer-wise")
-        if is_zeroth_order(optimizer):
-            raise ValueError("optim.layerwise: zeroth-order optimizers have no backward pass to hook")
-        if max_grad_norm:
-            raise ValueError("optim.layerwise: gradient clipping (max_grad_norm) is not supported, the global "
-                             "gradient norm is known only after the layers were updated; set it to null")
+        check_layerwise("optim.layerwise", zeroth_order=is_zeroth_order(optimizer), max_grad_norm=max_grad_norm)
         if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
             raise ValueError(f"optim.layerwise: grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}")
         self.optimizer = optimizer

@@ -86,7 +86,7 @@ def _trainer(recipe_path, *overrides):
 def test_non_finite_loss_and_grad_skip_the_step_untouched(tiny_recipe):
     trainer = _trainer(tiny_recipe(), "train.steps=3", "output.save_model=false")
     run = trainer.run
-    clean_loss = run.loss_fn
+    clean_loss = run.stepper.loss_fn
     calls = {"n": 0}
 
     def faulty(model, batch):
@@ -100,7 +100,7 @@ def test_non_finite_loss_and_grad_skip_the_step_untouched(tiny_recipe):
             weight.register_hook(lambda g: torch.full_like(g, float("nan"))) if calls["n"] == 3 else None
         return loss
 
-    run.loss_fn = faulty
+    run.stepper.loss_fn = faulty
     trainer.out.mkdir(parents=True, exist_ok=True)
     first = trainer.train_step()
     assert not first.get("skipped")
@@ -118,8 +118,8 @@ def test_non_finite_loss_and_grad_skip_the_step_untouched(tiny_recipe):
 
 def test_too_many_bad_steps_stop_with_a_checkpoint(tiny_recipe):
     trainer = _trainer(tiny_recipe(), "train.max_bad_steps=2")
-    clean = trainer.run.loss_fn
-    trainer.run.loss_fn = lambda m, b: clean(m, b) * (float("nan") if trainer.step >= 2 else 1.0)
+    clean = trainer.run.stepper.loss_fn
+    trainer.run.stepper.loss_fn = lambda m, b: clean(m, b) * (float("nan") if trainer.step >= 2 else 1.0)
     with pytest.raises(TrainingStopped, match=r"train.max_bad_steps: 2 non-finite steps in a row after step 2"):
         trainer.train()
     lines = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]

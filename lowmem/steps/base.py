@@ -1,0 +1,141 @@
+"""What every way of stepping shares: the interface, and a one-process stand-in for accelerate.
+
+A step object owns the model and optimizer as one way of training uses them (first order, layer-wise,
+zeroth order, ZO2, first-order offload) and offers the trainer one interface::
+
+    loss, grad_norm = step.step(micro_batch)   # micro_batch(i) -> batch dict, i < train.grad_accum
+    step.flush()                               # apply deferred work (before eval, checkpoints, the end)
+    metrics = step.evaluate(batch)             # eval_fn(model, batch) with the current weights
+    step.save_kwargs(), step.saving()          # what lowmem.checkpoint.save_checkpoint writes, and
+    step.load_kwargs(), step.loading(), step.restore(extra)   # how it is read back
+    step.close()                               # flush, hand offloaded weights back to the model
+
+``loss`` is NaN when the step was skipped (a non-finite loss or gradient): then neither the weights
+nor the optimizer state changed. ``on_phase`` is told "forward", "backward", "step" as each begins
+(the planner's trace and the measurement label memory by phase).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ClassVar
+
+import torch
+
+from lowmem.dtypes import AUTOCAST_DTYPES
+
+MicroBatch = Callable[[int], dict]
+
+
+def all_finite(accelerator, value: torch.Tensor) -> bool:
+    """Whether ``value`` is finite on every process (one collective when there are several)."""
+    if accelerator.num_processes == 1:
+        return bool(torch.isfinite(value).all())
+    bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=accelerator.device)
+    return accelerator.reduce(bad, "sum").item() == 0
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside (no dropout), its previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class OneProcess:
+    """The part of ``accelerate.Accelerator`` a step uses, for one process without wrappers: the
+    planner's trace and the memory measurement run the trainer's step objects through it.
+    ``autocast`` is what accelerate enters for ``mixed_precision`` (``torch.autocast`` with that dtype
+    on the device's type); fp16 runs without the loss scaler (a scalar: no memory of note)."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, mixed_precision: str = "no", device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.dtype = AUTOCAST_DTYPES.get(mixed_precision)
+
+    def autocast(self):
+        return contextlib.nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def prepare(self, *objects):
+        return objects
+
+    def unwrap_model(self, model):
+        return model
+
+
+class Step:
+    """One way a training step runs. Subclasses set ``name``, :meth:`applies` and :meth:`step`, and
+    override :meth:`setup` and the checkpoint methods where they differ from an in-memory model."""
+
+    name: ClassVar[str]
+
+    @staticmethod
+    def applies(recipe, zeroth_order: bool) -> bool:
+        """Whether this is the way ``recipe`` steps (the registry takes the first that applies)."""
+        raise NotImplementedError
+
+    def __init__(self, recipe, model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator,
+                 loss_fn: Callable, eval_fn: Callable):
+        self.recipe, self.accelerator = recipe, accelerator
+        self.loss_fn, self.eval_fn = loss_fn, eval_fn     # (model, batch) -> loss; -> {"eval_loss": ...}
+        self.inner_optimizer = optimizer                  # what a checkpoint saves, the scheduler drives
+        self.model, self.optimizer = self.setup(model, optimizer)  # the model and optimizer stepped
+        self.on_phase: Callable[[str], None] = lambda phase: None
+
+    def setup(self, model, optimizer):
+        """Place the model (and wrap the optimizer) for this way of stepping."""
+        device = self.accelerator.device
+        if any(p.device != device for p in model.parameters()):  # (a tied fake parameter cannot be moved)
+            model = model.to(device)
+        return model, optimizer
+
+    def step(self, micro_batch: MicroBatch) -> tuple[float, float | None]:
+        """One optimizer step on ``micro_batch(0..n-1)``: (mean loss, grad norm or None); NaN loss = skipped."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Apply deferred work now (nothing is deferred in memory)."""
+
+    def evaluate(self, batch: dict) -> dict[str, torch.Tensor]:
+        with self.accelerator.autocast():
+            return self.eval_fn(self.model, batch)
+
+    def close(self) -> None:
+        self.flush()
+
+    # ------------------------------------------------------------ checkpoints
+    def save_kwargs(self) -> dict:
+        """``save_checkpoint`` arguments for the weights (``model`` or ``weights``) and this step's ``extra``."""
+        return {"model": self.accelerator.unwrap_model(self.model), "extra": {}}
+
+    def saving(self):
+        """Held while the checkpoint is written (offloaded optimizer state brought back meanwhile)."""
+        return contextlib.nullcontext()
+
+    def load_kwargs(self) -> dict:
+        """``load_checkpoint`` arguments for the weights."""
+        return {"model": self.accelerator.unwrap_model(self.model)}
+
+    def loading(self):
+        """Held while the checkpoint is read (offloaded optimizer state placed again on exit)."""
+        return contextlib.nullcontext()
+
+    def restore(self, extra: dict) -> None:
+        """Take this step's part of the checkpoint's ``extra`` back."""

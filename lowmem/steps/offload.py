@@ -1,0 +1,124 @@
+"""Steps through the offload engines (:mod:`lowmem.offload`): the decoder blocks live on the host or
+NVMe and are streamed through the device.
+
+* :class:`ZO2Step`: MeZO through :class:`~lowmem.offload.engine.ZO2Engine` (Wang et al. 2025, ZO2 §3:
+  one dual forward per step, each block's update deferred to its next upload). The pending update
+  travels in the checkpoint's ``extra["zo2"]`` and is flushed before evaluation and at the end.
+* :class:`FirstOrderOffloadStep`: :class:`~lowmem.offload.firstorder.FirstOrderEngine` (``grad_accum``
+  micro-batches, each block's gradient summed on the host and the block stepped there after the last, Fuyou, Liao et al. 2024). Its blocks' optimizer
+  state may sit on NVMe: it is brought back while a checkpoint is written or read.
+
+Checkpoints hold the trainable weights read from the engine's block store.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowmem.steps.base import MicroBatch, Step, eval_mode
+
+
+def build_engine(recipe, model, optimizer, zeroth_order: bool, accelerator, loss_fn):
+    """The offload engine driving ``model``: ZO2 for MeZO (the LM objective is the engine's own, any
+    other, classification, goes through ``loss_fn``), else the first-order one (LM objective)."""
+    from lowmem.offload.engine import ZO2Engine
+    from lowmem.offload.firstorder import FirstOrderEngine
+
+    if accelerator.num_processes > 1:
+        raise ValueError("offload.enabled: the offload engines run on one process")
+    if zeroth_order:
+        return ZO2Engine(model, optimizer, recipe.offload, loss_fn=None if recipe.data.task == "lm" else loss_fn)
+    if recipe.data.task != "lm":
+        raise ValueError("offload.enabled: the first-order offload engine trains the LM objective only "
+                         "(data.task: lm)")
+    return FirstOrderEngine(model, optimizer, recipe.offload, device_budget_gb=recipe.train.device_memory_gb)
+
+
+class _Offloaded(Step):
+    zeroth_order = False
+
+    def setup(self, model, optimizer):
+        self.engine = build_engine(self.recipe, model, optimizer, self.zeroth_order, self.accelerator,
+                                   self.loss_fn)
+        return model, optimizer
+
+    def evaluate(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.engine.evaluate(self.eval_fn, batch)  # flushes the deferred update first
+
+    def close(self) -> None:
+        self.engine.close()  # flush, blocks back into the model
+
+    def save_kwargs(self) -> dict:
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        weights = {n: t for n, t in self.engine.model_state_dict().items() if n in trainable}
+        return {"weights": weights, "extra": self.engine_extra()}
+
+    def load_kwargs(self) -> dict:
+        return {"load_weights": self._load_weights}
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Full engine state with the checkpoint's trainable tensors, tied aliases included."""
+        state = self.engine.model_state_dict()
+        first = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), name)
+            if first[id(p)] in weights:
+                state[name] = weights[first[id(p)]]
+        self.engine.load_model_state_dict(state)
+
+    def engine_extra(self) -> dict:
+        raise NotImplementedError
+
+
+class ZO2Step(_Offloaded):
+    name = "zo2"
+    zeroth_order = True
+
+    @staticmethod
+    def applies(recipe, zeroth_order: bool) -> bool:
+        return zeroth_order and recipe.offload.enabled
+
+    def step(self, micro_batch: MicroBatch) -> tuple[float, None]:
+        with eval_mode(self.model):  # as the in-memory zeroth-order step: no dropout in the difference
+            loss = self.engine.step(micro_batch(0))
+        # the engine's step is the optimizer's step (it never calls optimizer.step()): say so to torch's
+        # LR scheduler, which checks this flag before its first step (pytorch/pytorch#20124)
+        self.inner_optimizer._opt_called = True
+        return (math.nan if self.inner_optimizer.last_step_skipped else float(loss)), None
+
+    def flush(self) -> None:
+        self.engine.flush()
+
+    def engine_extra(self) -> dict:
+        state = self.engine.state_dict()
+        return {"zo2": {k: state[k] for k in ("steps", "pending")}}
+
+    def restore(self, extra: dict) -> None:
+        self.engine.load_state_dict({**extra["zo2"], "optimizer": self.inner_optimizer.state_dict()})
+
+
+class FirstOrderOffloadStep(_Offloaded):
+    name = "first_order_offload"
+
+    @staticmethod
+    def applies(recipe, zeroth_order: bool) -> bool:
+        return not zeroth_order and recipe.offload.enabled
+
+    def step(self, micro_batch: MicroBatch) -> tuple[float, None]:
+        closures = [lambda m=m: self.loss_fn(self.model, micro_batch(m)) for m in range(self.recipe.train.grad_accum)]
+        loss, nonfinite = self.engine.step(closures, self.accelerator.autocast)  # gradients summed on the host
+        return (math.nan if nonfinite or not math.isfinite(float(loss)) else float(loss)), None
+
+    def engine_extra(self) -> dict:
+        return {"offload": {"steps": self.engine.steps}}
+
+    def saving(self):
+        return self.engine.full_state()
+
+    def loading(self):
+        return self.engine.loading_state()
+
+    def restore(self, extra: dict) -> None:
+        self.engine.steps = extra["offload"]["steps"]

@@ -1,0 +1,43 @@
+"""The zeroth-order step (MeZO, Malladi et al. 2023, Alg. 1; ZO-AdaMU): ``optimizer.step(closure)``,
+the closure a no-grad forward of one micro-batch returning the loss.
+
+The model is in eval mode during the step: both forwards of the finite difference must be the same
+function, so dropout may not draw masks (MeZO's trainer evaluates the perturbed losses in eval mode).
+The forwards run in fp32 unless the optimizer was built with ``fp32_forward=False``: under autocast
+the difference ``L+ - L-`` drowns in rounding (MeZO §3, the precision discussion; lowmem issue #9).
+A NaN/Inf projected gradient makes the optimizer skip the update (``last_step_skipped``).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from lowmem.steps.base import MicroBatch, Step, eval_mode
+
+
+def zo_autocast(step: Step):
+    """The context of a zeroth-order forward: none (fp32) unless the optimizer allows autocast."""
+    return nullcontext() if getattr(step.inner_optimizer, "fp32_forward", False) else step.accelerator.autocast()
+
+
+class ZerothOrderStep(Step):
+    name = "zeroth_order"
+
+    @staticmethod
+    def applies(recipe, zeroth_order: bool) -> bool:
+        return zeroth_order and not recipe.offload.enabled
+
+    def step(self, micro_batch: MicroBatch) -> tuple[float, None]:
+        batch = micro_batch(0)
+
+        def closure() -> torch.Tensor:
+            with torch.no_grad(), zo_autocast(self):
+                return self.loss_fn(self.model, batch)
+
+        self.on_phase("forward")
+        with eval_mode(self.model):
+            loss = self.optimizer.step(closure)
+        return (math.nan if self.optimizer.last_step_skipped else float(loss)), None
