@@ -34,7 +34,8 @@ METHODS: dict[str, list[str]] = {
     "galore_adamw r128": ["optim.name=galore_adamw", "optim.lr=4e-4",
                           "optim.args={rank: 128, update_proj_gap: 200, scale: 0.25}"],
     "apollo r128": ["optim.name=apollo", "optim.lr=1e-4", "optim.args={rank: 128, update_proj_gap: 200, scale: 1}"],
-    # sqrt(scale) multiplies APOLLO's update (ALGORITHMS.md §2); scale 4 doubles it, fine-tuning refs use up to 32
+    # sqrt(scale) multiplies APOLLO's update (apollo-torch's scale; Zhu et al. 2024, arXiv 2412.05270, Algorithm 1);
+    # scale 4 doubles it, fine-tuning refs use up to 32
     "apollo r128 scale 4": ["optim.name=apollo", "optim.lr=1e-4",
                             "optim.args={rank: 128, update_proj_gap: 200, scale: 4}"],
     "frugal rho=0.25": ["optim.name=frugal", "optim.lr=1e-4", "optim.args={density: 0.25, update_proj_gap: 200}"],

@@ -7,7 +7,8 @@ Llama-3-8B shape (random init, bf16 compute), one GPU, same batch and sequence f
 * DeepSpeed ZeRO-Infinity (ZeRO-3; parameters and optimizer offloaded to ``--ds-offload``
   = cpu or nvme; DeepSpeedCPUAdam, torch-style AdamW; the model's own gradient checkpointing,
   as the engine recomputes each block), in a fresh process, with the code defaults of the
-  pinned DeepSpeed version for everything not set here (ALGORITHMS.md §14 lists them).
+  pinned DeepSpeed version for everything not set here (``deepspeed/runtime/zero/config.py`` and
+  ``offload_config.py``; the engine of Rajbhandari et al. 2021, "ZeRO-Infinity", arXiv 2104.07857).
 
 Reported: peak GPU memory (``torch.cuda.max_memory_allocated``), tokens/s (median step after
 ``--warmup`` steps), the first losses (AdamW rows should agree within bf16 tolerance), and the

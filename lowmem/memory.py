@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from lowmem.dtypes import AUTOCAST_DTYPES
+
 
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -140,7 +142,7 @@ class SavedTensorMeter:
 
 
 def _autocast(recipe, device_type: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.mixed_precision)
+    dtype = AUTOCAST_DTYPES.get(recipe.train.mixed_precision)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 

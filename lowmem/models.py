@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
+from lowmem.dtypes import DTYPES
 from lowmem.recipe import ModelSection
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_path(path: str, field: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from lowmem.dtypes import DTYPES
 from lowmem.recipe import Recipe
 from lowmem.step_trace import fake_model, trace_step
 
@@ -76,7 +77,7 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
     masters = with_overrides(rec1, ["model.dtype=float32"])  # the host steps fp32 masters: fp32 state
     state = _state_split(masters, one)[1] if recipe.model.dtype != "float32" else traced_state
     n, off = config.num_hidden_layers, recipe.offload
-    compute = getattr(torch, recipe.model.dtype).itemsize
+    compute = DTYPES[recipe.model.dtype].itemsize
     w32 = numel * 4  # fp32 master (the packing's 512-byte alignment is negligible)
     slots = min(off.prefetch_depth + 1, n)
     device_parts = dict(parts)

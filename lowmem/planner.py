@@ -31,9 +31,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from lowmem.dtypes import DTYPES
 from lowmem.recipe import Recipe
 from lowmem.step_trace import fake_model, trace_step
 
@@ -112,8 +112,8 @@ def zo2_device_buffers(recipe: Recipe, config) -> dict[str, int]:
     from lowmem.offload.hooks import model_units
     from lowmem.offload.transfer import Packed, device_buffer_bytes
 
-    compute = getattr(torch, recipe.model.dtype)
-    host = getattr(torch, recipe.offload.host_dtype or recipe.model.dtype)
+    compute = DTYPES[recipe.model.dtype]
+    host = DTYPES[recipe.offload.host_dtype or recipe.model.dtype]
     with FakeTensorMode(allow_non_fake_inputs=True):
         blocks, units = model_units(fake_model(recipe.model, config))
         numels = [Packed.of(b, compute).numel for b in blocks]

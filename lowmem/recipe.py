@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lowmem.dtypes import DtypeName, MixedPrecision
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message is one line naming the file and field."""
@@ -40,7 +42,7 @@ class ModelSection(_Section):
                                                             "config dict (needs `model_type`) instead of loading")
     tokenizer: str | None = Field(None, description="Tokenizer path/'pkg:' dir, or 'bytes' for a built-in "
                                                     "byte tokenizer; default: the model's")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype")
+    dtype: DtypeName = Field("float32", description="Weight dtype")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward")
     seed: int = Field(0, description="Seed of a config-built model's initialisation")
     lora: LoraSection | None = Field(None, description="Train LoRA adapters (peft) instead of the weights; "
@@ -85,17 +87,21 @@ class OptimSection(_Section):
     name: str = Field("adamw", description="Registered optimizer (lowmem.optim.available())")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate")
     weight_decay: float | None = Field(None, ge=0, description="Decoupled weight decay; default: the optimizer's")
-    args: dict[str, Any] = Field(default_factory=dict, description="Further optimizer arguments "
-                                                                   "(betas, eps, rank, update_proj_gap, scale ...)")
+    args: dict[str, Any] = Field(default_factory=dict, description="Further optimizer arguments, typed per "
+                                                                   "optimizer (see the optimizer arguments below)")
     target_modules: list[str] | None = Field(None, description="Glob patterns of nn.Linear modules that get the "
                                                                "memory-saving method; default: Linear layers in blocks")
     layerwise: bool = Field(False, description="Update each parameter inside backward and free its gradient")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null: no clipping")
 
     @model_validator(mode="after")
-    def _known(self):
+    def _typed_args(self):
+        """Names, types and ranges of ``optim.args`` against the optimizer's own (lowmem.optim.args)."""
         from lowmem.optim.registry import check_hparams
 
+        for key in ("lr", "weight_decay"):
+            if key in self.args:
+                raise ValueError(f"optim.args.{key}: set optim.{key} instead")
         check_hparams(self.name, self.args)
         return self
 
@@ -116,7 +122,7 @@ class OffloadSection(_Section):
     enabled: bool = Field(False, description="Stream the decoder blocks from host RAM/NVMe: ZO2 with optim.name mezo, "
                                              "else first-order (Fuyou: fp32 masters + optimizer state off the "
                                              "device, each block stepped on the CPU inside backward)")
-    host_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+    host_dtype: DtypeName | None = Field(
         None, description="Host copy dtype of offloaded blocks; default: the training dtype")
     nvme_dir: str | None = Field(None, description="Directory for blocks (first-order: and their optimizer states) "
                                                    "beyond the host budget (checksummed files)")
@@ -134,7 +140,7 @@ class TrainSection(_Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (linear/cosine)")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+    mixed_precision: Literal["auto"] | MixedPrecision = Field(
         "no", description="Autocast (weights keep model.dtype); auto: bf16 where this machine multiplies bf16 "
                           "in hardware (a CUDA GPU with bf16, a CPU with AVX-512), else no")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training)")
@@ -294,7 +300,9 @@ def reference_markdown() -> str:
             default = "required" if sub.is_required() else repr(sub.get_default(call_default_factory=True))
             lines.append(f"| `{name}` | {kind} | `{default}` | {sub.description or ''} |")
         lines.append("")
-    return "\n".join(lines)
+    from lowmem.optim.registry import args_reference
+
+    return "\n".join(lines + args_reference())
 
 
 if __name__ == "__main__":

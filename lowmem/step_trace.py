@@ -116,7 +116,8 @@ def fake_model(section, config):
     ``.to(dtype)`` cannot swap a tied fake parameter."""
     from transformers import AutoModelForCausalLM
 
-    from lowmem.models import DTYPES, select_trained
+    from lowmem.dtypes import DTYPES
+    from lowmem.models import select_trained
 
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[section.dtype])
     if section.gradient_checkpointing:

@@ -1,8 +1,9 @@
 """WTA-CRS row sampling: probabilities, the winner set, and the stochastic draws.
 
 Liu et al. 2023, "Winner-Take-All Column Row Sampling for Memory Efficient
-Adaptation of Language Model" (NeurIPS), §3; reference ``zirui-ray-liu/WTACRS``
-``approxlinear/functional.py`` (``subsample_3D_input_by_norm``). See ALGORITHMS.md §8.
+Adaptation of Language Model" (NeurIPS, arXiv 2305.15265), §3 and Appendix D
+Algorithm 1; reference ``zirui-ray-liu/WTACRS`` ``approxlinear/functional.py``
+(``subsample_3D_input_by_norm``).
 
 The weight gradient of a linear layer is a sum over the N = B·L token rows,
 ``dW = Σ_i gy_i x_iᵀ``. WTA-CRS keeps a budget of k rows::
@@ -23,7 +24,8 @@ from the reference, both to keep that promise:
   biased. Here s >= 1 whenever k < N and the reweighting is always applied;
 * draws use inverse-CDF sampling on uniforms from a private CPU ``torch.Generator``
   (instead of ``torch.multinomial`` on the global RNG), so the same generator
-  state gives the same rows on any device and resume is exact (DESIGN.md §2).
+  state gives the same rows on any device and resume is exact (the global RNG is left to
+  dropout and the data order).
 
 Repeated draws are merged (weight × count), so at most k rows are stored.
 """

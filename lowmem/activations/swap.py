@@ -1,8 +1,9 @@
 """Swap WTA-CRS into a Hugging Face decoder and take it out again.
 
 Liu et al. 2023 (WTA-CRS) sample the attention output and feed-forward projections and keep
-the q/k/v projections exact: their shared input is kept by attention anyway (ALGORITHMS.md §8,
-reference level 2). The default target rule says the same without naming one architecture:
+the q/k/v projections exact: their shared input is kept by attention anyway (the main experiments
+of arXiv 2305.15265: the "level 2" setting of ``zirui-ray-liu/WTACRS``'s ``level_setup.sh``).
+The default target rule says the same without naming one architecture:
 
     every layer whose class is exactly ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2),
     inside the transformer blocks (``optim.targets.block_container``),

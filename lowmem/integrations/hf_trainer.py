@@ -82,7 +82,7 @@ def trainer_optimizer(name: str, **hparams) -> tuple[type, dict]:
 
     >>> Trainer(model, args, optimizer_cls_and_kwargs=trainer_optimizer("adamw", lr=1e-3))
     """
-    check_hparams(name, {k: v for k, v in hparams.items() if k != "target_modules"}, where="trainer_optimizer")
+    check_hparams(name, {k: v for k, v in hparams.items() if k != "target_modules"})
     return OptimizerFactory, {"name": name, **hparams}
 
 

@@ -16,7 +16,7 @@ The moments live in a :class:`~lowmem.optim.state_store.MomentStore` (fp32, or
 group alike); the math sees fp32 tensors either way, one chunk of whole
 quantization blocks at a time.
 :class:`MomentOptimizer` is the small base class of the three optimizers: it
-validates the common arguments and owns the store; the per-param ``step`` loop is
+owns the store (their ``@typed`` constructors validate the arguments); the per-param ``step`` loop is
 :class:`DenseGradOptimizer`'s, shared with the 8-bit optimizers.
 """
 
@@ -94,19 +94,6 @@ def decoupled_weight_decay(p: torch.Tensor, lr: float, weight_decay: float) -> N
         p.add_(p, alpha=-lr * weight_decay)
 
 
-def check_positive_int(group: dict, key: str, minimum: int = 1) -> None:
-    value = group[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"optim.args.{key}: must be an integer >= {minimum}, got {value!r}")
-
-
-def check_nonnegative(**values: float) -> None:
-    """One-line error naming the first ``optim.args`` field that is negative (lr, eps, weight_decay ...)."""
-    for name, value in values.items():
-        if value < 0.0:
-            raise ValueError(f"optim.args.{name}: must be >= 0, got {value}")
-
-
 class DenseGradOptimizer(torch.optim.Optimizer):
     """The ``step`` loop every optimizer here shares: run the closure under grad, walk the groups'
     parameters (with their ``param_names`` where the group has them) and hand each one with a
@@ -144,18 +131,16 @@ class DenseGradOptimizer(torch.optim.Optimizer):
 
 
 class MomentOptimizer(DenseGradOptimizer):
-    """Base of GaLore/APOLLO/FRUGAL: common argument checks, the moment store and the param loop.
+    """Base of GaLore/APOLLO/FRUGAL: the moment store and the param loop.
 
-    Subclasses implement ``_update(p, group, state)`` for one parameter with a gradient.
+    Subclasses validate their arguments with a ``@typed`` constructor (:mod:`lowmem.optim.args`)
+    and implement ``_update(p, group, state)`` for one parameter with a gradient.
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                  state_bits: int, **extra_defaults):
         from lowmem.optim.state_store import MomentStore  # 8-bit kernels load on first use
 
-        check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"optim.args.betas: each must be in [0, 1), got {tuple(betas)}")
         self.store = MomentStore(state_bits)
         self.state_bits = state_bits
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **extra_defaults)

@@ -6,6 +6,9 @@
 
 import torch
 
+from lowmem.optim.args import Betas, NonNegative
 from lowmem.optim.registry import OptimizerSpec, register
 
-register(OptimizerSpec(name="adamw", cls=torch.optim.AdamW))
+# torch's own class: its signature gives the names and defaults, these annotations the ranges
+register(OptimizerSpec(name="adamw", cls=torch.optim.AdamW,
+                       types={"lr": NonNegative, "betas": Betas, "eps": NonNegative, "weight_decay": NonNegative}))

@@ -29,38 +29,31 @@ Choices, as bitsandbytes unless noted:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator, Field
 
 from lowmem.kernels.adamw8bit_step import (AdamScalars, adam8bit_step, adam_fp32_step, momentum8bit_step,
                                            momentum_fp32_step)
 from lowmem.kernels.quantize import check_blocksize
 from lowmem.optim.adam_math import DenseGradOptimizer
+from lowmem.optim.args import Betas, NonNegative, NonNegativeInt, Positive, typed
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.state_store import MomentStore
 
 EMBEDDING_PATTERNS = ("*embed*", "*wte*", "*wpe*")
-
-
-def _check_range(field: str, value: float, low: float, high: float | None = None) -> None:
-    if not (value >= low and (high is None or value < high)):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{field}: must be {bound}, got {value!r}")
+BlockSize = Annotated[int, AfterValidator(lambda b: check_blocksize(b) or b)]  # a power of two the kernels take
 
 
 class _Blockwise8bit(DenseGradOptimizer):
-    """Shared loop: state creation (8-bit or fp32 by size and name), step counter, safe state loading."""
+    """Shared loop: state creation (8-bit or fp32 by size and name), step counter, safe state loading.
+    The subclasses' ``@typed`` constructors validate the arguments."""
 
     moments: tuple[tuple[str, bool], ...] = ()  # (state key, signed map)
 
     def __init__(self, params, defaults: dict, blocksize: int, min_8bit_size: int,
-                 fp32_state_params: Iterable[str]):
-        _check_range("lr", defaults["lr"], 0.0)
-        _check_range("weight_decay", defaults["weight_decay"], 0.0)
-        check_blocksize(blocksize)
-        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-            raise ValueError(f"min_8bit_size: must be a non-negative int, got {min_8bit_size!r}")
+                 fp32_state_params: tuple[str, ...]):
         super().__init__(params, defaults)
         self.store8 = MomentStore(bits=8, blocksize=blocksize, min_8bit_size=min_8bit_size)
         self.store32 = MomentStore(bits=32)
@@ -90,13 +83,10 @@ class _Blockwise8bit(DenseGradOptimizer):
 class AdamW8bit(_Blockwise8bit):
     moments = (("exp_avg", True), ("exp_avg_sq", False))
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, blocksize: int = 256, min_8bit_size: int = 4096,
-                 fp32_state_params: Iterable[str] = EMBEDDING_PATTERNS):
-        _check_range("betas[0]", betas[0], 0.0, 1.0)
-        _check_range("betas[1]", betas[1], 0.0, 1.0)
-        if not eps > 0:
-            raise ValueError(f"eps: must be > 0, got {eps!r}")
+    @typed
+    def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: Positive = 1e-8,
+                 weight_decay: NonNegative = 1e-2, blocksize: BlockSize = 256, min_8bit_size: NonNegativeInt = 4096,
+                 fp32_state_params: tuple[str, ...] = EMBEDDING_PATTERNS):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, blocksize, min_8bit_size, fp32_state_params)
 
@@ -112,11 +102,10 @@ class AdamW8bit(_Blockwise8bit):
 class SGD8bit(_Blockwise8bit):
     moments = (("momentum_buffer", True),)
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
-                 blocksize: int = 256, min_8bit_size: int = 4096,
-                 fp32_state_params: Iterable[str] = EMBEDDING_PATTERNS):
-        if not 0.0 < momentum < 1.0:  # without momentum there is no state to quantize: use SGD
-            raise ValueError(f"momentum: must be in (0, 1), got {momentum!r}")
+    @typed  # momentum > 0: without it there is no state to quantize (use SGD)
+    def __init__(self, params, lr: NonNegative = 1e-3, momentum: Annotated[float, Field(gt=0, lt=1)] = 0.9,
+                 weight_decay: NonNegative = 0.0, blocksize: BlockSize = 256, min_8bit_size: NonNegativeInt = 4096,
+                 fp32_state_params: tuple[str, ...] = EMBEDDING_PATTERNS):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults, blocksize, min_8bit_size, fp32_state_params)
 

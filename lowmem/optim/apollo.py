@@ -24,30 +24,56 @@ draw, so random mode reproduces apollo-torch's projections on the same device ty
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import model_validator
 
 from lowmem.optim.adam_math import MomentOptimizer, decoupled_weight_decay
-from lowmem.optim.projection import assign_seeds, check_projected_group
+from lowmem.optim.args import Betas, Count, GroupArgs, NonNegative, Positive, StateBits, typed
+from lowmem.optim.projection import ProjType, assign_seeds, check_projected_group
 from lowmem.optim.registry import OptimizerSpec, register
 
-GROUP_DEFAULTS = {"rank": 256, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std",
-                  "proj": "random", "scale_type": "channel"}
-MINI_DEFAULTS = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
 GROWTH_LIMIT = 1.01  # Fira's gamma
+
+
+class ApolloGroup(GroupArgs):
+    """The target group's keys (apollo-torch's names)."""
+
+    rank: Count = 256
+    update_proj_gap: Count = 200
+    scale: Positive = 1.0
+    proj_type: ProjType = "std"
+    proj: Literal["random", "svd"] = "random"
+    scale_type: Literal["channel", "tensor"] = "channel"
+
+    @model_validator(mode="after")
+    def _full_needs_svd_tensor(self):
+        if self.proj_type == "full" and (self.scale_type == "channel" or self.proj == "random"):
+            raise ValueError("optim.args.proj_type: 'full' needs proj='svd' and scale_type='tensor'")
+        return self
+
+
+class ApolloMiniGroup(ApolloGroup):
+    """APOLLO-Mini: rank 1, one tensor-wise scale, alpha = 128 (the reference's 1B/7B scripts)."""
+
+    rank: Count = 1
+    scale_type: Literal["channel", "tensor"] = "tensor"
+    scale: Positive = 128.0
 
 
 class APOLLOAdamW(MomentOptimizer):
     """Drop-in for ``apollo_torch.APOLLOAdamW`` (same group keys and constructor flags)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, correct_bias: bool = True, scale_front: bool = False,
-                 disable_nl: bool = False, state_bits: int = 32):
+    @typed
+    def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-6,
+                 weight_decay: NonNegative = 0.0, correct_bias: bool = True, scale_front: bool = False,
+                 disable_nl: bool = False, state_bits: StateBits = 32):
         super().__init__(params, lr, betas, eps, weight_decay, state_bits, correct_bias=correct_bias)
         self.scale_front, self.disable_nl = scale_front, disable_nl
         for group in self.param_groups:
             if "rank" in group:
-                _check_group(group)
+                check_projected_group(group, ApolloGroup, "APOLLOAdamW")
         assign_seeds(self, lambda group, p: "rank" in group and group["proj"] == "random")
 
     def _update(self, p, group, state) -> None:
@@ -66,16 +92,6 @@ class APOLLOAdamW(MomentOptimizer):
             scaled *= math.sqrt(group["scale"])
         p.add_(scaled.to(p.dtype), alpha=-step_size)
         decoupled_weight_decay(p, group["lr"], group["weight_decay"])
-
-
-def _check_group(group: dict) -> None:
-    check_projected_group(group, GROUP_DEFAULTS, "APOLLOAdamW")
-    if group["proj"] not in ("random", "svd"):
-        raise ValueError(f"optim.args.proj: must be 'random' or 'svd', got {group['proj']!r}")
-    if group["scale_type"] not in ("channel", "tensor"):
-        raise ValueError(f"optim.args.scale_type: must be 'channel' or 'tensor', got {group['scale_type']!r}")
-    if group["proj_type"] == "full" and (group["scale_type"] == "channel" or group["proj"] == "random"):
-        raise ValueError("optim.args.proj_type: 'full' needs proj='svd' and scale_type='tensor'")
 
 
 def _scaling_factor(normalized: torch.Tensor, low: torch.Tensor, scale_type: str, right: bool) -> torch.Tensor:
@@ -98,7 +114,5 @@ def _limit_growth(state: dict, scaled: torch.Tensor) -> torch.Tensor:
     return scaled
 
 
-_KEYS = tuple(GROUP_DEFAULTS)
-register(OptimizerSpec(name="apollo", cls=APOLLOAdamW, target_keys=_KEYS, target_defaults=dict(GROUP_DEFAULTS)))
-register(OptimizerSpec(name="apollo_mini", cls=APOLLOAdamW, target_keys=_KEYS,
-                       target_defaults={**GROUP_DEFAULTS, **MINI_DEFAULTS}))
+register(OptimizerSpec(name="apollo", cls=APOLLOAdamW, group=ApolloGroup))
+register(OptimizerSpec(name="apollo_mini", cls=APOLLOAdamW, group=ApolloMiniGroup))

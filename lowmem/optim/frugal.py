@@ -22,26 +22,37 @@ Params outside groups with ``density`` get plain (torch-style) AdamW.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field
 
 from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, clear_moments
+from lowmem.optim.args import Betas, Count, GroupArgs, NonNegative, NonNegativeInt, StateBits, check_group, typed
 from lowmem.optim.projection import (assign_seeds, next_seed, orthonormal_factor, project, project_back, sides,
                                      svd_factors)
 from lowmem.optim.registry import OptimizerSpec, register
 
-GROUP_DEFAULTS = {"density": 0.25, "update_proj_gap": 200, "proj_type": "block", "proj_side": "std",
-                  "block_order": "descending", "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0,
-                  "reset_statistics": True}
-CHOICES = {"proj_type": ("svd", "random", "columns", "rows", "randk", "block"),
-           "proj_side": ("std", "reverse_std", "left", "right"),
-           "block_order": ("random", "ascending", "descending"),
-           "inactive_update_rule": ("sign_sgd", "sgd", "no")}
 _COORD_DIM = {"columns": 1, "rows": 0, "randk": 0}  # randk gathers from the flattened gradient
 
 
+class FrugalGroup(GroupArgs):
+    """The target group's keys: rho, T, the subspace kind and side, the state-free rule."""
+
+    density: Annotated[float, Field(ge=0, le=1)] = 0.25
+    update_proj_gap: Count = 200
+    proj_type: Literal["svd", "random", "columns", "rows", "randk", "block"] = "block"
+    proj_side: Literal["std", "reverse_std", "left", "right"] = "std"
+    block_order: Literal["random", "ascending", "descending"] = "descending"
+    inactive_update_rule: Literal["sign_sgd", "sgd", "no"] = "sign_sgd"
+    inactive_lr_scale: float = 1.0
+    reset_statistics: bool = True
+
+
 class FRUGAL(MomentOptimizer):
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, state_bits: int = 32, seed: int = 0):
+    @typed
+    def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-8,
+                 weight_decay: NonNegative = 0.01, state_bits: StateBits = 32, seed: NonNegativeInt = 0):
         super().__init__(params, lr, betas, eps, weight_decay, state_bits)
         self.seed = seed
         self._blocks: dict[int, tuple[int, int]] = {}  # id(p) -> (position in group, tensors in group)
@@ -147,19 +158,9 @@ def _coordinate_split(g: torch.Tensor, idx: torch.Tensor, dim: int, flat: bool):
 
 
 def _check_group(group: dict) -> None:
-    for key, value in GROUP_DEFAULTS.items():
-        group.setdefault(key, value)
-    if not 0.0 <= group["density"] <= 1.0:
-        raise ValueError(f"optim.args.density: must be in [0, 1], got {group['density']!r}")
-    gap = group["update_proj_gap"]
-    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
-        raise ValueError(f"optim.args.update_proj_gap: must be an integer >= 1, got {gap!r}")
-    for key, allowed in CHOICES.items():
-        if group[key] not in allowed:
-            raise ValueError(f"optim.args.{key}: must be one of {', '.join(allowed)}, got {group[key]!r}")
+    check_group(group, FrugalGroup, "FRUGAL")
     if group["proj_type"] != "randk" and any(p.dim() != 2 for p in group["params"]):
         raise ValueError(f"optim.args.proj_type: {group['proj_type']!r} needs 2-D weights")
 
 
-register(OptimizerSpec(name="frugal", cls=FRUGAL, target_keys=tuple(GROUP_DEFAULTS),
-                       target_defaults=dict(GROUP_DEFAULTS)))
+register(OptimizerSpec(name="frugal", cls=FRUGAL, group=FrugalGroup))

@@ -18,21 +18,30 @@ Per-group keys as in galore-torch: ``rank``, ``update_proj_gap``, ``scale``,
 from __future__ import annotations
 
 from lowmem.optim.adam_math import MomentOptimizer, decoupled_weight_decay
-from lowmem.optim.projection import check_projected_group, project_back
+from lowmem.optim.args import Betas, Count, GroupArgs, NonNegative, Positive, StateBits, typed
+from lowmem.optim.projection import ProjType, check_projected_group, project_back
 from lowmem.optim.registry import OptimizerSpec, register
 
-GROUP_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+
+class GaLoreGroup(GroupArgs):
+    """The target group's keys (galore-torch's names): r, T, alpha and the projected side."""
+
+    rank: Count = 128
+    update_proj_gap: Count = 200
+    scale: Positive = 0.25
+    proj_type: ProjType = "std"
 
 
 class GaLoreAdamW(MomentOptimizer):
     """Drop-in for ``galore_torch.GaLoreAdamW`` (same group keys, same numbers in fp32)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, correct_bias: bool = True, state_bits: int = 32):
+    @typed
+    def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-6,
+                 weight_decay: NonNegative = 0.0, correct_bias: bool = True, state_bits: StateBits = 32):
         super().__init__(params, lr, betas, eps, weight_decay, state_bits, correct_bias=correct_bias)
         for group in self.param_groups:
             if "rank" in group:
-                check_projected_group(group, GROUP_DEFAULTS, "GaLoreAdamW")
+                check_projected_group(group, GaLoreGroup, "GaLoreAdamW")
 
     def _update(self, p, group, state) -> None:
         if "rank" not in group:
@@ -47,5 +56,4 @@ class GaLoreAdamW(MomentOptimizer):
         decoupled_weight_decay(p, group["lr"], group["weight_decay"])
 
 
-register(OptimizerSpec(name="galore_adamw", cls=GaLoreAdamW, target_keys=tuple(GROUP_DEFAULTS),
-                       target_defaults=dict(GROUP_DEFAULTS)))
+register(OptimizerSpec(name="galore_adamw", cls=GaLoreAdamW, group=GaLoreGroup))

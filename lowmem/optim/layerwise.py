@@ -12,7 +12,9 @@ use. The training loop stays the normal one::
     scheduler.step()         # once per optimizer step (the reference repos step it per param)
     optimizer.zero_grad()
 
-Fixes of the reference's layer-wise mode (ALGORITHMS.md §1 "Known problems"):
+Fixes of the reference's layer-wise mode (jiaweizzhao/GaLore ``torchrun_main.py``: a
+scheduler per parameter and a step per micro-batch, GaLore issue #78 / PR #79 and
+zhuhanqing/APOLLO issue #14; clipping after the hooks have consumed the gradients):
 
 * LR schedule: one scheduler on the wrapper, stepped once per optimizer step.
 * Gradient accumulation ``A > 1``: a parameter's hook lets its gradient accumulate in ``.grad``

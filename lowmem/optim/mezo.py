@@ -42,10 +42,13 @@ The step's ``g`` values (as applied) are in ``last_projected_grads``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from lowmem.optim.args import Count, Fraction, NonNegative, NonNegativeInt, Positive, typed
 from lowmem.optim.registry import OptimizerSpec, register
-from lowmem.optim.zo_base import ZerothOrderOptimizer, all_finite
+from lowmem.optim.zo_base import NoiseKind, ZerothOrderOptimizer, all_finite
 from lowmem.optim.zo_distributed import GradExchange
 from lowmem.optim.zo_noise import Noise, param_seed, sgd_update_
 
@@ -53,16 +56,11 @@ from lowmem.optim.zo_noise import Noise, param_seed, sgd_update_
 class MeZO(ZerothOrderOptimizer):
     """ZO-SGD with in-place seeded perturbations; ``loss = opt.step(closure)`` returns L+ (mean over samples)."""
 
-    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 momentum: float = 0.0, n_samples: int = 1, seed: int = 0, fp32_forward: bool = True,
-                 one_byte: bool = False, levels_per_efold: int = 8, process_group=None,
-                 noise: str = "gaussian"):
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"optim.weight_decay: must be >= 0, got {weight_decay!r}")
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"optim.momentum: must be in [0, 1), got {momentum!r}")
-        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-            raise ValueError(f"optim.n_samples: must be an int >= 1, got {n_samples!r}")
+    @typed
+    def __init__(self, params, lr: NonNegative = 1e-6, eps: Positive = 1e-3, weight_decay: NonNegative = 0.0,
+                 momentum: Fraction = 0.0, n_samples: Count = 1, seed: NonNegativeInt = 0, fp32_forward: bool = True,
+                 one_byte: bool = False, levels_per_efold: Count = 8, process_group: Any = None,
+                 noise: NoiseKind = "gaussian"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params, defaults, eps=eps, seed=seed, fp32_forward=fp32_forward)
         self.n_samples = n_samples

@@ -25,16 +25,15 @@ once from ``G``'s shape, never from ``R``'s (the reference's ``reverse_std``
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
+from lowmem.optim.args import GroupArgs, check_group
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+ProjType = Literal[PROJ_TYPES]
 _NEXT_SEED_DRAWS = 15  # APOLLO's next_seed advances a CPU generator by 15 int64 draws
-
-
-def check_proj_type(proj_type: str, where: str = "optim.args.proj_type") -> None:
-    if proj_type not in PROJ_TYPES:
-        raise ValueError(f"{where}: must be one of {', '.join(PROJ_TYPES)}, got {proj_type!r}")
 
 
 def sides(shape: torch.Size, proj_type: str) -> tuple[bool, bool]:
@@ -145,21 +144,14 @@ def current_factors(state: dict, g: torch.Tensor, rank: int, proj_type: str, gap
     return (None if u is None else u.to(g.dtype)), (None if v is None else v.to(g.dtype))
 
 
-def check_projected_group(group: dict, defaults: dict, optimizer: str) -> None:
-    """Fill a low-rank group's missing keys from ``defaults`` and validate them.
+def check_projected_group(group: dict, model: type[GroupArgs], optimizer: str) -> None:
+    """Fill a low-rank group's missing keys from ``model``'s defaults, validate them (one line
+    naming ``optim.args.<key>``) and check that the group holds 2-D weights only.
 
     A group is low-rank when it has ``rank`` (the reference packages' convention), so
     param groups built for galore-torch / apollo-torch work unchanged.
     """
-    for key, value in defaults.items():
-        group.setdefault(key, value)
-    for key in ("rank", "update_proj_gap"):
-        value = group[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"optim.args.{key}: must be an integer >= 1, got {value!r}")
-    check_proj_type(group["proj_type"])
-    if not group["scale"] > 0:
-        raise ValueError(f"optim.args.scale: must be > 0, got {group['scale']!r}")
+    check_group(group, model, optimizer)
     for p in group["params"]:
         if p.dim() != 2:
             raise ValueError(f"optim.param_groups: {optimizer} projects 2-D weights only, got shape {tuple(p.shape)}")

@@ -12,6 +12,19 @@ the target rule (:mod:`lowmem.optim.targets`) into param groups:
   same keys the reference packages (galore-torch, apollo-torch) read;
 * ``decay``    -- other matrices (embeddings, ``lm_head``): plain AdamW rule;
 * ``no_decay`` -- biases and norm weights: plain AdamW rule, ``weight_decay=0``.
+
+Typed arguments, one definition each (:mod:`lowmem.optim.args`). An optimizer's constructor
+keywords are declared once, in its signature: the annotations carry types and ranges
+(``NonNegative``, ``Betas``, ``Count``, ``StateBits``, ``Literal[...]``) and the defaults are the
+signature's. The ``@typed`` constructor validates every call with the pydantic model built from
+that signature (direct Python use); the target group's keys are a ``GroupArgs`` model
+(``spec.group``) that the constructor checks on each group. :func:`args_model` joins the two into
+the model of ``create_optimizer``'s keywords, which is also the model of the recipe's
+``optim.args``: the recipe validates it when it loads, before any model or tokenizer is read, so
+an unknown name, a bad type or a value out of range is refused in one line naming
+``optim.args.<name>`` (``optim.lr`` / ``optim.weight_decay`` for those two). Checks that need the
+parameters (2-D targets) or tie several arguments together (ZO-AdaMU's ``t1 < t2``) stay in the
+constructor body, with the same naming.
 """
 
 from __future__ import annotations
@@ -22,8 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import create_model
 from torch import nn
 
+from lowmem.optim.args import GroupArgs, signature_model, validate
 from lowmem.optim.targets import split_parameters
 
 # name -> module that registers it (imported lazily)
@@ -49,12 +64,14 @@ class OptimizerSpec:
 
     name: str
     cls: type[torch.optim.Optimizer]
-    target_keys: tuple[str, ...] = ()  # hparams that belong to the target group only
-    target_defaults: dict[str, Any] = field(default_factory=dict)  # e.g. APOLLO-Mini's rank=1
-    defaults: dict[str, Any] = field(default_factory=dict)  # overrides of cls defaults
+    group: type[GroupArgs] | None = None  # typed keys of the target group (rank, update_proj_gap ...)
+    types: dict[str, Any] = field(default_factory=dict)  # annotations for a class we do not own (torch's AdamW)
     zeroth_order: bool = False
-    # True: one group per split part is not wanted (ZO methods take all params in order)
-    all_params_one_rule: bool = False
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        """Keyword arguments that belong to the target group only."""
+        return tuple(self.group.model_fields) if self.group else ()
 
 
 _SPECS: dict[str, OptimizerSpec] = {}
@@ -85,19 +102,29 @@ def get_spec(name: str) -> OptimizerSpec:
     return _SPECS[name]
 
 
+_ARGS: dict[str, type[GroupArgs]] = {}
+
+
+def args_model(name: str) -> type[GroupArgs]:
+    """The typed keywords of ``create_optimizer(model, name, ...)`` (and the recipe's ``optim.args``):
+    the constructor's signature plus the target group's keys."""
+    if name not in _ARGS:
+        spec = get_spec(name)
+        model = signature_model(inspect.unwrap(spec.cls.__init__), spec.types)
+        if spec.group is not None:
+            model = create_model(f"{name}_args", __base__=(model, spec.group))
+        _ARGS[name] = model
+    return _ARGS[name]
+
+
 def accepted_hparams(name: str) -> set[str]:
     """Keyword arguments ``create_optimizer`` accepts for ``name``."""
-    spec = get_spec(name)
-    sig = inspect.signature(spec.cls.__init__)
-    keys = {k for k in sig.parameters if k not in ("self", "params")}
-    return keys | set(spec.target_keys)
+    return set(args_model(name).model_fields)
 
 
-def check_hparams(name: str, hparams: dict[str, Any], where: str = "optim.args") -> None:
-    unknown = sorted(set(hparams) - accepted_hparams(name))
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: not an argument of optimizer {name!r} "
-                         f"(accepted: {', '.join(sorted(accepted_hparams(name)))})")
+def check_hparams(name: str, hparams: dict[str, Any]) -> None:
+    """Refuse an unknown name, a bad type or a value out of range in one line naming the field."""
+    validate(args_model(name), hparams, name)
 
 
 def build_param_groups(model: nn.Module, spec: OptimizerSpec, target_hparams: dict[str, Any],
@@ -108,7 +135,7 @@ def build_param_groups(model: nn.Module, spec: OptimizerSpec, target_hparams: di
     if spec.target_keys:
         if split.targets:
             groups.append({"params": [p for _, p in split.targets], "param_names": [n for n, _ in split.targets],
-                           **spec.target_defaults, **target_hparams, **wd})
+                           **dict(spec.group()), **target_hparams, **wd})
         plain = split.decay
     else:
         plain = split.targets + split.decay
@@ -129,8 +156,8 @@ def create_optimizer(model: nn.Module, name: str, *, target_modules: list[str] |
     >>> opt = create_optimizer(model, "apollo_mini", lr=1e-3)
     """
     spec = get_spec(name)
-    check_hparams(name, hparams, where="create_optimizer")
-    hparams = {**spec.defaults, **hparams}
+    check_hparams(name, hparams)
+    hparams = dict(hparams)
     target_hparams = {k: hparams.pop(k) for k in spec.target_keys if k in hparams}
     weight_decay = hparams.pop("weight_decay", None)
     groups = build_param_groups(model, spec, target_hparams, weight_decay, target_modules)
@@ -142,3 +169,23 @@ def create_optimizer(model: nn.Module, name: str, *, target_modules: list[str] |
 def is_zeroth_order(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "zeroth_order", False))
 
+
+
+def args_reference() -> list[str]:
+    """Markdown lines: each optimizer's ``optim.args`` with defaults and ranges (the README's reference)."""
+    from typing import Literal, get_args, get_origin
+
+    marks = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    lines = ["**`optim.args`** per `optim.name` (typed: checked when the recipe loads; target-group keys first)",
+             "", "| `optim.name` | its `optim.weight_decay` | arguments: default (range) |", "|---|---|---|"]
+    for name in available():
+        items, fields = [], args_model(name).model_fields
+        for key, f in fields.items():
+            if key in ("lr", "weight_decay", "process_group"):  # optim.lr, optim.weight_decay; Python only
+                continue
+            limits = [f"{marks[k]} {getattr(m, k)}" for m in f.metadata for k in marks if hasattr(m, k)]
+            if get_origin(f.annotation) is Literal:
+                limits.append(" / ".join(map(str, get_args(f.annotation))))
+            items.append(f"`{key}`: `{f.default!r}`" + (f" ({', '.join(limits)})" if limits else ""))
+        lines.append(f"| `{name}` | `{fields['weight_decay'].default}` | {'; '.join(items)} |")
+    return lines

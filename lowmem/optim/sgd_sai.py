@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.optim.adam_math import DenseGradOptimizer, check_nonnegative
+from lowmem.optim.adam_math import DenseGradOptimizer
+from lowmem.optim.args import Fraction, NonNegative, StateBits, typed
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.stateless import compute_dtype
 
@@ -45,13 +46,11 @@ def gradient_snr(g: torch.Tensor, eps: float) -> torch.Tensor:
 class SGDSaI(DenseGradOptimizer):
     """Drop-in for ``sgd_sai.SGD_sai`` (same arguments), plus ``state_bits``."""
 
-    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.9, eps: float = 1e-8,
-                 weight_decay: float = 1e-2, state_bits: int = 32):
+    @typed
+    def __init__(self, params, lr: NonNegative = 1e-2, momentum: Fraction = 0.9, eps: NonNegative = 1e-8,
+                 weight_decay: NonNegative = 1e-2, state_bits: StateBits = 32):
         from lowmem.optim.state_store import MomentStore  # 8-bit kernels load on first use
 
-        check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"optim.args.momentum: must be in [0, 1), got {momentum}")
         self.store = MomentStore(state_bits)
         self.state_bits = state_bits
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay))

@@ -29,11 +29,17 @@ import math
 
 import torch
 
-from lowmem.optim.adam_math import check_positive_int
+from lowmem.optim.args import Count, GroupArgs, NonNegative
 from lowmem.optim.registry import OptimizerSpec, register
-from lowmem.optim.stateless import StatelessMatrixOptimizer, check_nonneg
+from lowmem.optim.stateless import StatelessMatrixOptimizer
 
-GROUP_DEFAULTS = {"sinkhorn_iters": 5, "lr_scale": 0.05, "norm_eps": 1e-8}
+
+class SinkGDGroup(GroupArgs):
+    """The target group's keys: L rounds, alpha, the norm clamp."""
+
+    sinkhorn_iters: Count = 5
+    lr_scale: NonNegative = 0.05
+    norm_eps: NonNegative = 1e-8
 
 
 def sinkhorn_direction(g: torch.Tensor, iters: int = 5, eps: float = 1e-8) -> torch.Tensor:
@@ -50,16 +56,10 @@ class SinkGD(StatelessMatrixOptimizer):
     """SinkGD on groups with ``sinkhorn_iters``; AdamW elsewhere (see the module docstring)."""
 
     MARKER = "sinkhorn_iters"
-    GROUP_DEFAULTS = GROUP_DEFAULTS
-
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
-        check_positive_int(group, "sinkhorn_iters")
-        check_nonneg(group, "norm_eps")
+    GROUP = SinkGDGroup
 
     def _direction(self, g: torch.Tensor, group: dict) -> torch.Tensor:
         return sinkhorn_direction(g, group["sinkhorn_iters"], group["norm_eps"])
 
 
-register(OptimizerSpec(name="sinkgd", cls=SinkGD, target_keys=tuple(GROUP_DEFAULTS),
-                       target_defaults=dict(GROUP_DEFAULTS)))
+register(OptimizerSpec(name="sinkgd", cls=SinkGD, group=SinkGDGroup))

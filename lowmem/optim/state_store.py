@@ -1,6 +1,6 @@
 """Where an optimizer keeps a moment tensor: fp32, or 8-bit blockwise-quantized.
 
-DESIGN.md §2: the math is written once, in fp32, separate from storage. A
+The math is written once, in fp32, separate from storage (as torchao's low-bit optimizers). A
 state-full part (AdamW, GaLore/FRUGAL's subspace Adam, APOLLO's moments) asks
 a :class:`MomentStore` for a moment as an fp32 tensor, updates it, and hands
 it back; the store decides how it lives in ``optimizer.state[p]``:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.optim.adam_math import MomentOptimizer
+from lowmem.optim.args import Betas, GroupArgs, NonNegative, StateBits, check_group, typed
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -40,35 +41,29 @@ def oriented(direction, g: torch.Tensor, orient: bool) -> torch.Tensor:
     return direction(g)
 
 
-def check_nonneg(group: dict, key: str) -> None:
-    value = group[key]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"optim.args.{key}: must be a number >= 0, got {value!r}")
-
-
 class StatelessMatrixOptimizer(MomentOptimizer):
     """AdamW (HF-style eps, bias-corrected, as GaLore/APOLLO's non-target groups) for groups
     without ``MARKER``; ``W -= lr*lr_scale*direction(G)`` with no state for groups with it.
 
-    Subclasses set ``MARKER``, ``GROUP_DEFAULTS`` and implement ``_direction(g, group)``.
+    Subclasses set ``MARKER``, ``GROUP`` (the typed target-group keys) and implement
+    ``_direction(g, group)``.
     """
 
     MARKER = ""
-    GROUP_DEFAULTS: dict = {}
+    GROUP: type[GroupArgs] = GroupArgs
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, correct_bias: bool = True, state_bits: int = 32):
+    @typed
+    def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-8,
+                 weight_decay: NonNegative = 0.0, correct_bias: bool = True, state_bits: StateBits = 32):
         super().__init__(params, lr, betas, eps, weight_decay, state_bits, correct_bias=correct_bias)
         for group in self.param_groups:
             if self.MARKER in group:
                 self._check_group(group)
 
     def _check_group(self, group: dict) -> None:
-        for key, value in self.GROUP_DEFAULTS.items():
-            group.setdefault(key, value)
+        check_group(group, self.GROUP, type(self).__name__)
         if any(p.dim() != 2 for p in group["params"]):
             raise ValueError(f"optim.target_modules: {type(self).__name__} needs 2-D weights in its target group")
-        check_nonneg(group, "lr_scale")
 
     def _step_param(self, p: torch.Tensor, group: dict, name: str | None) -> None:
         if self.MARKER not in group:

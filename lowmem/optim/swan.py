@@ -28,11 +28,19 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.optim.adam_math import check_positive_int
+from lowmem.optim.args import GroupArgs, NonNegative, NonNegativeInt
 from lowmem.optim.registry import OptimizerSpec, register
-from lowmem.optim.stateless import StatelessMatrixOptimizer, check_nonneg, oriented
+from lowmem.optim.stateless import StatelessMatrixOptimizer, oriented
 
-GROUP_DEFAULTS = {"ns_steps": 10, "lr_scale": 0.05, "orient": True, "center": True, "norm_eps": 1e-8}
+
+class SwanGroup(GroupArgs):
+    """The target group's keys: k Newton-Schulz steps, alpha, orientation, centring, eps."""
+
+    ns_steps: NonNegativeInt = 10
+    lr_scale: NonNegative = 0.05
+    orient: bool = True
+    center: bool = True
+    norm_eps: NonNegative = 1e-8
 
 
 def grad_norm(g: torch.Tensor, eps: float = 1e-8, center: bool = True) -> torch.Tensor:
@@ -76,16 +84,10 @@ class SWAN(StatelessMatrixOptimizer):
     """SWAN on groups with ``ns_steps``; AdamW elsewhere (see the module docstring)."""
 
     MARKER = "ns_steps"
-    GROUP_DEFAULTS = GROUP_DEFAULTS
-
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
-        check_positive_int(group, "ns_steps", minimum=0)
-        check_nonneg(group, "norm_eps")
+    GROUP = SwanGroup
 
     def _direction(self, g: torch.Tensor, group: dict) -> torch.Tensor:
         return swan_direction(g, group["ns_steps"], bool(group["orient"]), bool(group["center"]), group["norm_eps"])
 
 
-register(OptimizerSpec(name="swan", cls=SWAN, target_keys=tuple(GROUP_DEFAULTS),
-                       target_defaults=dict(GROUP_DEFAULTS)))
+register(OptimizerSpec(name="swan", cls=SWAN, group=SwanGroup))

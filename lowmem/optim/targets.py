@@ -1,8 +1,10 @@
 """The parameter-target rule: which weights get the memory-saving method.
 
-DESIGN.md §2: by default the 2-D weights of ``nn.Linear`` layers *inside the
-transformer blocks* (the modules under the model's block ``ModuleList``) are
-targets; embeddings, norms, biases and ``lm_head`` are not. A recipe may
+By default the 2-D weights of ``nn.Linear`` layers *inside the transformer
+blocks* (the modules under the model's block ``ModuleList``) are targets;
+embeddings, norms, biases and ``lm_head`` are not (the split of the GaLore
+reference's ``torchrun_main.py``: Linear modules of attention and MLP; Zhao et
+al. 2024, arXiv 2403.03507). A recipe may
 replace the rule with glob patterns on module names (``optim.target_modules``).
 
 The rule returns three disjoint, ordered lists so the optimizer can build
@@ -15,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 
@@ -85,13 +86,3 @@ def split_parameters(model: nn.Module, target_modules: list[str] | None = None) 
             split.no_decay.append((name, p))
     return split
 
-
-def is_no_decay_name(name: str) -> bool:
-    """Names that zeroth-order methods exempt from weight decay (MeZO reference:
-    ``bias``, ``layer_norm``, ``layernorm``; plus the ``norm`` modules of Llama-style models)."""
-    lowered = name.lower()
-    return "bias" in lowered or "norm" in lowered or ".ln" in lowered or lowered.startswith("ln")
-
-
-def trainable_named_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -11,8 +11,8 @@ momentum ``m`` (zero at the start)::
     m_k  = b1 zdot + (1 - b1) zdd ;  v_k = b2 zdot^2 + (1 - b2) zdd^2
     theta <- theta - lr (g m_k / sqrt(v_k + 1e-8) + wd theta)   # wd per param group
 
-Choices where the paper and the released code (MathIsAll/ZO-AdaMU @ d5f7de2) disagree
-or are broken (ALGORITHMS.md §6):
+Choices where the paper (arXiv 2312.15184, Algorithm 1 and Eq. 7) and the released code
+(MathIsAll/ZO-AdaMU @ d5f7de2, ``trainer.py`` and ``mezo.sh``) disagree or are broken:
 
 * Anneal: ``1`` for ``k < T1``; then ``0.5 (1 + cos(pi s / L(s)))`` with
   ``s = min(k, T2) - T1`` and ``L(s) = T3 - phi s (T3 - T2) / (T2 - T1)``, one ``phi`` per
@@ -61,17 +61,19 @@ Single process only (``mezo`` does distributed ZO).
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
+from lowmem.dtypes import DTYPES, DtypeName
+from lowmem.optim.args import Count, NonNegative, NonNegativeInt, Positive, typed
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.state_store import MomentStore
-from lowmem.optim.zo_base import ZerothOrderOptimizer, all_finite
+from lowmem.optim.zo_base import NoiseKind, ZerothOrderOptimizer, all_finite
 from lowmem.optim.zo_distributed import world
 from lowmem.optim.zo_noise import Noise, mix_seed, param_seed
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_MOMENTUM_DTYPES = (*_DTYPES, "int8")  # int8: blockwise-quantized through MomentStore
+MomentumDtype = Literal[(*get_args(DtypeName), "int8")]  # int8: blockwise-quantized through MomentStore
 _V_EPS = 1e-8  # Algorithm 1's constant under the square root
 
 
@@ -87,25 +89,22 @@ def anneal(k: int, t1: int, t2: int, t3: int, phi: float) -> float:
 class ZOAdaMU(ZerothOrderOptimizer):
     """``loss = opt.step(closure)`` (returns L+). ``total_steps`` is T3; ``t1``, ``t2`` default as above."""
 
-    def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, weight_decay: float = 0.0,
-                 total_steps: int = 20000, t1: int | None = None, t2: int | None = None,
-                 phi: tuple[float, float, float] = (1.0, 0.1, 1.5), momentum_dtype: str | None = None,
-                 seed: int = 0, fp32_forward: bool = True, noise: str = "gaussian"):
+    @typed
+    def __init__(self, params, lr: NonNegative = 1e-4, eps: Positive = 1e-3, weight_decay: NonNegative = 0.0,
+                 total_steps: Count = 20000, t1: NonNegativeInt | None = None, t2: Count | None = None,
+                 phi: tuple[float, float, float] = (1.0, 0.1, 1.5), momentum_dtype: MomentumDtype | None = None,
+                 seed: NonNegativeInt = 0, fp32_forward: bool = True, noise: NoiseKind = "gaussian"):
         t1 = min(1024, round(0.05 * total_steps)) if t1 is None else t1
         t2 = int(0.8 * total_steps) if t2 is None else t2
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"optim.weight_decay: must be >= 0, got {weight_decay!r}")
-        if not (0 <= t1 < t2 <= total_steps):
-            raise ValueError(f"optim.t1: need 0 <= t1 < t2 <= total_steps, got {t1}, {t2}, {total_steps}")
-        if len(phi) != 3 or any(not 0 <= f * (total_steps - t2) < total_steps for f in phi):
-            raise ValueError(f"optim.phi: three values with 0 <= phi*(T3-T2) < T3, got {phi!r}")
-        if momentum_dtype is not None and momentum_dtype not in _MOMENTUM_DTYPES:
-            raise ValueError(f"optim.momentum_dtype: one of {', '.join(_MOMENTUM_DTYPES)}, got {momentum_dtype!r}")
+        if not t1 < t2 <= total_steps:
+            raise ValueError(f"optim.args.t1: need 0 <= t1 < t2 <= total_steps, got {t1}, {t2}, {total_steps}")
+        if any(not 0 <= f * (total_steps - t2) < total_steps for f in phi):
+            raise ValueError(f"optim.args.phi: three values with 0 <= phi*(T3-T2) < T3, got {phi!r}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, seed=seed,
                          fp32_forward=fp32_forward)
         self.noise = Noise(noise)  # the unit draws behind zdot and zdd (lowmem.optim.zo_noise)
         self.t1, self.t2, self.t3, self.phi = t1, t2, total_steps, tuple(float(f) for f in phi)
-        self.momentum_dtype = _DTYPES.get(momentum_dtype)  # None: the parameter's (or int8)
+        self.momentum_dtype = DTYPES.get(momentum_dtype)  # None: the parameter's (or int8)
         self._store = MomentStore(bits=8) if momentum_dtype == "int8" else None
         self._prev_seed, self._prev_alpha = -1, 1.0  # m_{k-1} = sqrt(alpha) zdot(prev seed) when no buffer
 

@@ -33,11 +33,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator
 
 import torch
+from pydantic import AfterValidator
+
+from lowmem.optim.zo_noise import Noise
 
 _SEED_HIGH = 1 << 62
+NoiseKind = Annotated[str, AfterValidator(lambda kind: Noise(kind).kind)]  # optim.args.noise, checked by Noise
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
@@ -47,12 +51,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     zeroth_order = True
 
     def __init__(self, params, defaults: dict, eps: float, seed: int, fp32_forward: bool):
-        if not lr_ok(defaults.get("lr")):
-            raise ValueError(f"optim.lr: must be a number >= 0, got {defaults.get('lr')!r}")
-        if not eps > 0:
-            raise ValueError(f"optim.eps: must be > 0, got {eps!r}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"optim.seed: must be an int >= 0, got {seed!r}")
+        """The subclasses' ``@typed`` constructors validate the arguments (:mod:`lowmem.optim.args`)."""
         super().__init__(params, defaults)
         self.eps, self.seed, self.fp32_forward = float(eps), seed, bool(fp32_forward)
         self._generator = torch.Generator().manual_seed(seed)
@@ -153,7 +152,3 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
 def all_finite(values: list[float]) -> bool:
     return all(math.isfinite(v) for v in values)
-
-
-def lr_ok(lr) -> bool:
-    return isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0

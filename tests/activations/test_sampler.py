@@ -1,5 +1,5 @@
 """WTA-CRS sampler against the math: budget rule, winner rule (brute force), per-row unbiasedness,
-and the reference ``approxlinear/test.py`` experiment (ALGORITHMS.md §8 Tests)."""
+and the reference ``approxlinear/test.py`` experiment of ``zirui-ray-liu/WTACRS`` (arXiv 2305.15265)."""
 
 import math
 

@@ -30,6 +30,18 @@ def test_bad_recipe_fields(tiny_recipe, override, needles):
     _assert_one_line_error(_run(recipe, override), *needles)
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("optim.args.rank=four", "optim.args.rank: must be a valid integer, got 'four'"),
+    ("optim.args.eps=-1", "optim.args.eps: must be greater than or equal to 0, got -1"),
+    ("optim.args.rnak=4", "optim.args.rnak: not an argument of optimizer 'galore_adamw'"),
+])
+def test_bad_optimizer_args_are_refused_before_the_model_loads(tiny_recipe, override, needle):
+    """The model path does not exist: the optim.args line comes first, so nothing was loaded."""
+    recipe = tiny_recipe(optim={"name": "galore_adamw"},
+                         model={"path": "pkg:not_a_package_here", "config": None, "tokenizer": "bytes"})
+    _assert_one_line_error(_run(recipe, override), needle)
+
+
 def test_malformed_yaml_and_missing_recipe(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("train: {steps: 3\n")

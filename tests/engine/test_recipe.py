@@ -57,6 +57,28 @@ def test_native_bf16_probe_matches_the_cpu():
     assert native_bf16_precision() == ("bf16" if avx512 else "no")
 
 
+@pytest.mark.parametrize("name, override, message", [
+    ("galore_adamw", "optim.args.rank=four", "optim.args.rank: must be a valid integer, got 'four'"),
+    ("galore_adamw", "optim.args.proj_type=diagonal", "optim.args.proj_type: must be 'std'"),
+    ("apollo_mini", "optim.args.eps=-1.0e-8", "optim.args.eps: must be greater than or equal to 0, got -1e-08"),
+    ("mezo", "optim.args.eps=0", "optim.args.eps: must be greater than 0, got 0"),
+    ("adamw", "optim.args.betas=[0.9, 1.5]", "optim.args.betas[1]: must be less than 1, got 1.5"),
+    ("frugal", "optim.args.density=1.5", "optim.args.density: must be less than or equal to 1, got 1.5"),
+    ("swan", "optim.args.ns_steps=-1", "optim.args.ns_steps: must be greater than or equal to 0, got -1"),
+    ("sgd_sai", "optim.args.momentm=0.5", "optim.args.momentm: not an argument of optimizer 'sgd_sai'"),
+    ("zo_adamu", "optim.args.momentum_dtype=int4", "optim.args.momentum_dtype: must be 'float32'"),
+    ("adamw", "optim.args.lr=0.1", "optim.args.lr: set optim.lr instead"),
+    ("apollo", "optim.args.proj_type=full", "optim.args.proj_type: 'full' needs proj='svd'"),
+])
+def test_optimizer_args_are_typed_when_the_recipe_loads(tiny_recipe, name, override, message):
+    """A bad type, a value out of range or an unknown name: one line naming optim.args.X, from
+    ``load_recipe`` alone (no model, tokenizer or data is read)."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tiny_recipe(optim={"name": name}), [override])
+    assert str(err.value).split(": ", 1)[1].startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_malformed_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {path: x\ntrain: [")

@@ -1,4 +1,5 @@
-"""The dynamic maps equal bitsandbytes' bit for bit (ALGORITHMS.md §4)."""
+"""The dynamic maps equal bitsandbytes' bit for bit (``create_dynamic_map``; Dettmers et al. 2021,
+"8-bit Optimizers via Block-wise Quantization", arXiv 2110.02861, §2.2)."""
 
 import pytest
 import torch

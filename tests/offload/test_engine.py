@@ -1,4 +1,5 @@
-"""ZO2 engine == in-memory MeZO (lowmem.optim.mezo), bit for bit in fp32 on CPU (ALGORITHMS.md §7, test 1)."""
+"""ZO2 engine == in-memory MeZO (lowmem.optim.mezo), bit for bit in fp32 on CPU (ZO2, Wang et al. 2025,
+arXiv 2503.12668: the offloaded run must equal standard ZO)."""
 
 import pytest
 import torch

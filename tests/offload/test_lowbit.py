@@ -1,4 +1,5 @@
-"""Low-bit host copies: stochastic rounding keeps sub-ulp updates (ZO2's AMP pitfall, ALGORITHMS.md §7)."""
+"""Low-bit host copies: stochastic rounding keeps sub-ulp updates (the AMP pitfall of ZO2, Wang et al. 2025,
+arXiv 2503.12668, its low-bit transfer format)."""
 
 import pytest
 import torch

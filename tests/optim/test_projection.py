@@ -69,5 +69,7 @@ def test_orthonormal_factor_rows():
 
 
 def test_bad_proj_type_is_a_one_line_value_error():
-    with pytest.raises(ValueError, match="optim.args.proj_type"):
-        pj.check_proj_type("diagonal")
+    from lowmem.optim.galore import GaLoreGroup
+
+    with pytest.raises(ValueError, match="^optim.args.proj_type: .*'diagonal'$"):
+        pj.check_projected_group({"params": [torch.zeros(3, 2)], "proj_type": "diagonal"}, GaLoreGroup, "GaLore")

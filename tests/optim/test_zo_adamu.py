@@ -37,7 +37,7 @@ def test_schedule_is_the_code_formula_once_per_step_continuous_and_constant(varp
     assert ours[t1] == 1.0 and abs(ours[t1 + 1] - 1.0) < 1e-2  # continuous at T1
     assert len(set(ours[t2:])) == 1 and abs(ours[t2 - 1] - ours[t2]) < 0.05  # constant from T2
     finals = [anneal(16000, 1024, 16000, 20000, f) for f in (1.0, 0.1, 1.5)]
-    assert finals == pytest.approx([0.0101, 0.131, 0.0119], abs=1e-3)  # ALGORITHMS.md §6
+    assert finals == pytest.approx([0.0101, 0.131, 0.0119], abs=1e-3)  # lowmem.optim.zo_adamu docstring, Anneal
 
 
 class DenseAdaMU:
