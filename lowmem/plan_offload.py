@@ -11,12 +11,14 @@ device  = trace(1 block) - state(block) - state(E)             # block states li
           + (slots - 1) * W_c + slots * W_32 [if compute != fp32]   # mover slots (+ fp32 staging)
           + (N - 1 - swapped) * B*S*H*c                         # kept block-boundary activations
 host    = masters on the host tier + states on the host tier    # budget: masters first, then states
-          + (depth + 1) * W_32                                  # gradient buffers of the CPU step
+          + E_32 + state(E) within the budget                   # offloaded embeddings' master, state
           + [grad_accum > 1] N * W_32                           # each block's gradient sum
+          + max(backward, after)                                # buffers of the two phases
+backward = (depth + 1) * W_32                                   # gradient buffers of the CPU step
           + swapped * B*S*H*c                                   # swapped block-boundary activations
           + [a master on NVMe] (2 depth + 4) * W_32             # read/write buffers, a read master
           + [a state on NVMe] 2 * state(block)                  # the payload read, the one written
-          + E_32 + state(E) [within the budget, else read buffers]  # offloaded embeddings' master, state
+after   = [E's master on NVMe] E_32 + [E's state on NVMe] 2 * state(E)  # the embeddings' step
 with ``slots = min(depth + 1, N)``, ``W_c``/``W_32`` a block's weights in the compute dtype /
 fp32, ``E`` the parameters outside the blocks that ``offload.offload_embeddings`` moves (their
 state read from the same fake step), ``swapped`` the boundary activations
@@ -84,18 +86,19 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
 
     rec1, one = _one_block(recipe, config)
     parts, totals = trace_step(rec1, one, 1, False, device)
-    numel, traced_state, hidden, outside = _state_split(rec1, one)  # the block's state as the trace holds it
-    masters = with_overrides(rec1, ["model.dtype=float32"])  # the host steps fp32 masters: fp32 state
-    state = _state_split(masters, one)[1] if recipe.model.dtype != "float32" else traced_state
+    numel, traced_state, hidden, outside = _state_split(rec1, one)  # the states as the trace holds them
+    _, state, _, outside32 = (_state_split(with_overrides(rec1, ["model.dtype=float32"]), one)
+                              if recipe.model.dtype != "float32" else (numel, traced_state, hidden, outside))
     mode = recipe.offload.offload_embeddings  # the parameters outside the blocks that follow their placement
-    moved = [(n, s) for n, s in outside if mode == "on" or (mode == "auto" and n > numel)]
+    which = [mode == "on" or (mode == "auto" and count > numel) for count, _ in outside]
+    traced_moved = sum(s for (_, s), m in zip(outside, which) if m)  # their state as the trace holds it
+    moved = [item for item, m in zip(outside32, which) if m]  # the host steps fp32 masters: fp32 state
     n, off = config.num_hidden_layers, recipe.offload
     compute = DTYPES[recipe.model.dtype].itemsize
     w32 = numel * 4  # fp32 master (the packing's 512-byte alignment is negligible)
     slots = min(off.prefetch_depth + 1, n)
     device_parts = dict(parts)
-    device_parts["optimizer_states"] = max(0, parts.get("optimizer_states", 0) - traced_state
-                                           - sum(s for _, s in moved))
+    device_parts["optimizer_states"] = max(0, parts.get("optimizer_states", 0) - traced_state - traced_moved)
     device_parts["transfer_buffers"] = (slots - 1) * numel * compute + (slots * w32 if compute != 4 else 0)
     boundary = recipe.train.batch_size * recipe.train.seq_len * hidden * compute
     swapped = n - 1 if off.swap_activations == "on" else 0
@@ -106,13 +109,17 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
     e_masters, left = _fits(1 if moved else 0, e32, left)  # one entry: the moved parameters' fp32 masters
     host_states, left = _fits(n, state, left)
     e_states, _ = _fits(1 if moved else 0, e_state, left)
-    host = {"host_masters": host_masters * w32 + e_masters * e32, "host_states": host_states * state
-            + e_states * e_state, "host_buffers": (off.prefetch_depth + 1) * w32 + swapped * boundary
-            + (n * w32 if recipe.train.grad_accum > 1 else 0) + ((1 - e_states) * 2 * e_state + (1 - e_masters) * e32) * bool(moved)}
+    block_phase = (off.prefetch_depth + 1) * w32 + swapped * boundary  # during the backward
     if host_masters < n:  # the store's read-ahead and write buffers, a master read for its step
-        host["host_buffers"] += (2 * off.prefetch_depth + 3) * w32 + w32
+        block_phase += (2 * off.prefetch_depth + 3) * w32 + w32
     if host_states < n:   # a state payload read and the one written
-        host["host_buffers"] += 2 * state
+        block_phase += 2 * state
+    # after the backward, when the block buffers are gone: the moved parameters' master read from
+    # NVMe, their state payload read and the one written
+    embedding_phase = ((1 - e_masters) * e32 + (1 - e_states) * 2 * e_state) if moved else 0
+    host = {"host_masters": host_masters * w32 + e_masters * e32, "host_states": host_states * state
+            + e_states * e_state, "host_buffers": max(block_phase, embedding_phase)
+            + (n * w32 if recipe.train.grad_accum > 1 else 0)}
     totals = {"weights": totals["weights"] + (n - 1) * numel * compute, "gradients": totals["gradients"]
               + (n - 1) * numel * compute, "optimizer_states": device_parts["optimizer_states"] + n * state}
     return device_parts, host, totals

@@ -137,6 +137,11 @@ class OffloadSection(_Section):
         "auto", description="First-order: embeddings/lm_head masters and state follow the blocks' placement; auto: "
                             "those larger than one block")
 
+    @field_validator("swap_activations", "offload_embeddings", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # YAML 1.1 on/off
+
 
 class TrainSection(_Section):
     steps: int = Field(..., ge=1, description="Optimizer steps")

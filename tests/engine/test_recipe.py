@@ -45,6 +45,16 @@ def test_mixed_precision_auto_is_resolved_when_the_recipe_loads(tiny_recipe, mon
     assert load_recipe(tiny_recipe(), ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML's false
 
 
+@pytest.mark.parametrize("field", ["swap_activations", "offload_embeddings"])
+def test_offload_switches_accept_yaml_on_and_off(tiny_recipe, field):
+    """YAML 1.1 reads a bare ``on``/``off`` as a boolean; the switches take them as written."""
+    for word in ["on", "off", "auto"]:
+        recipe = load_recipe(tiny_recipe(), [f"offload.{field}={word}"])
+        assert getattr(recipe.offload, field) == word
+    with pytest.raises(RecipeError, match=f"offload.{field}"):
+        load_recipe(tiny_recipe(), [f"offload.{field}=sometimes"])
+
+
 def test_native_bf16_probe_matches_the_cpu():
     """On a CPU, ``auto`` picks bf16 exactly where oneDNN runs bf16 matmuls (AVX-512 and up)."""
     import torch

@@ -73,6 +73,7 @@ def test_plan_follows_accumulation_swapping_and_embeddings(tmp_path):
     assert swap.host_parts["host_buffers"] - p0.host_parts["host_buffers"] == (n - 1) * boundary
     embedding = CONFIG["vocab_size"] * CONFIG["hidden_size"]  # tied, larger than a block: auto moves it alone
     assert emb.host_parts["host_masters"] - p0.host_parts["host_masters"] == 4 * embedding
-    moments = pytest.approx(2 * 4 * embedding, abs=8)  # AdamW m, v (and torch's 4-byte step tensor)
-    assert p0.parts["optimizer_states"] - emb.parts["optimizer_states"] == moments
-    assert emb.host_parts["host_states"] - p0.host_parts["host_states"] == moments
+    moments = 2 * 4 * embedding  # AdamW m, v (and torch's 4-byte step tensor)
+    # the traced peak falls inside the step, before the small norms' moments exist: about all is the embedding's
+    assert p0.parts["optimizer_states"] == pytest.approx(moments, rel=1e-3) and emb.parts["optimizer_states"] == 0
+    assert emb.host_parts["host_states"] - p0.host_parts["host_states"] == pytest.approx(moments, abs=8)
