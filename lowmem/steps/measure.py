@@ -4,8 +4,8 @@ The step is the trainer's own step object (:func:`lowmem.steps.make_step`) on th
 optimizer and objective (``data.task``: the LM loss, chunked or not, or candidate classification),
 with ``train.grad_accum`` micro-batches of :func:`sample_batch`, run through :class:`OneProcess`
 (one process, the recipe's autocast). :mod:`lowmem.step_trace` runs the same functions on fake
-tensors, so the planner predicts what is measured here. Run it in a fresh process, so that the peak
-RSS is this step's; like ``lowmem-train`` it first fixes glibc's mmap threshold
+tensors, so the planner predicts what is measured here. The RSS high-water mark is reset after the model
+is built (``/proc/self/clear_refs``), so the peak is the step's own, with the model resident; like ``lowmem-train`` it first fixes glibc's mmap threshold
 (:func:`lowmem.memory.fix_malloc_threshold`).
 """
 
@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from lowmem.memory import cuda_peak_bytes, current_rss_bytes, peak_rss_bytes, state_bytes, tensor_bytes
+from lowmem.memory import (cuda_peak_bytes, current_rss_bytes, reset_peak_rss, state_bytes, tensor_bytes,
+                           window_peak_rss_bytes)
 from lowmem.steps import OneProcess, Step, make_step
 
 FILLER = "lorem "  # the text of a planned classification example, long enough to be truncated
@@ -78,6 +79,7 @@ def measure_step(recipe, forward_only: bool = False) -> dict:
     params = {id(p): p for p in model.parameters()}.values()
     out = {"baseline_rss": baseline, "param_bytes": sum(tensor_bytes(p) for p in params), "grad_bytes": 0}
     if forward_only:
+        reset_peak_rss()
         no_grad_forward(recipe, model, batch)
     else:
         stepper, _ = recipe_step(recipe, model, device)
@@ -87,9 +89,10 @@ def measure_step(recipe, forward_only: bool = False) -> dict:
                 out["grad_bytes"] = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
 
         stepper.on_phase = on_phase
+        reset_peak_rss()
         stepper.step(lambda micro: batch)
         out["state_bytes"] = state_bytes(stepper.inner_optimizer)
-    return {**out, "peak_rss": peak_rss_bytes(), "cuda_peak": cuda_peak_bytes()}
+    return {**out, "peak_rss": window_peak_rss_bytes(), "cuda_peak": cuda_peak_bytes()}
 
 
 if __name__ == "__main__":
