@@ -4,26 +4,30 @@ Traced, not guessed, where it can be: one training step of the same recipe on th
 with **one** decoder block (offload off, all gradients kept, as the engine keeps the resident
 ones until the end of backward) gives, on fake tensors, the resident weights, gradients and
 optimizer state plus one block's weights, gradients and recompute activations and the
-head's activations (logits). A fake optimizer step on the one-block model splits the state
-bytes into the block's and the resident parameters'. The rest is the engine's fixed layout:
+head's activations (logits), at two peaks (:func:`lowmem.step_trace.trace_phases`): during the
+forward/backward, and during the optimizer step after it. A fake optimizer step on the one-block
+model splits the state bytes into the block's and the resident parameters'. The rest is the
+engine's fixed layout, added to the phase it belongs to:
 
-device  = trace(1 block) - state(block) - state(E)             # block states live on the host (fp32)
+device  = trace(1 block, phase) with the states of the resident parameters E does not move
           + (slots - 1) * W_c + slots * W_32 [if compute != fp32]   # mover slots (+ fp32 staging)
-          + (N - 1 - swapped) * B*S*H*c                         # kept block-boundary activations
+          + [backward] (N - 1 - swapped) * B*S*H*c              # kept block-boundary activations
 host    = masters on the host tier + states on the host tier    # budget: masters first, then states
           + E_32 + state(E) within the budget                   # offloaded embeddings' master, state
           + [grad_accum > 1] N * W_32                           # each block's gradient sum
-          + max(backward, after)                                # buffers of the two phases
-backward = (depth + 1) * W_32                                   # gradient buffers of the CPU step
+          + buffers(phase)
+buffers(backward) = (depth + 1) * W_32                          # gradient buffers of the CPU step
           + swapped * B*S*H*c                                   # swapped block-boundary activations
           + [a master on NVMe] (2 depth + 4) * W_32             # read/write buffers, a read master
           + [a state on NVMe] 2 * state(block)                  # the payload read, the one written
-after   = [E's master on NVMe] E_32 + [E's state on NVMe] 2 * state(E)  # the embeddings' step
+buffers(step) = [E's master on NVMe] E_32 + [E's state on NVMe] 2 * state(E)  # the embeddings' step
 with ``slots = min(depth + 1, N)``, ``W_c``/``W_32`` a block's weights in the compute dtype /
 fp32, ``E`` the parameters outside the blocks that ``offload.offload_embeddings`` moves (their
 state read from the same fake step), ``swapped`` the boundary activations
 ``offload.swap_activations: on`` swaps (``auto`` decides after a profile step that swaps none, so
-the plan keeps them). On a CPU "device" both live in one process: peak RSS = runtime + device + host.
+the plan keeps them). On a CPU "device" both live in one process: peak RSS = runtime + device +
+host at the larger phase. On a GPU the device parts are those of the phase with the larger device
+total, the host buffers the larger of the two.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lowmem.dtypes import DTYPES
 from lowmem.recipe import Recipe
-from lowmem.step_trace import fake_model, trace_step
+from lowmem.step_trace import fake_model, trace_phases
 
 
 def _one_block(recipe: Recipe, config):
@@ -85,7 +89,7 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
     from lowmem.planner import with_overrides
 
     rec1, one = _one_block(recipe, config)
-    parts, totals = trace_step(rec1, one, 1, False, device)
+    phases, totals = trace_phases(rec1, one, device)
     numel, traced_state, hidden, outside = _state_split(rec1, one)  # the states as the trace holds them
     _, state, _, outside32 = (_state_split(with_overrides(rec1, ["model.dtype=float32"]), one)
                               if recipe.model.dtype != "float32" else (numel, traced_state, hidden, outside))
@@ -97,29 +101,36 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
     compute = DTYPES[recipe.model.dtype].itemsize
     w32 = numel * 4  # fp32 master (the packing's 512-byte alignment is negligible)
     slots = min(off.prefetch_depth + 1, n)
-    device_parts = dict(parts)
-    device_parts["optimizer_states"] = max(0, parts.get("optimizer_states", 0) - traced_state - traced_moved)
-    device_parts["transfer_buffers"] = (slots - 1) * numel * compute + (slots * w32 if compute != 4 else 0)
     boundary = recipe.train.batch_size * recipe.train.seq_len * hidden * compute
     swapped = n - 1 if off.swap_activations == "on" else 0
-    device_parts["activations"] = parts.get("activations", 0) + (n - 1 - swapped) * boundary
     budget = None if off.host_memory_budget_gb is None else off.host_memory_budget_gb * 2**30
     host_masters, left = _fits(n, w32, budget)
     e32, e_state = 4 * sum(m for m, _ in moved), sum(s for _, s in moved)
     e_masters, left = _fits(1 if moved else 0, e32, left)  # one entry: the moved parameters' fp32 masters
     host_states, left = _fits(n, state, left)
     e_states, _ = _fits(1 if moved else 0, e_state, left)
-    block_phase = (off.prefetch_depth + 1) * w32 + swapped * boundary  # during the backward
+    backward = (off.prefetch_depth + 1) * w32 + swapped * boundary  # host buffers during the backward
     if host_masters < n:  # the store's read-ahead and write buffers, a master read for its step
-        block_phase += (2 * off.prefetch_depth + 3) * w32 + w32
+        backward += (2 * off.prefetch_depth + 3) * w32 + w32
     if host_states < n:   # a state payload read and the one written
-        block_phase += 2 * state
+        backward += 2 * state
     # after the backward, when the block buffers are gone: the moved parameters' master read from
     # NVMe, their state payload read and the one written
-    embedding_phase = ((1 - e_masters) * e32 + (1 - e_states) * 2 * e_state) if moved else 0
+    after = ((1 - e_masters) * e32 + (1 - e_states) * 2 * e_state) if moved else 0
+    resident_states = max(0, totals["optimizer_states"] - traced_state - traced_moved)
+    candidates = []
+    for phase, buffers in (("backward", backward), ("step", after)):
+        if phase not in phases:
+            continue
+        parts = {**phases[phase], "optimizer_states": resident_states,
+                 "transfer_buffers": (slots - 1) * numel * compute + (slots * w32 if compute != 4 else 0)}
+        if phase == "backward":  # the block-boundary activations kept for it
+            parts["activations"] += (n - 1 - swapped) * boundary
+        candidates.append((sum(parts.values()) + (buffers if device == "cpu" else 0), parts))
+    device_parts = max(candidates, key=lambda c: c[0])[1]
+    buffers = max(backward, after) if device != "cpu" else backward if device_parts is candidates[0][1] else after
     host = {"host_masters": host_masters * w32 + e_masters * e32, "host_states": host_states * state
-            + e_states * e_state, "host_buffers": max(block_phase, embedding_phase)
-            + (n * w32 if recipe.train.grad_accum > 1 else 0)}
+            + e_states * e_state, "host_buffers": buffers + (n * w32 if recipe.train.grad_accum > 1 else 0)}
     totals = {"weights": totals["weights"] + (n - 1) * numel * compute, "gradients": totals["gradients"]
-              + (n - 1) * numel * compute, "optimizer_states": device_parts["optimizer_states"] + n * state}
+              + (n - 1) * numel * compute, "optimizer_states": resident_states + n * state + e_state}
     return device_parts, host, totals

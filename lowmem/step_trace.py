@@ -62,6 +62,7 @@ class _LiveBytes(TorchDispatchMode):
         self.live: dict[int, list] = {}            # token -> [bytes, part]
         self.by_part = dict.fromkeys(PARTS, 0)
         self.peak, self.at_peak, self.peak_token = 0, dict(self.by_part), -1
+        self.phase_peaks: dict[str, tuple[int, dict, int]] = {}  # "backward" (with forward) / "step"
         self._token_of = weakref.WeakKeyDictionary()  # storage -> token
         self._tokens = itertools.count()
 
@@ -80,6 +81,9 @@ class _LiveBytes(TorchDispatchMode):
         total = sum(self.by_part.values())
         if total > self.peak:
             self.peak, self.at_peak, self.peak_token = total, dict(self.by_part), token
+        group = "step" if self.phase == "step" else "backward" if self.phase != "setup" else None
+        if group and total > self.phase_peaks.get(group, (0,))[0]:
+            self.phase_peaks[group] = (total, dict(self.by_part), token)
 
     def relabel(self, token: int, part: str) -> None:
         nbytes, old = self.live[token]
@@ -201,6 +205,20 @@ def trace_step(recipe: Recipe, config, batch_factor: int = 1, forward_only: bool
                device: str = "cpu") -> tuple[dict[str, int], dict[str, int]]:
     """(bytes by part at the peak, totals) of one step of the trainer's step object (or one no-grad
     forward) on fake tensors, with ``device``'s kernels; the micro-batch's rows repeated ``batch_factor`` times."""
+    tracker, totals, states = _trace(recipe, config, batch_factor, forward_only, device)
+    return _with_states(tracker, tracker.at_peak, tracker.peak_token, states), totals
+
+
+def trace_phases(recipe: Recipe, config, device: str = "cpu") -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """({"backward": parts, "step": parts}, totals): the largest live total while the forward and
+    backward run, and while the optimizer steps (a first-order offloaded run's two phases, with
+    different buffers beside them: :mod:`lowmem.plan_offload`)."""
+    tracker, totals, states = _trace(recipe, config, 1, False, device)
+    return {group: _with_states(tracker, parts, token, states)
+            for group, (_, parts, token) in tracker.phase_peaks.items()}, totals
+
+
+def _trace(recipe: Recipe, config, batch_factor: int, forward_only: bool, device: str):
     from lowmem.steps.measure import no_grad_forward, sample_batch
 
     batch = {k: v.repeat(batch_factor, *[1] * (v.dim() - 1))
@@ -218,18 +236,21 @@ def trace_step(recipe: Recipe, config, batch_factor: int = 1, forward_only: bool
             else:
                 stepper.step(lambda micro: batch)
         states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        for t in {tracker.token(v): v for v in states}.values():
-            _state_at_peak(tracker, t)
+        states = list({tracker.token(v): v for v in states}.values())
         grads = sum(tensor_bytes(p) for p in model.parameters() if p.requires_grad)
     totals = {"weights": weights, "gradients": 0 if zeroth_order else grads,
               "optimizer_states": sum(tensor_bytes(v) for v in states)}
-    return tracker.at_peak, totals
+    return tracker, totals, states
 
 
-def _state_at_peak(tracker: _LiveBytes, t: torch.Tensor) -> None:
-    """Move a state tensor's bytes to ``optimizer_states`` in the peak snapshot (states persist,
-    so one allocated before the peak was live at it)."""
-    nbytes, part = tracker.live[tracker.token(t)]
-    if part != "optimizer_states" and tracker.token(t) <= tracker.peak_token:
-        tracker.at_peak[part] -= nbytes
-        tracker.at_peak["optimizer_states"] += nbytes
+def _with_states(tracker: _LiveBytes, parts: dict[str, int], peak_token: int, states) -> dict[str, int]:
+    """``parts`` (a peak snapshot) with the state tensors' bytes moved to ``optimizer_states`` (states
+    persist, so one allocated before the peak, as a step temporary or else, was live at it)."""
+    parts = dict(parts)
+    for t in states:
+        token = tracker.token(t)
+        nbytes, part = tracker.live[token]
+        if part != "optimizer_states" and token <= peak_token:
+            parts[part] -= nbytes
+            parts["optimizer_states"] += nbytes
+    return parts

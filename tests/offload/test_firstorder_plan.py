@@ -1,6 +1,6 @@
 """``--plan`` for a first-order offloaded run: the predicted peak RSS of its steps on a CPU device is
-within 15% of the measured one (fresh processes, host and NVMe tiers), and a GPU plan keeps the
-blocks' states and all but ``prefetch_depth + 1`` blocks off the device."""
+within 15% of the measured one (fresh processes; host and NVMe tiers, AdamW and APOLLO-Mini), and a
+GPU plan keeps the blocks' states and all but ``prefetch_depth + 1`` blocks off the device."""
 
 import json
 import os
@@ -20,7 +20,8 @@ OFFLOAD = ["optim.max_grad_norm=null", "offload.enabled=true"]
 def test_peak_rss_of_offloaded_steps_within_15_percent(tmp_path):
     recipes = {"host": make_recipe(tmp_path, *OFFLOAD, config=CONFIG),
                "nvme": make_recipe(tmp_path, *OFFLOAD, "offload.host_memory_budget_gb=0.01",
-                                   f"offload.nvme_dir={tmp_path / 'nvme'}", config=CONFIG)}
+                                   f"offload.nvme_dir={tmp_path / 'nvme'}", config=CONFIG),
+               "apollo_mini": make_recipe(tmp_path, *OFFLOAD, "optim.name=apollo_mini", config=CONFIG)}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     running = {}
     for name, recipe in recipes.items():  # one fresh process each (RSS is per process)
@@ -36,7 +37,7 @@ def test_peak_rss_of_offloaded_steps_within_15_percent(tmp_path):
         peak, p = report["peak_rss"], predicted[name]
         assert p.host_rss_bytes == p.peak_bytes
         assert abs(p.peak_bytes - peak) <= 0.15 * peak, (name, p.peak_bytes / 2**20, peak / 2**20)
-        assert set(report["tiers"]["masters"]) == ({"host"} if name == "host" else {"nvme"})
+        assert set(report["tiers"]["masters"]) == ({"nvme"} if name == "nvme" else {"host"})
     assert "host (offloaded blocks)" in format_plan(predicted["nvme"])
 
 
@@ -59,11 +60,13 @@ def test_gpu_plan_holds_resident_parts_and_a_few_blocks(tmp_path, depth):
 
 def test_plan_follows_accumulation_swapping_and_embeddings(tmp_path):
     """Each switch moves exactly its bytes: gradient sums on the host (grad_accum > 1), swapped block
-    inputs from the device to the host, the embedding's fp32 master and AdamW state off the device."""
+    inputs from the device to the host, the embedding's fp32 master and AdamW state off the device.
+    Batch 8 x 512: the backward (logits, kept block inputs) is the device's peak, not the
+    embedding's AdamW step after it."""
     from lowmem.planner import with_overrides
 
-    base = make_recipe(tmp_path, *OFFLOAD, "offload.offload_embeddings=off", config=CONFIG)
-    n, boundary = CONFIG["num_hidden_layers"], 2 * 128 * CONFIG["hidden_size"] * 4  # batch 2 x 128, fp32
+    base = make_recipe(tmp_path, *OFFLOAD, "offload.offload_embeddings=off", config=CONFIG, batch=8, seq=512)
+    n, boundary = CONFIG["num_hidden_layers"], 8 * 512 * CONFIG["hidden_size"] * 4  # fp32
     p0 = plan(base, "cuda")
     w32 = p0.host_parts["host_masters"] // n
     acc, swap, emb = (plan(with_overrides(base, [o]), "cuda") for o in
@@ -73,7 +76,6 @@ def test_plan_follows_accumulation_swapping_and_embeddings(tmp_path):
     assert swap.host_parts["host_buffers"] - p0.host_parts["host_buffers"] == (n - 1) * boundary
     embedding = CONFIG["vocab_size"] * CONFIG["hidden_size"]  # tied, larger than a block: auto moves it alone
     assert emb.host_parts["host_masters"] - p0.host_parts["host_masters"] == 4 * embedding
-    moments = 2 * 4 * embedding  # AdamW m, v (and torch's 4-byte step tensor)
-    # the traced peak falls inside the step, before the small norms' moments exist: about all is the embedding's
-    assert p0.parts["optimizer_states"] == pytest.approx(moments, rel=1e-3) and emb.parts["optimizer_states"] == 0
-    assert emb.host_parts["host_states"] - p0.host_parts["host_states"] == pytest.approx(moments, abs=8)
+    moments = pytest.approx(2 * 4 * embedding, abs=8)  # AdamW m, v (and torch's 4-byte step tensor)
+    assert p0.parts["optimizer_states"] - emb.parts["optimizer_states"] == moments
+    assert emb.host_parts["host_states"] - p0.host_parts["host_states"] == moments
