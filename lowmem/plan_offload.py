@@ -51,16 +51,14 @@ def _one_block(recipe: Recipe, config):
 def _state_split(recipe: Recipe, config) -> tuple[int, int, int, list[tuple[int, int]]]:
     """(one block's parameter count, its optimizer-state bytes, hidden size, [(numel, state bytes)] of
     each parameter outside the blocks) after one fake step."""
-    from types import SimpleNamespace
-
-    from lowmem.build import build_optimizer
     from lowmem.optim.targets import block_container
     from lowmem.step_trace import _kernels, _LiveBytes
+    from lowmem.steps.measure import recipe_step
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake, _kernels("cpu"):
         model = fake_model(recipe.model, config)
-        optimizer, _, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
+        optimizer = recipe_step(recipe, model)[0].inner_optimizer  # the run's step object's optimizer
         params = list({id(p): p for p in model.parameters()}.values())
         for p in params:
             p.grad = torch.zeros_like(p)
