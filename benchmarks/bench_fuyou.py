@@ -74,7 +74,8 @@ def cpu(args) -> None:
     notes = (f"SmolLM2-135M (GGUF, fp32), batch {args.batch} x {args.seq}, host budget {args.host_gb} GB, NVMe tier "
              f"in {tempfile.gettempdir()} (page cache of the local disk), {args.steps} steps per process, times are "
              f"medians of steps 2..{args.steps}. Offloaded and in-memory losses are equal bit for bit (asserted). "
-             f"Peak RSS: window after loading (fresh process each). The machine was shared with other jobs (2 cores).")
+             f"Peak RSS: window after loading (fresh process each). Load average over the last minute of the run: "
+             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
     write_result("fuyou_cpu", "First-order offload (Fuyou) vs in-memory on CPU: SmolLM2-135M, blocks on NVMe",
                  table, notes)
 

@@ -4,7 +4,7 @@ Model: the offline default's shapes (SmolLM2-135M-Instruct: config read from the
 header, weights randomly initialised, so no GGUF de-quantisation transient enters the
 peak), fp32, batch 2 x 256 random tokens. For each method, one fresh subprocess
 (``python -m lowmem.steps.measure``) builds the model and optimizer and takes one training
-step; its peak (CPU: peak RSS, ``ru_maxrss``; GPU: ``max_memory_allocated``, against a
+step; its peak (CPU: peak RSS from after the model is built, ``VmHWM`` reset then; GPU: ``max_memory_allocated``, against a
 CUDA plan) is divided by the peak of a no-grad forward measured the same way. Like ``lowmem-train``, that process keeps
 glibc's mmap threshold fixed (:func:`lowmem.memory.fix_malloc_threshold`), so freed tensors
 leave the process. The planner
