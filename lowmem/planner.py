@@ -16,8 +16,10 @@ gradients, optimizer states, activations, step temporaries) and the whole-run to
 * ZO2 offload on a GPU: only resident parameters (embeddings, norms, head) stay on the
   device; the transfer buffers are what the engine allocates (:func:`zo2_device_buffers`:
   ``prefetch_depth + 2`` slots in the training dtype, staging buffers in ``offload.host_dtype``
-  when it differs, a copy of a tied weight during the forward); activations are those of a
-  ZO step on the doubled batch (the dual forward).
+  when it differs, a copy of a tied weight during the forward); activations are those of the
+  in-memory zeroth-order step object on the doubled batch (ZO2's dual forward). ``ZO2Step`` is
+  not traced itself: its streams and pinned host buffers have no fake-tensor counterpart, and its
+  computation is the in-memory step's (ZO2 equals MeZO bit for bit, tests/offload).
 
 With a capacity, a plan that does not fit comes with :func:`suggestions`: the changes of
 :data:`CHANGES` that apply, each with its own predicted peak.
