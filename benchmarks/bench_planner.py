@@ -42,6 +42,9 @@ METHODS = [
     ("SinkGD, layer-wise, 8-bit AdamW part", ["optim.name=sinkgd", "optim.args={state_bits: 8}", *LW_GC]),
     ("MeZO", ["optim.name=mezo"]),
     ("ZO2 (MeZO, blocks on the host)", ["optim.name=mezo", "offload.enabled=true"]),
+    ("First-order offload (Fuyou), AdamW", ["optim.name=adamw", "optim.max_grad_norm=null", "offload.enabled=true"]),
+    ("First-order offload (Fuyou), APOLLO-Mini", ["optim.name=apollo_mini", "optim.max_grad_norm=null",
+                                                  "offload.enabled=true"]),
 ]
 
 
