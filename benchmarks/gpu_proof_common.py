@@ -80,6 +80,21 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def reset_peak(device: str, held: int = 0) -> int:
+    """Reset the device's peak-memory counter; return the base a step's peak is measured from: the bytes
+    allocated now (left by earlier steps) less ``held`` (what the step's own objects hold already); 0 on
+    the CPU."""
+    if device != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() - held
+
+
+def peak_since(base: int, device: str) -> int | None:
+    """Peak bytes allocated on the device above ``base`` since :func:`reset_peak` (None on the CPU)."""
+    return torch.cuda.max_memory_allocated() - base if device == "cuda" else None
+
+
 def copy_bandwidth(device: str, nbytes: int) -> float:
     """Bytes per second of a device-to-device copy, counting read and write."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

@@ -10,7 +10,8 @@ import os
 import time
 
 import torch
-from gpu_proof_common import Shapes, _batch, _recipe, copy_bandwidth, free, host_model, median_time
+from gpu_proof_common import (Shapes, _batch, _recipe, copy_bandwidth, free, host_model, median_time, peak_since,
+                              reset_peak)
 
 
 # ---- Triton kernels against their references -----------------------------------------------------
@@ -143,17 +144,14 @@ def llama_step(s: Shapes) -> dict:
     started = time.perf_counter()
     predicted = plan(recipe, "cuda", suggest=False)
     plan_s = time.perf_counter() - started
-    base = 0
-    if s.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()  # left by earlier steps, not this step's
+    base = reset_peak(s.device)
     with torch.device(s.device):
         model = fake_model(recipe.model, model_config(recipe.model))  # built on the device: cheap init
     apply_activations(model, recipe.activations, recipe.train.seed)
     stepper, _ = recipe_step(recipe, model, s.device)  # the trainer's step object, one process
     batch = sample_batch(recipe, model.config.vocab_size, s.device)
     step = median_time(lambda: stepper.step(lambda micro: batch), s.device, 1)
-    measured = torch.cuda.max_memory_allocated() - base if s.device == "cuda" else None
+    measured = peak_since(base, s.device)
     del model, stepper
     free(s.device)
     out = {"predicted_GiB": predicted.peak_bytes / 2**30, "plan_s": plan_s, "step_s": step,
@@ -183,12 +181,9 @@ def fuyou(s: Shapes) -> dict:
     engine = FirstOrderEngine(model, create_optimizer(model, "adamw", lr=1e-5), dict(prefetch_depth=2),
                               device=s.device)
     batch = _batch(config, s.llama_tokens, s.device)
-    base = 0
-    if s.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    base = reset_peak(s.device)
     step = median_time(lambda: engine.step(lambda: model(**batch, use_cache=False).loss), s.device, 2)
-    measured = torch.cuda.max_memory_allocated() - base if s.device == "cuda" else None
+    measured = peak_since(base, s.device)
     out = {"layers": s.fuyou_layers, "offloaded_embeddings": len(engine.big_params), "step_s": step,
            "tokens_per_s": s.llama_tokens[0] * s.llama_tokens[1] / step, "swap": engine.driver.swap,
            "predicted_GiB": predicted.peak_bytes / 2**30, "predicted_host_GiB": predicted.host_rss_bytes / 2**30}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 import torch
-from gpu_proof_common import Shapes, _batch, free, h2d_bandwidth, host_model, median_time
+from gpu_proof_common import Shapes, _batch, free, h2d_bandwidth, host_model, median_time, peak_since, reset_peak
 
 
 def _zo2_engine(config: dict, device: str):
@@ -30,12 +30,9 @@ def _zo2_big(s: Shapes, h2d: float) -> dict:
     started = time.perf_counter()
     engine = _zo2_engine(s.zo2_big, s.device)
     setup = time.perf_counter() - started
-    base = 0
-    if s.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() - engine_device_bytes(engine)  # left by earlier steps
+    base = reset_peak(s.device, held=engine_device_bytes(engine))
     step = median_time(lambda: engine.step(_batch(s.zo2_big, s.zo2_big_tokens)), s.device, s.zo2_repeats)
-    peak = torch.cuda.max_memory_allocated() - base if s.device == "cuda" else None
+    peak = peak_since(base, s.device)
     item = engine.store.dtype.itemsize
     moved = 2 * sum(pk.numel for pk in engine.packed) * item
     block = max(pk.numel for pk in engine.packed) * item
