@@ -37,8 +37,8 @@ SHAPES = {  # name -> (model_type, config kwargs)
 
 def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
     """Model from a config on the CPU (the engine moves what stays resident), with cheap initialisation
-    (:func:`gpu_proof_steps.host_model`: one random pool, no per-tensor init of 30B parameters)."""
-    from gpu_proof_steps import host_model
+    (:func:`gpu_proof_common.host_model`: one random pool, no per-tensor init of 30B parameters)."""
+    from gpu_proof_common import host_model
 
     model_type, kw = SHAPES[name]
     return host_model({"model_type": model_type, **kw}, dtype)

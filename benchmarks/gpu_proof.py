@@ -152,15 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gpu_proof_steps as steps
     import gpu_proof_zo
+    import gpu_proof_zo2
+    from gpu_proof_common import Shapes
     from gpu_proof_report import write_markdown
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    shapes = steps.Shapes.dry() if args.dry_run else steps.Shapes.gpu()
+    shapes = Shapes.dry() if args.dry_run else Shapes.gpu()
     proof = Proof(args.out_dir, args.budget_s, args.dry_run)
     calls = {"pytest_gpu": lambda: pytest_gpu(args.out_dir, max(proof.left() - 300, 60) if not args.dry_run
                                               else max(proof.left(), 1)),
              "kernels": lambda: steps.kernels(shapes), "adamw8bit": lambda: steps.adamw8bit(shapes),
-             "llama_step": lambda: steps.llama_step(shapes), "zo2": lambda: steps.zo2(shapes),
+             "llama_step": lambda: steps.llama_step(shapes), "zo2": lambda: gpu_proof_zo2.zo2(shapes),
              "zo_noise": lambda: gpu_proof_zo.zo_noise(shapes),
              "fuyou": lambda: steps.fuyou(shapes)}
     for name in STEPS:

@@ -12,7 +12,7 @@ MeZO's step time per noise kind against one no-grad forward.
 from __future__ import annotations
 
 import torch
-from gpu_proof_steps import Shapes, _batch, free, host_model, median_time
+from gpu_proof_common import Shapes, _batch, free, host_model, median_time
 
 KINDS = ("gaussian", "philox")
 

@@ -2,7 +2,8 @@
 
 ``model.dtype``, ``offload.host_dtype`` and ZO-AdaMU's ``momentum_dtype`` name a storage dtype
 (:data:`DtypeName`, mapped by :data:`DTYPES`); ``train.mixed_precision`` names an autocast
-mode (:data:`MixedPrecision`, mapped by :data:`AUTOCAST_DTYPES`; ``"no"`` is absent).
+mode (:data:`MixedPrecision`, mapped by :data:`AUTOCAST_DTYPES`; ``"no"`` is absent), and
+``auto`` resolves to :func:`native_bf16_precision`.
 """
 
 from __future__ import annotations
@@ -16,3 +17,12 @@ DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_arg
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16_precision() -> str:
+    """``bf16`` if this machine's matmuls run bf16 natively, else ``no``: on a CPU without AVX-512
+    torch falls back to a scalar bf16 GEMM, about 50x slower than fp32 (measured: 512x576 @ 576x1536,
+    1.34 s against 0.026 s on a 2-core AVX2 EPYC)."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"

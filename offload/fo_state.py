@@ -65,9 +65,6 @@ class StateTier:
     def path(self, k: int) -> Path:
         return self.dir / f"state_{k:05d}.lmz"
 
-    def host_state_bytes(self) -> int:
-        return sum(e.nbytes for k, t in self.tiers.items() if t == "host" for e in self.layouts[k])
-
     # ---- layout ------------------------------------------------------------------
     def _layout(self, k: int) -> list[Entry]:
         entries, at = [], 0

@@ -3,7 +3,7 @@
 MeZO (Malladi et al., 2023, Algorithm 1) regenerates the perturbation ``z`` from a
 seed instead of storing it. The reference reseeds the *global* RNG and walks the
 parameters in order, so ``z`` depends on iteration order and on every other
-consumer of the global RNG. Here each parameter gets its own seed::
+consumer of the global RNG. Here each parameter gets its own seed (:mod:`lowmem.optim.zo_seed`)::
 
     seed(p) = mix(step_seed, stream, index(p))
 
@@ -66,8 +66,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from lowmem.kernels import perturb
+from lowmem.optim.zo_seed import mix_seed, param_seed  # noqa: F401 -- param_seed re-exported with the noise
 
-_MASK64 = (1 << 64) - 1
 NOISE_KINDS = ("gaussian", "rademacher", "table", "philox")
 CHUNK = 1 << 17          # elements drawn from one generator
 TABLE_SIZE = 1 << 25     # entries of the shared noise table
@@ -76,25 +76,6 @@ _local = threading.local()
 _tables: dict[tuple, torch.Tensor] = {}
 _tables_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def mix_seed(*parts: int) -> int:
-    """Hash integers into one 63-bit seed (order-sensitive, well mixed)."""
-    h = 0
-    for part in parts:
-        h = _splitmix64(h ^ (int(part) & _MASK64))
-    return h & ((1 << 63) - 1)
-
-
-def param_seed(step_seed: int, stream: int, index: int) -> int:
-    return mix_seed(step_seed, stream, index)
 
 
 def _tracing() -> bool:
@@ -186,11 +167,6 @@ def _scratch(like: torch.Tensor) -> torch.Tensor:
         bufs[key] = buf = None  # free the old one before allocating the new
         bufs[key] = buf = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
     return buf[: like.numel()]
-
-
-def release_scratch() -> None:
-    """Free this thread's scratch buffers (the tables stay)."""
-    _local.bufs = {}
 
 
 class Noise:
@@ -297,12 +273,6 @@ GAUSSIAN = Noise("gaussian")
 def gaussian_like(tensor: torch.Tensor, seed: int) -> torch.Tensor:
     """A fresh ``z ~ N(0, 1)`` shaped like ``tensor``, reproducible from ``seed`` on its device type."""
     return GAUSSIAN.draw(tensor, seed)
-
-
-@torch.no_grad()
-def perturb_(tensor: torch.Tensor, seed: int, scale: float, noise: Noise = GAUSSIAN) -> None:
-    """In place: ``tensor += scale * z(seed)``, without allocating."""
-    noise.add_(tensor, seed, scale)
 
 
 @torch.no_grad()

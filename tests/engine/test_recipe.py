@@ -39,6 +39,8 @@ def test_bad_fields_name_the_field_in_one_line(tiny_recipe, override, field):
 def test_mixed_precision_auto_is_resolved_when_the_recipe_loads(tiny_recipe, monkeypatch, native):
     import lowmem.recipe
 
+    # the recipe calls the name it imported from lowmem.dtypes: patched where it is looked up (both values
+    # of ``native`` are asserted, so a patch that did not take effect fails one of them on any machine)
     monkeypatch.setattr(lowmem.recipe, "native_bf16_precision", lambda: native)
     assert load_recipe(tiny_recipe(), ["train.mixed_precision=auto"]).train.mixed_precision == native
     assert load_recipe(tiny_recipe(), ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
@@ -59,7 +61,7 @@ def test_native_bf16_probe_matches_the_cpu():
     """On a CPU, ``auto`` picks bf16 exactly where oneDNN runs bf16 matmuls (AVX-512 and up)."""
     import torch
 
-    from lowmem.recipe import native_bf16_precision
+    from lowmem.dtypes import native_bf16_precision
 
     if torch.cuda.is_available():
         pytest.skip("the CPU rule; a GPU machine resolves through torch.cuda.is_bf16_supported()")

@@ -9,6 +9,11 @@ from lowmem.optim.registry import create_optimizer
 from lowmem.optim.targets import split_parameters
 
 
+def rand(*shape, seed=0, dtype=torch.float64) -> torch.Tensor:
+    """A seeded standard-normal tensor (fp64 by default)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
 def dense_reference_trajectory(model, batches, direction, lr: float, lr_scale: float, betas=(0.9, 0.999),
                                eps: float = 1e-8) -> list[torch.Tensor]:
     """Obviously-correct fp64 loop: block Linear weights ``W -= lr*lr_scale*direction(G)``; every other

@@ -1,17 +1,14 @@
 """SinkGD: SR-Sinkhorn against a plain fp64 loop and against Sinkhorn-Knopp on G*G, the norm
-properties, invariances, zeros, routing, statelessness, a dense fp64 reference, resume."""
+properties, invariances, a dense fp64 reference (routing, statelessness, zeros, resume and bad keys:
+test_stateless_matrix.py)."""
 
 import math
 
 import pytest
 import torch
 
-from _stateless_helpers import check_against_dense_reference, check_resume_stateless, check_routing_and_no_state
-from lowmem.optim.sinkgd import SinkGD, sinkhorn_direction
-
-
-def rand(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from _stateless_helpers import check_against_dense_reference, rand
+from lowmem.optim.sinkgd import sinkhorn_direction
 
 
 def loop(g: torch.Tensor, iters: int) -> torch.Tensor:
@@ -63,29 +60,5 @@ def test_signs_and_scale_invariance():
     torch.testing.assert_close(sinkhorn_direction(7.3 * g.float()), x.float(), rtol=1e-5, atol=1e-5)
 
 
-def test_zero_gradient_and_zero_row():
-    assert torch.equal(sinkhorn_direction(torch.zeros(6, 10)), torch.zeros(6, 10))
-    g = rand(6, 10, seed=9)
-    g[2] = 0.0
-    x = sinkhorn_direction(g)
-    assert torch.isfinite(x).all() and torch.equal(x[2], torch.zeros(10, dtype=torch.float64))
-
-
-def test_routing_and_empty_state(tiny_model, tiny_batch):
-    check_routing_and_no_state(tiny_model, tiny_batch, "sinkgd", "sinkhorn_iters")
-
-
 def test_three_fp64_steps_equal_the_dense_reference(tiny_model, tiny_batch):
     check_against_dense_reference(tiny_model, tiny_batch, "sinkgd", lambda g: loop(g, 5), tol=1e-12)
-
-
-def test_resume_is_bit_exact():
-    check_resume_stateless(SinkGD, sinkhorn_iters=5, lr_scale=0.05, norm_eps=1e-8)
-
-
-def test_bad_group_keys_are_named():
-    w = torch.nn.Parameter(torch.randn(4, 6))
-    with pytest.raises(ValueError, match="optim.args.sinkhorn_iters"):
-        SinkGD([{"params": [w], "sinkhorn_iters": 0}])
-    with pytest.raises(ValueError, match="optim.target_modules"):
-        SinkGD([{"params": [torch.nn.Parameter(torch.randn(4))], "sinkhorn_iters": 5}])
