@@ -155,12 +155,16 @@ def noise_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _scratch(like: torch.Tensor) -> torch.Tensor:
-    """A flat buffer of ``like.numel()`` elements, reused by this thread (grown when needed)."""
-    if _tracing():
-        return torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-    bufs = getattr(_local, "bufs", None)
+    """A flat buffer of ``like.numel()`` elements, reused by this thread (grown when needed). Under fake
+    tensors the trace holds its own (dropped with the trace), so the planner counts it live for the
+    rest of the step, as it is in a run."""
+    from torch._guards import detect_fake_mode
+
+    owner = detect_fake_mode() or _local
+    bufs = getattr(owner, "lowmem_noise_scratch", None)
     if bufs is None:
-        bufs = _local.bufs = {}
+        bufs = {}
+        setattr(owner, "lowmem_noise_scratch", bufs)
     key = (like.device, like.dtype)
     buf = bufs.get(key)
     if buf is None or buf.numel() < like.numel():
