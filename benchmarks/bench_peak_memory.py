@@ -64,10 +64,10 @@ METHODS = [
     ("SGD-SaI 8-bit momentum, layer-wise, checkpointing",
      ["optim.name=sgd_sai", "optim.args={state_bits: 8}", *LW, *GC]),
     ("SWAN 8-bit AdamW part, layer-wise, checkpointing", ["optim.name=swan", "optim.args={state_bits: 8}", *LW, *GC]),
-    ("SinkGD 8-bit AdamW part, layer-wise, checkpointing, chunked loss",
-     ["optim.name=sinkgd", "optim.args={state_bits: 8}", *LW, *GC, "train.loss_chunk_tokens=128"]),
-    ("SWAN 8-bit AdamW part, layer-wise, checkpointing, chunked loss",
-     ["optim.name=swan", "optim.args={state_bits: 8}", *LW, *GC, "train.loss_chunk_tokens=128"]),
+    ("SinkGD 8-bit AdamW part, layer-wise, checkpointing, chunked loss (32 tokens)",
+     ["optim.name=sinkgd", "optim.args={state_bits: 8}", *LW, *GC, "train.loss_chunk_tokens=32"]),
+    ("SWAN 8-bit AdamW part, layer-wise, checkpointing, chunked loss (32 tokens)",
+     ["optim.name=swan", "optim.args={state_bits: 8}", *LW, *GC, "train.loss_chunk_tokens=32"]),
     ("SWAN", ["optim.name=swan"]),
 ]
 QUICK = {"no-grad forward (reference)", "AdamW (torch)", "APOLLO-Mini 8-bit states, layer-wise, checkpointing", "MeZO"}

@@ -56,7 +56,7 @@ from lowmem.offload.fo_resident import ResidentTier, offloaded_params
 from lowmem.offload.fo_state import StateTier
 from lowmem.offload.fo_swap import BlockTimer, Profile, swap_count, take_profile
 from lowmem.offload.streamed import StreamedModel, check_blocks, model_units, offload_section
-from lowmem.optim.layerwise import LayerwiseOptimizer, step_one
+from lowmem.optim.layerwise import LayerwiseOptimizer, all_finite, step_one
 from lowmem.optim.registry import is_zeroth_order
 from lowmem.recipe import OffloadSection
 
@@ -169,7 +169,7 @@ class FirstOrderEngine:
         for p in self.resident + self.big_params:
             before, fresh = sums[id(p)], p.grad
             total = fresh if before is None else (before if fresh is None else before.add_(fresh))
-            if total is not None and not torch.isfinite(total).all():  # as optim.layerwise: drop it
+            if total is not None and not all_finite(total):  # as optim.layerwise: drop it
                 nonfinite, total = True, None
             p.grad = total
         return nonfinite

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from lowmem.offload.streams import HostMemory, host_wait
-from lowmem.optim.layerwise import step_one
+from lowmem.optim.layerwise import all_finite, step_one
 
 MASTER_DTYPE = torch.float32
 
@@ -90,7 +90,7 @@ class HostStepper:
             if not got:
                 continue
             total = g if sums[j] is None else sums[j].add_(g)  # A + G, as autograd accumulates .grad
-            if not torch.isfinite(total).all():  # as optim.layerwise: drop this gradient (so far)
+            if not all_finite(total):  # as optim.layerwise: drop this gradient (so far)
                 nonfinite, total = True, None
             elif total is g and not last:  # the buffer is reused: keep a copy across micro-batches
                 total = g.clone()

@@ -108,15 +108,24 @@ def test_remove_restores_normal_backward(tiny_model, tiny_batch):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_nonfinite_gradient_is_dropped_and_reported(tiny_model, tiny_batch):
-    """A NaN gradient never reaches the optimizer: that weight and its state stay as they were,
-    the other weights are updated, and take_nonfinite() reports the step once."""
+@pytest.mark.parametrize("bad", ["all nan", "one nan", "one inf", "one -inf"])
+def test_nonfinite_gradient_is_dropped_and_reported(tiny_model, tiny_batch, bad):
+    """A gradient with a NaN or an infinity (all of it, or one element) never reaches the optimizer:
+    that weight and its state stay as they were, the other weights are updated, and
+    take_nonfinite() reports the step once."""
+    def poison(g):
+        if bad == "all nan":
+            return torch.full_like(g, float("nan"))
+        g = g.clone()
+        g.view(-1)[7] = {"one nan": float("nan"), "one inf": float("inf"), "one -inf": float("-inf")}[bad]
+        return g
+
     model = tiny_model()
     opt = LayerwiseOptimizer(create_optimizer(model, "adamw", lr=1e-2))
     poisoned = model.model.layers[0].mlp.down_proj.weight
     other = model.model.layers[1].mlp.down_proj.weight
     before, other_before = poisoned.detach().clone(), other.detach().clone()
-    handle = poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))
+    handle = poisoned.register_hook(poison)
     model(**tiny_batch()).loss.backward()
     handle.remove()
     assert opt.take_nonfinite() and not opt.take_nonfinite()
