@@ -113,7 +113,8 @@ def main() -> None:
     args = parser.parse_args()
     chosen = [m for m in METHODS if args.only is None or m in args.only]
     results = {m: run(m, METHODS[m], args.steps, args.reuse, args.val, args.precision) for m in chosen}
-    base = (results.get("adamw") or results.get("adamw lr=1e-4") or {}).get("eval_loss")
+    plain_adamw = [r["eval_loss"] for m, r in results.items() if m == "adamw" or m.startswith("adamw lr=")]
+    base = min(plain_adamw, default=None)  # AdamW at its best LR among the rows
     rows = [[m, f"{r['eval_loss_before']:.4f}", f"{r['eval_loss']:.4f}",
              f"{r['eval_loss'] / base:.4f}" if base else "-", f"{r['optimizer_state_mb']:.1f}",
              f"{r['peak_rss_gb']:.2f}", f"{r['wall_time_s']:.0f}"] for m, r in results.items()]
