@@ -124,9 +124,10 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
                  "transfer_buffers": (slots - 1) * numel * compute + (slots * w32 if compute != 4 else 0)}
         if phase == "backward":  # the block-boundary activations kept for it
             parts["activations"] += (n - 1 - swapped) * boundary
-        candidates.append((sum(parts.values()) + (buffers if device == "cpu" else 0), parts))
-    device_parts = max(candidates, key=lambda c: c[0])[1]
-    buffers = max(backward, after) if device != "cpu" else backward if device_parts is candidates[0][1] else after
+        candidates.append((sum(parts.values()) + (buffers if device == "cpu" else 0), parts, buffers))
+    _, device_parts, buffers = max(candidates, key=lambda c: c[0])
+    if device != "cpu":  # the host's peak need not fall in the device's peak phase
+        buffers = max(backward, after)
     host = {"host_masters": host_masters * w32 + e_masters * e32, "host_states": host_states * state
             + e_states * e_state, "host_buffers": buffers + (n * w32 if recipe.train.grad_accum > 1 else 0)}
     totals = {"weights": totals["weights"] + (n - 1) * numel * compute, "gradients": totals["gradients"]
