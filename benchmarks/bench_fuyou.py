@@ -7,7 +7,7 @@
         # and sequence: peak GPU memory and tokens/s (fuyou_gpu.py; needs deepspeed + a GPU)
 
 CPU: each configuration runs in a fresh process (RSS is per process) through
-``python -m lowmem.offload.fo_measure``: model loaded, engine set up, the kernel's RSS
+``python -m lowmem.tools.measure_offload``: model loaded, engine set up, the kernel's RSS
 high-water mark reset, then the steps (so the peak is the steps', not the GGUF loading's). The
 reference peak is one no-grad forward of the whole model in memory; the reference step time is
 in-memory layer-wise training with the same optimizer (same per-parameter updates). The
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 def _run(recipe, path: Path, *flags: str) -> dict:
     path.write_text(yaml.safe_dump(recipe.model_dump()))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "lowmem.offload.fo_measure", str(path), *flags],
+    out = subprocess.run([sys.executable, "-m", "lowmem.tools.measure_offload", str(path), *flags],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])

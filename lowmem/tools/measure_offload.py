@@ -1,4 +1,4 @@
-"""Measure steps of a first-order offloaded run in this process (``python -m lowmem.offload.fo_measure
+"""Measure steps of a first-order offloaded run in this process (``python -m lowmem.tools.measure_offload
 RECIPE.yaml [--steps N] [--inmemory | --forward]``): peak RSS while stepping, step times, tiers.
 
 The model is built and the engine set up first (loading holds the whole model once, as any run
