@@ -13,20 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lowmem.dtypes import DtypeName, MixedPrecision, native_bf16_precision
+from lowmem.offload.settings import OffloadSection
+from lowmem.settings import Section, one_line
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message is one line naming the file and field."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LoraSection(_Section):
+class LoraSection(Section):
     r: int = Field(8, ge=1, description="Adapter rank")
     alpha: float = Field(16.0, gt=0, description="Scale numerator: the adapter output is multiplied by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input")
@@ -34,7 +32,7 @@ class LoraSection(_Section):
                                                                           "adapters, as peft's target_modules")
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     path: str | None = Field(None, description="Local directory, hub id, or 'pkg:<package>[/sub/dir]' "
                                                "(a directory inside an installed Python package)")
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` (loaded with the gguf package)")
@@ -61,12 +59,12 @@ class ModelSection(_Section):
         return self
 
 
-class ClassificationSection(_Section):
+class ClassificationSection(Section):
     template: str = Field("{text}\nTopic:", description="Prompt; `{text}` is replaced by the document")
     candidates: dict[str, str] = Field(..., description="Label (folder name) -> verbalizer, e.g. tech: ' tech'")
 
 
-class DataSection(_Section):
+class DataSection(Section):
     path: str = Field(..., description="A .txt/.jsonl file, a directory of them (searched recursively), or 'pkg:' dir")
     eval_path: str | None = Field(None, description="Held-out data; default: a split of `path`")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of documents held out when no eval_path")
@@ -83,7 +81,7 @@ class DataSection(_Section):
         return self
 
 
-class OptimSection(_Section):
+class OptimSection(Section):
     name: str = Field("adamw", description="Registered optimizer (lowmem.optim.available())")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate")
     weight_decay: float | None = Field(None, ge=0, description="Decoupled weight decay; default: the optimizer's")
@@ -106,44 +104,19 @@ class OptimSection(_Section):
         return self
 
 
-class WtaCrsSection(_Section):
+class WtaCrsSection(Section):
     keep_ratio: float = Field(0.3, gt=0, le=1, description="Fraction of activation rows kept for backward")
     targets: list[str] | None = Field(None, description="Glob patterns of Linear modules; default: see lowmem.activations")
 
 
-class ActivationsSection(_Section):
+class ActivationsSection(Section):
     wta_crs: WtaCrsSection | None = Field(None, description="WTA-CRS activation sampling of Linear layers "
                                                            "({keep_ratio, targets}); null: off")
     lean: bool = Field(False, description="RMSNorm and gated MLP keep only their inputs for backward and recompute "
                                           "the element-wise rest (same forward; see lowmem.activations.lean)")
 
 
-class OffloadSection(_Section):
-    enabled: bool = Field(False, description="Stream the decoder blocks from host RAM/NVMe: ZO2 with optim.name mezo, "
-                                             "else first-order (Fuyou: fp32 masters + optimizer state off the "
-                                             "device, each block stepped on the CPU inside backward)")
-    host_dtype: DtypeName | None = Field(
-        None, description="Host copy dtype of offloaded blocks; default: the training dtype")
-    nvme_dir: str | None = Field(None, description="Directory for blocks (first-order: and their optimizer states) "
-                                                   "beyond the host budget (checksummed files)")
-    host_memory_budget_gb: float | None = Field(None, ge=0, description="Host RAM for blocks (first-order: fp32 master "
-                                                                         "weights first, then optimizer states); the "
-                                                                         "rest go to nvme_dir")
-    prefetch_depth: int = Field(1, ge=1, description="Blocks uploaded ahead of the one computing")
-    swap_activations: Literal["auto", "on", "off"] = Field(
-        "auto", description="First-order: block-boundary activations to host memory; auto: decided after the first "
-                            "step from measured copy bandwidths, block compute time and train.device_memory_gb")
-    offload_embeddings: Literal["auto", "on", "off"] = Field(
-        "auto", description="First-order: embeddings/lm_head masters and state follow the blocks' placement; auto: "
-                            "those larger than one block")
-
-    @field_validator("swap_activations", "offload_embeddings", mode="before")
-    @classmethod
-    def _yaml_switch(cls, value):
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # YAML 1.1 on/off
-
-
-class TrainSection(_Section):
+class TrainSection(Section):
     steps: int = Field(..., ge=1, description="Optimizer steps")
     batch_size: int = Field(4, ge=1, description="Sequences per micro-batch (per process)")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step")
@@ -177,12 +150,12 @@ class TrainSection(_Section):
         return native_bf16_precision() if value == "auto" else value
 
 
-class OutputSection(_Section):
+class OutputSection(Section):
     dir: str = Field(..., description="Run directory: metrics.jsonl, checkpoints/, model/, summary.json")
     save_model: bool = Field(True, description="Write the fine-tuned model (save_pretrained) to dir/model")
 
 
-class Recipe(_Section):
+class Recipe(Section):
     model: ModelSection
     data: DataSection
     optim: OptimSection = OptimSection()
@@ -269,22 +242,11 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def _one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    where = f"{loc}: " if loc and not msg.startswith(loc) else ""
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return (where + msg).replace("\n", " ") + more
-
-
 def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise RecipeError(f"{source}: {_one_line(err)}") from None
+        raise RecipeError(f"{source}: {one_line(err)}") from None
     except ValueError as err:  # raised inside validators that import optimizers
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from None
 

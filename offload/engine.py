@@ -50,9 +50,9 @@ from torch import nn
 from lowmem.offload.hooks import ModelDriver
 from lowmem.offload.objective import DualCall
 from lowmem.offload.resident import Indexed, ResidentPerturber, perturbed_pair
-from lowmem.offload.streamed import StreamedModel, check_blocks, model_units, offload_section
+from lowmem.offload.settings import OffloadSection, offload_section
+from lowmem.offload.streamed import StreamedModel, check_blocks, model_units
 from lowmem.optim.zo_noise import mix_seed, param_seed, sgd_update_
-from lowmem.recipe import OffloadSection
 
 _ROUND_STREAM = 1 << 40  # seeds of the stochastic rounding, apart from the perturbation streams
 

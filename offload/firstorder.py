@@ -55,10 +55,10 @@ from lowmem.offload.fo_host import HostStepper
 from lowmem.offload.fo_resident import ResidentTier, offloaded_params
 from lowmem.offload.fo_state import StateTier
 from lowmem.offload.fo_swap import BlockTimer, Profile, swap_count, take_profile
-from lowmem.offload.streamed import StreamedModel, check_blocks, model_units, offload_section
+from lowmem.offload.settings import OffloadSection, offload_section
+from lowmem.offload.streamed import StreamedModel, check_blocks, model_units
 from lowmem.optim.layerwise import LayerwiseOptimizer, all_finite, step_one
 from lowmem.optim.registry import is_zeroth_order
-from lowmem.recipe import OffloadSection
 
 MASTER_DTYPE = torch.float32
 

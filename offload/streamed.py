@@ -17,23 +17,12 @@ schedule on top (:mod:`lowmem.offload.engine`: ZO2; :mod:`lowmem.offload.firstor
 from __future__ import annotations
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import BlockMover, Packed
 from lowmem.optim.targets import block_container
-from lowmem.recipe import OffloadSection, _one_line
-
-
-def offload_section(config: OffloadSection | dict | None) -> OffloadSection:
-    """The recipe's ``offload:`` section (a dict is validated as one; None: the defaults)."""
-    if config is None or isinstance(config, OffloadSection):
-        return config or OffloadSection()
-    try:
-        return OffloadSection(**config)
-    except ValidationError as err:  # one line naming the field, as a recipe's error
-        raise ValueError(f"offload.{_one_line(err)}") from None
+from lowmem.offload.settings import OffloadSection
 
 
 def model_units(model: nn.Module) -> tuple[nn.ModuleList, list[tuple[str, nn.Module]]]:
