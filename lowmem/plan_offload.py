@@ -51,7 +51,7 @@ def _one_block(recipe: Recipe, config):
 def _state_split(recipe: Recipe, config) -> tuple[int, int, int, list[tuple[int, int]]]:
     """(one block's parameter count, its optimizer-state bytes, hidden size, [(numel, state bytes)] of
     each parameter outside the blocks) after one fake step."""
-    from lowmem.optim.targets import block_container
+    from lowmem.structure import block_container
     from lowmem.step_trace import _kernels, _LiveBytes
     from lowmem.steps.measure import recipe_step
 

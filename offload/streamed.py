@@ -21,7 +21,7 @@ from torch import nn
 
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import BlockMover, Packed
-from lowmem.optim.targets import block_container
+from lowmem.structure import block_container
 from lowmem.offload.settings import OffloadSection
 
 

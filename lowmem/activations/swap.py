@@ -6,7 +6,7 @@ of arXiv 2305.15265: the "level 2" setting of ``zirui-ray-liu/WTACRS``'s ``level
 The default target rule says the same without naming one architecture:
 
     every layer whose class is exactly ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2),
-    inside the transformer blocks (``optim.targets.block_container``),
+    inside the transformer blocks (``lowmem.structure.block_container``),
     except the attention input projections: names matching ``DEFAULT_EXCLUDE``.
 
 That gives Llama/Qwen/Mistral ``o_proj, gate_proj, up_proj, down_proj``; OPT ``out_proj, fc1, fc2``;
@@ -28,7 +28,7 @@ from torch import nn
 
 from lowmem.activations.linear import CHECKPOINTING_ERROR, SAMPLED_CLASS, SamplingContext
 from lowmem.activations.sampler import GradNormTracker
-from lowmem.optim.targets import block_container
+from lowmem.structure import block_container
 
 DEFAULT_EXCLUDE = ("*q_proj", "*k_proj", "*v_proj", "*qkv_proj", "*c_attn", "*query_key_value",
                    "*Wqkv", "*.query", "*.key", "*.value")

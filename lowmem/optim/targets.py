@@ -19,23 +19,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lowmem.structure import block_container
+
 
 @dataclass
 class ParamSplit:
     targets: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     decay: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     no_decay: list[tuple[str, nn.Parameter]] = field(default_factory=list)
-
-
-def block_container(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The largest ``nn.ModuleList`` in ``model``: the decoder blocks of any
-    Hugging Face causal LM (``model.layers``, ``transformer.h``, ``decoder.layers``)."""
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    return best
 
 
 def _default_target_modules(model: nn.Module) -> set[str]:
