@@ -27,7 +27,7 @@ def one(name: str, hparams: dict, layerwise: bool) -> dict:
 
     from lowmem import create_optimizer
     from lowmem.memory import peak_rss_bytes
-    from lowmem.optim.layerwise import LayerwiseOptimizer
+    from lowmem.steps.layerwise import LayerwiseOptimizer
 
     warnings.filterwarnings("ignore")
     cfg = AutoConfig.for_model("llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,

@@ -141,7 +141,7 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     if spec.zeroth_order and recipe.train.grad_accum != 1:
         raise ValueError("train.grad_accum: zeroth-order optimizers take one batch per step (set it to 1)")
     if opt.layerwise:
-        from lowmem.optim.layerwise import LayerwiseOptimizer, check_layerwise
+        from lowmem.steps.layerwise import LayerwiseOptimizer, check_layerwise
 
         check_layerwise("optim.layerwise", zeroth_order=spec.zeroth_order)
     if opt.layerwise and not recipe.offload.enabled:  # the offload engine is layer-wise itself

@@ -26,7 +26,7 @@ One step on ``grad_accum`` micro-batches (N blocks; :mod:`lowmem.offload.fo_driv
 
 This is Fuyou's synchronous out-of-core CPU optimizer: step t is complete before the
 forward of step t+1 reads the masters (no stale weights). Each parameter is stepped alone
-with its gradient by :func:`lowmem.optim.layerwise.step_one`, as in-memory layer-wise
+with its gradient by :func:`lowmem.optim.step_one.step_one`, as in-memory layer-wise
 training does, so the same rules hold: no global gradient clipping, a parameter whose
 (accumulated) gradient holds NaN/Inf is not updated (and the step is reported as non-finite).
 With a CPU "device" the lanes are no-ops and, in fp32, training equals in-memory layer-wise
@@ -57,8 +57,8 @@ from lowmem.offload.fo_state import StateTier
 from lowmem.offload.fo_swap import BlockTimer, Profile, swap_count, take_profile
 from lowmem.offload.settings import OffloadSection, offload_section
 from lowmem.offload.streamed import StreamedModel, check_blocks, model_units
-from lowmem.optim.layerwise import LayerwiseOptimizer, all_finite, step_one
 from lowmem.optim.registry import is_zeroth_order
+from lowmem.optim.step_one import all_finite, step_one
 
 MASTER_DTYPE = torch.float32
 
@@ -66,7 +66,7 @@ MASTER_DTYPE = torch.float32
 def _check(optimizer, blocks: nn.ModuleList, units: list, group_of: dict) -> None:
     if is_zeroth_order(optimizer):
         raise ValueError("optim.name: a zeroth-order optimizer offloads with the ZO2 engine, not the first-order one")
-    if isinstance(optimizer, LayerwiseOptimizer):
+    if getattr(optimizer, "steps_in_backward", False):  # a lowmem.steps.layerwise.LayerwiseOptimizer
         raise ValueError("optim.layerwise: give the offload engine the plain optimizer (it is layer-wise itself)")
     check_blocks(blocks, units)
     if any(not p.requires_grad or id(p) not in group_of for p in blocks.parameters()):

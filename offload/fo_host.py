@@ -11,10 +11,10 @@ block ``k`` whose gradients ``G_k`` exist on the device::
                     W_k, S_k <- opt(W_k, A_k, S_k) per parameter, write them back
 
 ``barrier()`` waits for every block's work before the masters are read again. This is the
-layer-wise rule of :class:`lowmem.optim.layerwise.LayerwiseOptimizer` (GaLore, Zhao et al.,
+layer-wise rule of :class:`lowmem.steps.layerwise.LayerwiseOptimizer` (GaLore, Zhao et al.,
 2024, §4.3): a parameter is stepped alone with its gradient summed over the step's
 micro-batches in order (``A + G`` as autograd accumulates ``.grad``), after a NaN/Inf check of
-the sum after each micro-batch, by :func:`lowmem.optim.layerwise.step_one`. So in fp32 the result
+the sum after each micro-batch, by :func:`lowmem.optim.step_one.step_one`. So in fp32 the result
 equals in-memory layer-wise training with the same ``grad_accum`` bit for bit. With
 ``grad_accum > 1`` each block's accumulated gradient (fp32, one block's parameters) stays in host
 RAM between micro-batches (Fuyou's pitfall: only the last micro-batch's backward overlaps the step).
@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from lowmem.offload.streams import HostMemory, host_wait
-from lowmem.optim.layerwise import all_finite, step_one
+from lowmem.optim.step_one import all_finite, step_one
 
 MASTER_DTYPE = torch.float32
 

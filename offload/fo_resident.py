@@ -28,7 +28,7 @@ import torch
 
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import Packed
-from lowmem.optim.layerwise import step_one
+from lowmem.optim.step_one import step_one
 
 MASTER_DTYPE = torch.float32
 

@@ -13,7 +13,7 @@ prepared the optimizer and loaded a checkpoint):
   generator on resume (kept in ``trainer_state.json`` through ``ExportableState``);
 * makes the RMSNorm and gated-MLP modules lean (``lean=True``, :mod:`lowmem.activations.lean`);
 * switches the optimizer to layer-wise mode (``layerwise=True``): the Trainer's
-  accelerate wrapper then steps a :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`
+  accelerate wrapper then steps a :class:`~lowmem.steps.layerwise.LayerwiseOptimizer`
   that shares the inner optimizer's param groups, so the Trainer's scheduler still drives it;
 * refuses combinations that would silently train wrong (one-line ``ValueError``).
 
@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
-from lowmem.optim.layerwise import LayerwiseOptimizer, check_layerwise
+from lowmem.steps.layerwise import LayerwiseOptimizer, check_layerwise
 from lowmem.optim.registry import check_hparams, create_optimizer, is_zeroth_order
 from lowmem.steps import ZerothOrderStep
 
@@ -148,7 +148,7 @@ class LowMemCallback(TrainerCallback, ExportableState):
             raise ValueError("LowMemCallback(layerwise=True): expected the Trainer's accelerate-prepared optimizer")
         # the wrapper steps the layer-wise view; param_groups/state are the inner optimizer's own
         # objects, so the Trainer's LR scheduler (built on `inner`) drives the LR the hooks use
-        # with the model, a tied embedding/LM-head gradient is held once in backward (lowmem.optim.tied_lookup)
+        # with the model, a tied embedding/LM-head gradient is held once in backward (lowmem.steps.tied_lookup)
         optimizer.optimizer = LayerwiseOptimizer(inner, grad_accum_steps=args.gradient_accumulation_steps, model=model)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):

@@ -42,13 +42,14 @@ The step's ``g`` values (as applied) are in ``last_projected_grads``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from lowmem.optim.args import Count, Fraction, NonNegative, NonNegativeInt, Positive, typed
 from lowmem.optim.registry import OptimizerSpec, register
-from lowmem.optim.zo_base import NoiseKind, ZerothOrderOptimizer, all_finite
+from lowmem.optim.zo_base import NoiseKind, ZerothOrderOptimizer
 from lowmem.optim.zo_distributed import GradExchange
 from lowmem.optim.zo_noise import Noise, param_seed, sgd_update_
 
@@ -104,7 +105,7 @@ class MeZO(ZerothOrderOptimizer):
         # 3. exchange the scalars (identity on one process; one-byte codec if asked)
         all_g = self.exchange(local_g)
         # 4. every process applies every update (MeZO Alg. 1, lines 8-11), unless a g is NaN/Inf
-        if all_finite(all_g):
+        if all(map(math.isfinite, all_g)):
             apply_updates(self, step_seed, list(enumerate(all_g)), restore=self.eps if fused else 0.0)
         elif fused:
             self._perturb(step_seed, 0, +1.0)

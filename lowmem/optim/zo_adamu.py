@@ -69,7 +69,7 @@ from lowmem.dtypes import DTYPES, DtypeName
 from lowmem.optim.args import Count, NonNegative, NonNegativeInt, Positive, typed
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.state_store import MomentStore
-from lowmem.optim.zo_base import NoiseKind, ZerothOrderOptimizer, all_finite
+from lowmem.optim.zo_base import NoiseKind, ZerothOrderOptimizer
 from lowmem.optim.zo_distributed import world
 from lowmem.optim.zo_noise import Noise, mix_seed, param_seed
 
@@ -211,7 +211,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
         step_seed = self.draw_step_seed()
         loss_plus, g = self._two_point(closure, step_seed, 0, restore=False)
         # Algorithm 1: Perturb(+1) joined with the redraw of (zdot, zdd), m, v and the update
-        if all_finite([g]):
+        if math.isfinite(g):
             self._update(step_seed, g)
         else:  # NaN/Inf: restore only
             self._perturb(step_seed, 0, +1.0)

@@ -79,7 +79,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         case the caller applied no update (the NaN/Inf guard: the trainer logs a skipped step).
         The ZO2 engine calls this too, for the steps it runs outside ``step()``."""
         self.last_projected_grads = list(projected_grads)
-        self.last_step_skipped = not all_finite(projected_grads)
+        self.last_step_skipped = not all(map(math.isfinite, projected_grads))
         if not self.last_step_skipped:
             self._steps += 1
 
@@ -148,7 +148,3 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         last = int(zo["last_step_seed"])
         self.last_step_seed = None if last < 0 else last
         self._load_extra_state(zo)
-
-
-def all_finite(values: list[float]) -> bool:
-    return all(math.isfinite(v) for v in values)

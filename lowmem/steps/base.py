@@ -23,15 +23,18 @@ from typing import Callable, ClassVar
 import torch
 
 from lowmem.dtypes import AUTOCAST_DTYPES
+from lowmem.optim.step_one import all_finite
 
 MicroBatch = Callable[[int], dict]
 
 
-def all_finite(accelerator, value: torch.Tensor) -> bool:
-    """Whether ``value`` is finite on every process (one collective when there are several)."""
+def finite_on_every_process(accelerator, value: torch.Tensor) -> bool:
+    """Whether ``value`` is finite on every process (one collective when there are several); no
+    full-size temporary (:func:`lowmem.optim.step_one.all_finite`)."""
+    finite = all_finite(value)
     if accelerator.num_processes == 1:
-        return bool(torch.isfinite(value).all())
-    bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=accelerator.device)
+        return finite
+    bad = torch.tensor(0.0 if finite else 1.0, device=accelerator.device)
     return accelerator.reduce(bad, "sum").item() == 0
 
 

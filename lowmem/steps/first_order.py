@@ -3,7 +3,7 @@
 * :class:`FirstOrderStep`: clip to ``optim.max_grad_norm`` (the norm is always computed and
   logged), ``optimizer.step()``, ``zero_grad``. A non-finite loss or gradient norm skips the step
   with the weights and the optimizer state untouched.
-* :class:`LayerwiseStep`: the optimizer is a :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`,
+* :class:`LayerwiseStep`: the optimizer is a :class:`~lowmem.steps.layerwise.LayerwiseOptimizer`,
   which updates each parameter inside backward (GaLore, Zhao et al. 2024, §4.3); ``step()`` then
   updates what backward left. A NaN/Inf gradient is dropped by the hooks and the step counted as skipped.
 
@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from lowmem.steps.base import MicroBatch, Step, all_finite
+from lowmem.steps.base import MicroBatch, Step, finite_on_every_process
 
 
 class _Backprop(Step):
@@ -32,7 +32,7 @@ class _Backprop(Step):
                 self.on_phase("forward")
                 with acc.autocast():
                     loss = self.loss_fn(self.model, batch)
-                if not all_finite(acc, loss.detach()):
+                if not finite_on_every_process(acc, loss.detach()):
                     return None
                 self.on_phase("backward")
                 acc.backward(loss / n)

@@ -36,7 +36,7 @@ def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
     from lowmem.steps.measure import sample_batch
     from lowmem.models import load_model
     from lowmem.offload.firstorder import FirstOrderEngine
-    from lowmem.optim.layerwise import LayerwiseOptimizer
+    from lowmem.steps.layerwise import LayerwiseOptimizer
 
     baseline = current_rss_bytes()
     model = load_model(recipe.model).train()

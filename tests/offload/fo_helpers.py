@@ -6,7 +6,7 @@ import torch
 
 from lowmem.offload.firstorder import FirstOrderEngine
 from lowmem.optim import create_optimizer
-from lowmem.optim.layerwise import LayerwiseOptimizer
+from lowmem.steps.layerwise import LayerwiseOptimizer
 
 # small enough that every 2-D block weight of the tiny model is 8-bit in AdamW8bit
 OPTIMS = {"adamw": dict(lr=1e-2, weight_decay=0.1),

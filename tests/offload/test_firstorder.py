@@ -9,7 +9,7 @@ import lowmem.offload.fo_host as fo_host
 from lowmem.memory import state_bytes
 from lowmem.offload.firstorder import FirstOrderEngine
 from lowmem.optim import create_optimizer
-from lowmem.optim.layerwise import LayerwiseOptimizer
+from lowmem.steps.layerwise import LayerwiseOptimizer
 from tests.offload.fo_helpers import (assert_same_state, eng_step, engine, optimizer, ref_step, reference,
                                       state_of)
 from tests.offload.helpers import assert_same_weights, batches

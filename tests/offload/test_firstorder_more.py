@@ -6,7 +6,7 @@ import torch
 
 from lowmem.memory import state_bytes
 from lowmem.offload.fo_swap import Profile, swap_count
-from lowmem.optim.layerwise import LayerwiseOptimizer
+from lowmem.steps.layerwise import LayerwiseOptimizer
 from tests.offload.fo_helpers import assert_same_state, engine, optimizer, state_of
 from tests.offload.helpers import assert_same_weights, batches
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowmem import create_optimizer
-from lowmem.optim.layerwise import LayerwiseOptimizer
+from lowmem.steps.layerwise import LayerwiseOptimizer
 
 OPTIMIZERS = [("adamw", {}), ("galore_adamw", dict(rank=4, update_proj_gap=2)),
               ("apollo", dict(rank=4, update_proj_gap=2)), ("apollo_mini", {}),

@@ -29,7 +29,7 @@ zhuhanqing/APOLLO issue #14; clipping after the hooks have consumed the gradient
   weights finite, it cannot make the step all-or-nothing.
 
 Given the ``model``, a tied input embedding returns its lookup gradient as rows
-(:mod:`lowmem.optim.tied_lookup`, bit-identical sums): the embedding/LM-head weight's dense
+(:mod:`lowmem.steps.tied_lookup`, bit-identical sums): the embedding/LM-head weight's dense
 gradient then exists once at the end of backward instead of three times (issue 15).
 """
 
@@ -38,24 +38,8 @@ from __future__ import annotations
 import torch
 
 from lowmem.optim.registry import is_zeroth_order
-from lowmem.optim.tied_lookup import install_row_gradients
-
-
-def step_one(optimizer: torch.optim.Optimizer, group_index: int, p: torch.Tensor) -> None:
-    """Run ``optimizer`` on ``p`` alone, with the current hyper-parameters (and the name) it has in
-    group ``group_index``, then free its gradient: one layer-wise update (also used by the
-    first-order offload engine, which steps each block's parameters on the host)."""
-    groups = optimizer.param_groups
-    group = groups[group_index]
-    single = {**group, "params": [p]}
-    if group.get("param_names"):  # the parameter's own name (8-bit state choice, error messages)
-        single["param_names"] = [group["param_names"][next(i for i, q in enumerate(group["params"]) if q is p)]]
-    optimizer.param_groups = [single]
-    try:
-        optimizer.step()
-    finally:
-        optimizer.param_groups = groups
-    p.grad = None
+from lowmem.optim.step_one import all_finite, step_one
+from lowmem.steps.tied_lookup import install_row_gradients
 
 
 def check_layerwise(where: str, *, zeroth_order: bool = False, max_grad_norm: float | None = None,
@@ -78,16 +62,9 @@ def check_layerwise(where: str, *, zeroth_order: bool = False, max_grad_norm: fl
         raise ValueError(f"{where}: not supported with fp16 mixed precision (loss scaling); use bf16")
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every element of ``t`` is finite, from its sum: a NaN or an infinity makes the sum
-    non-finite, and it allocates nothing the size of ``t`` (``torch.isfinite(t).all()`` allocates
-    1.25x the bytes of an fp32 ``t``: 135 MiB for SmolLM2's embedding gradient, the layer-wise peak).
-    Accumulated in fp32 (fp64 for fp64), so an fp16/bf16 sum does not overflow; a false alarm needs
-    elements averaging above 3e38 / numel."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
-
-
 class LayerwiseOptimizer(torch.optim.Optimizer):
+    steps_in_backward = True  # what the first-order offload engine refuses to wrap (it is layer-wise itself)
+
     def __init__(self, optimizer: torch.optim.Optimizer, grad_accum_steps: int = 1,
                  max_grad_norm: float | None = None, model: torch.nn.Module | None = None):
         if isinstance(optimizer, LayerwiseOptimizer):

@@ -1,4 +1,4 @@
-"""Row gradients for a tied embedding (lowmem.optim.tied_lookup): the gradients equal the dense
+"""Row gradients for a tied embedding (lowmem.steps.tied_lookup): the gradients equal the dense
 lookup's bit for bit (duplicate ids, padding_idx, accumulation), the lookup's own gradient is the
 batch's rows only, layer-wise mode with it equals normal mode bit for bit, and what is not a plain
 tied nn.Embedding is left alone."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lowmem import create_optimizer
-from lowmem.optim.layerwise import LayerwiseOptimizer
-from lowmem.optim.tied_lookup import install_row_gradients, tied_pair
+from lowmem.steps.layerwise import LayerwiseOptimizer
+from lowmem.steps.tied_lookup import install_row_gradients, tied_pair
 
 
 def _tied_llama(pad_token_id=3, tied=True):

@@ -1,0 +1,37 @@
+"""Step one parameter alone, and check a gradient without a full-size temporary.
+
+The pieces shared by every update made one parameter at a time: in-memory layer-wise updates
+(:mod:`lowmem.steps.layerwise`, GaLore, Zhao et al. 2024, §4.3) and the first-order offload
+engine, which steps each block's parameters on the host (:mod:`lowmem.offload.fo_host`, Fuyou,
+Liao et al. 2024).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def step_one(optimizer: torch.optim.Optimizer, group_index: int, p: torch.Tensor) -> None:
+    """Run ``optimizer`` on ``p`` alone, with the current hyper-parameters (and the name) it has in
+    group ``group_index``, then free its gradient: one layer-wise update (also used by the
+    first-order offload engine, which steps each block's parameters on the host)."""
+    groups = optimizer.param_groups
+    group = groups[group_index]
+    single = {**group, "params": [p]}
+    if group.get("param_names"):  # the parameter's own name (8-bit state choice, error messages)
+        single["param_names"] = [group["param_names"][next(i for i, q in enumerate(group["params"]) if q is p)]]
+    optimizer.param_groups = [single]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = groups
+    p.grad = None
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite, from its sum: a NaN or an infinity makes the sum
+    non-finite, and it allocates nothing the size of ``t`` (``torch.isfinite(t).all()`` allocates
+    1.25x the bytes of an fp32 ``t``: 135 MiB for SmolLM2's embedding gradient, the layer-wise peak).
+    Accumulated in fp32 (fp64 for fp64), so an fp16/bf16 sum does not overflow; a false alarm needs
+    elements averaging above 3e38 / numel."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
