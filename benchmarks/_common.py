@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: the machine header and writing a result table.
+"""Shared pieces of the benchmark scripts: the machine header, writing a result table, and running a
+measurement in a fresh process (:func:`run_json`).
 
 Each benchmark writes its table to ``benchmarks/results/<name>.md``;
 ``benchmarks/run_all.py`` runs them all and assembles ``benchmarks/RESULTS.md``.
@@ -7,9 +8,11 @@ Each benchmark writes its table to ``benchmarks/results/<name>.md``;
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,3 +53,13 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_json(cmd: list[str], **kwargs) -> dict:
+    """Run ``cmd`` in a fresh process (its RSS and CUDA peaks are its own) and return the JSON object its
+    last line of output holds; a failed process raises RuntimeError with the end of its stderr.
+    ``kwargs`` go to :func:`subprocess.run` (``cwd``, ``env``)."""
+    out = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))}: exit {out.returncode}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -7,7 +7,7 @@
         # and sequence: peak GPU memory and tokens/s (fuyou_gpu.py; needs deepspeed + a GPU)
 
 CPU: each configuration runs in a fresh process (RSS is per process) through
-``python -m lowmem.tools.measure_offload``: model loaded, engine set up, the kernel's RSS
+``python -m lowmem.tools.measure --offload``: model loaded, engine set up, the kernel's RSS
 high-water mark reset, then the steps (so the peak is the steps', not the GGUF loading's). The
 reference peak is one no-grad forward of the whole model in memory; the reference step time is
 in-memory layer-wise training with the same optimizer (same per-parameter updates). The
@@ -18,17 +18,15 @@ over the steps after the first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from _common import markdown_table, write_result
+from _common import markdown_table, run_json, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,11 +35,7 @@ sys.path.insert(0, str(ROOT))
 def _run(recipe, path: Path, *flags: str) -> dict:
     path.write_text(yaml.safe_dump(recipe.model_dump()))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "lowmem.tools.measure_offload", str(path), *flags],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, "-m", "lowmem.tools.measure", str(path), "--offload", *flags], env=env, cwd=ROOT)
 
 
 def cpu(args) -> None:

@@ -9,13 +9,12 @@ GaLore is left out only for time: its first step runs an SVD per weight (~minute
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
 
 import torch
 
-from _common import markdown_table, write_result
+from _common import markdown_table, run_json, write_result
 
 CONFIGS = [("AdamW", "adamw", {}), ("APOLLO-Mini", "apollo_mini", {}),
            ("FRUGAL rho=0.25 columns", "frugal", dict(density=0.25, proj_type="columns")),
@@ -54,9 +53,7 @@ def main() -> None:
     for label, name, hparams in CONFIGS:
         peaks = []
         for layerwise in (False, True):
-            out = subprocess.run([sys.executable, __file__, "--one", name, json.dumps(hparams), str(int(layerwise))],
-                                 capture_output=True, text=True, check=True)
-            peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            peaks.append(run_json([sys.executable, __file__, "--one", name, json.dumps(hparams), str(int(layerwise))]))
         saved = peaks[0]["peak"] - peaks[1]["peak"]
         rows.append([label, f"{peaks[0]['peak'] / 2**20:.0f}", f"{peaks[1]['peak'] / 2**20:.0f}",
                      f"{saved / 2**20:.0f}", f"{peaks[0]['grad_bytes'] / 2**20:.0f}"])

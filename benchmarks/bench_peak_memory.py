@@ -3,7 +3,7 @@
 Model: the offline default's shapes (SmolLM2-135M-Instruct: config read from the GGUF
 header, weights randomly initialised, so no GGUF de-quantisation transient enters the
 peak), fp32, batch 2 x 256 random tokens. For each method, one fresh subprocess
-(``python -m lowmem.steps.measure``) builds the model and optimizer and takes one training
+(``python -m lowmem.tools.measure``) builds the model and optimizer and takes one training
 step; its peak (CPU: peak RSS from after the model is built, ``VmHWM`` reset then; GPU: ``max_memory_allocated``, against a
 CUDA plan) is divided by the peak of a no-grad forward measured the same way. Like ``lowmem-train``, that process keeps
 glibc's mmap threshold fixed (:func:`lowmem.memory.fix_malloc_threshold`), so freed tensors
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_result  # noqa: E402
+from _common import markdown_table, run_json, write_result  # noqa: E402
 
 from lowmem.planner import config_section, model_config, plan, with_overrides  # noqa: E402
 from lowmem.recipe import recipe_from_dict  # noqa: E402
@@ -83,15 +82,14 @@ def base_recipe(batch: int, seq: int):
 
 
 def measure(recipe, forward: bool) -> dict:
-    """Run ``python -m lowmem.steps.measure`` on ``recipe`` in a fresh process; its JSON report."""
+    """Run ``python -m lowmem.tools.measure`` on ``recipe`` in a fresh process; its JSON report."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(recipe.model_dump(), f)
-    cmd = [sys.executable, "-m", "lowmem.steps.measure", f.name] + (["--forward"] if forward else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    Path(f.name).unlink()
-    if out.returncode:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, "-m", "lowmem.tools.measure", f.name] + (["--forward"] if forward else [])
+    try:
+        return run_json(cmd)
+    finally:
+        Path(f.name).unlink()
 
 
 def run(methods: list, batch: int, seq: int) -> list[dict]:
@@ -167,7 +165,7 @@ def main() -> None:
              "(issue #8). The large non-target AdamW parameters (the tied embedding) are updated by chunks of "
              "whole quantization blocks, bit-identical to a whole-tensor update. Layer-wise mode runs without "
              "gradient clipping (it refuses it). The planner builds the model from its config on fake tensors and "
-             "runs the real optimizer and step on them; see `lowmem/planner.py` and `lowmem/step_trace.py`.")
+             "runs the real optimizer and step on them; see `lowmem/planner/`.")
     if args.only is not None:
         notes += (f" Re-measured on {datetime.date.today().isoformat()} with `--only`: the reference and "
                   f"{', '.join(args.only)}; the other rows are the previous run's (each row's date is in "

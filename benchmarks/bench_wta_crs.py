@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_result  # noqa: E402
+from _common import markdown_table, run_json, write_result  # noqa: E402
 
 from lowmem.memory import current_rss_bytes, reset_peak_rss, window_peak_rss_bytes  # noqa: E402
 
@@ -177,8 +176,7 @@ def run_ratio(args, ratio: float, device: str, chunk: int, lean: int) -> dict:
            "--seq", str(args.seq),
            "--batch", str(args.batch), "--steps", str(args.steps), "--device", device,
            "--gpu-budget-gib", str(args.gpu_budget_gib)] + (["--layers", str(args.layers)] if args.layers else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json(cmd)
 
 
 def _mib(n: float) -> str:

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_result  # noqa: E402
+from _common import markdown_table, run_json, write_result  # noqa: E402
 from _zo_timing import HEADER, step_times  # noqa: E402
 
 from lowmem.memory import current_rss_bytes, fix_malloc_threshold, reset_peak_rss, window_peak_rss_bytes  # noqa: E402
@@ -114,9 +113,7 @@ def memory(model, tok) -> list[list]:
         model.save_pretrained(d)
         results = {}
         for kind in ("inference", "mezo", "mezo_table", "zo_adamu", "zo_adamu_int8", "adamw"):
-            out = subprocess.run([sys.executable, __file__, "--memory-probe", kind, d], capture_output=True,
-                                 text=True, check=True)
-            results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[kind] = run_json([sys.executable, __file__, "--memory-probe", kind, d])
     base = results["inference"]["peak"]
     for kind, r in results.items():
         rows.append([kind, f"{r['after_load']:.0f}", f"{r['peak']:.0f}", f"{r['peak'] / base:.2f}"])
@@ -179,12 +176,10 @@ def run_parallel(jobs: list[tuple], steps: int, trained: str, evals: int, worker
             return json.loads(cached.read_text())
         cmd = [sys.executable, __file__, "--run", *map(str, job), "--steps", str(steps),
                "--trained", trained, "--evals", str(evals)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode:
-            raise RuntimeError(f"{job}: {out.stderr[-2000:]}")
+        result = run_json(cmd, env=env)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(out.stdout.strip().splitlines()[-1])
-        return json.loads(cached.read_text())
+        cached.write_text(json.dumps(result))
+        return result
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, jobs))

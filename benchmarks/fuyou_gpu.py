@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,13 +140,15 @@ def deepspeed_run(args) -> dict:
 
 
 def _fresh(args, what: str) -> dict:
+    from _common import run_json  # as main's: the children never import the report helpers
+
     cmd = [sys.executable, __file__, "--child", what, *args.argv]
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=here, env=env)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return run_json(cmd, cwd=here, env=env)
+    except RuntimeError as err:  # the report says which part failed and goes on
+        return {"error": str(err).strip().splitlines()[-1]}
 
 
 def _predicted(args, optim: str) -> tuple[float, float]:

@@ -135,8 +135,8 @@ def _time_optimizers(s: Shapes, copy_bw: float, out: dict) -> None:
 def llama_step(s: Shapes) -> dict:
     from lowmem.activations import apply_activations
     from lowmem.planner import model_config, plan
-    from lowmem.step_trace import fake_model
-    from lowmem.steps.measure import recipe_step, sample_batch
+    from lowmem.planner import fake_model
+    from lowmem.build import recipe_step, sample_batch
 
     recipe = _recipe(s.llama, s.llama_tokens, "bfloat16",
                      {"name": "apollo_mini", "layerwise": True, "max_grad_norm": None},

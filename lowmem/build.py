@@ -1,6 +1,7 @@
 """Build everything a run needs from a recipe: model, tokenizer, data, optimizer, schedule, samplers.
 
-One function per part, composed by :func:`build_run`; the trainer only sees the :class:`Run`.
+One function per part, composed by :func:`build_run`; the trainer only sees the :class:`Run`. A step
+alone (the planner's trace, the measuring tool) is :func:`build_step`, the same composition.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lowmem.models import load_model, load_tokenizer
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
 from lowmem.recipe import Recipe, TrainSection
-from lowmem.steps import Step, make_step
+from lowmem.steps import OneProcess, Step, make_step
 
 
 def lm_metrics(model, batch, chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
@@ -123,9 +124,9 @@ DATA_BUILDERS = {"lm": _lm_data, "classification": _classification_data}
 
 
 def build_data(recipe: Recipe, tokenizer):
-    """Return (train batches, eval batches, loss_fn, eval_fn) for ``data.task``."""
+    """Return (train batches, eval batches) for ``data.task``."""
     train_docs, eval_docs = split_documents(recipe.data, recipe.train.seed)
-    return (*DATA_BUILDERS[recipe.data.task](recipe, tokenizer, train_docs, eval_docs), *objective(recipe))
+    return DATA_BUILDERS[recipe.data.task](recipe, tokenizer, train_docs, eval_docs)
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Accelerator):
@@ -152,9 +153,58 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     return optimizer, spec.zeroth_order, opt.layerwise and not recipe.offload.enabled
 
 
+def build_step(recipe: Recipe, model: torch.nn.Module, accelerator) -> Step:
+    """The step object of ``recipe`` on ``model``: the optimizer as :func:`build_optimizer` makes it and
+    the objective of ``data.task``, in the way of stepping :func:`lowmem.steps.make_step` chooses. The one
+    composition of a step: the trainer's run, the planner's trace and the measuring tool all take it."""
+    optimizer, zeroth_order, _ = build_optimizer(recipe, model, accelerator)
+    return make_step(recipe, model, optimizer, zeroth_order, accelerator, *objective(recipe))
+
+
+def in_memory(recipe: Recipe) -> Recipe:
+    """``recipe`` with ``offload.enabled`` off: the step traced and measured for an offloaded ZO2 recipe is
+    MeZO's in memory (ZO2 equals MeZO bit for bit; its streams have no fake-tensor counterpart)."""
+    return recipe.model_copy(update={"offload": recipe.offload.model_copy(update={"enabled": False})})
+
+
+def recipe_step(recipe: Recipe, model: torch.nn.Module, device: str = "cpu") -> tuple[Step, bool]:
+    """:func:`build_step` of ``recipe`` in memory (:func:`in_memory`) on one process (:class:`OneProcess`,
+    the recipe's autocast), and whether it is zeroth order: the step the planner traces and the
+    measuring tool measures."""
+    recipe = in_memory(recipe)
+    stepper = build_step(recipe, model, OneProcess(recipe.train.mixed_precision, device))
+    return stepper, get_spec(recipe.optim.name).zeroth_order
+
+
+def sample_batch(recipe: Recipe, vocab_size: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A micro-batch of the largest shape ``recipe`` trains on, from a fixed generator (what the planner
+    traces and the measuring tool measures): ``data.task: lm`` ``(batch_size, seq_len)`` token ids with
+    labels; ``classification``: every example's rows filled to ``seq_len`` by :func:`candidate_collator`
+    (the text truncated, the candidates whole)."""
+    if recipe.data.task == "classification":
+        collator = candidate_collator(recipe, load_tokenizer(recipe.model))
+        text = FILLER * recipe.train.seq_len
+        examples = [(text, i % len(collator.verbalizers)) for i in range(recipe.train.batch_size)]
+        return {k: v.to(device) for k, v in collator(examples).items()}
+    gen = torch.Generator().manual_seed(recipe.train.seed)
+    ids = torch.randint(0, vocab_size, (recipe.train.batch_size, recipe.train.seq_len), generator=gen)
+    return {"input_ids": ids.to(device), "labels": ids.to(device)}
+
+
+FILLER = "lorem "  # the text of a sampled classification example, long enough to be truncated
+
+
+def no_grad_forward(recipe: Recipe, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """The reference every step peak is compared with: one forward without autograd (with the LM loss;
+    a classification batch's inputs only)."""
+    drop = ("labels", "option_mask") if "option_mask" in batch else ()
+    with torch.no_grad(), OneProcess(recipe.train.mixed_precision, batch["input_ids"].device).autocast():
+        model(**{k: v for k, v in batch.items() if k not in drop}, use_cache=False)
+
+
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     tokenizer = load_tokenizer(recipe.model)
-    train_batches, eval_batches, loss_fn, eval_fn = build_data(recipe, tokenizer)
+    train_batches, eval_batches = build_data(recipe, tokenizer)
     model = load_model(recipe.model)
     generators: dict[str, torch.Generator] = {}
     sampler = apply_activations(model, recipe.activations, recipe.train.seed + accelerator.process_index)
@@ -162,8 +212,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
         generators["wta_crs"] = sampler
     if recipe.train.loss_chunk_tokens is not None:
         lm_body_and_head(model)  # a model it cannot reproduce is refused before training
-    optimizer, zeroth_order, _ = build_optimizer(recipe, model, accelerator)
-    scheduler = build_scheduler(optimizer, recipe.train)
-    stepper = make_step(recipe, model, optimizer, zeroth_order, accelerator, loss_fn, eval_fn)
+    stepper = build_step(recipe, model, accelerator)
+    scheduler = build_scheduler(stepper.inner_optimizer, recipe.train)
     return Run(stepper=stepper, tokenizer=tokenizer, scheduler=scheduler, train_batches=train_batches,
                eval_batches=eval_batches, generators=generators)

@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lowmem.models import resolve_path, text_start_ids
-from lowmem.recipe import DataSection
+
+if TYPE_CHECKING:  # the recipe, a layer above, embeds this section; only its type is needed here
+    from lowmem.recipe import DataSection
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ tensors (``optimizer.state``), peak RSS comes from the kernel (``ru_maxrss``),
 saved-activation bytes from ``torch.autograd.graph.saved_tensors_hooks``.
 
 This module only measures: the step whose memory is measured and predicted is the trainer's own
-(:mod:`lowmem.steps`); ``python -m lowmem.steps.measure RECIPE.yaml [--forward]`` measures one in a
+(:mod:`lowmem.steps`); ``python -m lowmem.tools.measure RECIPE.yaml [--forward]`` measures one in a
 fresh process, and :mod:`lowmem.planner` traces the same step on fake tensors.
 
 Both that process and ``lowmem-train`` first call :func:`fix_malloc_threshold`, so that on

@@ -18,11 +18,14 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lowmem.dtypes import DTYPES
-from lowmem.recipe import ModelSection
+
+if TYPE_CHECKING:  # the recipe, a layer above, embeds this section; only its type is needed here
+    from lowmem.recipe import ModelSection
 
 
 def resolve_path(path: str, field: str) -> str:

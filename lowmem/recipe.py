@@ -251,6 +251,11 @@ def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from None
 
 
+def with_overrides(recipe: Recipe, overrides: list[str], source: str = "suggestion") -> Recipe:
+    """``recipe`` with ``a.b=c`` overrides applied, validated again (the planner's suggestions)."""
+    return recipe_from_dict(apply_overrides(recipe.model_dump(), list(overrides)), source)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     try:

@@ -1,9 +1,9 @@
-"""``lowmem.steps.measure.measure_step`` measures the recipe's step as the trainer runs it: WTA-CRS and
+"""``lowmem.tools.measure.measure_step`` measures the recipe's step as the trainer runs it: WTA-CRS and
 lean modules applied (issue #18: the peak-memory table's WTA-CRS rows measured plain AdamW)."""
 
 from __future__ import annotations
 
-import lowmem.steps.measure as measure
+import lowmem.tools.measure as measure
 from lowmem.activations import lean
 from lowmem.activations.swap import ORIGINAL_CLASS
 from tests.test_planner import SMALL, make_recipe

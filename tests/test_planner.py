@@ -43,7 +43,7 @@ def make_recipe(tmp_path, *overrides, config=MEDIUM, batch=2, seq=128):
 def measure_in_process(recipe) -> dict:
     """Real tensors: parameter bytes, gradient bytes before step, state bytes after."""
     from lowmem.models import load_model
-    from lowmem.steps.measure import recipe_step, sample_batch
+    from lowmem.build import recipe_step, sample_batch
 
     model = load_model(recipe.model)
     stepper, _ = recipe_step(recipe, model)
@@ -80,7 +80,7 @@ def test_parameter_gradient_state_parts_are_exact(tmp_path, monkeypatch, overrid
 
 
 def start_fresh_processes(tmp_path, recipes: dict, forward: tuple[str, ...] = ()) -> dict:
-    """Start ``python -m lowmem.steps.measure`` on each recipe, each in its own process (RSS is per process,
+    """Start ``python -m lowmem.tools.measure`` on each recipe, each in its own process (RSS is per process,
     so they may overlap each other and the planning done meanwhile), on the PyTorch kernels as in a
     CPU run (conftest sets TRITON_INTERPRET for the kernel tests)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -88,7 +88,7 @@ def start_fresh_processes(tmp_path, recipes: dict, forward: tuple[str, ...] = ()
     for name, recipe in recipes.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe.model_dump()))
-        cmd = [sys.executable, "-m", "lowmem.steps.measure", str(path)] + (["--forward"] if name in forward else [])
+        cmd = [sys.executable, "-m", "lowmem.tools.measure", str(path)] + (["--forward"] if name in forward else [])
         running[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return running
 
@@ -232,7 +232,7 @@ def test_gguf_header_config_has_the_files_tensors(tmp_path, default_config):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lowmem.models import resolve_path
-    from lowmem.step_trace import fake_model
+    from lowmem.planner import fake_model
 
     recipe = with_overrides(make_recipe(tmp_path), [f"model={json.dumps(DEFAULT)}"])
     with FakeTensorMode():

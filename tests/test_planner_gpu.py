@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from lowmem.steps.measure import measure_step
+from lowmem.tools.measure import measure_step
 from lowmem.planner import plan
 from tests.test_planner import BEST, make_recipe
 

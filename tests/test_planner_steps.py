@@ -3,7 +3,7 @@ classification included), gradient accumulation, and a zeroth-order step's eval 
 
 * the parameter, gradient and optimizer-state bytes of a classification step equal the real tensors';
 * ``plan(...)`` is within 15% of the peak RSS measured in a fresh process (``python -m
-  lowmem.steps.measure``) for a classification recipe (first and zeroth order) and a ``grad_accum: 2``
+  lowmem.tools.measure``) for a classification recipe (first and zeroth order) and a ``grad_accum: 2``
   recipe, the tolerance of tests/test_planner.py;
 * a zeroth-order trace runs as the trainer does: eval mode, no autocast under ``mixed_precision: bf16``.
 """

@@ -1,8 +1,8 @@
 """Optimizer registry and ``create_optimizer``.
 
 Every optimizer is a plain ``torch.optim.Optimizer`` registered under a recipe
-name with :func:`register`. Modules are imported lazily on first use, so an
-optional dependency is only needed by the optimizer that uses it.
+name with :func:`register`, in its own module (:data:`_MODULES` lists the modules, imported on the
+first look-up). Optional dependencies are imported inside the optimizer that uses them.
 
 ``create_optimizer(model, name, **hparams)`` splits the model's parameters with
 the target rule (:mod:`lowmem.optim.targets`) into param groups:
@@ -41,21 +41,11 @@ from torch import nn
 from lowmem.optim.args import GroupArgs, signature_model, validate
 from lowmem.optim.targets import split_parameters
 
-# name -> module that registers it (imported lazily)
-_MODULES: dict[str, str] = {
-    "adamw": "lowmem.optim.adamw",
-    "galore_adamw": "lowmem.optim.galore",
-    "apollo": "lowmem.optim.apollo",
-    "apollo_mini": "lowmem.optim.apollo",
-    "frugal": "lowmem.optim.frugal",
-    "adamw8bit": "lowmem.optim.adamw8bit",
-    "sgd8bit": "lowmem.optim.adamw8bit",
-    "mezo": "lowmem.optim.mezo",
-    "zo_adamu": "lowmem.optim.zo_adamu",
-    "sgd_sai": "lowmem.optim.sgd_sai",
-    "swan": "lowmem.optim.swan",
-    "sinkgd": "lowmem.optim.sinkgd",
-}
+# the modules that register optimizers (each name is written once, in its module's register call);
+# imported on the first look-up, so ``import lowmem`` stays light
+_MODULES = ("lowmem.optim.adamw", "lowmem.optim.galore", "lowmem.optim.apollo", "lowmem.optim.frugal",
+            "lowmem.optim.adamw8bit", "lowmem.optim.mezo", "lowmem.optim.zo_adamu", "lowmem.optim.sgd_sai",
+            "lowmem.optim.swan", "lowmem.optim.sinkgd")
 
 
 @dataclass(frozen=True)
@@ -84,21 +74,25 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
     return spec
 
 
+def _load_all() -> None:
+    for module in _MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"optim.name: {module} needs a missing package ({err.name}); install it, "
+                             f"e.g. pip install 'lowmem[gpu]'") from err
+
+
 def available() -> list[str]:
-    return sorted(_MODULES)
+    _load_all()
+    return sorted(_SPECS)
 
 
 def get_spec(name: str) -> OptimizerSpec:
-    if name not in _MODULES:
+    if name not in _SPECS:
+        _load_all()
+    if name not in _SPECS:
         raise ValueError(f"optim.name: unknown optimizer {name!r}; choose one of {', '.join(available())}")
-    if name not in _SPECS:
-        try:
-            importlib.import_module(_MODULES[name])
-        except ImportError as err:
-            raise ValueError(f"optim.name: {name!r} needs a missing package ({err.name}); "
-                             f"install it, e.g. pip install 'lowmem[gpu]'") from err
-    if name not in _SPECS:
-        raise ValueError(f"optim.name: {name!r} is not implemented in this version")
     return _SPECS[name]
 
 

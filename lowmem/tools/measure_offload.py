@@ -1,27 +1,27 @@
-"""Measure steps of a first-order offloaded run in this process (``python -m lowmem.tools.measure_offload
-RECIPE.yaml [--steps N] [--inmemory | --forward]``): peak RSS while stepping, step times, tiers.
+"""Measure steps of a first-order offloaded run in this process (``python -m lowmem.tools.measure
+RECIPE.yaml --offload [--steps N] [--inmemory | --forward]``): peak RSS while stepping, step times, tiers.
 
 The model is built and the engine set up first (loading holds the whole model once, as any run
 does); the kernel's RSS high-water mark is then reset (``/proc/self/clear_refs``), so the reported
-``peak_rss`` is the steps' own, the number :mod:`lowmem.plan_offload` predicts. ``--inmemory``
+``peak_rss`` is the steps' own, the number :mod:`lowmem.planner.first_order` predicts. ``--inmemory``
 takes the same steps with in-memory layer-wise training, ``--forward`` one no-grad forward of the
 whole model in memory (the comparisons the benchmarks make).
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from types import SimpleNamespace
+
+from lowmem.build import build_optimizer, lm_loss, no_grad_forward, sample_batch
+from lowmem.memory import current_rss_bytes, reset_peak_rss, state_bytes, window_peak_rss_bytes
+from lowmem.models import load_model
+from lowmem.offload.firstorder import FirstOrderEngine
+from lowmem.steps import OneProcess
+from lowmem.steps.layerwise import LayerwiseOptimizer
 
 
 def forward_peak(recipe) -> dict:
     """Peak RSS of one no-grad forward of the whole model held in memory (after loading it)."""
-    from lowmem.memory import reset_peak_rss, window_peak_rss_bytes
-    from lowmem.steps.measure import no_grad_forward, sample_batch
-    from lowmem.models import load_model
-
     model = load_model(recipe.model)
     batch = sample_batch(recipe, model.config.vocab_size)
     reset_peak_rss()
@@ -31,16 +31,9 @@ def forward_peak(recipe) -> dict:
 
 
 def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
-    from lowmem.build import build_optimizer, lm_loss
-    from lowmem.memory import current_rss_bytes, reset_peak_rss, state_bytes, window_peak_rss_bytes
-    from lowmem.steps.measure import sample_batch
-    from lowmem.models import load_model
-    from lowmem.offload.firstorder import FirstOrderEngine
-    from lowmem.steps.layerwise import LayerwiseOptimizer
-
     baseline = current_rss_bytes()
     model = load_model(recipe.model).train()
-    optimizer, _, _ = build_optimizer(recipe, model, SimpleNamespace(num_processes=1))
+    optimizer, _, _ = build_optimizer(recipe, model, OneProcess(recipe.train.mixed_precision))
     loss_fn = lm_loss(recipe.train)
     engine = None
     if inmemory:
@@ -68,15 +61,3 @@ def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
                                                                   range(len(engine.packed))]}
         engine.close()
     return out
-
-
-if __name__ == "__main__":
-    from lowmem.memory import fix_malloc_threshold
-
-    fix_malloc_threshold()
-    from lowmem.recipe import load_recipe
-
-    args = sys.argv[1:]
-    n = int(args[args.index("--steps") + 1]) if "--steps" in args else 2
-    recipe = load_recipe(args[0])
-    print(json.dumps(forward_peak(recipe) if "--forward" in args else measure(recipe, n, "--inmemory" in args)))

@@ -27,7 +27,7 @@ def test_peak_rss_of_offloaded_steps_within_15_percent(tmp_path):
     for name, recipe in recipes.items():  # one fresh process each (RSS is per process)
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe.model_dump()))
-        running[name] = subprocess.Popen([sys.executable, "-m", "lowmem.tools.measure_offload", str(path)],
+        running[name] = subprocess.Popen([sys.executable, "-m", "lowmem.tools.measure", str(path), "--offload"],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     predicted = {name: plan(recipe, "cpu") for name, recipe in recipes.items()}
     for name, proc in running.items():

@@ -4,7 +4,7 @@ Traced, not guessed, where it can be: one training step of the same recipe on th
 with **one** decoder block (offload off, all gradients kept, as the engine keeps the resident
 ones until the end of backward) gives, on fake tensors, the resident weights, gradients and
 optimizer state plus one block's weights, gradients and recompute activations and the
-head's activations (logits), at two peaks (:func:`lowmem.step_trace.trace_phases`): during the
+head's activations (logits), at two peaks (:func:`lowmem.planner.trace.trace_phases`): during the
 forward/backward, and during the optimizer step after it. A fake optimizer step on the one-block
 model splits the state bytes into the block's and the resident parameters'. The rest is the
 engine's fixed layout, added to the phase it belongs to:
@@ -33,16 +33,14 @@ total, the host buffers the larger of the two.
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lowmem.dtypes import DTYPES
-from lowmem.recipe import Recipe
-from lowmem.step_trace import fake_model, trace_phases
+from lowmem.planner.trace import fake_optimizer_step, trace_phases
+from lowmem.recipe import Recipe, with_overrides
+from lowmem.structure import block_container
 
 
 def _one_block(recipe: Recipe, config):
-    from lowmem.planner import with_overrides
-
     one = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
     rec = with_overrides(recipe, ["offload.enabled=false", "optim.layerwise=false", "optim.max_grad_norm=null"])
     return rec, one
@@ -51,27 +49,17 @@ def _one_block(recipe: Recipe, config):
 def _state_split(recipe: Recipe, config) -> tuple[int, int, int, list[tuple[int, int]]]:
     """(one block's parameter count, its optimizer-state bytes, hidden size, [(numel, state bytes)] of
     each parameter outside the blocks) after one fake step."""
-    from lowmem.structure import block_container
-    from lowmem.step_trace import _kernels, _LiveBytes
-    from lowmem.steps.measure import recipe_step
+    model, optimizer = fake_optimizer_step(recipe, config)
+    params = list({id(p): p for p in model.parameters()}.values())
 
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake, _kernels("cpu"):
-        model = fake_model(recipe.model, config)
-        optimizer = recipe_step(recipe, model)[0].inner_optimizer  # the run's step object's optimizer
-        params = list({id(p): p for p in model.parameters()}.values())
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        with _LiveBytes(fake):  # reads a data-dependent scalar (.item()) as the trace does
-            optimizer.step()
-        def state_of(ps):
-            return sum(v.numel() * v.element_size() for p in ps for v in optimizer.state[p].values()
-                       if isinstance(v, torch.Tensor))
+    def state_of(ps):
+        return sum(v.numel() * v.element_size() for p in ps for v in optimizer.state[p].values()
+                   if isinstance(v, torch.Tensor))
 
-        block = list(block_container(model)[1][0].parameters())
-        outside = [p for p in params if all(p is not q for q in block)]
-        return (sum(p.numel() for p in block), state_of(block), config.hidden_size,
-                [(p.numel(), state_of([p])) for p in outside])
+    block = list(block_container(model)[1][0].parameters())
+    outside = [p for p in params if all(p is not q for q in block)]
+    return (sum(p.numel() for p in block), state_of(block), config.hidden_size,
+            [(p.numel(), state_of([p])) for p in outside])
 
 
 def _fits(count: int, each: int, budget: float | None) -> tuple[int, float | None]:
@@ -84,8 +72,6 @@ def _fits(count: int, each: int, budget: float | None) -> tuple[int, float | Non
 
 def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """(device parts, host parts, totals) of one step of a first-order offloaded run."""
-    from lowmem.planner import with_overrides
-
     rec1, one = _one_block(recipe, config)
     phases, totals = trace_phases(rec1, one, device)
     numel, traced_state, hidden, outside = _state_split(rec1, one)  # the states as the trace holds them

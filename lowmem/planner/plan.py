@@ -1,6 +1,6 @@
 """The memory planner: predict a recipe's peak memory for one training step, without weights.
 
-How (issue #8): :func:`lowmem.step_trace.trace_step` builds the model from its config alone
+How (issue #8): :func:`lowmem.planner.trace.trace_step` builds the model from its config alone
 (``model.config``, a local/hub ``config.json``, or a GGUF header) on fake tensors, builds the
 real optimizer and runs the trainer's own step and loss (a chunked ``train.loss_chunk_tokens``
 loss included) on it, counting the bytes of live tensors: the parts at the peak (weights,
@@ -14,7 +14,7 @@ gradients, optimizer states, activations, step temporaries) and the whole-run to
   (:func:`lowmem.memory.fix_malloc_threshold`). CUDA: no baseline (``max_memory_allocated``
   counts tensors only).
 * ZO2 offload on a GPU: only resident parameters (embeddings, norms, head) stay on the
-  device; the transfer buffers are what the engine allocates (:func:`zo2_device_buffers`:
+  device; the transfer buffers are what the engine allocates (:func:`lowmem.planner.zo2.zo2_device_buffers`:
   ``prefetch_depth + 2`` slots in the training dtype, staging buffers in ``offload.host_dtype``
   when it differs, a copy of a tied weight during the forward); activations are those of the
   in-memory zeroth-order step object on the doubled batch (ZO2's dual forward). ``ZO2Step`` is
@@ -33,11 +33,11 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from torch._subclasses.fake_tensor import FakeTensorMode
-
-from lowmem.dtypes import DTYPES
-from lowmem.recipe import Recipe
-from lowmem.step_trace import fake_model, trace_step
+from lowmem.optim.registry import get_spec
+from lowmem.planner.first_order import offload_parts
+from lowmem.planner.trace import trace_step
+from lowmem.planner.zo2 import zo2_parts
+from lowmem.recipe import Recipe, with_overrides
 
 
 @dataclass
@@ -105,40 +105,6 @@ def runtime_baseline_bytes(model_type: str) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def zo2_device_buffers(recipe: Recipe, config) -> dict[str, int]:
-    """What the ZO2 engine allocates on the device besides the resident weights, from the model's
-    shapes alone: ``prefetch_depth + 2`` block slots in the training dtype and as many staging buffers
-    in ``offload.host_dtype`` when it differs (:func:`lowmem.offload.transfer.device_buffer_bytes`,
-    the engine's own sizes), and the copy of each tied resident weight held during the dual forward
-    (:class:`lowmem.offload.resident.ResidentPerturber`). Also ``in_blocks``: the blocks' weight bytes."""
-    from lowmem.offload.hooks import model_units
-    from lowmem.offload.transfer import Packed, device_buffer_bytes
-
-    compute = DTYPES[recipe.model.dtype]
-    host = DTYPES[recipe.offload.host_dtype or recipe.model.dtype]
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        blocks, units = model_units(fake_model(recipe.model, config))
-        numels = [Packed.of(b, compute).numel for b in blocks]
-        owners: dict[int, list] = {}
-        for _, module in units:
-            for p in module.parameters():
-                owners.setdefault(id(p), []).append(p)
-        tied = sum(ps[0].numel() * ps[0].element_size() for ps in owners.values()
-                   if len(ps) > 1 and ps[0].requires_grad)
-        in_blocks = sum(p.numel() * p.element_size() for p in blocks.parameters())
-    return {**device_buffer_bytes(numels, compute, host, recipe.offload.prefetch_depth), "tied_copy": tied,
-            "in_blocks": in_blocks}
-
-
-def _zo2_parts(recipe: Recipe, config, parts: dict[str, int]) -> dict[str, int]:
-    """Device parts of a ZO2 step: resident weights, the engine's device buffers, the tied-weight
-    copy (with the step temporaries) and the dual-forward activations."""
-    buffers = zo2_device_buffers(recipe, config)
-    return {**parts, "weights": parts["weights"] - buffers["in_blocks"],
-            "step_temporaries": parts.get("step_temporaries", 0) + buffers["tied_copy"],
-            "transfer_buffers": buffers["slots"] + buffers["staging"]}
-
-
 LORA_NOT_PLANNED = "the memory planner does not model LoRA adapters (peft cannot build them on fake tensors)"
 
 
@@ -154,20 +120,16 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
     if recipe.model.lora is not None:
         raise ValueError(f"model.lora: {LORA_NOT_PLANNED}")
     config = model_config(recipe.model)
-    from lowmem.optim.registry import get_spec
-
     first_order_offload = recipe.offload.enabled and not forward_only and not get_spec(recipe.optim.name).zeroth_order
     offloaded = recipe.offload.enabled and device == "cuda" and not first_order_offload
     host: dict[str, int] = {}
     if first_order_offload:
-        from lowmem.plan_offload import offload_parts
-
         parts, host, totals = offload_parts(recipe, config, device)
         parts = {**parts, **host} if device == "cpu" else parts
     else:
         parts, totals = trace_step(recipe, config, 2 if offloaded else 1, forward_only, device)
     if offloaded:
-        parts = _zo2_parts(recipe, config, parts)
+        parts = zo2_parts(recipe, config, parts)
     baseline = runtime_baseline_bytes(config.model_type) if device == "cpu" or host else 0
     parts["runtime"] = baseline if device == "cpu" else 0
     capacity = None if device_memory_gb is None else int(device_memory_gb * 2**30)
@@ -197,12 +159,6 @@ CHANGES = [
     ("ZO2 (MeZO, blocks offloaded to the host)",
      ["optim.name=mezo", "optim.args={}", "optim.layerwise=false", "train.grad_accum=1", "offload.enabled=true"]),
 ]
-
-
-def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
-    from lowmem.recipe import apply_overrides, recipe_from_dict
-
-    return recipe_from_dict(apply_overrides(recipe.model_dump(), list(overrides)), "suggestion")
 
 
 def suggestions(recipe: Recipe, device: str, capacity: int | None) -> list[tuple[str, list[str], int]]:

@@ -3,7 +3,7 @@
 The model is built from its config alone under ``FakeTensorMode``: tensors carry shapes and
 dtypes but no storage. The real optimizer (:func:`lowmem.build.build_optimizer`) is built on
 it and the trainer's own step object (:mod:`lowmem.steps`, through
-:func:`lowmem.steps.measure.recipe_step`) runs on it, while a dispatch mode (:class:`_LiveBytes`)
+:func:`lowmem.build.recipe_step`) runs on it, while a dispatch mode (:class:`_LiveBytes`)
 counts the bytes of every live tensor storage (freed storages are subtracted through
 weak-reference finalizers). So the parameter, gradient and optimizer-state parts are the real
 tensors' byte counts, and activations (sequence length, batch, gradient checkpointing, WTA-CRS,
@@ -14,7 +14,7 @@ What the trainer's step does is traced as it runs, not modelled: the recipe's ob
 classification), ``train.grad_accum`` micro-batches, eval mode and fp32 forwards of a
 zeroth-order step, the run's autocast, the gradient-norm clipping.
 
-The micro-batch (:func:`lowmem.steps.measure.sample_batch`) holds real tensors: an op whose tensor
+The micro-batch (:func:`lowmem.build.sample_batch`) holds real tensors: an op whose tensor
 inputs are all real runs for real, so the batch's own data-dependent values (a classification
 batch's option lengths and padding) are exact.
 
@@ -45,7 +45,12 @@ from torch._subclasses.fake_tensor import (DynamicOutputShapeException, FakeTens
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lowmem.activations import apply_activations
+from lowmem.build import no_grad_forward, recipe_step, sample_batch
+from lowmem.dtypes import DTYPES
+from lowmem.kernels import adamw8bit_step, dynamic_map, quantize
 from lowmem.memory import tensor_bytes
+from lowmem.models import select_trained
 from lowmem.recipe import Recipe
 
 PARTS = ("runtime", "weights", "gradients", "optimizer_states", "activations", "step_temporaries",
@@ -131,9 +136,6 @@ def fake_model(section, config):
     ``.to(dtype)`` cannot swap a tied fake parameter."""
     from transformers import AutoModelForCausalLM
 
-    from lowmem.dtypes import DTYPES
-    from lowmem.models import select_trained
-
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[section.dtype])
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -143,9 +145,6 @@ def fake_model(section, config):
 def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
     """Model (+ WTA-CRS, lean modules), optimizer and the trainer's step object, built by the engine's
     own functions on fake tensors."""
-    from lowmem.activations import apply_activations
-    from lowmem.steps.measure import recipe_step
-
     model = fake_model(recipe.model, config)
     apply_activations(model, recipe.activations, recipe.train.seed)
     params = list({id(p): p for p in model.parameters()}.values())
@@ -172,8 +171,6 @@ def _kernels(device: str):
     TRITON_INTERPRET) and a private dynamic-map cache. For a CUDA plan the reference functions
     are replaced by stand-ins with the Triton kernels' allocations: the fused step writes in
     place, (de)quantizing allocates only its outputs."""
-    from lowmem.kernels import adamw8bit_step, dynamic_map, quantize
-
     def quantize_outputs(x, code, blocksize=256):
         return (torch.empty(x.numel(), dtype=torch.uint8, device=x.device),
                 torch.empty(quantize.num_blocks(x.numel(), blocksize), dtype=torch.float32, device=x.device))
@@ -212,15 +209,13 @@ def trace_step(recipe: Recipe, config, batch_factor: int = 1, forward_only: bool
 def trace_phases(recipe: Recipe, config, device: str = "cpu") -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     """({"backward": parts, "step": parts}, totals): the largest live total while the forward and
     backward run, and while the optimizer steps (a first-order offloaded run's two phases, with
-    different buffers beside them: :mod:`lowmem.plan_offload`)."""
+    different buffers beside them: :mod:`lowmem.planner.first_order`)."""
     tracker, totals, states = _trace(recipe, config, 1, False, device)
     return {group: _with_states(tracker, parts, token, states)
             for group, (_, parts, token) in tracker.phase_peaks.items()}, totals
 
 
 def _trace(recipe: Recipe, config, batch_factor: int, forward_only: bool, device: str):
-    from lowmem.steps.measure import no_grad_forward, sample_batch
-
     batch = {k: v.repeat(batch_factor, *[1] * (v.dim() - 1))
              for k, v in sample_batch(recipe, config.vocab_size).items()}
     fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -254,3 +249,18 @@ def _with_states(tracker: _LiveBytes, parts: dict[str, int], peak_token: int, st
             parts[part] -= nbytes
             parts["optimizer_states"] += nbytes
     return parts
+
+
+def fake_optimizer_step(recipe: Recipe, config, device: str = "cpu"):
+    """``(model, optimizer)``: ``recipe``'s model built from ``config`` on fake tensors and the optimizer of
+    its step object after one step on zero gradients, so its state holds what a run allocates (read
+    with ``numel``/``element_size``; a data-dependent scalar reads 1, as in the trace)."""
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake, _kernels(device):
+        model = fake_model(recipe.model, config)
+        optimizer = recipe_step(recipe, model)[0].inner_optimizer  # the run's step object's optimizer
+        for p in {id(p): p for p in model.parameters()}.values():
+            p.grad = torch.zeros_like(p)
+        with _LiveBytes(fake):  # reads a data-dependent scalar (.item()) as the trace does
+            optimizer.step()
+    return model, optimizer
