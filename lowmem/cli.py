@@ -1,4 +1,5 @@
-"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume] [--plan] [--device-memory-gb G] [--force]``.
+"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume] [--plan] [--device-memory-gb G] [--force]``;
+``lowmem-train --env``: the environment report for a bug report (:mod:`lowmem.env`).
 
 Memory plan (:mod:`lowmem.planner`): ``--plan`` prints the predicted peak and exits. Before
 a run whose device memory is known (``--device-memory-gb``, ``train.device_memory_gb``,
@@ -20,7 +21,7 @@ import sys
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lowmem-train", description="Memory-efficient fine-tuning from a recipe.")
-    parser.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    parser.add_argument("recipe", nargs="?", help="recipe YAML file (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.steps=10 optim.lr=3e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -29,7 +30,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device-memory-gb", type=float, help="device memory in GiB (default: "
                         "train.device_memory_gb, else the GPU's)")
     parser.add_argument("--force", action="store_true", help="start a run the planner predicts will not fit")
-    return parser.parse_args(argv)
+    parser.add_argument("--env", action="store_true", help="print the environment report (for a bug report) and exit")
+    args = parser.parse_args(argv)
+    if args.recipe is None and not args.env:
+        parser.error("the following arguments are required: recipe")
+    return args
 
 
 def check_memory(recipe, args: argparse.Namespace):
@@ -70,6 +75,10 @@ def run(args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.env:
+        from lowmem.env import main as env_report
+
+        return env_report()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lowmem.memory import fix_malloc_threshold
 
