@@ -61,6 +61,35 @@ def check_memory(recipe, args: argparse.Namespace):
     return predicted
 
 
+def predictor(recipe, args: argparse.Namespace):
+    """``predict(model_config) -> bytes | None`` for the summary of a run the CLI did not plan beforehand: the plan
+    of the loaded model's config (no second read of its files). On CPU the runtime baseline is this process's RSS
+    now, before the run allocates anything: a fresh process that has imported what a run imports (the model-type
+    modelling module aside, a few MiB), which is what :func:`lowmem.planner.runtime_baseline_bytes` measures in a
+    subprocess (issue 24: ``predicted_peak_gb`` next to the measured peak on every run)."""
+    import torch
+    import transformers.modeling_utils  # noqa: F401  (a run imports it: part of the baseline, ~165 MiB)
+
+    from lowmem.memory import current_rss_bytes
+
+    if recipe.model.lora is not None:
+        return None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = current_rss_bytes()
+
+    def predict(config) -> int | None:
+        from lowmem.planner import config_section, plan
+
+        try:
+            return plan(config_section(recipe, config), device, suggest=False, runtime_bytes=runtime).peak_bytes
+        except Exception as err:  # a finished run must not fail on its prediction: say so, in one line
+            print(f"lowmem-train: predicted_peak_gb: not predicted ({type(err).__name__}: "
+                  f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})", file=sys.stderr)
+            return None
+
+    return predict
+
+
 def run(args: argparse.Namespace) -> dict | None:
     from lowmem.recipe import load_recipe
     from lowmem.trainer import train
@@ -70,7 +99,8 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.plan:
         return None
     return train(recipe, resume=args.resume, progress=not args.quiet,
-                 predicted_peak_bytes=None if predicted is None else predicted.peak_bytes)
+                 predicted_peak_bytes=None if predicted is None else predicted.peak_bytes,
+                 predict=predictor(recipe, args) if predicted is None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,10 +144,12 @@ LORA_NOT_PLANNED = "the memory planner does not model LoRA adapters (peft cannot
 
 
 def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = None,
-         suggest: bool = True, forward_only: bool = False) -> Plan:
+         suggest: bool = True, forward_only: bool = False, runtime_bytes: int | None = None) -> Plan:
     """Predict the peak of one training step of ``recipe`` on ``device`` ("cpu": peak RSS,
     "cuda": peak allocated), or of one no-grad forward. With ``device_memory_gb``, say whether
-    it fits and, if not, which changes make it fit (with their predicted peaks)."""
+    it fits and, if not, which changes make it fit (with their predicted peaks). ``runtime_bytes``: the
+    runtime baseline when the caller measured it itself (the CLI: its own fresh process after its imports);
+    default: :func:`runtime_baseline_bytes`."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: must be cpu or cuda, got {device!r}")
     if device_memory_gb is not None and device_memory_gb <= 0:
@@ -170,7 +172,8 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
         parts, totals = trace_step(recipe, config, 2 if offloaded else 1, forward_only, device)
     if offloaded:
         parts = _zo2_parts(recipe, config, parts)
-    baseline = runtime_baseline_bytes(config.model_type) if device == "cpu" or host else 0
+    baseline = 0 if device != "cpu" and not host else \
+        runtime_bytes if runtime_bytes is not None else runtime_baseline_bytes(config.model_type)
     parts["runtime"] = baseline if device == "cpu" else 0
     capacity = None if device_memory_gb is None else int(device_memory_gb * 2**30)
     result = Plan(device=device, parts=parts, totals=totals, capacity_bytes=capacity, host_parts=host,
