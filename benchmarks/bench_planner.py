@@ -1,6 +1,6 @@
 """Predicted peak GPU memory of one training step for Llama-3-8B and OPT-30B shapes (issue #8 README table).
 
-Shapes are the public configs (no weights needed): the planner (:func:`lowmem.planner.plan`,
+Shapes are the public configs shipped in lowmem/model_configs (no weights, no hub): the planner (:func:`lowmem.planner.plan`,
 device "cuda") traces each method's real optimizer and step on fake tensors. bf16 weights
 (fp16 for OPT-30B), batch 1 x 1024, gradient checkpointing for first-order methods. Measured
 columns are filled by ``benchmarks/bench_peak_memory.py``-style runs on a GPU machine (not here).
@@ -16,16 +16,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_result  # noqa: E402
 
+from lowmem.models import shipped_config  # noqa: E402
 from lowmem.planner import plan, with_overrides  # noqa: E402
 from lowmem.recipe import recipe_from_dict  # noqa: E402
 
-SHAPES = {
-    "Llama-3-8B": ({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                    "max_position_embeddings": 8192, "tie_word_embeddings": False}, "bfloat16"),
-    "OPT-30B": ({"model_type": "opt", "hidden_size": 7168, "ffn_dim": 28672, "num_hidden_layers": 48,
-                 "num_attention_heads": 56, "vocab_size": 50272, "max_position_embeddings": 2048,
-                 "word_embed_proj_dim": 7168, "tie_word_embeddings": True}, "float16"),
+SHAPES = {  # the configs lowmem ships for the large recipes (lowmem/model_configs): offline, as `--plan`
+    "Llama-3-8B": (shipped_config("meta-llama/Meta-Llama-3-8B"), "bfloat16"),
+    "OPT-30B": (shipped_config("facebook/opt-30b"), "float16"),
 }
 LW_GC = ["optim.layerwise=true", "optim.max_grad_norm=null", "model.gradient_checkpointing=true"]
 METHODS = [

@@ -1,4 +1,5 @@
-"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume] [--plan] [--device-memory-gb G] [--force]``.
+"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume] [--plan] [--device-memory-gb G] [--force]``;
+``lowmem-train --env``: the environment report for a bug report (:mod:`lowmem.env`).
 
 Memory plan (:mod:`lowmem.planner`): ``--plan`` prints the predicted peak and exits. Before
 a run whose device memory is known (``--device-memory-gb``, ``train.device_memory_gb``,
@@ -20,7 +21,7 @@ import sys
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lowmem-train", description="Memory-efficient fine-tuning from a recipe.")
-    parser.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    parser.add_argument("recipe", nargs="?", help="recipe YAML file (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.steps=10 optim.lr=3e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -29,7 +30,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device-memory-gb", type=float, help="device memory in GiB (default: "
                         "train.device_memory_gb, else the GPU's)")
     parser.add_argument("--force", action="store_true", help="start a run the planner predicts will not fit")
-    return parser.parse_args(argv)
+    parser.add_argument("--env", action="store_true", help="print the environment report (for a bug report) and exit")
+    args = parser.parse_args(argv)
+    if args.recipe is None and not args.env:
+        parser.error("the following arguments are required: recipe")
+    return args
 
 
 def check_memory(recipe, args: argparse.Namespace):
@@ -56,6 +61,35 @@ def check_memory(recipe, args: argparse.Namespace):
     return predicted
 
 
+def predictor(recipe, args: argparse.Namespace):
+    """``predict(model_config) -> bytes | None`` for the summary of a run the CLI did not plan beforehand: the plan
+    of the loaded model's config (no second read of its files). On CPU the runtime baseline is this process's RSS
+    now, before the run allocates anything: a fresh process that has imported what a run imports (the model-type
+    modelling module aside, a few MiB), which is what :func:`lowmem.planner.runtime_baseline_bytes` measures in a
+    subprocess (issue 24: ``predicted_peak_gb`` next to the measured peak on every run)."""
+    import torch
+    import transformers.modeling_utils  # noqa: F401  (a run imports it: part of the baseline, ~165 MiB)
+
+    from lowmem.memory import current_rss_bytes
+
+    if recipe.model.lora is not None:
+        return None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = current_rss_bytes()
+
+    def predict(config) -> int | None:
+        from lowmem.planner import config_section, plan
+
+        try:
+            return plan(config_section(recipe, config), device, suggest=False, runtime_bytes=runtime).peak_bytes
+        except Exception as err:  # a finished run must not fail on its prediction: say so, in one line
+            print(f"lowmem-train: predicted_peak_gb: not predicted ({type(err).__name__}: "
+                  f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})", file=sys.stderr)
+            return None
+
+    return predict
+
+
 def run(args: argparse.Namespace) -> dict | None:
     from lowmem.recipe import load_recipe
     from lowmem.trainer import train
@@ -65,11 +99,16 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.plan:
         return None
     return train(recipe, resume=args.resume, progress=not args.quiet,
-                 predicted_peak_bytes=None if predicted is None else predicted.peak_bytes)
+                 predicted_peak_bytes=None if predicted is None else predicted.peak_bytes,
+                 predict=predictor(recipe, args) if predicted is None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.env:
+        from lowmem.env import main as env_report
+
+        return env_report()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lowmem.memory import fix_malloc_threshold
 

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import json
+import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
 
@@ -40,6 +44,62 @@ def resolve_path(path: str, field: str) -> str:
     if not resolved.exists():
         raise ValueError(f"{field}: {resolved} does not exist")
     return str(resolved)
+
+
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"  # <hub id>.json: the large recipes' models, no weights
+GATED_ORGS = ("meta-llama",)  # hub organisations whose every model needs an accepted licence and a token
+
+
+def shipped_config(model_id: str) -> dict | None:
+    """The ``config.json`` lowmem ships for hub model ``model_id`` (the models its large recipes name), or None:
+    what the planner needs to build the model on fake tensors, so ``--plan`` runs offline."""
+    path = SHIPPED_CONFIGS / f"{model_id}.json"
+    if model_id.startswith(("/", ".")) or ".." in model_id or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint (``HF_ENDPOINT``), instead of huggingface_hub's retries
+    (5 tries, 8 s apart: half a minute before the same error)."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def model_source(path: str, field: str) -> str:
+    """``path`` as ``from_pretrained`` takes it: a ``pkg:`` directory resolved, a local directory as it is, a hub
+    id checked first: cached, or the hub reachable; otherwise one line naming ``field`` and the id, whether the
+    model is gated, and the offline way (a local copy in ``field``; ``--plan`` from a shipped config)."""
+    source = resolve_path(path, field)
+    if Path(source).exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        return source
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return source
+    offline = _hub_offline()
+    if not offline and _hub_reachable():
+        return source
+    why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+    gated = (f"it is gated (accept its licence on huggingface.co/{source}, then `hf auth login`); "
+             if source.split("/")[0] in GATED_ORGS else "")
+    plan = "; `lowmem-train RECIPE --plan` works offline from the config lowmem ships" if shipped_config(source) else ""
+    raise ValueError(f"{field}: {source!r} is a hub id that is not in the local cache and {why}; {gated}"
+                     f"download it where the hub is reachable (`hf download {source} --local-dir DIR`) "
+                     f"and set {field}=DIR{plan}")
 
 
 class ByteTokenizer:
@@ -83,7 +143,7 @@ def load_tokenizer(section: ModelSection):
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    source = resolve_path(section.tokenizer or section.path, "model.tokenizer")
+    source = model_source(section.tokenizer or section.path, "model.tokenizer" if section.tokenizer else "model.path")
     kwargs = {"gguf_file": section.gguf_file} if section.gguf_file and section.tokenizer is None else {}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token_id is None:
@@ -114,7 +174,7 @@ def load_model(section: ModelSection):
         torch.manual_seed(section.seed)
         model = AutoModelForCausalLM.from_config(config).to(dtype)
     else:
-        source = resolve_path(section.path, "model.path")
+        source = model_source(section.path, "model.path")
         kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
         if section.gguf_file and not Path(source, section.gguf_file).is_file():
             raise ValueError(f"model.gguf_file: {Path(source, section.gguf_file)} does not exist")

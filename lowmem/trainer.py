@@ -36,9 +36,10 @@ class TrainingStopped(RuntimeError):
 
 class Trainer:
     def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True,
-                 predicted_peak_bytes: int | None = None):
+                 predicted_peak_bytes: int | None = None, predict=None):
         self.recipe, self.resume, self.progress = recipe, resume, progress
         self.predicted_peak_bytes = predicted_peak_bytes  # lowmem.planner's prediction, shown in the summary
+        self.predict = predict  # or: the model's config -> predicted peak bytes, asked once the run is measured
         self.out = Path(recipe.output.dir)
         AcceleratorState._reset_state()  # a second run in one process may use another precision
         self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
@@ -189,6 +190,9 @@ class Trainer:
             "optimizer_state_mb": round(state_bytes(self.run.inner_optimizer) / 2**20, 3),
             "optimizer": self.recipe.optim.name,
         }
+        if summary["predicted_peak_gb"] is None and self.predict is not None and self.accelerator.is_main_process:
+            predicted = self.predict(self.accelerator.unwrap_model(self.run.model).config)  # after the measurement
+            summary["predicted_peak_gb"] = None if predicted is None else round(predicted / 2**30, 3)
         self.run.stepper.close()  # the last deferred update flushed, offloaded blocks back into the model
         if self.accelerator.is_main_process:
             if self.recipe.output.save_model:
@@ -199,6 +203,8 @@ class Trainer:
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True,
-          predicted_peak_bytes: int | None = None) -> dict:
-    """Run ``recipe`` to the end and return the summary (also written to ``output.dir/summary.json``)."""
-    return Trainer(recipe, resume=resume, progress=progress, predicted_peak_bytes=predicted_peak_bytes).train()
+          predicted_peak_bytes: int | None = None, predict=None) -> dict:
+    """Run ``recipe`` to the end and return the summary (also written to ``output.dir/summary.json``);
+    ``predict(model_config) -> bytes | None`` fills the summary's prediction when none was given."""
+    return Trainer(recipe, resume=resume, progress=progress, predicted_peak_bytes=predicted_peak_bytes,
+                   predict=predict).train()

@@ -257,3 +257,20 @@ def test_default_model_ratio_targets_and_planner_error(tmp_path, default_config)
         assert peaks[name] <= bound * peaks["forward"], (name, peaks[name] / peaks["forward"])
         assert abs(predicted[name] - peaks[name]) <= 0.15 * peaks[name], (name, predicted[name] / 2**20,
                                                                           peaks[name] / 2**20)
+
+
+def test_no_suggestion_of_what_the_recipe_does_and_the_plan_says_how_its_peak_is_made(tmp_path):
+    """Issue 24: an APOLLO-Mini recipe (with an APOLLO argument) is not told to use APOLLO-Mini; the printed
+    parts add up to the peak, and the totals above their share at the peak are explained."""
+    recipe = make_recipe(tmp_path, "optim.name=apollo_mini", "optim.args={scale_front: true}", config=SMALL, seq=32)
+    from lowmem.planner.plan import CHANGES, _already
+
+    assert [label for label, o in CHANGES if _already(recipe, with_overrides(recipe, o))] == ["APOLLO-Mini"]
+    layerwise = with_overrides(recipe, LW_GC)
+    assert [label for label, o in CHANGES if _already(layerwise, with_overrides(layerwise, o))] == [
+        "APOLLO-Mini", "layer-wise updates", "gradient checkpointing", "APOLLO-Mini + layer-wise + checkpointing"]
+    full = plan(recipe, "cuda", suggest=False)
+    text = format_plan(full)
+    assert "the sum of what is live at its peak" in text.splitlines()[0]
+    assert full.totals["optimizer_states"] > full.parts["optimizer_states"] and "optimizer states: " in text
+    assert ("gradients: " in text) == (full.totals["gradients"] > full.parts["gradients"])

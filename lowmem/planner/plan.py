@@ -70,15 +70,16 @@ class Plan:
 
 
 def model_config(section):
-    """The model's ``PretrainedConfig`` without loading weights (GGUF: the file's header)."""
+    """The model's ``PretrainedConfig`` without loading weights (GGUF: the file's header; a hub id whose
+    config lowmem ships, :func:`lowmem.models.shipped_config`: that file, offline)."""
     from transformers import AutoConfig
 
-    from lowmem.models import resolve_path
+    from lowmem.models import model_source, shipped_config
 
-    if section.config is not None:
-        cfg = dict(section.config)
+    cfg = dict(section.config) if section.config is not None else shipped_config(section.path)
+    if cfg is not None:
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    source = resolve_path(section.path, "model.path")
+    source = model_source(section.path, "model.path")
     kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
     return AutoConfig.from_pretrained(source, **kwargs)
 
@@ -109,10 +110,12 @@ LORA_NOT_PLANNED = "the memory planner does not model LoRA adapters (peft cannot
 
 
 def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = None,
-         suggest: bool = True, forward_only: bool = False) -> Plan:
+         suggest: bool = True, forward_only: bool = False, runtime_bytes: int | None = None) -> Plan:
     """Predict the peak of one training step of ``recipe`` on ``device`` ("cpu": peak RSS,
     "cuda": peak allocated), or of one no-grad forward. With ``device_memory_gb``, say whether
-    it fits and, if not, which changes make it fit (with their predicted peaks)."""
+    it fits and, if not, which changes make it fit (with their predicted peaks). ``runtime_bytes``: the
+    runtime baseline when the caller measured it itself (the CLI: its own fresh process after its imports);
+    default: :func:`runtime_baseline_bytes`."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: must be cpu or cuda, got {device!r}")
     if device_memory_gb is not None and device_memory_gb <= 0:
@@ -120,6 +123,7 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
     if recipe.model.lora is not None:
         raise ValueError(f"model.lora: {LORA_NOT_PLANNED}")
     config = model_config(recipe.model)
+    recipe = config_section(recipe, config)  # from here on the config alone: no weights, no tokenizer files
     first_order_offload = recipe.offload.enabled and not forward_only and not get_spec(recipe.optim.name).zeroth_order
     offloaded = recipe.offload.enabled and device == "cuda" and not first_order_offload
     host: dict[str, int] = {}
@@ -130,7 +134,8 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
         parts, totals = trace_step(recipe, config, 2 if offloaded else 1, forward_only, device)
     if offloaded:
         parts = zo2_parts(recipe, config, parts)
-    baseline = runtime_baseline_bytes(config.model_type) if device == "cpu" or host else 0
+    baseline = 0 if device != "cpu" and not host else \
+        runtime_bytes if runtime_bytes is not None else runtime_baseline_bytes(config.model_type)
     parts["runtime"] = baseline if device == "cpu" else 0
     capacity = None if device_memory_gb is None else int(device_memory_gb * 2**30)
     result = Plan(device=device, parts=parts, totals=totals, capacity_bytes=capacity, host_parts=host,
@@ -161,6 +166,14 @@ CHANGES = [
 ]
 
 
+def _already(recipe: Recipe, changed: Recipe) -> bool:
+    """Whether ``recipe`` already does what the change made ``changed`` do: the same recipe, except for
+    optimizer arguments the change only dropped (e.g. "APOLLO-Mini" on an APOLLO-Mini recipe with ``scale_front``)."""
+    before, after = recipe.model_dump(), changed.model_dump()
+    args_before, args_after = before["optim"].pop("args"), after["optim"].pop("args")
+    return before == after and all(k in args_before and args_before[k] == v for k, v in args_after.items())
+
+
 def suggestions(recipe: Recipe, device: str, capacity: int | None) -> list[tuple[str, list[str], int]]:
     """Each change of :data:`CHANGES` that applies, with its predicted peak, smallest first
     (ZO2 only on a GPU: on the CPU the host is the device)."""
@@ -169,7 +182,10 @@ def suggestions(recipe: Recipe, device: str, capacity: int | None) -> list[tuple
         if "offload.enabled=true" in overrides and device != "cuda":
             continue
         try:
-            changed = plan(with_overrides(recipe, overrides), device, suggest=False)
+            changed = with_overrides(recipe, overrides)
+            if _already(recipe, changed):
+                continue
+            changed = plan(changed, device, suggest=False)
         except ValueError:  # the change does not combine with this recipe (e.g. grad_accum with ZO)
             continue
         found.append((label, overrides, changed.peak_bytes))
@@ -181,11 +197,20 @@ def _gib(n: int) -> str:
 
 
 def format_plan(p: Plan) -> str:
-    """The plan as text: parts at the peak, totals, verdict, suggestions."""
+    """The plan as text: the parts live at the peak (their sum is the peak), the step's totals and why a total
+    exceeds its part at the peak, verdict, suggestions."""
     what = "peak RSS" if p.device == "cpu" else "peak CUDA memory"
-    lines = [f"memory plan ({p.device}): predicted {what} {_gib(p.peak_bytes)}"]
+    lines = [f"memory plan ({p.device}): predicted {what} {_gib(p.peak_bytes)} of one step = the sum of what is live "
+             "at its peak:"]
     lines += [f"  {name:<18} {_gib(n):>12}" for name, n in p.parts.items() if n]
-    lines.append("  totals: " + ", ".join(f"{k} {_gib(v)}" for k, v in p.totals.items()))
+    lines.append("  whole step (not all live at once): " + ", ".join(f"{k} {_gib(v)}" for k, v in p.totals.items()))
+    later = p.totals.get("optimizer_states", 0) - p.parts.get("optimizer_states", 0)
+    if p.totals.get("gradients", 0) > p.parts.get("gradients", 0) and not p.host_parts:
+        lines.append(f"    gradients: {_gib(p.parts.get('gradients', 0))} at the peak: the backward makes them as it "
+                     "frees the activations (layer-wise updates free each one at once)")
+    if later > 0 and not p.host_parts:
+        lines.append(f"    optimizer states: {_gib(later)} of them are made by the optimizer step, after the peak; "
+                     f"they persist, so a later step's peak may be up to {_gib(later)} higher")
     if p.host_parts:
         lines.append(f"  host (offloaded blocks): predicted peak RSS {_gib(p.host_rss_bytes)}: "
                      + ", ".join(f"{k} {_gib(v)}" for k, v in p.host_parts.items()))

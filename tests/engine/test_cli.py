@@ -71,8 +71,24 @@ def test_corrupted_checkpoint_names_the_file(tiny_recipe, tmp_path):
     recipe = tiny_recipe()
     out = tmp_path / "run"
     assert _run(recipe, "train.steps=3").returncode == 0
+    _assert_summary_has_the_planners_prediction(recipe, out)
     weights = out / "checkpoints" / "step-00000003" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
     _assert_one_line_error(_run(recipe, "train.steps=4", "--resume"), str(weights), "sha256")
+
+
+def _assert_summary_has_the_planners_prediction(recipe, out):
+    """Issue 24: a CPU run's summary shows the predicted peak next to the measured one: the planner's plan of the
+    recipe, with the runtime baseline measured in the CLI's own process instead of a fresh subprocess (the same
+    imports but the model's modelling module: within 20 MiB)."""
+    import json
+
+    from lowmem.planner import plan
+    from lowmem.recipe import load_recipe
+
+    summary = json.loads((out / "summary.json").read_text())
+    planned = plan(load_recipe(recipe, ["train.steps=3"]), "cpu", suggest=False).peak_bytes / 2**30
+    assert abs(summary["predicted_peak_gb"] - planned) < 20 / 1024, (summary["predicted_peak_gb"], planned)
+    assert summary["predicted_peak_gb"] <= summary["peak_rss_gb"]  # the step's peak; a run holds data and more
