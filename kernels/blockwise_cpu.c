@@ -8,11 +8,13 @@
  * on the blocks [b0, b1) of a flat tensor of n elements: the caller splits the blocks between threads.
  *
  * Nearest code (torch.bucketize over the 255 midpoints, a tie going to the lower code) without a
- * search: code(s) = #{k : mid[k] < s}. The floats sharing their top 16 bits (sign, exponent, 7
- * mantissa bits) form an interval; lut[key] = #{k : mid[k] < the interval's smallest float}, and the
- * caller has checked that no interval holds more than two midpoints, so
- *     code(s) = lut[key] + (mid[lut[key]] < s) + (mid[lut[key] + 1] < s)     (mid padded with +inf).
- * The keys of NaN hold bucketize(NaN) and a NaN's comparisons are false, as in torch.
+ * search: code(s) = #{k : mid[k] < s}. The floats sharing the top 16 bits of s (sign, exponent, 7
+ * mantissa bits: its key) form an interval; the caller has checked that none holds more than one
+ * midpoint, and lut[key] packs base = #{k : mid[k] < the interval's smallest float} (bits 0-7), the
+ * low 16 bits of the midpoint inside the interval (bits 8-23) and whether there is one (bit 24).
+ * Within one key the float order is the order of the low 16 bits (reversed for negative floats), so
+ *     code(s) = base + (a midpoint in the interval and it is < s)
+ * with one table load per element. The keys of NaN hold bucketize(NaN) and no midpoint, as torch.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,8 +27,7 @@
 
 typedef struct {
     const float *code;    /* 256 map values, sorted */
-    const float *mid;     /* 255 midpoints (code[k] + code[k+1]) / 2, then +inf, +inf */
-    const int32_t *lut;   /* 65536 lower bounds of the code, by the top 16 bits of s */
+    const int32_t *lut;   /* 65536 entries: base | midpoint's low 16 bits << 8 | has a midpoint << 24 */
     int32_t keep_sign;    /* momentum (signed map): x < 0 never takes a code of value >= 0 */
     int32_t first_nonneg; /* index of the first code value >= 0 */
 } qmap;
@@ -64,37 +65,42 @@ static inline uint16_t store_f16(float f) {
     return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
-/* One block of len fp32 values x -> codes and absmax: quantize_blockwise_ref, and with q->keep_sign
- * the sign rule of adamw8bit_step._requantize_. absmax = max |x|, NaN winning as in torch.amax, taken
- * on the bits: for non-negative floats (and NaN, above +inf) the integer order is the float order. */
-static inline void quantize_block(const float *restrict x, int64_t len, const qmap *q, uint8_t *restrict codes,
-                                  float *restrict absmax) {
-    uint32_t top = 0;
-    for (int64_t i = 0; i < len; i++) {
-        uint32_t a = bits_of(x[i]) & 0x7FFFFFFFu;
-        top = a > top ? a : top;
-    }
+/* max |x| over len fp32 values as bits, NaN winning as in torch.amax: for non-negative floats (and
+ * NaN, above +inf) the integer order is the float order. */
+static inline uint32_t abs_bits(float x) { return bits_of(x) & 0x7FFFFFFFu; }
+
+/* One block of len fp32 values x, whose max |x| has the bits top -> codes and absmax:
+ * quantize_blockwise_ref, and with q->keep_sign the sign rule of adamw8bit_step._requantize_. */
+static inline void quantize_block(const float *restrict x, int64_t len, uint32_t top, const qmap *q,
+                                  uint8_t *restrict codes, float *restrict absmax) {
     const float amax = float_of(top), inv = amax > 0.0f ? 1.0f / amax : 0.0f;
-    const float *restrict mid = q->mid;
     const int32_t *restrict lut = q->lut;
     const uint32_t fix = q->keep_sign ? (uint32_t)q->first_nonneg : 256u; /* c < 256: never fixed */
     for (int64_t i = 0; i < len; i++) {
         float s = x[i] * inv;
         s = s < -1.0f ? -1.0f : s;
         s = s > 1.0f ? 1.0f : s;
-        uint32_t base = (uint32_t)lut[bits_of(s) >> 16];
-        uint32_t c = base + (mid[base] < s) + (mid[base + 1] < s);
+        uint32_t u = bits_of(s), e = (uint32_t)lut[u >> 16], low = u & 0xFFFFu, mid = (e >> 8) & 0xFFFFu;
+        uint32_t neg = u >> 31, below = ((mid < low) & (neg ^ 1u)) | ((mid > low) & neg); /* midpoint < s */
+        uint32_t c = (e & 0xFFu) + ((e >> 24) & below);
         c -= (x[i] < 0.0f) & (c >= fix);
         codes[i] = (uint8_t)c;
     }
     *absmax = amax;
 }
 
+static inline uint32_t block_top(const float *restrict x, int64_t len) {
+    uint32_t top = 0;
+    for (int64_t i = 0; i < len; i++)
+        top = abs_bits(x[i]) > top ? abs_bits(x[i]) : top;
+    return top;
+}
+
 void quantize_f32(const float *x, int64_t n, int64_t b0, int64_t b1, int32_t B, const qmap *q,
                   uint8_t *codes, float *absmax) {
     for (int64_t b = b0; b < b1; b++) {
         int64_t start = b * B, len = n - start < B ? n - start : B;
-        quantize_block(x + start, len, q, codes + start, absmax + b);
+        quantize_block(x + start, len, block_top(x + start, len), q, codes + start, absmax + b);
     }
 }
 
@@ -120,27 +126,34 @@ void dequantize_f32(const uint8_t *restrict codes, const float *restrict absmax,
 static NOINLINE void adam_moments_block_##SFX(                                                            \
         const T *restrict g, const uint8_t *restrict c1, const uint8_t *restrict c2,                      \
         const float *restrict map1, const float *restrict map2, float A1, float A2, float beta1,          \
-        float beta2, float omb1, float omb2, float *restrict m, float *restrict v, int64_t len) {         \
+        float beta2, float omb1, float omb2, float *restrict m, float *restrict v, int64_t len,           \
+        uint32_t *restrict tops) {                                                                        \
+    uint32_t top1 = 0, top2 = 0;                                                                          \
     for (int64_t i = 0; i < len; i++) {                                                                   \
         float gi = load_##SFX(g[i]);                                                                      \
         uint32_t keep = finite_mask(gi);                                                                  \
         float gz = float_of(bits_of(gi) & keep);                                                          \
-        float mi = map1[c1[i]] * A1 * beta1 + gz * omb1;                                                  \
-        float vi = map2[c2[i]] * A2 * beta2 + gz * omb2 * gz;                                             \
-        m[i] = float_of(bits_of(mi) & keep);                                                              \
-        v[i] = float_of(bits_of(vi) & keep);                                                              \
+        float mi = float_of(bits_of(map1[c1[i]] * A1 * beta1 + gz * omb1) & keep);                        \
+        float vi = float_of(bits_of(map2[c2[i]] * A2 * beta2 + gz * omb2 * gz) & keep);                   \
+        m[i] = mi;                                                                                        \
+        v[i] = vi;                                                                                        \
+        top1 = abs_bits(mi) > top1 ? abs_bits(mi) : top1;                                                 \
+        top2 = abs_bits(vi) > top2 ? abs_bits(vi) : top2;                                                 \
     }                                                                                                     \
+    tops[0] = top1;                                                                                       \
+    tops[1] = top2;                                                                                       \
 }                                                                                                         \
 void adam8bit_moments_##SFX(const T *g, uint8_t *c1, float *a1, uint8_t *c2, float *a2, int64_t n,         \
                             int64_t b0, int64_t b1, int32_t B, const float *k, const qmap *q1,             \
                             const qmap *q2, float *m_out, float *v_out) {                                  \
+    uint32_t tops[2];                                                                                     \
     for (int64_t b = b0; b < b1; b++) {                                                                   \
         int64_t start = b * B, len = n - start < B ? n - start : B;                                       \
         float *m = m_out + (start - b0 * B), *v = v_out + (start - b0 * B);                               \
         adam_moments_block_##SFX(g + start, c1 + start, c2 + start, q1->code, q2->code, a1[b], a2[b],     \
-                                 k[0], k[1], k[2], k[3], m, v, len);                                      \
-        quantize_block(m, len, q1, c1 + start, a1 + b);                                                   \
-        quantize_block(v, len, q2, c2 + start, a2 + b);                                                   \
+                                 k[0], k[1], k[2], k[3], m, v, len, tops);                                \
+        quantize_block(m, len, tops[0], q1, c1 + start, a1 + b);                                          \
+        quantize_block(v, len, tops[1], q2, c2 + start, a2 + b);                                          \
     }                                                                                                     \
 }                                                                                                         \
 static NOINLINE void adam_param_##SFX(T *restrict p, const T *restrict g, const float *restrict m,        \
@@ -159,25 +172,29 @@ void adam8bit_param_##SFX(T *p, const T *g, const float *m, const float *sqrt_v,
 
 /* 8-bit SGD with momentum, blocks [b0, b1): lr, beta1, wd as fp32; first: the first step (m = g). */
 #define MOMENTUM8BIT(SFX, T)                                                                              \
-static NOINLINE void momentum_block_##SFX(T *restrict p, const T *restrict g, const uint8_t *restrict c1,  \
-                                          const float *restrict map1, float A1, float lr, float beta1,     \
-                                          float wd, uint32_t first, float *restrict m, int64_t len) {      \
+static NOINLINE uint32_t momentum_block_##SFX(T *restrict p, const T *restrict g,                        \
+                                              const uint8_t *restrict c1, const float *restrict map1,      \
+                                              float A1, float lr, float beta1, float wd, uint32_t first,   \
+                                              float *restrict m, int64_t len) {                            \
+    uint32_t top = 0;                                                                                     \
     for (int64_t i = 0; i < len; i++) {                                                                   \
         float pi = load_##SFX(p[i]);                                                                      \
         float gi = load_##SFX(g[i]) + pi * wd;                                                            \
         float mi = float_of((bits_of(map1[c1[i]] * A1 * beta1 + gi) & ~first) | (bits_of(gi) & first));   \
         p[i] = store_##SFX(pi - lr * mi);                                                                 \
         m[i] = mi;                                                                                        \
+        top = abs_bits(mi) > top ? abs_bits(mi) : top;                                                    \
     }                                                                                                     \
+    return top;                                                                                           \
 }                                                                                                         \
 void momentum8bit_##SFX(T *p, const T *g, uint8_t *c1, float *a1, int64_t n, int64_t b0, int64_t b1,       \
                         int32_t B, float lr, float beta1, float wd, int32_t first, const qmap *q1) {       \
     float m[MAX_BLOCK];                                                                                   \
     for (int64_t b = b0; b < b1; b++) {                                                                   \
         int64_t start = b * B, len = n - start < B ? n - start : B;                                       \
-        momentum_block_##SFX(p + start, g + start, c1 + start, q1->code, a1[b], lr, beta1, wd,            \
-                             first ? ~0u : 0u, m, len);                                                   \
-        quantize_block(m, len, q1, c1 + start, a1 + b);                                                   \
+        uint32_t top = momentum_block_##SFX(p + start, g + start, c1 + start, q1->code, a1[b], lr, beta1, \
+                                            wd, first ? ~0u : 0u, m, len);                                \
+        quantize_block(m, len, top, q1, c1 + start, a1 + b);                                              \
     }                                                                                                     \
 }
 

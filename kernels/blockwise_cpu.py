@@ -47,7 +47,7 @@ _ptr, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes
 class QMap(ctypes.Structure):
     """The C ``qmap``: a code's values, midpoints and lookup table (:func:`_table`)."""
 
-    _fields_ = [("code", _ptr), ("mid", _ptr), ("lut", _ptr), ("keep_sign", _i32), ("first_nonneg", _i32)]
+    _fields_ = [("code", _ptr), ("lut", _ptr), ("keep_sign", _i32), ("first_nonneg", _i32)]
 
 
 _QMAP = ctypes.POINTER(QMap)
@@ -113,8 +113,9 @@ _TABLES: dict[tuple[bytes, bool], tuple | None] = {}
 
 def _table(code: torch.Tensor, keep_sign: bool = False) -> tuple | None:
     """``(QMap, the tensors it points to)`` for ``code``, cached by its values; None when the code is
-    unsorted or some 16-bit key's interval of floats holds more than two midpoints (the kernels
-    would then not find the nearest code: the reference takes such a code)."""
+    unsorted or some 16-bit key's interval of floats in [-1, 1] holds more than one midpoint (the
+    kernels would not find the nearest code; the reference takes such a code). The table's packing
+    is the C file's."""
     key = (code.detach().cpu().numpy().tobytes(), keep_sign)
     if key not in _TABLES:
         code = code.detach().cpu().clone()
@@ -123,17 +124,18 @@ def _table(code: torch.Tensor, keep_sign: bool = False) -> tuple | None:
         low, high = (torch.from_numpy((keys << 16 | tail).view(np.float32)) for tail in (0, 0xFFFF))
         negative = torch.from_numpy(keys >= 0x8000)
         smallest, largest = torch.where(negative, high, low), torch.where(negative, low, high)
-        nan = torch.from_numpy((keys >> 7 & 0xFF) == 0xFF)         # all-ones exponent: only NaN (s is clamped)
-        lut = torch.bucketize(smallest, mid)
-        span = torch.bucketize(largest, mid) - lut
-        lut[nan] = torch.bucketize(torch.tensor([float("nan")]), mid)
-        if bool((mid.diff() < 0).any()) or int(span[~nan].max()) > 2:
+        nan = torch.from_numpy((keys >> 7 & 0xFF) == 0xFF)         # all-ones exponent: NaN (s is clamped)
+        base = torch.bucketize(smallest, mid)
+        inside = torch.bucketize(largest, mid) - base                # midpoints in the interval
+        base[nan], inside[nan] = torch.bucketize(torch.tensor([float("nan")]), mid), 0
+        if bool((mid.diff() < 0).any()) or int(inside[smallest.abs() <= 1].max()) > 1:
             _TABLES[key] = None
         else:
-            mid = torch.cat([mid, torch.full((2,), float("inf"))])
-            lut = lut.to(torch.int32)
-            qmap = QMap(code.data_ptr(), mid.data_ptr(), lut.data_ptr(), int(keep_sign), int((code < 0).sum()))
-            _TABLES[key] = (qmap, code, mid, lut)
+            has = inside > 0
+            low_bits = torch.where(has, mid[base.clamp(max=254)].view(torch.int32) & 0xFFFF, 0)
+            lut = (base | low_bits << 8 | has.int() << 24).to(torch.int32)
+            qmap = QMap(code.data_ptr(), lut.data_ptr(), int(keep_sign), int((code < 0).sum()))
+            _TABLES[key] = (qmap, code, lut)
     return _TABLES[key]
 
 
