@@ -5,13 +5,20 @@ subspace for FRUGAL) at the default update gap T=200.
 Model: Llama-shaped (hidden 512, intermediate 2048, 2 layers, vocab 4096) in fp32, with fixed
 random gradients. "step" is the median of timed steps without a refresh; "refresh" is the
 first step (which always refreshes); amortized = (refresh - step) / T.
+
+``--8bit`` (issue #24): the 8-bit AdamW step on CPU beside torch AdamW and bitsandbytes'
+``AdamW8bit``, on 16 ``Linear(1024, 1024)`` layers (16.8M parameters, fp32), at 1 and 2 threads;
+lowmem's row on its C kernels (:mod:`lowmem.kernels.blockwise_cpu`) and on the PyTorch references.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import statistics
 import time
 import warnings
+from unittest import mock
 
 import torch
 
@@ -73,6 +80,71 @@ def interleaved_ratio(name: str, hparams: dict, pairs: int = 5) -> tuple[float, 
     return statistics.median(times["method"]), statistics.median(ratios)
 
 
+def eight_bit_providers() -> dict:
+    """The optimizers of the ``--8bit`` table: ``name -> (make, context of its steps)``."""
+    import contextlib
+
+    import bitsandbytes as bnb
+
+    from lowmem.kernels import blockwise_cpu
+    from lowmem.optim.adamw8bit import AdamW8bit
+
+    reference = functools.partial(mock.patch.object, blockwise_cpu, "steps_take", lambda *tensors: False)
+    return {"torch AdamW": (lambda ps: torch.optim.AdamW(ps, lr=1e-3), contextlib.nullcontext),
+            "bitsandbytes AdamW8bit": (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), contextlib.nullcontext),
+            "lowmem adamw8bit (C kernels)": (lambda ps: AdamW8bit(ps, lr=1e-3), contextlib.nullcontext),
+            "lowmem adamw8bit (PyTorch references)": (lambda ps: AdamW8bit(ps, lr=1e-3), reference)}
+
+
+def eight_bit_times(threads: int, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Per provider, the wall times of ``rounds x steps`` steps at ``threads`` threads, the
+    providers taking turns round by round (a load change on a shared machine hits them all)."""
+    torch.set_num_threads(threads)
+    opts, times = {}, {}
+    for name, (make, context) in eight_bit_providers().items():
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(1024, 1024) for _ in range(16)]
+        gen = torch.Generator().manual_seed(1)
+        for p in (p for layer in layers for p in layer.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        opts[name] = (make([p for layer in layers for p in layer.parameters()]), context)
+        with context():
+            opts[name][0].step()  # state creation, not timed
+        times[name] = []
+    for _ in range(rounds):
+        for name, (opt, context) in opts.items():
+            with context():
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    opt.step()
+                    times[name].append(time.perf_counter() - start)
+    return times
+
+
+def eight_bit_table(rounds: int, steps: int) -> None:
+    rows, columns = {}, []
+    load = [os.getloadavg()[0]]
+    for threads in (1, 2):
+        times = eight_bit_times(threads, rounds, steps)
+        load.append(os.getloadavg()[0])
+        base = statistics.median(times["torch AdamW"])
+        for name, t in times.items():
+            per_round = [statistics.median(t[i:i + steps]) for i in range(0, len(t), steps)]
+            rows.setdefault(name, [name]).extend([f"{statistics.median(t) * 1e3:.1f}",
+                                                  f"{min(per_round) * 1e3:.0f}-{max(per_round) * 1e3:.0f}",
+                                                  f"{statistics.median(t) / base:.2f}x"])
+        columns += [f"{threads} thread{'s' * (threads > 1)}: step ms", "round medians", "vs torch AdamW"]
+        print(list(rows.values()), flush=True)
+    write_result("optim_step_8bit", "8-bit AdamW step on CPU against torch AdamW and bitsandbytes AdamW8bit "
+                 "(16 x Linear(1024, 1024), 16.8M parameters, fp32)",
+                 markdown_table(["optimizer"] + columns, list(rows.values())),
+                 notes=f"Wall time of one `optimizer.step()`: median of {rounds} rounds x {steps} steps, the "
+                       "optimizers taking turns round by round in one process (same parameters and gradients; "
+                       "the first step, which creates the state, is not timed). Load average (1 min) at the start, "
+                       f"after the 1-thread and after the 2-thread runs: {', '.join(f'{x:.2f}' for x in load)} "
+                       f"on {os.cpu_count()} cores. bitsandbytes {__import__('bitsandbytes').__version__}.")
+
+
 def main() -> None:
     import argparse
 
@@ -80,7 +152,15 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="labels of CASES to run (default: all)")
     ap.add_argument("--interleaved", action="store_true",
                     help="time each method against AdamW step by step (for a loaded machine): median ratio")
+    ap.add_argument("--8bit", dest="eight_bit", action="store_true",
+                    help="the 8-bit AdamW table: torch AdamW, bitsandbytes AdamW8bit, lowmem adamw8bit")
+    ap.add_argument("--rounds", type=int, default=3, help="--8bit: rounds of interleaved steps")
+    ap.add_argument("--steps", type=int, default=5, help="--8bit: timed steps per optimizer and round")
     args = ap.parse_args()
+    if args.eight_bit:
+        warnings.filterwarnings("ignore")
+        eight_bit_table(args.rounds, args.steps)
+        return
     if args.interleaved:
         torch.set_num_threads(1)
         warnings.filterwarnings("ignore")

@@ -18,7 +18,8 @@ Per element of block ``b``, all maths in fp32 (bitsandbytes ``kOptimizerStatic8b
 and also used for parameters whose state stays fp32 (:func:`adam_fp32_step`,
 :func:`momentum_fp32_step`). :func:`adam8bit_step` and :func:`momentum8bit_step`
 update ``p``, the codes and the absmax in place and dispatch to the Triton kernels
-(:mod:`lowmem.kernels.adamw8bit_step_triton`) like
+(:mod:`lowmem.kernels.adamw8bit_step_triton`) or, on the CPU, to the C kernels of
+:mod:`lowmem.kernels.blockwise_cpu` (the references' bits) like
 :func:`lowmem.kernels.quantize.quantize_blockwise`. The PyTorch paths run by chunks
 of whole blocks (:func:`by_chunks`, issue #8): on a 28M-element embedding a
 whole-tensor pass would hold about 1 GiB of fp32/int64 temporaries.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem.kernels import blockwise_cpu
 from lowmem.kernels.dynamic_map import dynamic_map
 from lowmem.kernels.quantize import (block_chunks, check_blocksize, dequantize_blockwise_ref, quantize_blockwise_ref,
                                      use_triton)
@@ -161,6 +163,8 @@ def adam8bit_step(p, g, codes1, absmax1, codes2, absmax2, k: AdamScalars, blocks
         from lowmem.kernels.adamw8bit_step_triton import adam8bit_step_triton
 
         return adam8bit_step_triton(p, g, codes1, absmax1, codes2, absmax2, k, blocksize)
+    if blockwise_cpu.steps_take(p, g, codes1, absmax1, codes2, absmax2):
+        return blockwise_cpu.adam8bit_step_cpu(p, g, codes1, absmax1, codes2, absmax2, k, blocksize)
     return adam8bit_step_ref(p, g, codes1, absmax1, codes2, absmax2, k, blocksize)
 
 
@@ -172,4 +176,6 @@ def momentum8bit_step(p, g, codes1, absmax1, lr: float, beta1: float, weight_dec
         from lowmem.kernels.adamw8bit_step_triton import momentum8bit_step_triton
 
         return momentum8bit_step_triton(p, g, codes1, absmax1, lr, beta1, weight_decay, step, blocksize)
+    if blockwise_cpu.steps_take(p, g, codes1, absmax1):
+        return blockwise_cpu.momentum8bit_step_cpu(p, g, codes1, absmax1, lr, beta1, weight_decay, step, blocksize)
     return momentum8bit_step_ref(p, g, codes1, absmax1, lr, beta1, weight_decay, step, blocksize)

@@ -15,7 +15,9 @@ the code of 0.
 
 ``quantize_blockwise`` / ``dequantize_blockwise`` dispatch to the Triton kernels
 (:mod:`lowmem.kernels.quantize_triton`) for CUDA tensors, and for any tensor when
-``TRITON_INTERPRET=1`` (the tests); elsewhere to the PyTorch references below.
+``TRITON_INTERPRET=1`` (the tests); on the CPU to the C kernels of
+:mod:`lowmem.kernels.blockwise_cpu` (the same bits, a table lookup instead of the
+bisection); to the PyTorch references below where neither applies.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import importlib.util
 import os
 
 import torch
+
+from lowmem.kernels import blockwise_cpu
 
 MIN_BLOCKSIZE, MAX_BLOCKSIZE = 16, 4096
 CHUNK_NUMEL = 1 << 20  # elements per chunk of whole blocks: 4 MiB of fp32 per temporary
@@ -93,6 +97,8 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
         from lowmem.kernels.quantize_triton import quantize_blockwise_triton
 
         return quantize_blockwise_triton(x, code, blocksize)
+    if blockwise_cpu.takes(code, x):
+        return blockwise_cpu.quantize_blockwise_cpu(x, code, blocksize)
     return quantize_blockwise_ref(x, code, blocksize)
 
 
@@ -110,4 +116,6 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
         from lowmem.kernels.quantize_triton import dequantize_blockwise_triton
 
         return dequantize_blockwise_triton(codes, absmax, code, blocksize, shape)
+    if blockwise_cpu.takes(code, codes, absmax):
+        return blockwise_cpu.dequantize_blockwise_cpu(codes, absmax, code, blocksize, shape)
     return dequantize_blockwise_ref(codes, absmax, code, blocksize, shape)

@@ -22,9 +22,10 @@ The peak is the largest live total, split at that moment into weights, gradients
 states, activations (forward/backward tensors) and step temporaries (allocated by
 ``optimizer.step`` or, layer-wise, by the update hooks in backward).
 
-CUDA: the 8-bit kernels run in Triton, fused: the step writes in place and (de)quantizing
-allocates only its outputs. Fake tensors take the CPU reference path, so for a CUDA trace
-those reference functions are replaced by stubs that allocate just that (:func:`_kernels`).
+The 8-bit kernels run fused (Triton on CUDA, C on the CPU: :mod:`lowmem.kernels.blockwise_cpu`):
+the step writes in place and (de)quantizing allocates only its outputs. Fake tensors take the
+PyTorch reference path, so those reference functions are replaced by stubs that allocate just
+that (:func:`_kernels`), unless a CPU run has no C compiler and runs the references itself.
 
 Data-dependent values of fake tensors: ``.item()`` reads 1; ``torch.unique`` returns its
 largest possible size (WTA-CRS stores at most k rows), so WTA-CRS activations are an
@@ -48,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lowmem.activations import apply_activations
 from lowmem.build import no_grad_forward, recipe_step, sample_batch
 from lowmem.dtypes import DTYPES
-from lowmem.kernels import adamw8bit_step, dynamic_map, quantize
+from lowmem.kernels import adamw8bit_step, blockwise_cpu, dynamic_map, quantize
 from lowmem.memory import tensor_bytes
 from lowmem.models import select_trained
 from lowmem.recipe import Recipe
@@ -168,9 +169,10 @@ def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
 @contextlib.contextmanager
 def _kernels(device: str):
     """Fake tensors take the reference path of the 8-bit kernels (never Triton, not even under
-    TRITON_INTERPRET) and a private dynamic-map cache. For a CUDA plan the reference functions
-    are replaced by stand-ins with the Triton kernels' allocations: the fused step writes in
-    place, (de)quantizing allocates only its outputs."""
+    TRITON_INTERPRET) and a private dynamic-map cache. For a CUDA plan, and a CPU plan where the C
+    kernels build, the reference functions are replaced by stand-ins with the fused kernels'
+    allocations: the fused step writes in place, (de)quantizing allocates only its outputs (the
+    C Adam step's two 256 KiB scratch buffers per thread are left out)."""
     def quantize_outputs(x, code, blocksize=256):
         return (torch.empty(x.numel(), dtype=torch.uint8, device=x.device),
                 torch.empty(quantize.num_blocks(x.numel(), blocksize), dtype=torch.float32, device=x.device))
@@ -187,7 +189,7 @@ def _kernels(device: str):
     fake_maps = functools.lru_cache(maxsize=None)(dynamic_map._cached.__wrapped__)  # fake maps stay in here
     patches = [(quantize, "use_triton", no_triton), (adamw8bit_step, "use_triton", no_triton),
                (dynamic_map, "_cached", fake_maps)]
-    if device == "cuda":
+    if device == "cuda" or blockwise_cpu.library() is not None:
         patches += [(adamw8bit_step, "adam8bit_step_ref", in_place),
                     (adamw8bit_step, "momentum8bit_step_ref", in_place),
                     (quantize, "quantize_blockwise_ref", quantize_outputs),
