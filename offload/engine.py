@@ -47,11 +47,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowmem.offload.base import StreamedEngine
 from lowmem.offload.hooks import ModelDriver
 from lowmem.offload.objective import DualCall
 from lowmem.offload.resident import Indexed, ResidentPerturber, perturbed_pair
-from lowmem.offload.settings import OffloadSection, offload_section
-from lowmem.offload.streamed import StreamedModel, check_blocks, model_units
+from lowmem.offload.settings import OffloadSection
 from lowmem.optim.zo_noise import mix_seed, param_seed, sgd_update_
 
 _ROUND_STREAM = 1 << 40  # seeds of the stochastic rounding, apart from the perturbation streams
@@ -66,32 +66,26 @@ def _check_optimizer(optimizer) -> None:
         raise ValueError("offload.enabled: ZO2 runs on one process; distributed ZO needs offload off")
 
 
-class ZO2Engine:
+class ZO2Engine(StreamedEngine):
     """MeZO steps on ``model`` with its blocks offloaded; see the module docstring for the contract."""
 
     def __init__(self, model: nn.Module, optimizer, config: OffloadSection | dict | None = None,
                  device: torch.device | str | None = None, loss_fn: Callable | None = None):
-        config = offload_section(config)
         _check_optimizer(optimizer)
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        blocks, units = model_units(model)
-        check_blocks(blocks, units)
+        super().__init__(model, optimizer, config, device)
+        self.loss_fn = loss_fn
         group_no = {id(g): n for n, g in enumerate(optimizer.param_groups)}
         self.index = {id(p): (idx, group_no[id(group)]) for idx, p, group in optimizer.indexed_params()}
         if set(self.index) - {id(p) for p in model.parameters()}:
             raise ValueError("model: the optimizer holds a parameter outside the model's blocks and modules")
-        self.compute_dtype = next(blocks.parameters()).dtype
-        host_dtype = self.compute_dtype if config.host_dtype is None else getattr(torch, config.host_dtype)
-        self.streamed = StreamedModel(model, blocks, units, self.device, config, host_dtype, self.compute_dtype)
-        self.packed, self.store, self.mover = self.streamed.packed, self.streamed.store, self.streamed.mover
+        host = self.compute_dtype if self.config.host_dtype is None else getattr(torch, self.config.host_dtype)
+        self._stream(host, self.compute_dtype, write_back=True)
         self.driver = ModelDriver(model, self)
         self.block_params: list[Indexed] = [self._indexed(pk.params) for pk in self.packed]
-        self.resident = ResidentPerturber([self._indexed(list(m.parameters())) for _, m in units],
+        self.resident = ResidentPerturber([self._indexed(list(m.parameters())) for _, m in self.units],
                                           optimizer.noise)
         self.resident_params = list({id(p): (p, i) for ps in self.resident.unit_params for p, i in ps}.values())
-        self.steps = 0              # completed steps; every block holds the updates of all but ``pending``
-        self.pending: dict | None = None
+        self.pending: dict | None = None  # every block holds the updates of all steps but this one
         self._seed: int | None = None  # step seed of the dual forward in progress
 
     # ---- set-up --------------------------------------------------------------------
@@ -150,9 +144,13 @@ class ZO2Engine:
             self.driver.half_batch = None
             self.model.train(was_training)
 
-    def _inputs(self, batch: dict, double: bool) -> dict:
-        out = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-        return {k: torch.cat([v, v]) for k, v in out.items()} if double else out
+    def _evaluating(self):
+        return self._forward(half_batch=None)
+
+    def _inputs(self, batch: dict) -> dict:
+        """The batch without labels, doubled ``[x; x]`` for the dual forward."""
+        inputs = self._on_device({k: v for k, v in batch.items() if k != "labels"})
+        return {k: torch.cat([v, v]) for k, v in inputs.items()}
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.loss_function(logits=logits, labels=labels, vocab_size=self.model.config.vocab_size)
@@ -187,14 +185,14 @@ class ZO2Engine:
     def _dual_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L+, L-)`` from one dual forward: the model's LM loss, or ``loss_fn`` through :class:`DualCall`."""
         if self.loss_fn is not None:
-            batch, rows = {k: v.to(self.device) for k, v in batch.items()}, batch["input_ids"].shape[0]
+            batch, rows = self._on_device(batch), batch["input_ids"].shape[0]
             with self._forward(half_batch=rows):
                 dual = DualCall(self.model, rows)
                 return self.loss_fn(dual.branch(0), batch), self.loss_fn(dual.branch(1), batch)
         labels = batch["labels"].to(self.device)
         b = labels.shape[0]
         with self._forward(half_batch=b):
-            logits = self.model(**self._inputs(batch, double=True), use_cache=False).logits
+            logits = self.model(**self._inputs(batch), use_cache=False).logits
         return self._loss(logits[:b], labels), self._loss(logits[b:], labels)
 
     def flush(self) -> None:
@@ -208,47 +206,19 @@ class ZO2Engine:
                 self.visit(("block", k), [lambda: None])
         self.pending = None
 
-    def evaluate(self, metrics_fn: Callable, batch: dict):
-        """``metrics_fn(model, batch)`` with the current weights (pending update flushed first), blocks streamed."""
-        self.flush()
-        with self._forward(half_batch=None):
-            return metrics_fn(self.model, {k: v.to(self.device) for k, v in batch.items()})
-
-    def eval_loss(self, batch: dict) -> torch.Tensor:
-        """The model's loss on ``batch`` with the current weights (pending update flushed first)."""
-        self.flush()
-        with self._forward(half_batch=None):
-            out = self.model(**self._inputs(batch, double=False), labels=batch["labels"].to(self.device),
-                             use_cache=False)
-        return out.loss.detach()
-
     # ---- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Steps, the pending update and the optimizer's state (seed generator): numbers and tensors."""
         pending = None
         if self.pending is not None:
             pending = {k: v for k, v in self.pending.items() if k != "done"}
-        return {"steps": self.steps, "pending": pending, "optimizer": self.optimizer.state_dict()}
+        return {**super().state_dict(), "pending": pending}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; the block weights must be the ones saved with it."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.steps = int(state["steps"])
+        """Restore :meth:`state_dict`; the block weights must be the ones saved with it (a pending
+        update is not applied to them: :meth:`model_state_dict` pairs with it; ``flush()`` first for
+        a final model)."""
+        super().load_state_dict(state)
         pending = state["pending"]
         self.pending = None if pending is None else {**pending, "seed": int(pending["seed"]),
                                                      "grad": float(pending["grad"]), "done": set()}
-
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's full state (CPU, training dtype), blocks read from the store.
-        Pairs with :meth:`state_dict` (a pending update is not applied: ``flush()`` first for a final model)."""
-        return self.streamed.model_state_dict(self.compute_dtype)
-
-    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load weights saved by :meth:`model_state_dict` (blocks go to the store)."""
-        self.streamed.load_model_state_dict(state, self.steps)
-
-    def close(self) -> None:
-        """Flush, give the blocks' parameters back to the model (CPU, training dtype), remove the hooks."""
-        self.flush()
-        self.streamed.close()
-        self.driver.remove()

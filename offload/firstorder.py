@@ -50,70 +50,67 @@ import contextlib
 import torch
 from torch import nn
 
+from lowmem.offload.base import StreamedEngine
 from lowmem.offload.fo_driver import BlockDriver
-from lowmem.offload.fo_host import HostStepper
+from lowmem.offload.fo_host import MASTER_DTYPE, CpuOptimizer, HostStepper
 from lowmem.offload.fo_resident import ResidentTier, offloaded_params
 from lowmem.offload.fo_state import StateTier
 from lowmem.offload.fo_swap import BlockTimer, Profile, swap_count, take_profile
-from lowmem.offload.settings import OffloadSection, offload_section
-from lowmem.offload.streamed import StreamedModel, check_blocks, model_units
+from lowmem.offload.settings import OffloadSection
 from lowmem.optim.registry import is_zeroth_order
 from lowmem.optim.step_one import all_finite, step_one
 
-MASTER_DTYPE = torch.float32
 
-
-def _check(optimizer, blocks: nn.ModuleList, units: list, group_of: dict) -> None:
+def _check_optimizer(optimizer) -> None:
     if is_zeroth_order(optimizer):
         raise ValueError("optim.name: a zeroth-order optimizer offloads with the ZO2 engine, not the first-order one")
     if getattr(optimizer, "steps_in_backward", False):  # a lowmem.steps.layerwise.LayerwiseOptimizer
         raise ValueError("optim.layerwise: give the offload engine the plain optimizer (it is layer-wise itself)")
-    check_blocks(blocks, units)
+
+
+def _check_trainable(blocks: nn.ModuleList, group_of: dict) -> None:
     if any(not p.requires_grad or id(p) not in group_of for p in blocks.parameters()):
         raise ValueError("model: every block parameter must be trainable and in the optimizer "
                          "(model.trainable / model.lora are not supported with offload)")
 
 
-class FirstOrderEngine:
+def _budget_left(budget: float | None, used: int) -> float | None:
+    """The host budget left after ``used`` bytes of it (None: no budget)."""
+    return None if budget is None else max(0.0, budget - used)
+
+
+class FirstOrderEngine(StreamedEngine):
     """First-order steps on ``model`` with its blocks offloaded; see the module docstring."""
 
     def __init__(self, model: nn.Module, optimizer, config: OffloadSection | dict | None = None,
                  device: torch.device | str | None = None, device_budget_gb: float | None = None):
-        config = offload_section(config)
-        self.model, self.optimizer, self.config = model, optimizer, config
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _check_optimizer(optimizer)
+        super().__init__(model, optimizer, config, device)
+        config = self.config
         self.device_budget = None if device_budget_gb is None else device_budget_gb * 2**30
         self.group_of = {id(p): n for n, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        blocks, units = model_units(model)
-        _check(optimizer, blocks, units, self.group_of)
+        _check_trainable(self.blocks, self.group_of)
         # nothing is written back from the device (a block's update happens on the host): no draining slot
-        self.streamed = StreamedModel(model, blocks, units, self.device, config, MASTER_DTYPE, MASTER_DTYPE,
-                                      slots=config.prefetch_depth + 1)
-        self.packed, self.store, self.mover = self.streamed.packed, self.streamed.store, self.streamed.mover
-        self.compute_dtype = self.streamed.compute_dtype
+        self._stream(MASTER_DTYPE, MASTER_DTYPE, write_back=False)
         self.budget = None if config.host_memory_budget_gb is None else config.host_memory_budget_gb * 2**30
         self.driver = BlockDriver(model, self.device, self.mover)
-        resident = list({id(p): p for _, m in units for p in m.parameters()}.values())
+        resident = list({id(p): p for _, m in self.units for p in m.parameters()}.values())
         big = offloaded_params(config.offload_embeddings, resident, self.packed)
         self.resident = [p for p in resident if all(p is not q for q in big)]
         self.big_params = big
-        self.big = ResidentTier(self, big, self._budget_left(0), len(self.packed)) if big else None
+        # the placement order: blocks' masters, the large parameters' masters, then the states
+        self.big = (ResidentTier(big, _budget_left(self.budget, self.store.ram_bytes), config.nvme_dir,
+                                 len(self.packed)) if big else None)
         self.states = StateTier(optimizer, [pk.params for pk in self.packed] + ([big] if big else []),
-                                self._budget_left(self.big.host_bytes if big else 0), config.nvme_dir)
-        self.host = HostStepper(self, config.prefetch_depth)
-        self.steps = 0
+                                self._state_budget(), config.nvme_dir)
+        self.cpu = CpuOptimizer(optimizer, self.group_of, self.states)
+        self.host = HostStepper(self.packed, self.store, self.mover.lanes, self.cpu, config.prefetch_depth,
+                                pin=self.device.type == "cuda")
         self.profile: Profile | None = None
 
-    # ---- set-up --------------------------------------------------------------------
-    def _budget_left(self, other_host_bytes: int) -> float | None:
-        """The host budget left after the blocks' masters (and ``other_host_bytes``) on the host."""
-        if self.budget is None:
-            return None
-        on_host = sum(pk.numel for pk, t in zip(self.packed, self.store.tiers) if t == "host")
-        return max(0.0, self.budget - on_host * MASTER_DTYPE.itemsize - other_host_bytes)
-
     def _state_budget(self) -> float | None:
-        return self._budget_left(self.big.host_bytes if self.big else 0)
+        """The host budget left for optimizer states after the masters on the host."""
+        return _budget_left(self.budget, self.store.ram_bytes + (self.big.host_bytes if self.big else 0))
 
     # ---- one step ------------------------------------------------------------------
     def step(self, closures, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, bool]:
@@ -185,14 +182,14 @@ class FirstOrderEngine:
             finally:
                 self.mover.release(k, write_back=False, version=0, round_seed=0)
             self.driver.propagate(k, dx)
-            self.host.submit(k, grads, last)
+            self.host.submit(k, grads, last, version=self.steps + 1)
 
     def _step_resident(self) -> None:
         for p in self.resident:
             if p.grad is not None:
                 step_one(self.optimizer, self.group_of[id(p)], p)
         if self.big is not None:
-            self.big.step(self.steps + 1)
+            self.big.step(self.cpu, self.steps + 1)
 
     def barrier(self) -> bool:
         """Wait for every block step in flight; True if one dropped a non-finite gradient."""
@@ -206,19 +203,6 @@ class FirstOrderEngine:
         finally:
             for p in self.resident + self.big_params + [p for pk in self.packed for p in pk.params]:
                 p.grad = None
-
-    def evaluate(self, metrics_fn, batch: dict) -> dict:
-        """``metrics_fn(model, batch)`` (the run's eval metrics) with the current weights, blocks streamed."""
-        self.barrier()
-        with torch.no_grad():
-            return metrics_fn(self.model, {k: v.to(self.device) for k, v in batch.items()})
-
-    def eval_loss(self, batch: dict) -> torch.Tensor:
-        """The model's loss on ``batch`` with the current weights (a streamed no-grad forward)."""
-        self.barrier()
-        with torch.no_grad():
-            out = self.model(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False)
-        return out.loss.detach()
 
     # ---- state -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -240,13 +224,13 @@ class FirstOrderEngine:
     def full_state(self):
         """Every block's optimizer state in ``optimizer.state`` (read from NVMe) meanwhile."""
         self.barrier()
-        on_nvme = [k for k, tier in self.states.tiers.items() if tier == "nvme"]
+        off_ram = self.states.off_ram()
         try:
-            for k in on_nvme:
+            for k in off_ram:
                 self.states.load(k)
             yield self.optimizer
         finally:
-            for k in on_nvme:
+            for k in off_ram:
                 self.states.evict(k)
 
     @contextlib.contextmanager
@@ -257,23 +241,20 @@ class FirstOrderEngine:
             yield self.optimizer
         self.states.reset(self._state_budget(), self.steps)
 
-    def state_dict(self) -> dict:
-        """Steps and a copy of the optimizer's full state (blocks' states read from NVMe)."""
+    def _optimizer_state(self) -> dict:
+        """A copy of the optimizer's full state (blocks' states read from NVMe)."""
         with self.full_state():
             opt = self.optimizer.state_dict()
-            opt = {"state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                             for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
-        return {"steps": self.steps, "optimizer": opt}
+            return {"state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                              for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
+    def _load_optimizer_state(self, state: dict) -> None:
         with self.loading_state():
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(state)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state on the CPU; block (and offloaded embedding) weights are the fp32 masters."""
-        self.barrier()
-        out = self.streamed.model_state_dict(MASTER_DTYPE)
+        out = super().model_state_dict()
         masters = self.big.masters() if self.big is not None else {}
         for name, t in self.model.state_dict(keep_vars=True).items():
             if id(t) in masters:
@@ -282,17 +263,15 @@ class FirstOrderEngine:
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights saved by :meth:`model_state_dict` (blocks go to the store as masters)."""
-        self.barrier()
-        self.streamed.load_model_state_dict(state, self.steps)
+        super().load_model_state_dict(state)
         if self.big is not None:
             names = {id(t): n for n, t in self.model.state_dict(keep_vars=True).items()}
             self.big.load([state[names[id(p)]] for p in self.big_params], self.steps)
 
     def close(self) -> None:
         """Wait for the last step, give the blocks' weights back to the model (CPU, training dtype),
-        remove the hooks. The NVMe tier's optimizer state is not read back."""
+        remove the overrides. The NVMe tier's optimizer state is not read back."""
+        super().close()
         self.host.close()
-        self.streamed.close()
         if self.big is not None:
             self.big.close()
-        self.driver.remove()

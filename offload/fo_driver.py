@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lowmem.offload.streamed import model_units
+from lowmem.offload.streamed import ForwardOverrides, model_units
 
 
 _CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -109,15 +109,16 @@ class BlockDriver:
         self.last_boundary = None  # a block input seen by the profile step (its copy bandwidth is measured)
         self.swapped: dict[int, tuple] = {}  # k -> (host copy of x_k, event of the copy)
         self.saved: dict[int, Saved] = {}
-        self._original: list[Callable] = []
-        for i, block in enumerate(self.blocks):
-            self._original.append(block.forward)
-            block.forward = self._forward_of(i)
+        self.overrides = ForwardOverrides()
+        self._original: list[Callable] = [self.overrides.install(block, self._forward_of(i))
+                                          for i, block in enumerate(self.blocks)]
 
-    def _forward_of(self, i: int) -> Callable:
-        def forward(*args, **kwargs):
-            return self._run(i, args, kwargs)
-        return forward
+    def _forward_of(self, i: int) -> Callable[[Callable], Callable]:
+        def make(original: Callable) -> Callable:
+            def forward(*args, **kwargs):
+                return self._run(i, args, kwargs)
+            return forward
+        return make
 
     def _run(self, i: int, args: tuple, kwargs: dict) -> Any:
         mover = self.mover
@@ -200,5 +201,4 @@ class BlockDriver:
         self.swapped.clear()
 
     def remove(self) -> None:
-        for block in self.blocks:
-            del block.forward
+        self.overrides.remove()

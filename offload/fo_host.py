@@ -24,23 +24,65 @@ from __future__ import annotations
 
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
+from lowmem.offload.fo_state import StateTier
+from lowmem.offload.store import BlockStore
 from lowmem.offload.streams import HostMemory, host_wait
+from lowmem.offload.transfer import Packed
 from lowmem.optim.step_one import all_finite, step_one
 
-MASTER_DTYPE = torch.float32
+MASTER_DTYPE = torch.float32  # the masters and the gradients the CPU optimizer steps (Fuyou §4)
+
+
+@dataclass
+class CpuOptimizer:
+    """The optimizer run on the host over the masters, with where each parameter's group and each
+    stored unit's state are (``group_of``: id(parameter) -> group index; ``states``: the engine's
+    :class:`~lowmem.offload.fo_state.StateTier`)."""
+
+    optimizer: torch.optim.Optimizer
+    group_of: dict[int, int]
+    states: StateTier
+
+    def step_stored(self, store: BlockStore, i: int, packed: Packed, grads, state_k: int, version: int,
+                    refresh: bool = False) -> None:
+        """Step what entry ``i`` of ``store`` holds (packed as ``packed``): read its master W and the
+        state S of entry ``state_k`` (RAM or NVMe), step each parameter that has a gradient (``grads``,
+        in the order of ``packed.params``; None: no gradient) alone on its view of W
+        (:func:`step_one`), write W and S back as ``version``. Each parameter keeps its own
+        ``.data`` (the device copy, or the placeholder of a block not resident), which takes the
+        new value when ``refresh``."""
+        master = store.edit(i)
+        self.states.load(state_k)
+        for p, w, g in zip(packed.params, packed.views(master), grads):
+            if g is None:
+                continue
+            own = p.data
+            p.data, p.grad = w, g
+            try:
+                step_one(self.optimizer, self.group_of[id(p)], p)
+            finally:
+                p.data = own
+            if refresh:
+                with torch.no_grad():
+                    own.copy_(w)
+        store.edited(i, master, version)
+        self.states.save(state_k, version)
 
 
 class HostStepper:
-    """Gradient buffers, accumulation and the per-block CPU step of a :class:`FirstOrderEngine`."""
+    """Gradient buffers, accumulation and the per-block CPU step of a :class:`FirstOrderEngine`:
+    block ``k``'s gradients come from ``packed[k].params`` on the device (``lanes``), its master is
+    entry ``k`` of ``store`` and its state entry ``k`` of ``cpu.states``."""
 
-    def __init__(self, engine, depth: int):
-        self.engine = engine
-        self.memory = HostMemory(engine.device.type == "cuda")  # exact-size page-locked, released on close
+    def __init__(self, packed: list[Packed], store: BlockStore, lanes, cpu: CpuOptimizer, depth: int, pin: bool):
+        self.packed, self.store, self.lanes, self.cpu = packed, store, lanes, cpu
+        self.memory = HostMemory(pin)  # exact-size page-locked (pin), released on close
         self.free: queue.Queue = queue.Queue()
-        biggest = max(pk.numel for pk in engine.packed)
+        biggest = max(pk.numel for pk in packed)
         for _ in range(depth + 1):
             self.free.put(self.memory.empty(biggest, MASTER_DTYPE))
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-cpu-step")
@@ -49,13 +91,12 @@ class HostStepper:
 
     def to_host(self, k: int) -> tuple:
         """Queue the copy of block ``k``'s gradients into a free host buffer (offload lane)."""
-        eng = self.engine
         buf = self.free.get()  # back-pressure: at most prefetch_depth + 1 blocks wait for the CPU
-        lanes = eng.mover.lanes
+        lanes = self.lanes
         has = []
         with lanes.offload.use():
             lanes.offload.wait(lanes.compute.record())
-            for p, view in zip(eng.packed[k].params, eng.packed[k].views(buf)):
+            for p, view in zip(self.packed[k].params, self.packed[k].views(buf)):
                 has.append(p.grad is not None)
                 if p.grad is not None:
                     view.copy_(p.grad.view(view.shape), non_blocking=True)
@@ -65,18 +106,19 @@ class HostStepper:
             copied = lanes.offload.record()
         return buf, copied, has
 
-    def submit(self, k: int, grads: tuple, last: bool) -> None:
+    def submit(self, k: int, grads: tuple, last: bool, version: int) -> None:
         """The worker's part on block ``k``'s gradients (:meth:`to_host`); the block is released by now,
-        so that nothing on the device side rebinds its parameters while the worker steps them."""
-        self.in_flight.append(self.worker.submit(self._work, k, *grads, last))
+        so that nothing on the device side rebinds its parameters while the worker steps them.
+        ``version``: the step the block's master and state hold once stepped."""
+        self.in_flight.append(self.worker.submit(self._work, k, *grads, last, version))
 
-    def _work(self, k: int, buf: torch.Tensor, copied, has: list[bool], last: bool) -> bool:
+    def _work(self, k: int, buf: torch.Tensor, copied, has: list[bool], last: bool, version: int) -> bool:
         """On the worker: add the micro-batch's gradients; on the last one step the block."""
         try:
             host_wait(copied)
             grads, nonfinite = self._accumulate(k, buf, has, last)
             if last:
-                self._step(k, grads)
+                self.cpu.step_stored(self.store, k, self.packed[k], grads, k, version)
             else:
                 self.accum[k] = grads
             return nonfinite
@@ -86,7 +128,7 @@ class HostStepper:
     def _accumulate(self, k: int, buf: torch.Tensor, has: list[bool], last: bool):
         sums = self.accum.pop(k, None) or [None] * len(has)
         nonfinite = False
-        for j, (g, got) in enumerate(zip(self.engine.packed[k].views(buf), has)):
+        for j, (g, got) in enumerate(zip(self.packed[k].views(buf), has)):
             if not got:
                 continue
             total = g if sums[j] is None else sums[j].add_(g)  # A + G, as autograd accumulates .grad
@@ -96,22 +138,6 @@ class HostStepper:
                 total = g.clone()
             sums[j] = total
         return sums, nonfinite
-
-    def _step(self, k: int, grads: list[torch.Tensor | None]) -> None:
-        eng = self.engine
-        nvme = eng.store.tiers[k] == "nvme"
-        master = eng.store.get(k) if nvme else eng.store.fetch(k).result().tensor
-        eng.states.load(k)
-        pk = eng.packed[k]
-        for p, w, g in zip(pk.params, pk.views(master), grads):
-            if g is not None:
-                p.data, p.grad = w, g
-                step_one(eng.optimizer, eng.group_of[id(p)], p)
-        eng.mover.unbind(k)
-        version = eng.steps + 1
-        if nvme:
-            eng.store.put(k, master, version=version)
-        eng.states.save(k, version)
 
     def barrier(self) -> bool:
         """Wait for every block's work in flight; True if one dropped a non-finite gradient."""

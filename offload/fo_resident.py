@@ -26,11 +26,9 @@ from pathlib import Path
 
 import torch
 
+from lowmem.offload.fo_host import MASTER_DTYPE, CpuOptimizer
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import Packed
-from lowmem.optim.step_one import step_one
-
-MASTER_DTYPE = torch.float32
 
 
 def offloaded_params(mode: str, resident: list[torch.Tensor], packed: list[Packed]) -> list[torch.Tensor]:
@@ -42,45 +40,24 @@ def offloaded_params(mode: str, resident: list[torch.Tensor], packed: list[Packe
 
 
 class ResidentTier:
-    """The masters of ``params`` (entry ``index`` of the engine's state tier holds their state)."""
+    """The masters of ``params``, packed as a block's (one store entry, placed by the budget left after
+    the blocks' masters, ``budget``); entry ``index`` of the engine's state tier holds their state."""
 
-    def __init__(self, engine, params: list[torch.Tensor], budget: float | None, index: int):
-        self.engine, self.params, self.index = engine, params, index
-        self.packed = Packed(params, [p.shape for p in params], [], 0)
-        at = 0
-        for p in params:
-            self.packed.offsets.append(at)
-            at += -(-p.numel() // 128) * 128  # 512-byte aligned, as a block's fp32 buffer
-        self.packed.numel = at
-        nvme = engine.config.nvme_dir
-        self.store = BlockStore([at], MASTER_DTYPE, budget_bytes=budget, prefetch_depth=1, pin=False,
-                                nvme_dir=str(Path(nvme) / "resident") if nvme else None)
+    def __init__(self, params: list[torch.Tensor], budget: float | None, nvme_dir: str | None, index: int):
+        self.params, self.index = params, index
+        self.packed = Packed.of_params(params, MASTER_DTYPE)
+        self.store = BlockStore([self.packed.numel], MASTER_DTYPE, budget_bytes=budget, prefetch_depth=1, pin=False,
+                                nvme_dir=str(Path(nvme_dir) / "resident") if nvme_dir else None)
         self.store.put(0, self.packed.pack([p.detach() for p in params], MASTER_DTYPE))
 
     @property
     def host_bytes(self) -> int:
-        return self.packed.numel * MASTER_DTYPE.itemsize if self.store.tiers[0] == "host" else 0
+        return self.store.ram_bytes
 
-    def step(self, version: int) -> None:
+    def step(self, cpu: CpuOptimizer, version: int) -> None:
         """Step every parameter holding a gradient on its master; refresh the device copies."""
-        eng = self.engine
-        nvme = self.store.tiers[0] == "nvme"
-        master = self.store.get(0) if nvme else self.store.fetch(0).result().tensor
-        eng.states.load(self.index)
-        for p, w in zip(self.params, self.packed.views(master)):
-            if p.grad is None:
-                continue
-            device_copy, grad = p.data, p.grad
-            p.data, p.grad = w, grad.to("cpu", MASTER_DTYPE)
-            try:
-                step_one(eng.optimizer, eng.group_of[id(p)], p)
-            finally:
-                p.data = device_copy
-            with torch.no_grad():
-                device_copy.copy_(w)
-        if nvme:
-            self.store.put(0, master, version=version)
-        eng.states.save(self.index, version)
+        grads = (None if p.grad is None else p.grad.to("cpu", MASTER_DTYPE) for p in self.params)
+        cpu.step_stored(self.store, 0, self.packed, grads, self.index, version, refresh=True)
 
     def masters(self) -> dict[int, torch.Tensor]:
         """id(parameter) -> its fp32 master (a CPU copy)."""

@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from lowmem.offload.streamed import model_units  # noqa: F401 -- also imported from here by the planner
+from lowmem.offload.streamed import ForwardOverrides, model_units  # model_units: also imported from here by the planner
 
 Run = Callable[[], Any]
 
@@ -64,34 +64,31 @@ def _join(a: Any, b_out: Any, b: int, where: str) -> Any:
 
 
 class ModelDriver:
-    """Installs the unit overrides on ``model``; ``dual(B)`` makes units split a ``2B`` batch."""
+    """Installs the unit overrides on ``model``; while ``half_batch`` is ``B`` (a dual forward),
+    units split a ``2B`` batch into its two branches."""
 
     def __init__(self, model: nn.Module, visitor: Visitor):
         self.blocks, self.units = model_units(model)
         self.visitor = visitor
         self.half_batch: int | None = None  # B during a dual forward, else None
-        self._wrapped: list[nn.Module] = []
+        self.overrides = ForwardOverrides()
         for i, block in enumerate(self.blocks):
-            self._wrap(block, ("block", i), f"block {i}")
+            self.overrides.install(block, self._forward_of(("block", i), f"block {i}"))
         for k, (name, module) in enumerate(self.units):
-            self._wrap(module, ("unit", k), name)
+            self.overrides.install(module, self._forward_of(("unit", k), name))
 
-    def _wrap(self, module: nn.Module, key: tuple[str, int], where: str) -> None:
-        original = module.forward
-
-        def forward(*args, **kwargs):
-            b = self.half_batch
-            if b is None:
-                return self.visitor.visit(key, [lambda: original(*args, **kwargs)])[0]
-            runs = [lambda h=h: original(*_split(args, h, b), **_split(kwargs, h, b)) for h in (0, 1)]
-            plus, minus = self.visitor.visit(key, runs)
-            return _join(plus, minus, b, where)
-
-        module.forward = forward
-        self._wrapped.append(module)
+    def _forward_of(self, key: tuple[str, int], where: str) -> Callable[[Callable], Callable]:
+        def make(original: Callable) -> Callable:
+            def forward(*args, **kwargs):
+                b = self.half_batch
+                if b is None:
+                    return self.visitor.visit(key, [lambda: original(*args, **kwargs)])[0]
+                runs = [lambda h=h: original(*_split(args, h, b), **_split(kwargs, h, b)) for h in (0, 1)]
+                plus, minus = self.visitor.visit(key, runs)
+                return _join(plus, minus, b, where)
+            return forward
+        return make
 
     def remove(self) -> None:
         """Give the modules their own ``forward`` back."""
-        for module in self._wrapped:
-            del module.forward
-        self._wrapped.clear()
+        self.overrides.remove()

@@ -1,10 +1,11 @@
 """Where offloaded blocks live between visits: host RAM up to a budget, files on NVMe beyond it.
 
 Each decoder block is one flat tensor in ``host_dtype`` (its parameters packed by
-:mod:`lowmem.offload.transfer`). Blocks are placed in order: host RAM (page-locked
-when CUDA is used) while the running total fits ``host_memory_budget_gb``, the rest
-in files under ``nvme_dir`` -- Fuyou's (Liao et al., 2024) SSD tier below ZO2's
-CPU tier.
+:mod:`lowmem.offload.transfer`). Blocks are placed in order by the one rule of
+:mod:`lowmem.offload.tiers`: host RAM (page-locked when CUDA is used) while the running
+total fits ``host_memory_budget_gb``, the rest in files under ``nvme_dir`` -- Fuyou's
+(Liao et al., 2024) SSD tier below ZO2's CPU tier. Each tier's storage is one class here
+(:data:`STORAGE`); the store sends each call to the storage of the block's tier.
 
 Host tier: each block is its own exact-size buffer, page-locked by registration
 (:class:`~lowmem.offload.streams.HostMemory`: no power-of-two rounding, no pinned cache);
@@ -40,6 +41,7 @@ from typing import Callable
 import torch
 
 from lowmem.offload.streams import HostMemory, host_wait
+from lowmem.offload.tiers import HOST, NVME, TIERS, Placement, ram_bytes
 
 MAGIC = b"LMZO2BLK"
 FORMAT = 1
@@ -106,89 +108,197 @@ def read_block_file(path: Path, out: torch.Tensor) -> int:
     return version
 
 
-class BlockStore:
-    """Flat host copies of ``len(numels)`` blocks in ``dtype``, on the host or NVMe tier."""
+class _HostBlocks:
+    """Host tier of a store: each block its own exact-size buffer (from the store's host memory,
+    page-locked when it pins)."""
 
-    def __init__(self, numels: list[int], dtype: torch.dtype, *, budget_bytes: float | None,
-                 nvme_dir: str | None, pin: bool, prefetch_depth: int, durable: bool = False):
-        self.numels, self.dtype, self.pin, self.durable = numels, dtype, pin, durable
-        self.versions = [0] * len(numels)
-        self.tiers = self._place(numels, dtype, budget_bytes, nvme_dir)
+    def __init__(self, store: "BlockStore", blocks: list[int]):
+        self.store = store
         self._host: dict[int, torch.Tensor] = {}
-        self._ready: dict[int, object] = {}   # host tier: event of the last copy into the block
-        self._reads: dict[int, object] = {}   # host tier: event of the last upload from the block
-        self.memory = HostMemory(pin)
-        self._writes: dict[int, Future] = {}  # NVMe tier: the last write of the block
-        self.dir = Path(nvme_dir) if nvme_dir else None
-        nvme = [i for i, t in enumerate(self.tiers) if t == "nvme"]
-        self._pool = None
-        if nvme:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob("block_*.lmz.tmp"):
-                stale.unlink()
-            biggest = max(numels[i] for i in nvme)
-            self._pool = ThreadPoolExecutor(max_workers=prefetch_depth + 2, thread_name_prefix="lowmem-nvme")
-            self._read_bufs = self._buffers(prefetch_depth + 2, biggest)
-            self._write_bufs = self._buffers(prefetch_depth + 1, biggest)
+        self._ready: dict[int, object] = {}   # event of the last copy into the block
+        self._reads: dict[int, object] = {}   # event of the last upload from the block
 
-    @staticmethod
-    def _place(numels, dtype, budget_bytes, nvme_dir) -> list[str]:
-        item = torch.empty((), dtype=dtype).element_size()
-        tiers, used = [], 0
-        for n in numels:
-            fits = budget_bytes is None or used + n * item <= budget_bytes
-            used += n * item if fits else 0
-            tiers.append("host" if fits else "nvme")
-        if "nvme" in tiers and not nvme_dir:
-            total = sum(numels) * item / 2**30
-            raise ValueError(f"offload.host_memory_budget_gb: the blocks need {total:.2f} GiB, more than the "
-                             f"budget, and offload.nvme_dir is not set")
-        return tiers
+    def put(self, i: int, flat: torch.Tensor, version: int) -> None:
+        if i not in self._host:
+            self._host[i] = self.store.memory.empty(self.store.numels[i], self.store.dtype)
+        self._host[i].copy_(flat)
+
+    def get(self, i: int) -> torch.Tensor:
+        return self._host[i].clone()
+
+    def take(self, i: int) -> torch.Tensor:
+        return self.store.memory.release(self._host.pop(i))
+
+    def edit(self, i: int) -> torch.Tensor:
+        return self._host[i]
+
+    def edited(self, i: int, master: torch.Tensor, version: int) -> None:
+        pass  # stepped in place
+
+    def wait(self, i: int) -> None:
+        host_wait(self._reads.pop(i, None))
+        host_wait(self._ready.pop(i, None))
+
+    def fetch(self, i: int) -> Future:
+        done: Future = Future()
+        done.set_result(HostBlock(self._host[i], ready=self._ready.get(i),
+                                  release=lambda event: self._reads.__setitem__(i, event)))
+        return done
+
+    def write_target(self, i: int) -> torch.Tensor:
+        return self._host[i]
+
+    def commit(self, i: int, target: torch.Tensor, copied, version: int) -> None:
+        self._ready[i] = copied
+
+    def close(self) -> None:
+        pass  # the buffers are the store's host memory, freed with it
+
+
+class _NvmeBlocks:
+    """NVMe tier of a store: one checksummed file per block, read ahead and written on a thread pool
+    through reusable staging buffers (from the store's host memory)."""
+
+    def __init__(self, store: "BlockStore", blocks: list[int]):
+        self.store, self.dir = store, store.dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob("block_*.lmz.tmp"):
+            stale.unlink()
+        depth, biggest = store.prefetch_depth, max(store.numels[i] for i in blocks)
+        self._pool = ThreadPoolExecutor(max_workers=depth + 2, thread_name_prefix="lowmem-nvme")
+        self._read_bufs = self._buffers(depth + 2, biggest)
+        self._write_bufs = self._buffers(depth + 1, biggest)
+        self._writes: dict[int, Future] = {}  # the last write of each block
 
     def _buffers(self, count: int, numel: int) -> queue.Queue:
         q: queue.Queue = queue.Queue()
         for _ in range(count):
-            q.put((self.memory.empty(numel, self.dtype), None))
+            q.put((self.store.memory.empty(numel, self.store.dtype), None))
         return q
+
+    def put(self, i: int, flat: torch.Tensor, version: int) -> None:
+        write_block_file(self.store.path(i), flat, version, self.store.durable)
+
+    def get(self, i: int) -> torch.Tensor:
+        out = torch.empty(self.store.numels[i], dtype=self.store.dtype)
+        read_block_file(self.store.path(i), out)
+        return out
+
+    take = edit = get
+
+    def edited(self, i: int, master: torch.Tensor, version: int) -> None:
+        self.store.put(i, master, version=version)
+
+    def wait(self, i: int) -> None:
+        if i in self._writes:
+            self._writes.pop(i).result()
+
+    def fetch(self, i: int) -> Future:
+        return self._pool.submit(self._read, i, self._writes.get(i))
+
+    def _read(self, i: int, last_write: Future | None) -> HostBlock:
+        if last_write is not None:
+            last_write.result()
+        buf, busy = self._read_bufs.get()
+        host_wait(busy)  # the previous upload from this buffer
+        out = buf[:self.store.numels[i]]
+        try:
+            read_block_file(self.store.path(i), out)
+        except BaseException:
+            self._read_bufs.put((buf, None))
+            raise
+        return HostBlock(out, release=lambda event: self._read_bufs.put((buf, event)))
+
+    def write_target(self, i: int) -> torch.Tensor:
+        buf, busy = self._write_bufs.get()  # back-pressure: waits for a finished write
+        host_wait(busy)
+        return buf
+
+    def commit(self, i: int, target: torch.Tensor, copied, version: int) -> None:
+        self._writes[i] = self._pool.submit(self._write, i, target, copied, version)
+
+    def _write(self, i: int, target: torch.Tensor, copied, version: int) -> None:
+        host_wait(copied)
+        try:
+            write_block_file(self.store.path(i), target[:self.store.numels[i]], version, self.store.durable)
+        finally:
+            self._write_bufs.put((target, None))
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+STORAGE = {HOST: _HostBlocks, NVME: _NvmeBlocks}  # each tier's storage for a store's blocks
+
+
+class BlockStore:
+    """Flat host copies of ``len(numels)`` blocks in ``dtype``, each on the tier
+    :class:`~lowmem.offload.tiers.Placement` gives it (in block order)."""
+
+    def __init__(self, numels: list[int], dtype: torch.dtype, *, budget_bytes: float | None,
+                 nvme_dir: str | None, pin: bool, prefetch_depth: int, durable: bool = False):
+        self.numels, self.dtype, self.pin, self.durable = numels, dtype, pin, durable
+        self.prefetch_depth = prefetch_depth
+        self.versions = [0] * len(numels)
+        self.dir = Path(nvme_dir) if nvme_dir else None
+        self.memory = HostMemory(pin)  # every tier's host buffers: exact-size, page-locked when pin
+        item = torch.empty((), dtype=dtype).element_size()
+        self.placed = Placement(budget_bytes, nvme_dir).place_all([n * item for n in numels], "the blocks")
+        self._storage = {tier: STORAGE[tier](self, [i for i, t in enumerate(self.placed) if t is tier])
+                         for tier in TIERS if tier in self.placed}
+        self._at = [self._storage[t] for t in self.placed]  # block -> its tier's storage
+
+    @property
+    def tiers(self) -> list[str]:
+        """Each block's tier by name (reports)."""
+        return [t.name for t in self.placed]
+
+    @property
+    def _host(self) -> dict[int, torch.Tensor]:
+        """The host tier's buffers, block -> flat tensor (empty without host tier)."""
+        return self._storage[HOST]._host if HOST in self._storage else {}
+
+    @property
+    def ram_bytes(self) -> int:
+        """Bytes of the blocks held in host RAM."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return ram_bytes(self.placed, [n * item for n in self.numels])
 
     def path(self, i: int) -> Path:
         return self.dir / f"block_{i:05d}.lmz"
 
-    # ---- synchronous access (set-up, checkpoints) ----------------------------------
+    # ---- synchronous access (set-up, checkpoints, a step on the host) ----------------
     def put(self, i: int, flat: torch.Tensor, version: int = 0) -> None:
         """Store ``flat`` (CPU, ``dtype``) as block ``i`` now."""
         self.wait(i)
         self.versions[i] = version
-        if self.tiers[i] == "host":
-            if i not in self._host:
-                self._host[i] = self.memory.empty(self.numels[i], self.dtype)
-            self._host[i].copy_(flat)
-        else:
-            write_block_file(self.path(i), flat, version, self.durable)
+        self._at[i].put(i, flat, version)
 
     def get(self, i: int) -> torch.Tensor:
         """A CPU copy of block ``i`` (after every pending write to it)."""
         self.wait(i)
-        if self.tiers[i] == "host":
-            return self._host[i].clone()
-        out = torch.empty(self.numels[i], dtype=self.dtype)
-        read_block_file(self.path(i), out)
-        return out
+        return self._at[i].get(i)
 
     def take(self, i: int) -> torch.Tensor:
         """Block ``i`` as an ordinary CPU tensor, removed from the store (host tier: the buffer
         itself, unpinned, no copy). For handing the blocks back to a model on close."""
         self.wait(i)
-        if self.tiers[i] == "host":
-            return self.memory.release(self._host.pop(i))
-        return self.get(i)
+        return self._at[i].take(i)
+
+    def edit(self, i: int) -> torch.Tensor:
+        """Block ``i`` to change in place on the host (host tier: the stored buffer itself; NVMe: a
+        copy read from its file); :meth:`edited` stores the change."""
+        self.wait(i)
+        return self._at[i].edit(i)
+
+    def edited(self, i: int, flat: torch.Tensor, version: int) -> None:
+        """Block ``i`` (from :meth:`edit`) holds the weights of ``version`` now."""
+        self.versions[i] = version
+        self._at[i].edited(i, flat, version)
 
     def wait(self, i: int) -> None:
         """Wait for every pending copy that reads (uploads) or writes block ``i``."""
-        host_wait(self._reads.pop(i, None))
-        host_wait(self._ready.pop(i, None))
-        if i in self._writes:
-            self._writes.pop(i).result()
+        self._at[i].wait(i)
 
     def drain(self) -> None:
         for i in range(len(self.numels)):
@@ -197,51 +307,19 @@ class BlockStore:
     # ---- asynchronous access (the schedule) ---------------------------------------
     def fetch(self, i: int) -> Future:
         """Start bringing block ``i`` into a host tensor; the future gives a :class:`HostBlock`."""
-        if self.tiers[i] == "host":
-            done: Future = Future()
-            done.set_result(HostBlock(self._host[i], ready=self._ready.get(i),
-                                      release=lambda event: self._reads.__setitem__(i, event)))
-            return done
-        return self._pool.submit(self._read, i, self._writes.get(i))
-
-    def _read(self, i: int, last_write: Future | None) -> HostBlock:
-        if last_write is not None:
-            last_write.result()
-        buf, busy = self._read_bufs.get()
-        host_wait(busy)  # the previous upload from this buffer
-        out = buf[:self.numels[i]]
-        try:
-            read_block_file(self.path(i), out)
-        except BaseException:
-            self._read_bufs.put((buf, None))
-            raise
-        return HostBlock(out, release=lambda event: self._read_bufs.put((buf, event)))
+        return self._at[i].fetch(i)
 
     def write_target(self, i: int) -> torch.Tensor:
         """A host tensor whose first ``numels[i]`` elements should receive block ``i``'s device copy."""
-        if self.tiers[i] == "host":
-            return self._host[i]
-        buf, busy = self._write_bufs.get()  # back-pressure: waits for a finished write
-        host_wait(busy)
-        return buf
+        return self._at[i].write_target(i)
 
     def commit(self, i: int, target: torch.Tensor, copied, version: int) -> None:
         """The copy into ``target`` (from :meth:`write_target`) is queued; ``copied`` marks its end."""
         self.versions[i] = version
-        if self.tiers[i] == "host":
-            self._ready[i] = copied
-            return
-        self._writes[i] = self._pool.submit(self._write, i, target, copied, version)
-
-    def _write(self, i: int, target: torch.Tensor, copied, version: int) -> None:
-        host_wait(copied)
-        try:
-            write_block_file(self.path(i), target[:self.numels[i]], version, self.durable)
-        finally:
-            self._write_bufs.put((target, None))
+        self._at[i].commit(i, target, copied, version)
 
     def close(self) -> None:
         self.drain()
-        if self._pool is not None:
-            self._pool.shutdown()
+        for storage in self._storage.values():
+            storage.close()
         self.memory.close()

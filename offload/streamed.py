@@ -16,6 +16,8 @@ schedule on top (:mod:`lowmem.offload.engine`: ZO2; :mod:`lowmem.offload.firstor
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -63,20 +65,21 @@ def check_blocks(blocks: nn.ModuleList, units: list[tuple[str, nn.Module]]) -> N
 class StreamedModel:
     """``model`` with its blocks packed in ``pack_dtype`` into a store of ``store_dtype``.
 
-    ``slots``: device slots of the mover (None: ``prefetch_depth + 2``, one for a block going back)."""
+    ``write_back``: whether passes write changed blocks back from the device (ZO2), which takes one
+    more device slot (:func:`~lowmem.offload.transfer.slot_count`)."""
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, units: list[tuple[str, nn.Module]],
                  device: torch.device, config: OffloadSection, store_dtype: torch.dtype,
-                 pack_dtype: torch.dtype, slots: int | None = None):
+                 pack_dtype: torch.dtype, write_back: bool = True):
         self.model, self.blocks, self.units, self.device = model, blocks, units, device
-        self.compute_dtype = next(blocks.parameters()).dtype
+        self.compute_dtype, self.pack_dtype = next(blocks.parameters()).dtype, pack_dtype
         self.packed = [Packed.of(b, pack_dtype) for b in blocks]
         budget = None if config.host_memory_budget_gb is None else config.host_memory_budget_gb * 2**30
         self.store = BlockStore([pk.numel for pk in self.packed], store_dtype, budget_bytes=budget,
                                 nvme_dir=config.nvme_dir, pin=device.type == "cuda",
                                 prefetch_depth=config.prefetch_depth)
         self.mover = BlockMover(self.packed, self.store, device, self.compute_dtype, config.prefetch_depth,
-                                slots=slots)
+                                write_back=write_back)
         for i, (block, pk) in enumerate(zip(blocks, self.packed)):  # one block at a time into the store
             self.store.put(i, pk.pack([p.detach() for p in pk.params], store_dtype))
             self.mover.unbind(i)
@@ -89,15 +92,16 @@ class StreamedModel:
         """id(parameter) -> (block, index in the block) for every block parameter."""
         return {id(p): (i, j) for i, pk in enumerate(self.packed) for j, p in enumerate(pk.params)}
 
-    def model_state_dict(self, block_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The model's full state on the CPU; block tensors read from the store, in ``block_dtype``."""
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's full state on the CPU; block tensors read from the store, in the packing dtype
+        (the training dtype for ZO2, the fp32 masters for the first-order engine)."""
         slots, cache, out = self.slots_of(), {}, {}
         for name, t in self.model.state_dict(keep_vars=True).items():
             if id(t) in slots:
                 i, j = slots[id(t)]
                 if i not in cache:
                     cache[i] = self.packed[i].views(self.store.get(i))
-                out[name] = cache[i][j].to(block_dtype, copy=True)
+                out[name] = cache[i][j].to(self.pack_dtype, copy=True)
             else:
                 out[name] = t.detach().to("cpu", copy=True)
         return out
@@ -125,3 +129,23 @@ class StreamedModel:
             for p, view in zip(pk.params, pk.views(self.store.take(i))):
                 p.data = view.to(self.compute_dtype)  # same dtype: a view of the unpinned host block
         self.store.close()
+
+
+class ForwardOverrides:
+    """Instance-level ``forward`` overrides on a model's modules, so that an engine drives them
+    without copying model code (both engines' drivers); :meth:`remove` gives each its own back."""
+
+    def __init__(self):
+        self._wrapped: list[nn.Module] = []
+
+    def install(self, module: nn.Module, make: Callable[[Callable], Callable]) -> Callable:
+        """``module.forward = make(original)``; returns the original ``forward``."""
+        original = module.forward
+        module.forward = make(original)
+        self._wrapped.append(module)
+        return original
+
+    def remove(self) -> None:
+        for module in self._wrapped:
+            del module.forward
+        self._wrapped.clear()

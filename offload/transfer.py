@@ -3,10 +3,12 @@ arXiv 2503.12668, §3.2; the first-order engine uses it too).
 
 Each block's parameters are packed into one flat buffer (offsets aligned to 512
 bytes, the CUDA caching allocator's alignment, so kernels see the same alignment
-as for ordinary parameters). The device holds ``prefetch_depth + 2`` slots: the
-block being computed, ``prefetch_depth`` blocks being uploaded ahead, and the
-block going back. While a block is resident its parameters' ``.data`` are views
-into its slot; otherwise an empty placeholder.
+as for ordinary parameters). The device holds :func:`slot_count` slots: the block
+being computed and ``prefetch_depth`` blocks being uploaded ahead, plus, when a
+pass writes blocks back (ZO2), the block going back -- ``prefetch_depth + 2``; the
+first-order engine's passes never write back (its blocks are stepped on the host),
+so it holds ``prefetch_depth + 1``. While a block is resident its parameters'
+``.data`` are views into its slot; otherwise an empty placeholder.
 
 Schedule for a pass over blocks ``order`` (``begin`` then ``acquire``/``release``
 per block, in order):
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -47,9 +50,14 @@ class Packed:
 
     @staticmethod
     def of(block: nn.Module, dtype: torch.dtype) -> "Packed":
+        return Packed.of_params(block.parameters(), dtype)
+
+    @staticmethod
+    def of_params(tensors: Iterable[torch.Tensor], dtype: torch.dtype) -> "Packed":
+        """``tensors`` packed in order in one flat buffer of ``dtype``, each at a 512-byte aligned offset."""
         align = _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
         params, offsets, at = [], [], 0
-        for p in block.parameters():
+        for p in tensors:
             params.append(p)
             offsets.append(at)
             at += -(-p.numel() // align) * align
@@ -65,9 +73,10 @@ class Packed:
         return flat
 
 
-def slot_count(n_blocks: int, prefetch_depth: int) -> int:
-    """Device slots of a pass: the block computing, ``prefetch_depth`` uploading ahead, one going back."""
-    return min(prefetch_depth + 2, n_blocks)
+def slot_count(n_blocks: int, prefetch_depth: int, write_back: bool = True) -> int:
+    """Device slots of a pass: the block computing, ``prefetch_depth`` uploading ahead and, when
+    blocks are written back, one going back (its slot is reused once the copy to the host ends)."""
+    return min(prefetch_depth + 1 + write_back, n_blocks)
 
 
 def device_buffer_bytes(numels: list[int], compute_dtype: torch.dtype, host_dtype: torch.dtype,
@@ -83,12 +92,10 @@ class BlockMover:
     """Uploads blocks of one pass into device slots ahead of use and writes changed ones back."""
 
     def __init__(self, packed: list[Packed], store: BlockStore, device: torch.device,
-                 compute_dtype: torch.dtype, prefetch_depth: int, slots: int | None = None):
+                 compute_dtype: torch.dtype, prefetch_depth: int, write_back: bool = True):
         self.packed, self.store, self.depth = packed, store, prefetch_depth
         self.lanes = Lanes(device)
-        # default: computing + prefetch_depth ahead + one draining back; a pass that never writes
-        # back (the first-order engine) needs no draining slot: ``slots=prefetch_depth + 1``
-        n_slots = min(slots, len(packed)) if slots else slot_count(len(packed), prefetch_depth)
+        n_slots = slot_count(len(packed), prefetch_depth, write_back)
         biggest = max(p.numel for p in packed)
         self.slots = [torch.empty(biggest, dtype=compute_dtype, device=device) for _ in range(n_slots)]
         self.staging = None  # device buffers in the host dtype, when it differs
