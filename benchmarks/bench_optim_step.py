@@ -83,17 +83,22 @@ def interleaved_ratio(name: str, hparams: dict, pairs: int = 5) -> tuple[float, 
 def eight_bit_providers() -> dict:
     """The optimizers of the ``--8bit`` table: ``name -> (make, context of its steps)``."""
     import contextlib
-
-    import bitsandbytes as bnb
+    import sys
 
     from lowmem.kernels import blockwise_cpu
     from lowmem.optim.adamw8bit import AdamW8bit
 
+    out = {"torch AdamW": (lambda ps: torch.optim.AdamW(ps, lr=1e-3), contextlib.nullcontext)}
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        print("bitsandbytes is not installed: its row is left out", file=sys.stderr)
+    else:
+        out["bitsandbytes AdamW8bit"] = (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), contextlib.nullcontext)
     reference = functools.partial(mock.patch.object, blockwise_cpu, "steps_take", lambda *tensors: False)
-    return {"torch AdamW": (lambda ps: torch.optim.AdamW(ps, lr=1e-3), contextlib.nullcontext),
-            "bitsandbytes AdamW8bit": (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), contextlib.nullcontext),
-            "lowmem adamw8bit (C kernels)": (lambda ps: AdamW8bit(ps, lr=1e-3), contextlib.nullcontext),
-            "lowmem adamw8bit (PyTorch references)": (lambda ps: AdamW8bit(ps, lr=1e-3), reference)}
+    out["lowmem adamw8bit (C kernels)"] = (lambda ps: AdamW8bit(ps, lr=1e-3), contextlib.nullcontext)
+    out["lowmem adamw8bit (PyTorch references)"] = (lambda ps: AdamW8bit(ps, lr=1e-3), reference)
+    return out
 
 
 def eight_bit_times(threads: int, rounds: int, steps: int) -> dict[str, list[float]]:
@@ -142,7 +147,16 @@ def eight_bit_table(rounds: int, steps: int) -> None:
                        "optimizers taking turns round by round in one process (same parameters and gradients; "
                        "the first step, which creates the state, is not timed). Load average (1 min) at the start, "
                        f"after the 1-thread and after the 2-thread runs: {', '.join(f'{x:.2f}' for x in load)} "
-                       f"on {os.cpu_count()} cores. bitsandbytes {__import__('bitsandbytes').__version__}.")
+                       f"on {os.cpu_count()} cores.{_bnb_version()}")
+
+
+def _bnb_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f" bitsandbytes {version('bitsandbytes')}."
+    except PackageNotFoundError:
+        return ""
 
 
 def main() -> None:

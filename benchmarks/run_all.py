@@ -23,7 +23,8 @@ import plots  # noqa: E402
 from _common import RESULTS_DIR, machine  # noqa: E402
 
 ORDER = ["default", "bos", "quality", "quality_fp32", "quality_val_fp32", "peak_memory", "planner_table",
-         "optim_state", "optim_step", "optim_step_interleaved", "bench_adamw8bit", "layerwise_memory", "wta_crs",
+         "optim_state", "optim_step", "optim_step_interleaved", "optim_step_8bit", "bench_adamw8bit",
+         "layerwise_memory", "wta_crs",
          "bench_zo", "bench_zo_quality", "bench_zo_quality_1000", "bench_zo_noise", "bbc_topic", "zo2", "fuyou_cpu",
          "zo2_gpu", "peak_memory_cuda", "fuyou_gpu", "gpu_proof"]
 LOSS_RUNS = {"adamw": ["optim.name=adamw"], "apollo_mini": ["optim.name=apollo_mini"],
@@ -31,17 +32,20 @@ LOSS_RUNS = {"adamw": ["optim.name=adamw"], "apollo_mini": ["optim.name=apollo_m
 
 
 GPU_RUNS = {"bench_zo2": ["--gpu"]}  # scripts run a second time, with these arguments, on a GPU
+MORE_RUNS = {"bench_optim_step": ["--8bit"]}  # scripts run a second time, with these arguments, anywhere
 
 
 def commands(quick: bool, only: list[str], cuda: bool) -> list[list[str]]:
-    """The benchmark commands: every ``bench_*.py`` (``--quick`` where accepted); on a GPU also the GPU
-    runs of :data:`GPU_RUNS` and the GPU proof (``gpu_proof.py``: kernels, 8-bit AdamW on 1B parameters,
+    """The benchmark commands: every ``bench_*.py`` (``--quick`` where accepted) and the second runs of
+    :data:`MORE_RUNS`; on a GPU also the GPU runs of :data:`GPU_RUNS` and the GPU proof (``gpu_proof.py``: kernels, 8-bit AdamW on 1B parameters,
     a Llama-3-8B step against the planner, ZO2 on OPT-30B), whose section lands in ``results/``."""
     cmds = []
     for script in sorted(HERE.glob("bench_*.py")):
         if only and script.stem not in only:
             continue
         cmds.append([sys.executable, str(script)] + (["--quick"] if quick and "--quick" in script.read_text() else []))
+        if script.stem in MORE_RUNS:
+            cmds.append([sys.executable, str(script), *MORE_RUNS[script.stem]])
         if cuda and script.stem in GPU_RUNS:
             cmds.append([sys.executable, str(script), *GPU_RUNS[script.stem]])
     if cuda and (not only or "gpu_proof" in only):

@@ -160,7 +160,8 @@ def trajectory(make, dtype, monkeypatch, reference: bool) -> tuple[list[torch.Te
         if reference:
             reference_only(patch)
         gen = torch.Generator().manual_seed(7)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in [(64, 257), (1, 4097), (33, 129)]]
+        shapes = [(64, 257), (1, 4097), (33, 129)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
         opt = make(params)
         for step in range(5):
             if step == 3:
