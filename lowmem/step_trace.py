@@ -132,11 +132,11 @@ def fake_model(section, config):
     from transformers import AutoModelForCausalLM
 
     from lowmem.dtypes import DTYPES
-    from lowmem.models import select_trained
+    from lowmem.models import enable_checkpointing, select_trained
 
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[section.dtype])
     if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return select_trained(model, section).train()
 
 
