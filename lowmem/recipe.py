@@ -8,9 +8,12 @@ overrides (values parsed as YAML) before validation and raises
 
 from __future__ import annotations
 
+import copy
+import difflib
 import re
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -269,15 +272,58 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def _section_keys(loc: tuple) -> list[str]:
+    """The valid keys of the recipe section at ``loc`` (field names from the top; [] if not a section)."""
+    model = Recipe
+    for key in loc:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            return []
+        kinds = (field.annotation, *get_args(field.annotation))  # a section, or an optional one
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
 def _one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
+    """The first error in one line; an unknown key leads (a typo'd ``step:`` also makes ``steps`` missing),
+    with its closest valid name."""
+    errors = err.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        *parent, key = first["loc"]
+        close = difflib.get_close_matches(str(key), _section_keys(tuple(parent)), n=1)
+        msg = "unknown key" + (f" (did you mean {'.'.join([*map(str, parent), close[0]])}?)" if close else "")
     where = f"{loc}: " if loc and not msg.startswith(loc) else ""
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return (where + msg).replace("\n", " ") + more
+
+
+def drop_other_optimizer_args(tree: dict, overrides: list[str], source: str) -> dict:
+    """``optim.name`` overridden on a recipe whose file sets ``optim.args`` for its own optimizer (the default
+    recipe's APOLLO-Mini ``scale_front``): the file's arguments the new optimizer does not take are dropped,
+    with a one-line notice on stderr, so any optimizer can be tried from any recipe. Arguments given as
+    overrides are kept (and checked)."""
+    given = {item.partition("=")[0].strip() for item in overrides}
+    optim = tree.get("optim")
+    if "optim.name" not in given or "optim.args" in given or not isinstance(optim, dict) \
+            or not isinstance(optim.get("args"), dict):
+        return tree
+    from lowmem.optim.registry import accepted_hparams
+
+    try:
+        accepted = accepted_hparams(str(optim.get("name")))
+    except ValueError:  # an unknown optimizer: the validation names it
+        return tree
+    dropped = [k for k in optim["args"] if k not in accepted and f"optim.args.{k}" not in given]
+    if dropped:
+        optim["args"] = {k: v for k, v in optim["args"].items() if k not in dropped}
+        print(f"lowmem: {source}: optim.name overridden to {optim['name']!r}: dropped the recipe's optim.args "
+              f"{', '.join(dropped)} (not arguments of {optim['name']!r})", file=sys.stderr)
+    return tree
 
 
 def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
@@ -303,7 +349,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: malformed YAML{where}") from None
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with sections model, data, optim, train, output")
-    return recipe_from_dict(apply_overrides(tree, list(overrides)), str(path))
+    tree = apply_overrides(copy.deepcopy(tree), list(overrides))
+    return recipe_from_dict(drop_other_optimizer_args(tree, list(overrides), str(path)), str(path))
 
 
 def reference_markdown() -> str:

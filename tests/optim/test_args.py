@@ -57,6 +57,15 @@ def test_unknown_argument_names_the_accepted_ones():
         check_hparams("galore_adamw", {"rnak": 4})
 
 
+@pytest.mark.parametrize("name", ["galore_adamw", "mezo", "adamw"])
+def test_the_accepted_list_holds_only_optim_args(name):
+    """lr and weight_decay are optim.lr / optim.weight_decay; MeZO's process_group is the trainer's."""
+    with pytest.raises(ValueError) as err:
+        check_hparams(name, {"rnak": 4})
+    accepted = str(err.value).split("(accepted: ")[1].rstrip(")").split(", ")
+    assert accepted and not {"lr", "weight_decay", "process_group"} & set(accepted), accepted
+
+
 @pytest.mark.parametrize("name", available())
 def test_the_model_holds_the_signature_defaults_and_builds_the_optimizer(tiny_model, name):
     """The recipe's model of optim.args is the constructor's signature (names and defaults) plus the
