@@ -321,7 +321,7 @@ def drop_other_optimizer_args(tree: dict, overrides: list[str], source: str) -> 
     dropped = [k for k in optim["args"] if k not in accepted and f"optim.args.{k}" not in given]
     if dropped:
         optim["args"] = {k: v for k, v in optim["args"].items() if k not in dropped}
-        print(f"lowmem: {source}: optim.name overridden to {optim['name']!r}: dropped the recipe's optim.args "
+        print(f"lowmem-train: {source}: optim.name overridden to {optim['name']!r}: dropped the recipe's optim.args "
               f"{', '.join(dropped)} (not arguments of {optim['name']!r})", file=sys.stderr)
     return tree
 
