@@ -19,6 +19,7 @@ Every error is one line naming the argument as the recipe does: ``optim.lr``,
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from typing import Annotated, Any, Callable, Literal
@@ -65,7 +66,9 @@ def one_line(err: ValidationError, optimizer: str, accepted: list[str]) -> str:
     where = field_name(str(arg)) + "".join(f"[{i}]" for i in inner)
     if first["type"] == "extra_forbidden":
         accepted = [a for a in accepted if a not in NOT_IN_ARGS]
-        return f"{where}: not an argument of optimizer {optimizer!r} (accepted: {', '.join(accepted) or 'none'})"
+        close = difflib.get_close_matches(str(arg), accepted, n=1)
+        hint = f"; did you mean {field_name(close[0])}?" if close else ""
+        return f"{where}: not an argument of optimizer {optimizer!r}{hint} (accepted: {', '.join(accepted) or 'none'})"
     reason = first["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     reason = reason.removeprefix(f"{where}: ").removeprefix(f"{arg}: ")  # a check that names the field itself
     got = "" if "got " in reason else f", got {first['input']!r}"

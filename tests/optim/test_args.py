@@ -52,8 +52,8 @@ def test_group_keys_are_checked_by_the_constructor_with_the_group_model(name):
 
 
 def test_unknown_argument_names_the_accepted_ones():
-    with pytest.raises(ValueError, match=r"^optim.args.rnak: not an argument of optimizer 'galore_adamw' "
-                                         r"\(accepted: .*rank.*update_proj_gap"):
+    with pytest.raises(ValueError, match=r"^optim.args.rnak: not an argument of optimizer 'galore_adamw'; did you "
+                                         r"mean optim.args.rank\? \(accepted: .*rank.*update_proj_gap"):
         check_hparams("galore_adamw", {"rnak": 4})
 
 
