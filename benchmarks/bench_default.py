@@ -26,7 +26,7 @@ def run_recipe(recipe: str, out: Path) -> tuple[float, float, dict, list[dict]]:
     process, summary.json, the eval records of metrics.jsonl)."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lowmem.cli", str(ROOT / "recipes" / recipe),
-                           f"output.dir={out}", "--quiet"], capture_output=True, text=True, cwd=ROOT)
+                           f"output.dir={out}", "--quiet", "--overwrite"], capture_output=True, text=True, cwd=ROOT)
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(proc.stderr.strip().splitlines()[-1])

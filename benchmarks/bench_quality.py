@@ -95,7 +95,7 @@ def run(method: str, overrides: list[str], steps: int, reuse: bool, val: bool = 
     cmd = [sys.executable, "-m", "lowmem.cli", str(ROOT / "recipes" / "default.yaml"), *overrides,
            f"train.mixed_precision={precision}", f"train.steps={steps}", f"train.eval_every={max(1, steps // 3)}",
            "train.checkpoint_every=0",
-           "output.save_model=false", f"output.dir={out}", "--quiet"]
+           "output.save_model=false", f"output.dir={out}", "--quiet", "--overwrite"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{method}: {proc.stderr.strip().splitlines()[-1]}")

@@ -72,7 +72,7 @@ def loss_runs(quick: bool) -> list[Path]:
         steps = 10 if quick else 30
         cmd = [sys.executable, "-m", "lowmem.cli", str(HERE.parent / "recipes" / "default.yaml"), *overrides,
                f"train.steps={steps}", "train.checkpoint_every=0", f"output.dir={out}", "output.save_model=false",
-               "--quiet"]
+               "--quiet", "--overwrite"]
         if subprocess.run(cmd).returncode == 0:
             dirs.append(out)
     return dirs

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10), save_strategy="no",
         report_to="none", bf16=args.bf16, use_cpu=not torch.cuda.is_available(), warmup_steps=args.steps // 10,
-        max_grad_norm=0.0 if args.layerwise else 1.0, disable_tqdm=True, seed=0)
+        max_grad_norm=0.0 if args.layerwise else 1.0, disable_tqdm=True, seed=0,
+        dataloader_pin_memory=torch.cuda.is_available())  # pinning needs an accelerator (else torch warns)
     trainer = (ZOTrainer if zeroth_order else Trainer)(
         model=model, args=training, train_dataset=train_set, eval_dataset=eval_set,
         optimizer_cls_and_kwargs=trainer_optimizer(args.optimizer, lr=args.lr),

@@ -7,6 +7,7 @@ alone (the planner's trace, the measuring tool) is :func:`build_step`, the same 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ from accelerate import Accelerator
 
 from lowmem.activations import apply_activations
 from lowmem.data import CandidateBatches, PackedBatches, label_examples, pack_tokens, split_documents
-from lowmem.models import load_model, load_tokenizer
+from lowmem.models import load_model, load_tokenizer, save_pretrained
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
 from lowmem.recipe import Recipe, TrainSection
@@ -56,26 +57,31 @@ class Run:
         return self.stepper.inner_optimizer
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
+        save_pretrained(model, self.tokenizer, directory)
+
+
+def lr_factor(i: int, kind: str, warm: int, total: int, floor: float) -> float:
+    """The LR at scheduler step ``i`` over the peak: ``i / W`` during warmup, then with
+    ``p = (i - W) / (T - W)``: constant 1, linear ``1 - (1 - r) p``, cosine ``r + (1 - r)(1 + cos(pi p)) / 2``
+    (``r = min_lr_ratio``), as transformers' ``get_constant_schedule_with_warmup``,
+    ``get_polynomial_decay_schedule_with_warmup`` (power 1) and ``get_cosine_with_min_lr_schedule_with_warmup``."""
+    if i < warm:
+        return i / max(1, warm)
+    if kind == "constant" or floor == 1.0:
+        return 1.0
+    p = min(1.0, (i - warm) / max(1, total - warm))
+    if kind == "linear":
+        return 1.0 - (1.0 - floor) * p
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
-    """``train.lr_schedule`` as transformers' scheduler (linear warmup from 0 over ``warmup_steps``, then):
-    constant -> ``get_constant_schedule_with_warmup``; linear -> ``get_polynomial_decay_schedule_with_warmup``
-    with power 1 down to ``min_lr_ratio`` (``get_linear_schedule_with_warmup`` when it is 0); cosine ->
-    ``get_cosine_with_min_lr_schedule_with_warmup`` with ``min_lr_rate = min_lr_ratio``."""
-    import transformers.optimization as sched
-
-    warm, total, floor = train.warmup_steps, train.steps, train.min_lr_ratio
-    if train.lr_schedule == "constant" or floor == 1.0:
-        return sched.get_constant_schedule_with_warmup(optimizer, warm)
-    if train.lr_schedule == "cosine":
-        return sched.get_cosine_with_min_lr_schedule_with_warmup(optimizer, warm, total, min_lr_rate=floor)
-    if floor == 0.0:
-        return sched.get_linear_schedule_with_warmup(optimizer, warm, total)
-    lr = optimizer.defaults["lr"]  # the polynomial schedule takes the end LR in absolute terms
-    return sched.get_polynomial_decay_schedule_with_warmup(optimizer, warm, total, lr_end=lr * floor, power=1.0)
+    """``train.lr_schedule`` (:func:`lr_factor`) as a ``LambdaLR``. Written here rather than taken from
+    ``transformers.optimization``: that module imports peft, which imports bitsandbytes, whose import
+    prints kernel-hub warnings in every run (issue 24)."""
+    factor = functools.partial(lr_factor, kind=train.lr_schedule, warm=train.warmup_steps, total=train.steps,
+                               floor=train.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def classification_train_loss(model, batch) -> torch.Tensor:

@@ -228,6 +228,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step of the checkpoint directory ``path`` (``.../step-00000030`` -> 30)."""
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
 # ---------------------------------------------------------------- save
 def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                  scheduler, generator_states: dict[str, list[torch.Tensor]], extra: dict | None) -> None:

@@ -1,5 +1,10 @@
-"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume] [--plan] [--device-memory-gb G] [--force]``;
+"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume | --overwrite] [--plan] [--device-memory-gb G] [--force]``;
 ``lowmem-train --env``: the environment report for a bug report (:mod:`lowmem.env`).
+
+Run directory (:mod:`lowmem.run_dir`): an ``output.dir`` that already holds a run is refused unless
+``--resume`` (continue it) or ``--overwrite`` (remove its files first); ``--resume`` on a finished run
+says so and changes nothing (exit 0). Ctrl-C prints one line with the last complete checkpoint and
+the ``--resume`` command (exit 130).
 
 Memory plan (:mod:`lowmem.planner`): ``--plan`` prints the predicted peak and exits. Before
 a run whose device memory is known (``--device-memory-gb``, ``train.device_memory_gb``,
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 
@@ -24,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("recipe", nargs="?", help="recipe YAML file (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.steps=10 optim.lr=3e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an output.dir that holds a run: "
+                        "its metrics.jsonl, checkpoints/, model/ and summary.json are removed first (and listed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--plan", action="store_true", help="print the memory plan and exit without training")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="device to plan for (default: cuda if present)")
@@ -31,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "train.device_memory_gb, else the GPU's)")
     parser.add_argument("--force", action="store_true", help="start a run the planner predicts will not fit")
     parser.add_argument("--env", action="store_true", help="print the environment report (for a bug report) and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come before the overrides
     if args.recipe is None and not args.env:
         parser.error("the following arguments are required: recipe")
     return args
@@ -90,6 +98,20 @@ def predictor(recipe, args: argparse.Namespace):
     return predict
 
 
+def interrupted(args: argparse.Namespace, out: str) -> str:
+    """The Ctrl-C line: the last complete checkpoint and the command that continues from it. No checkpoint
+    is written on the way out: the interrupt may fall inside an optimizer step (parameters half updated),
+    and under several processes the ranks would stop at different steps."""
+    from lowmem.checkpoint import checkpoint_step, latest_checkpoint
+
+    latest = latest_checkpoint(out)
+    if latest is None:
+        return f"interrupted; {out} has no checkpoint to resume from (train.checkpoint_every); start over with " \
+               f"--overwrite"
+    command = shlex.join(["lowmem-train", args.recipe, *args.overrides, "--resume"])
+    return f"interrupted; last complete checkpoint: step {checkpoint_step(latest)} ({latest}); continue with: {command}"
+
+
 def run(args: argparse.Namespace) -> dict | None:
     from lowmem.recipe import load_recipe
     from lowmem.trainer import train
@@ -98,9 +120,16 @@ def run(args: argparse.Namespace) -> dict | None:
     predicted = check_memory(recipe, args)
     if args.plan:
         return None
-    return train(recipe, resume=args.resume, progress=not args.quiet,
-                 predicted_peak_bytes=None if predicted is None else predicted.peak_bytes,
-                 predict=predictor(recipe, args) if predicted is None else None)
+    try:
+        return train(recipe, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite,
+                     predicted_peak_bytes=None if predicted is None else predicted.peak_bytes,
+                     predict=predictor(recipe, args) if predicted is None else None)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted(args, recipe.output.dir)) from None
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message is the line to print."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,17 +142,26 @@ def main(argv: list[str] | None = None) -> int:
     from lowmem.memory import fix_malloc_threshold
 
     fix_malloc_threshold()  # freed tensors go back to the OS, as the planner assumes (issue #8)
+    from lowmem.run_dir import RunComplete
     from lowmem.trainer import TrainingStopped
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # one line, one summary under accelerate launch
     try:
         summary = run(args)
+    except (RunComplete, Interrupted) as done:
+        if main_rank:
+            print(f"lowmem-train: {done}", file=sys.stderr)
+        return 0 if isinstance(done, RunComplete) else 130
+    except KeyboardInterrupt:  # before the run started (loading, planning): nothing to resume
+        print("lowmem-train: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, TrainingStopped) as err:
         if os.environ.get("LOWMEM_DEBUG"):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"lowmem-train: error: {message}", file=sys.stderr)
         return 2
-    if summary is not None and os.environ.get("RANK", "0") == "0":  # one summary under accelerate launch
+    if summary is not None and main_rank:
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -15,13 +15,16 @@ left trainable: MeZO on LoRA adapters or on norms is the reference's LoRA/prefix
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib.util
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+from unittest import mock
 from urllib.parse import urlparse
 
 import torch
@@ -182,11 +185,32 @@ def load_model(section: ModelSection):
         if section.gguf_file:
             model = _plain_copy(model)
     if section.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return select_trained(model, section).train()
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute block activations in backward (non-reentrant), with the current API: transformers 5
+    renamed ``gradient_checkpointing_enable`` (now a FutureWarning) to ``activation_checkpointing_enable``."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def save_pretrained(model, tokenizer, directory: Path) -> None:
+    """``model.save_pretrained`` (safetensors) and the tokenizer's, without importing DeepSpeed: transformers
+    unwraps the model with accelerate's ``extract_model_from_parallel``, which imports DeepSpeed whenever it is
+    installed to test for its engine, and DeepSpeed's import prints "Setting accelerator to CPU" on a CPU
+    machine (issue 24). A lowmem model is never a DeepSpeed engine (lowmem.integrations.deepspeed refuses
+    that launch), so that test is skipped unless DeepSpeed is already imported."""
+    import accelerate.utils.other as accelerate_other
+
+    probe = "deepspeed" not in sys.modules and hasattr(accelerate_other, "is_deepspeed_available")
+    with mock.patch.object(accelerate_other, "is_deepspeed_available", lambda: False) if probe \
+            else contextlib.nullcontext():
+        model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
 
 
 def select_trained(model, section: ModelSection):

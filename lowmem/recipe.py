@@ -8,7 +8,9 @@ overrides (values parsed as YAML) before validation and raises
 
 from __future__ import annotations
 
+import copy
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -242,11 +244,35 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def drop_other_optimizer_args(tree: dict, overrides: list[str], source: str) -> dict:
+    """``optim.name`` overridden on a recipe whose file sets ``optim.args`` for its own optimizer (the default
+    recipe's APOLLO-Mini ``scale_front``): the file's arguments the new optimizer does not take are dropped,
+    with a one-line notice on stderr, so any optimizer can be tried from any recipe. Arguments given as
+    overrides are kept (and checked)."""
+    given = {item.partition("=")[0].strip() for item in overrides}
+    optim = tree.get("optim")
+    if "optim.name" not in given or "optim.args" in given or not isinstance(optim, dict) \
+            or not isinstance(optim.get("args"), dict):
+        return tree
+    from lowmem.optim.registry import accepted_hparams
+
+    try:
+        accepted = accepted_hparams(str(optim.get("name")))
+    except ValueError:  # an unknown optimizer: the validation names it
+        return tree
+    dropped = [k for k in optim["args"] if k not in accepted and f"optim.args.{k}" not in given]
+    if dropped:
+        optim["args"] = {k: v for k, v in optim["args"].items() if k not in dropped}
+        print(f"lowmem-train: {source}: optim.name overridden to {optim['name']!r}: dropped the recipe's optim.args "
+              f"{', '.join(dropped)} (not arguments of {optim['name']!r})", file=sys.stderr)
+    return tree
+
+
 def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise RecipeError(f"{source}: {one_line(err)}") from None
+        raise RecipeError(f"{source}: {one_line(err, Recipe)}") from None
     except ValueError as err:  # raised inside validators that import optimizers
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from None
 
@@ -270,7 +296,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: malformed YAML{where}") from None
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with sections model, data, optim, train, output")
-    return recipe_from_dict(apply_overrides(tree, list(overrides)), str(path))
+    tree = apply_overrides(copy.deepcopy(tree), list(overrides))
+    return recipe_from_dict(drop_other_optimizer_args(tree, list(overrides), str(path)), str(path))
 
 
 def reference_markdown() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -27,24 +28,39 @@ from lowmem.build import build_run
 from lowmem.integrations.deepspeed import refuse_deepspeed_launch
 from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
 from lowmem.recipe import Recipe
-from lowmem.steps import eval_mode
+from lowmem.run_dir import check_run_dir, clear_run
+from lowmem.steps import eval_mode, unwrap
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself (e.g. too many non-finite steps); the message is one line."""
 
 
+def note(message: str) -> None:
+    """One line on stderr for the user (the CLI's prefix), kept clear of the progress bar."""
+    tqdm.write(f"lowmem-train: {message}", file=sys.stderr)
+
+
 class Trainer:
+    """``resume``: continue from the newest checkpoint in ``output.dir``; ``overwrite``: replace the run
+    there. Neither, and ``output.dir`` already holds a run: refused (:mod:`lowmem.run_dir`)."""
+
     def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True,
-                 predicted_peak_bytes: int | None = None, predict=None):
+                 predicted_peak_bytes: int | None = None, predict=None, overwrite: bool = False):
         self.recipe, self.resume, self.progress = recipe, resume, progress
         self.predicted_peak_bytes = predicted_peak_bytes  # lowmem.planner's prediction, shown in the summary
         self.predict = predict  # or: the model's config -> predicted peak bytes, asked once the run is measured
         self.out = Path(recipe.output.dir)
+        check_run_dir(self.out, resume=resume, overwrite=overwrite, steps=recipe.train.steps)  # before any work
         AcceleratorState._reset_state()  # a second run in one process may use another precision
         self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())
         refuse_deepspeed_launch(self.accelerator)  # the loop is not a DeepSpeed engine loop (README)
+        if overwrite and self.accelerator.is_main_process:
+            removed = clear_run(self.out)
+            if removed:
+                note(f"--overwrite: removed the previous run's {', '.join(removed)} from {self.out}")
+        self.accelerator.wait_for_everyone()
         set_seed(recipe.train.seed)
         self.run = build_run(recipe, self.accelerator)
         self.step = 0          # optimizer steps taken
@@ -81,16 +97,20 @@ class Trainer:
     # ---------------------------------------------------------------- eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean of each eval metric over the eval batches (split across processes)."""
+        """Mean of each eval metric over the eval batches, split across processes: rank r takes batches
+        r, r + N, ... Every rank runs the same number of forwards (DDP's forward broadcasts buffers, a
+        collective): a rank past the last batch repeats batch 0 with weight 0. The mean is one process's."""
         run, acc = self.run, self.accelerator
         sums: dict[str, torch.Tensor] = {}
         count = torch.zeros((), device=acc.device)
+        n, ranks = len(run.eval_batches), acc.num_processes
         with eval_mode(run.model):
-            for i in range(acc.process_index, len(run.eval_batches), acc.num_processes):
-                batch = {k: v.to(acc.device) for k, v in run.eval_batches[i].items()}
+            for i in range(acc.process_index, -(-n // ranks) * ranks, ranks):
+                weight = 1.0 if i < n else 0.0
+                batch = {k: v.to(acc.device) for k, v in run.eval_batches[i if i < n else 0].items()}
                 for name, value in run.stepper.evaluate(batch).items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-                count += 1
+                    sums[name] = sums.get(name, 0.0) + weight * value.detach().float()
+                count += weight
         total = acc.reduce(torch.stack([*sums.values(), count]), "sum")
         return {name: (total[i] / total[-1]).item() for i, name in enumerate(sums)}
 
@@ -125,11 +145,20 @@ class Trainer:
                 states[name] = [state]
         return states
 
-    def restore(self) -> bool:
+    def evaluate_shown(self, bar) -> dict[str, float]:
+        """:meth:`evaluate`, with the bar saying so (the step-0 evaluation comes before any step)."""
+        bar.set_description("eval")
+        metrics = self.evaluate()
+        bar.set_description("train")
+        return metrics
+
+    def restore(self) -> int:
+        """Load the newest checkpoint; returns how many metrics.jsonl records past it were dropped (the
+        steps after the checkpoint run again and log anew)."""
         stepper = self.run.stepper
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
-            return False
+            raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {self.out / 'checkpoints'}")
         with stepper.loading():
             extra = ckpt.load_checkpoint(path, optimizer=stepper.inner_optimizer, scheduler=self.run.scheduler,
                                          generators=self.run.generators, rank=self.accelerator.process_index,
@@ -137,22 +166,30 @@ class Trainer:
         stepper.restore(extra)
         self.step, self.attempt, self.bad_total = extra["step"], extra["attempt"], extra["bad_total"]
         metrics = self.out / "metrics.jsonl"
-        if self.accelerator.is_main_process and metrics.exists():  # drop records past the checkpoint
-            kept = [r for r in metrics.read_text().splitlines() if json.loads(r)["step"] <= self.step]
-            metrics.write_text("".join(r + "\n" for r in kept))
-        return True
+        if not (self.accelerator.is_main_process and metrics.exists()):
+            return 0
+        records = metrics.read_text().splitlines()
+        kept = [r for r in records if json.loads(r)["step"] <= self.step]
+        if len(kept) < len(records):  # atomically: a kill here keeps the old file
+            tmp = metrics.with_name(metrics.name + ".tmp")
+            tmp.write_text("".join(r + "\n" for r in kept))
+            tmp.replace(metrics)
+        return len(records) - len(kept)
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict:
         tr = self.recipe.train
         self.out.mkdir(parents=True, exist_ok=True)
-        resumed = self.resume and self.restore()
-        if not resumed:
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            self.log({"step": 0, **self.evaluate()})
-        t_start = time.perf_counter()
+        if self.resume:
+            dropped = self.restore()
+            if self.accelerator.is_main_process:
+                again = f"; {dropped} metrics.jsonl records past it dropped (those steps run again)" if dropped else ""
+                note(f"resumed {self.out} from its checkpoint of step {self.step} (train.steps={tr.steps}){again}")
         bar = tqdm(total=tr.steps, initial=self.step, disable=not (self.progress and self.accelerator.is_main_process),
                    desc="train", dynamic_ncols=True)
+        if not self.resume:
+            self.log({"step": 0, **self.evaluate_shown(bar)})
+        t_start = time.perf_counter()
         while self.step < tr.steps:
             record = self.train_step()
             if record.get("skipped"):
@@ -163,11 +200,11 @@ class Trainer:
                                           f"after step {self.step}; last good state saved in {self.out}/checkpoints")
                 continue
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=rate(record["tokens_per_s"]))
             if self.step % tr.log_every == 0 or self.step == tr.steps:
                 self.log(record)
             if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.steps:
-                self.log({"step": self.step, **self.evaluate()})
+                self.log({"step": self.step, **self.evaluate_shown(bar)})
             if tr.checkpoint_every and self.step % tr.checkpoint_every == 0:
                 self.save()
         bar.close()
@@ -196,15 +233,21 @@ class Trainer:
         self.run.stepper.close()  # the last deferred update flushed, offloaded blocks back into the model
         if self.accelerator.is_main_process:
             if self.recipe.output.save_model:
-                self.run.save_model(self.accelerator.unwrap_model(self.run.model), self.out / "model")
+                self.run.save_model(unwrap(self.run.model), self.out / "model")
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         return summary
 
 
+def rate(tokens_per_s: float) -> str:
+    """Tokens/s for the bar: whole numbers from 100 up, three significant digits below (0.42, not 0)."""
+    return f"{tokens_per_s:.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"
+
+
 def train(recipe: Recipe, resume: bool = False, progress: bool = True,
-          predicted_peak_bytes: int | None = None, predict=None) -> dict:
+          predicted_peak_bytes: int | None = None, predict=None, overwrite: bool = False) -> dict:
     """Run ``recipe`` to the end and return the summary (also written to ``output.dir/summary.json``);
-    ``predict(model_config) -> bytes | None`` fills the summary's prediction when none was given."""
+    ``predict(model_config) -> bytes | None`` fills the summary's prediction when none was given;
+    ``resume`` / ``overwrite``: see :class:`Trainer`."""
     return Trainer(recipe, resume=resume, progress=progress, predicted_peak_bytes=predicted_peak_bytes,
-                   predict=predict).train()
+                   predict=predict, overwrite=overwrite).train()

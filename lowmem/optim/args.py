@@ -19,6 +19,7 @@ Every error is one line naming the argument as the recipe does: ``optim.lr``,
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from typing import Annotated, Any, Callable, Literal
@@ -42,6 +43,7 @@ NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 StateBits = Literal[8, 32]                               # moments in fp32 or 8-bit blockwise
 
 RECIPE_FIELDS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay"}  # the others are optim.args.<name>
+NOT_IN_ARGS = (*RECIPE_FIELDS, "process_group")  # set elsewhere (optim.lr, optim.weight_decay) or by the trainer
 _NOT_ARGUMENTS = ("self", "params")
 
 
@@ -63,7 +65,10 @@ def one_line(err: ValidationError, optimizer: str, accepted: list[str]) -> str:
     arg, *inner = first["loc"]
     where = field_name(str(arg)) + "".join(f"[{i}]" for i in inner)
     if first["type"] == "extra_forbidden":
-        return f"{where}: not an argument of optimizer {optimizer!r} (accepted: {', '.join(accepted)})"
+        accepted = [a for a in accepted if a not in NOT_IN_ARGS]
+        close = difflib.get_close_matches(str(arg), accepted, n=1)
+        hint = f"; did you mean {field_name(close[0])}?" if close else ""
+        return f"{where}: not an argument of optimizer {optimizer!r}{hint} (accepted: {', '.join(accepted) or 'none'})"
     reason = first["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     reason = reason.removeprefix(f"{where}: ").removeprefix(f"{arg}: ")  # a check that names the field itself
     got = "" if "got " in reason else f", got {first['input']!r}"

@@ -38,7 +38,7 @@ import torch
 from pydantic import create_model
 from torch import nn
 
-from lowmem.optim.args import GroupArgs, signature_model, validate
+from lowmem.optim.args import NOT_IN_ARGS, GroupArgs, signature_model, validate
 from lowmem.optim.targets import split_parameters
 
 # the modules that register optimizers (each name is written once, in its module's register call);
@@ -175,7 +175,7 @@ def args_reference() -> list[str]:
     for name in available():
         items, fields = [], args_model(name).model_fields
         for key, f in fields.items():
-            if key in ("lr", "weight_decay", "process_group"):  # optim.lr, optim.weight_decay; Python only
+            if key in NOT_IN_ARGS:  # optim.lr, optim.weight_decay; set by the trainer
                 continue
             limits = [f"{marks[k]} {getattr(m, k)}" for m in f.metadata for k in marks if hasattr(m, k)]
             if get_origin(f.annotation) is Literal:

@@ -51,7 +51,7 @@ from lowmem.build import no_grad_forward, recipe_step, sample_batch
 from lowmem.dtypes import DTYPES
 from lowmem.kernels import adamw8bit_step, blockwise_cpu, dynamic_map, quantize
 from lowmem.memory import tensor_bytes
-from lowmem.models import select_trained
+from lowmem.models import enable_checkpointing, select_trained
 from lowmem.recipe import Recipe
 
 PARTS = ("runtime", "weights", "gradients", "optimizer_states", "activations", "step_temporaries",
@@ -139,7 +139,7 @@ def fake_model(section, config):
 
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[section.dtype])
     if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return select_trained(model, section).train()
 
 

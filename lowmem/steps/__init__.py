@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lowmem.steps.base import OneProcess, Step, finite_on_every_process, eval_mode
+from lowmem.steps.base import OneProcess, Step, eval_mode, finite_on_every_process, unwrap
 from lowmem.steps.first_order import FirstOrderStep, LayerwiseStep
 from lowmem.steps.offload import FirstOrderOffloadStep, ZO2Step
 from lowmem.steps.zeroth_order import ZerothOrderStep
@@ -30,4 +30,4 @@ def make_step(recipe, model, optimizer, zeroth_order: bool, accelerator, loss_fn
 
 
 __all__ = ["STEPS", "FirstOrderOffloadStep", "FirstOrderStep", "LayerwiseStep", "OneProcess", "Step",
-           "ZO2Step", "ZerothOrderStep", "finite_on_every_process", "eval_mode", "make_step", "step_class"]
+           "ZO2Step", "ZerothOrderStep", "eval_mode", "finite_on_every_process", "make_step", "step_class", "unwrap"]

@@ -49,6 +49,20 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / DataParallel / ``torch.compile`` wrappers. Not accelerate's ``unwrap_model``:
+    that imports DeepSpeed (when installed) to test for its engine, which a lowmem run never is
+    (:func:`lowmem.integrations.deepspeed.refuse_deepspeed_launch`), and DeepSpeed's import prints its
+    accelerator line in every run (issue 24)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 class OneProcess:
     """The part of ``accelerate.Accelerator`` a step uses, for one process without wrappers: the
     planner's trace and the memory measurement run the trainer's step objects through it.
@@ -80,7 +94,7 @@ class OneProcess:
         return objects
 
     def unwrap_model(self, model):
-        return model
+        return unwrap(model)
 
 
 class Step:
@@ -126,7 +140,7 @@ class Step:
     # ------------------------------------------------------------ checkpoints
     def save_kwargs(self) -> dict:
         """``save_checkpoint`` arguments for the weights (``model`` or ``weights``) and this step's ``extra``."""
-        return {"model": self.accelerator.unwrap_model(self.model), "extra": {}}
+        return {"model": unwrap(self.model), "extra": {}}
 
     def saving(self):
         """Held while the checkpoint is written (offloaded optimizer state brought back meanwhile)."""
@@ -134,7 +148,7 @@ class Step:
 
     def load_kwargs(self) -> dict:
         """``load_checkpoint`` arguments for the weights."""
-        return {"model": self.accelerator.unwrap_model(self.model)}
+        return {"model": unwrap(self.model)}
 
     def loading(self):
         """Held while the checkpoint is read (offloaded optimizer state placed again on exit)."""

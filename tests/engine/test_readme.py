@@ -22,3 +22,20 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in test_command
     assert test_command in (ROOT / ".ci" / "run").read_text()
     assert commands[0].split("#")[0].strip() == "bash install.sh && .venv/bin/lowmem-train recipes/default.yaml"
+
+
+def test_readme_names_the_extras_install_sh_installs():
+    extras = re.search(r'EXTRAS="\.\[([\w,]+)\]"', (ROOT / "install.sh").read_text()).group(1).split(",")
+    said = re.search(r"lowmem with its (.*?) extras", (ROOT / "README.md").read_text()).group(1)
+    assert sorted(re.findall(r"`(\w+)`", said)) == sorted(extras), said
+
+
+def test_readme_accelerate_line_passes_what_accelerate_warns_about():
+    """accelerate launch warns "values were not passed ... defaults used" unless these are given (and
+    OMP_NUM_THREADS, on a CPU), as the long form in examples/accelerate_ddp.md does."""
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    lines = [x for x in readme.splitlines() if " accelerate launch " in x and x.startswith("OMP_")]
+    assert lines
+    for line in lines:
+        for flag in ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend"):
+            assert flag in line, (flag, line)

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from lowmem.optim.registry import available
 from lowmem.recipe import RecipeError, load_recipe
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+DEFAULT = Path(__file__).parents[2] / "recipes" / "default.yaml"
 
 
 def test_valid_recipe_and_overrides(tiny_recipe):
@@ -114,6 +116,32 @@ def test_loss_chunk_tokens_default_and_where_it_does_not_apply(tiny_recipe):
         with pytest.raises(RecipeError, match=f"train.loss_chunk_tokens: .*{reason}") as err:
             load_recipe(tiny_recipe(), ["train.loss_chunk_tokens=64", *overrides])
         assert "\n" not in str(err.value)
+
+
+def test_a_typo_in_the_file_leads_with_the_unknown_key_and_its_closest_name(tiny_recipe):
+    """``step: 30`` also leaves ``train.steps`` missing: the unknown key is the cause, so it comes first."""
+    recipe = Path(tiny_recipe())
+    recipe.write_text(recipe.read_text().replace("  steps: 6", "  step: 6"))
+    with pytest.raises(RecipeError, match=r"train.step: unknown key \(did you mean train.steps\?\) \(\+1 more\)$"):
+        load_recipe(recipe)
+    with pytest.raises(RecipeError, match=r"data.eval_frac: unknown key \(did you mean data.eval_fraction\?\)$"):
+        load_recipe(tiny_recipe("other.yaml"), ["data.eval_frac=0.1"])
+
+
+@pytest.mark.parametrize("name", [n for n in available() if n != "apollo_mini"])
+def test_optim_name_overridden_on_the_default_recipe_drops_the_other_optimizers_args(name, capsys):
+    """The default recipe's APOLLO-Mini ``scale_front`` would make every other optimizer fail; it is dropped
+    with a one-line notice when optim.name is overridden, kept where the optimizer takes it (APOLLO)."""
+    recipe = load_recipe(DEFAULT, [f"optim.name={name}"])
+    notice = capsys.readouterr().err
+    assert recipe.optim.name == name
+    if name == "apollo":
+        assert recipe.optim.args == {"scale_front": True} and notice == ""
+    else:
+        assert recipe.optim.args == {}
+        assert notice.count("\n") == 1 and "dropped the recipe's optim.args scale_front" in notice
+    with pytest.raises(RecipeError, match="optim.args.scale_front: not an argument"):  # given, not dropped
+        load_recipe(DEFAULT, ["optim.name=sinkgd", "optim.args.scale_front=true"])
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])

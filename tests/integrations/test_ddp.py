@@ -104,5 +104,18 @@ def test_two_process_resume_is_exact(tiny_recipe, tmp_path, optim, activations):
         rng = load_file(tmp_path / "cut" / step2 / "rng.safetensors")
         states = [rng[f"rank{r}.generator.wta_crs"] for r in range(2)]
         assert not torch.equal(*states)  # the ranks' samplers differ: rank 0's alone cannot resume rank 1
-        with pytest.raises(CheckpointError, match="saved by 2 processes, this run has 1"):
-            train(load_recipe(recipe, [f"output.dir={tmp_path / 'cut'}"]), resume=True, progress=False)
+        with pytest.raises(CheckpointError, match="saved by 2 processes, this run has 1"):  # (5: not complete)
+            train(load_recipe(recipe, [f"output.dir={tmp_path / 'cut'}", "train.steps=5"]), resume=True,
+                  progress=False)
+
+
+def test_eval_batches_not_a_multiple_of_the_processes(tiny_recipe, tmp_path):
+    """1 eval batch on 2 processes (the issue's case): rank 1 has none. It used to deadlock at the step-0
+    evaluation (no forward, and a shorter tensor in the reduce); now every rank runs the same forwards (the
+    spare one weighted 0) and the eval mean is one process's, before and after training."""
+    recipe = tiny_recipe(train={"steps": 1, "checkpoint_every": 0, "eval_batches": 1})
+    one = _reference(recipe, tmp_path / "one")
+    _launch("accelerate", recipe, tmp_path / "two")
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for key in ("eval_loss_before", "eval_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key

@@ -52,9 +52,18 @@ def test_group_keys_are_checked_by_the_constructor_with_the_group_model(name):
 
 
 def test_unknown_argument_names_the_accepted_ones():
-    with pytest.raises(ValueError, match=r"^optim.args.rnak: not an argument of optimizer 'galore_adamw' "
-                                         r"\(accepted: .*rank.*update_proj_gap"):
+    with pytest.raises(ValueError, match=r"^optim.args.rnak: not an argument of optimizer 'galore_adamw'; did you "
+                                         r"mean optim.args.rank\? \(accepted: .*rank.*update_proj_gap"):
         check_hparams("galore_adamw", {"rnak": 4})
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "mezo", "adamw"])
+def test_the_accepted_list_holds_only_optim_args(name):
+    """lr and weight_decay are optim.lr / optim.weight_decay; MeZO's process_group is the trainer's."""
+    with pytest.raises(ValueError) as err:
+        check_hparams(name, {"rnak": 4})
+    accepted = str(err.value).split("(accepted: ")[1].rstrip(")").split(", ")
+    assert accepted and not {"lr", "weight_decay", "process_group"} & set(accepted), accepted
 
 
 @pytest.mark.parametrize("name", available())
