@@ -228,7 +228,7 @@ class Trainer:
             "optimizer": self.recipe.optim.name,
         }
         if summary["predicted_peak_gb"] is None and self.predict is not None and self.accelerator.is_main_process:
-            predicted = self.predict(self.accelerator.unwrap_model(self.run.model).config)  # after the measurement
+            predicted = self.predict(unwrap(self.run.model).config)  # after the measurement
             summary["predicted_peak_gb"] = None if predicted is None else round(predicted / 2**30, 3)
         self.run.stepper.close()  # the last deferred update flushed, offloaded blocks back into the model
         if self.accelerator.is_main_process:

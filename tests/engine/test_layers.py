@@ -18,7 +18,7 @@ LAYERS = [
     ("kernels", ["lowmem.kernels"]),
     ("foundations", ["lowmem.dtypes", "lowmem.settings", "lowmem.memory", "lowmem.structure"]),
     ("optimizers, models, data", ["lowmem.optim", "lowmem.activations", "lowmem.models", "lowmem.data",
-                                  "lowmem.objectives", "lowmem.checkpoint"]),
+                                  "lowmem.objectives", "lowmem.checkpoint", "lowmem.run_dir"]),
     ("offload", ["lowmem.offload"]),
     ("steps", ["lowmem.steps"]),
     ("recipe", ["lowmem.recipe"]),
