@@ -145,7 +145,9 @@ def eight_bit_table(rounds: int, steps: int) -> None:
                  markdown_table(["optimizer"] + columns, list(rows.values())),
                  notes=f"Wall time of one `optimizer.step()`: median of {rounds} rounds x {steps} steps, the "
                        "optimizers taking turns round by round in one process (same parameters and gradients; "
-                       "the first step, which creates the state, is not timed). Load average (1 min) at the start, "
+                       "the first step, which creates the state, is not timed). lowmem's two rows: its C kernels "
+                       "(the CPU default) and its PyTorch references (the path before issue #24, still taken "
+                       "without a C compiler). Load average (1 min) at the start, "
                        f"after the 1-thread and after the 2-thread runs: {', '.join(f'{x:.2f}' for x in load)} "
                        f"on {os.cpu_count()} cores.{_bnb_version()}")
 
