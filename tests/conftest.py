@@ -13,6 +13,7 @@ _CACHE = Path(__file__).resolve().parents[1] / ".cache"  # caches stay inside th
 os.environ.setdefault("HF_HOME", str(_CACHE / "hf"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_CACHE / "torch_extensions"))
 os.environ.setdefault("TRITON_CACHE_DIR", str(_CACHE / "triton"))
+os.environ.setdefault("XDG_CACHE_HOME", str(_CACHE / "xdg"))  # the compiled CPU 8-bit kernels (lowmem.kernels.blockwise_cpu)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
