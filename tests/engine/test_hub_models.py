@@ -64,18 +64,17 @@ def _recipe(tmp_path, model_path: str) -> Path:
 
 def test_unreachable_hub_model_is_one_line_at_once(tmp_path):
     """Offline (HF_HUB_OFFLINE=1, as the tests run), a run of a Meta model not in the cache stops in one line
-    that names model.path and the id, says it is gated and how to go on offline; no retries."""
-    start = time.perf_counter()
+    that names model.path and the id, says it is gated and how to go on offline; no retries (no wall-clock bound
+    here: a CLI subprocess takes 5 to 35 s on the shared CI cores just to import torch)."""
     proc = subprocess.run([sys.executable, "-m", "lowmem.cli", str(_recipe(tmp_path, "meta-llama/Meta-Llama-3-8B")),
                            "--quiet"], capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lowmem-train: error:")]
     assert len(errors) == 1, proc.stderr
     for needle in ("model.path", "'meta-llama/Meta-Llama-3-8B'", "HF_HUB_OFFLINE", "gated", "model.path=DIR",
                    "--plan"):
         assert needle in errors[0], errors[0]
-    assert elapsed < 30 and "Retrying" not in proc.stderr, elapsed
+    assert "Retrying" not in proc.stderr  # huggingface_hub's retry notice (the timing: the in-process test below)
 
 
 def test_unreachable_endpoint_fails_fast(monkeypatch):
