@@ -80,7 +80,11 @@ def resume(eng: FirstOrderEngine, run: Path) -> None:
 
 
 @pytest.mark.parametrize("what", ["state", "block"])
-def test_sigkill_mid_write_resumes_exactly(tmp_path, what):
+def test_sigkill_mid_write_resumes_exactly(tmp_path, what, monkeypatch):
+    # the PyTorch kernels, not Triton's CPU interpreter (2-3x the CPU time), in this process and the child (whose
+    # import of tests.conftest keeps a set value): the child, the resumed engine and the reference take the same
+    # path; test_bit_identical_to_layerwise[adamw8bit-host-untied] keeps the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     data = batches(4)
     straight = build(tmp_path / "straight")
     for b in data:
