@@ -50,6 +50,7 @@ import contextlib
 import torch
 from torch import nn
 
+from lowmem.dtypes import MASTER_DTYPE
 from lowmem.offload.fo_driver import BlockDriver
 from lowmem.offload.fo_host import HostStepper
 from lowmem.offload.fo_resident import ResidentTier, offloaded_params
@@ -59,8 +60,6 @@ from lowmem.offload.settings import OffloadSection, offload_section
 from lowmem.offload.streamed import StreamedModel, check_blocks, model_units
 from lowmem.optim.registry import is_zeroth_order
 from lowmem.optim.step_one import all_finite, step_one
-
-MASTER_DTYPE = torch.float32
 
 
 def _check(optimizer, blocks: nn.ModuleList, units: list, group_of: dict) -> None:

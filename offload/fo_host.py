@@ -27,10 +27,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from lowmem.dtypes import MASTER_DTYPE
 from lowmem.offload.streams import HostMemory, host_wait
 from lowmem.optim.step_one import all_finite, step_one
-
-MASTER_DTYPE = torch.float32
 
 
 class HostStepper:

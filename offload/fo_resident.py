@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
+from lowmem.dtypes import MASTER_DTYPE
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import Packed
 from lowmem.optim.step_one import step_one
-
-MASTER_DTYPE = torch.float32
 
 
 def offloaded_params(mode: str, resident: list[torch.Tensor], packed: list[Packed]) -> list[torch.Tensor]:
