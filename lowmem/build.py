@@ -135,8 +135,9 @@ def build_data(recipe: Recipe, tokenizer):
     return DATA_BUILDERS[recipe.data.task](recipe, tokenizer, train_docs, eval_docs)
 
 
-def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Accelerator):
-    """Return (optimizer, zeroth_order, layerwise)."""
+def build_optimizer(recipe: Recipe, model: torch.nn.Module):
+    """Return (optimizer, zeroth_order): ``optim.name`` on ``model``'s parameters, as built; the step
+    class prepares it for its way of stepping (layer-wise: :class:`lowmem.steps.LayerwiseStep`)."""
     opt = recipe.optim
     spec = get_spec(opt.name)
     hparams = dict(opt.args, lr=opt.lr)
@@ -144,26 +145,14 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
         hparams["total_steps"] = recipe.train.steps  # ZO-AdaMU's annealing spans the run
     if opt.weight_decay is not None:
         hparams["weight_decay"] = opt.weight_decay
-    optimizer = create_optimizer(model, opt.name, target_modules=opt.target_modules, **hparams)
-    if spec.zeroth_order and recipe.train.grad_accum != 1:
-        raise ValueError("train.grad_accum: zeroth-order optimizers take one batch per step (set it to 1)")
-    if opt.layerwise:
-        from lowmem.steps.layerwise import LayerwiseOptimizer, check_layerwise
-
-        check_layerwise("optim.layerwise", zeroth_order=spec.zeroth_order)
-    if opt.layerwise and not recipe.offload.enabled:  # the offload engine is layer-wise itself
-        check_layerwise("optim.layerwise", max_grad_norm=opt.max_grad_norm, processes=accelerator.num_processes,
-                        fp16=recipe.train.mixed_precision == "fp16")
-        optimizer = LayerwiseOptimizer(optimizer, grad_accum_steps=recipe.train.grad_accum,
-                                       max_grad_norm=opt.max_grad_norm, model=model)
-    return optimizer, spec.zeroth_order, opt.layerwise and not recipe.offload.enabled
+    return create_optimizer(model, opt.name, target_modules=opt.target_modules, **hparams), spec.zeroth_order
 
 
 def build_step(recipe: Recipe, model: torch.nn.Module, accelerator) -> Step:
     """The step object of ``recipe`` on ``model``: the optimizer as :func:`build_optimizer` makes it and
     the objective of ``data.task``, in the way of stepping :func:`lowmem.steps.make_step` chooses. The one
     composition of a step: the trainer's run, the planner's trace and the measuring tool all take it."""
-    optimizer, zeroth_order, _ = build_optimizer(recipe, model, accelerator)
+    optimizer, zeroth_order = build_optimizer(recipe, model)
     return make_step(recipe, model, optimizer, zeroth_order, accelerator, *objective(recipe))
 
 

@@ -15,6 +15,8 @@ import torch
 DtypeName = Literal["float32", "bfloat16", "float16"]
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DtypeName)}
 
+MASTER_DTYPE = torch.float32  # master weights the offload engines keep and step on the host (Fuyou)
+
 MixedPrecision = Literal["no", "bf16", "fp16"]
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -19,7 +19,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lowmem.dtypes import DtypeName, MixedPrecision, native_bf16_precision
 from lowmem.offload.settings import OffloadSection
+from lowmem.optim.registry import get_spec
 from lowmem.settings import Section, one_line
+from lowmem.steps import step_class
 
 
 class RecipeError(ValueError):
@@ -170,53 +172,12 @@ class Recipe(Section):
     def _chunked_loss(self):
         if self.train.loss_chunk_tokens is not None and self.data.task != "lm":
             raise ValueError("train.loss_chunk_tokens: applies to the LM objective only (data.task: lm); set it to null")
-        if self.train.loss_chunk_tokens is not None and self.offload.enabled:
-            raise ValueError("train.loss_chunk_tokens: not supported with the offload engines (offload.enabled); "
-                             "set it to null")
         return self
 
     @model_validator(mode="after")
-    def _first_order_offload(self):
-        """The first-order engine updates each block inside backward: layer-wise rules."""
-        from lowmem.optim.registry import get_spec
-
-        if not self.offload.enabled or get_spec(self.optim.name).zeroth_order:
-            return self
-        if self.optim.max_grad_norm is not None:
-            raise ValueError("optim.max_grad_norm: the first-order offload engine steps each block inside "
-                             "backward (layer-wise), before a global norm exists; set it to null")
-        if self.model.trainable is not None:
-            raise ValueError("model.trainable: the first-order offload engine trains every weight; set it to null")
-        if self.train.mixed_precision == "fp16":
-            raise ValueError("train.mixed_precision: fp16 needs loss scaling, which the first-order offload "
-                             "engine does not do; use bf16 or no")
-        return self
-
-    @model_validator(mode="after")
-    def _offload_host_dtype(self):
-        """ZO2 keeps the only copy of a block on the host: the training dtype or a coarser 16-bit one
-        (stochastically rounded); the first-order engine keeps fp32 masters there."""
-        import torch
-
-        from lowmem.optim.registry import get_spec
-
-        host = self.offload.host_dtype
-        if not self.offload.enabled or host is None or host == self.model.dtype:
-            return self
-        if not get_spec(self.optim.name).zeroth_order:
-            if host != "float32":
-                raise ValueError(f"offload.host_dtype: the first-order offload engine keeps fp32 master weights "
-                                 f"on the host; got {host!r}, use null")
-        elif torch.finfo(getattr(torch, host)).eps <= torch.finfo(getattr(torch, self.model.dtype)).eps:
-            raise ValueError(f"offload.host_dtype: {host} is not coarser than the training dtype "
-                             f"{self.model.dtype} (model.dtype); use it or a 16-bit type below fp32")
-        return self
-
-    @model_validator(mode="after")
-    def _offload_without_adapters(self):
-        if self.offload.enabled and self.model.lora is not None:
-            raise ValueError("model.lora: the offload engines (offload.enabled) train the model's own weights "
-                             "(all, or with ZO2 the model.trainable subset); set it to null")
+    def _step_rules(self):
+        """What the way this recipe steps refuses, stated once by its step class (lowmem.steps)."""
+        step_class(self, get_spec(self.optim.name).zeroth_order).check(self)
         return self
 
 

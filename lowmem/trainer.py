@@ -4,9 +4,11 @@ Short and linear (nanoGPT's train.py is the model). How one step runs (first ord
 zeroth order, ZO2, first-order offload) is the run's step object (:mod:`lowmem.steps`, chosen once
 by :func:`lowmem.build.build_run`); the loop only feeds it micro-batches and reads the loss back.
 
-A non-finite loss or gradient skips the step without touching the optimizer
-(it is counted and logged); ``train.max_bad_steps`` in a row stop the run with
-a checkpoint of the last good state.
+A non-finite loss or gradient skips the step: it is logged and counted as a bad step, not as an
+optimizer step, and the LR schedule does not advance (what a skipped step leaves untouched:
+:mod:`lowmem.steps.base`; the layer-wise and first-order offload steps have updated the parameters
+with finite gradients already).
+``train.max_bad_steps`` in a row stop the run with a checkpoint of the last good state.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Trainer:
         run, acc = self.run, self.accelerator
         sums: dict[str, torch.Tensor] = {}
         count = torch.zeros((), device=acc.device)
+        run.stepper.flush()  # deferred work (ZO2's pending update) applied before the weights are read
         n, ranks = len(run.eval_batches), acc.num_processes
         with eval_mode(run.model):
             for i in range(acc.process_index, -(-n // ranks) * ranks, ranks):

@@ -50,9 +50,10 @@ import contextlib
 import torch
 from torch import nn
 
+from lowmem.dtypes import MASTER_DTYPE
 from lowmem.offload.base import StreamedEngine
 from lowmem.offload.fo_driver import BlockDriver
-from lowmem.offload.fo_host import MASTER_DTYPE, CpuOptimizer, HostStepper
+from lowmem.offload.fo_host import CpuOptimizer, HostStepper
 from lowmem.offload.fo_resident import ResidentTier, offloaded_params
 from lowmem.offload.fo_state import StateTier
 from lowmem.offload.fo_swap import BlockTimer, Profile, swap_count, take_profile

@@ -28,14 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem.dtypes import MASTER_DTYPE
 from lowmem.offload.fo_state import StateTier
 from lowmem.offload.store import BlockStore
 from lowmem.offload.streams import HostMemory, host_wait
 from lowmem.offload.transfer import Packed
 from lowmem.optim.step_one import all_finite, step_one
-
-MASTER_DTYPE = torch.float32  # the masters and the gradients the CPU optimizer steps (Fuyou §4)
-
 
 @dataclass
 class CpuOptimizer:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from lowmem.offload.fo_host import MASTER_DTYPE, CpuOptimizer
+from lowmem.dtypes import MASTER_DTYPE
+from lowmem.offload.fo_host import CpuOptimizer
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import Packed
 

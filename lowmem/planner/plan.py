@@ -38,6 +38,7 @@ from lowmem.planner.first_order import offload_parts
 from lowmem.planner.trace import trace_step
 from lowmem.planner.zo2 import zo2_parts
 from lowmem.recipe import Recipe, with_overrides
+from lowmem.steps import FirstOrderOffloadStep, step_class
 
 
 @dataclass
@@ -124,7 +125,8 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
         raise ValueError(f"model.lora: {LORA_NOT_PLANNED}")
     config = model_config(recipe.model)
     recipe = config_section(recipe, config)  # from here on the config alone: no weights, no tokenizer files
-    first_order_offload = recipe.offload.enabled and not forward_only and not get_spec(recipe.optim.name).zeroth_order
+    way = step_class(recipe, get_spec(recipe.optim.name).zeroth_order)  # how the run steps, decided once
+    first_order_offload = way is FirstOrderOffloadStep and not forward_only
     offloaded = recipe.offload.enabled and device == "cuda" and not first_order_offload
     host: dict[str, int] = {}
     if first_order_offload:

@@ -1,8 +1,10 @@
 """One definition of a training step, used by the trainer, the planner's trace, the Hugging Face
 integration and the benchmarks.
 
-:data:`STEPS` is the registry: the first class whose ``applies(recipe, zeroth_order)`` holds is the
-way a recipe steps (:func:`make_step`, called once by :func:`lowmem.build.build_run`). A new way of
+:data:`STEPS` is the registry: exactly one class's ``applies(recipe, zeroth_order)`` holds for a
+recipe, and it is the way that recipe steps. The class also decides what it refuses
+(``check(recipe)``, asked by the recipe's validator) and prepares the optimizer and model
+(``setup``); :func:`make_step` builds it (called by :func:`lowmem.build.build_step`). A new way of
 stepping is one :class:`~lowmem.steps.base.Step` subclass added here.
 """
 
@@ -19,8 +21,13 @@ STEPS: list[type[Step]] = [ZO2Step, FirstOrderOffloadStep, ZerothOrderStep, Laye
 
 
 def step_class(recipe, zeroth_order: bool) -> type[Step]:
-    """The registered way ``recipe`` steps (``zeroth_order``: its optimizer is a zeroth-order one)."""
-    return next(cls for cls in STEPS if cls.applies(recipe, zeroth_order))
+    """The registered way ``recipe`` steps (``zeroth_order``: its optimizer is a zeroth-order one): the
+    one class of :data:`STEPS` that applies (two or none is a defect of the registry, not of the recipe)."""
+    found = [cls for cls in STEPS if cls.applies(recipe, zeroth_order)]
+    if len(found) != 1:
+        raise RuntimeError(f"lowmem.steps.STEPS: {len(found)} step classes apply to this recipe "
+                           f"({', '.join(cls.__name__ for cls in found) or 'none'}); exactly one must")
+    return found[0]
 
 
 def make_step(recipe, model, optimizer, zeroth_order: bool, accelerator, loss_fn: Callable,

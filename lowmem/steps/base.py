@@ -4,15 +4,21 @@ A step object owns the model and optimizer as one way of training uses them (fir
 zeroth order, ZO2, first-order offload) and offers the trainer one interface::
 
     loss, grad_norm = step.step(micro_batch)   # micro_batch(i) -> batch dict, i < train.grad_accum
-    step.flush()                               # apply deferred work (before eval, checkpoints, the end)
+    step.flush()                               # apply deferred work (the trainer: before evaluating)
     metrics = step.evaluate(batch)             # eval_fn(model, batch) with the current weights
     step.save_kwargs(), step.saving()          # what lowmem.checkpoint.save_checkpoint writes, and
     step.load_kwargs(), step.loading(), step.restore(extra)   # how it is read back
     step.close()                               # flush, hand offloaded weights back to the model
 
-``loss`` is NaN when the step was skipped (a non-finite loss or gradient): then neither the weights
-nor the optimizer state changed. ``on_phase`` is told "forward", "backward", "step" as each begins
-(the planner's trace and the measurement label memory by phase).
+``loss`` is NaN when the step was skipped (a non-finite loss or gradient); the trainer then counts a
+bad step, not an optimizer step, and does not advance the LR schedule. A non-finite loss, and a
+non-finite gradient in the first-order and zeroth-order steps, leave the weights and the optimizer state
+as they were. The layer-wise and first-order offload steps update each parameter inside backward, as
+soon as its gradient is complete: there a non-finite gradient leaves its own parameter untouched
+(the gradient is dropped), but the parameters updated before it in that backward keep their update.
+A checkpoint carries deferred work (ZO2's pending update) instead of flushing it; :meth:`Step.close`
+flushes at the end. ``on_phase`` is told "forward", "backward", "step" as each begins (the planner's
+trace and the measurement label memory by phase).
 """
 
 from __future__ import annotations
@@ -99,25 +105,36 @@ class OneProcess:
 
 class Step:
     """One way a training step runs. Subclasses set ``name``, :meth:`applies` and :meth:`step`, and
-    override :meth:`setup` and the checkpoint methods where they differ from an in-memory model."""
+    override :meth:`check`, :meth:`prepare_optimizer`, :meth:`setup` and the checkpoint methods where
+    they differ from an in-memory model."""
 
     name: ClassVar[str]
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
-        """Whether this is the way ``recipe`` steps (the registry takes the first that applies)."""
+        """Whether this is the way ``recipe`` steps (exactly one registered class applies)."""
         raise NotImplementedError
+
+    @classmethod
+    def check(cls, recipe) -> None:
+        """Refuse what this way of stepping cannot run, in one line naming the field (ValueError). The
+        recipe's validator asks the class that applies, so the rule is stated here only."""
 
     def __init__(self, recipe, model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator,
                  loss_fn: Callable, eval_fn: Callable):
         self.recipe, self.accelerator = recipe, accelerator
         self.loss_fn, self.eval_fn = loss_fn, eval_fn     # (model, batch) -> loss; -> {"eval_loss": ...}
-        self.inner_optimizer = optimizer                  # what a checkpoint saves, the scheduler drives
-        self.model, self.optimizer = self.setup(model, optimizer)  # the model and optimizer stepped
+        # what a checkpoint saves and the scheduler drives
+        self.inner_optimizer = self.prepare_optimizer(model, optimizer)
+        self.model, self.optimizer = self.setup(model, self.inner_optimizer)  # the model and optimizer stepped
         self.on_phase: Callable[[str], None] = lambda phase: None
 
+    def prepare_optimizer(self, model, optimizer):
+        """The optimizer as this way of stepping drives it (the one a checkpoint saves): as built."""
+        return optimizer
+
     def setup(self, model, optimizer):
-        """Place the model (and wrap the optimizer) for this way of stepping."""
+        """Place the model (and wrap the optimizer for the devices) for this way of stepping."""
         device = self.accelerator.device
         if any(p.device != device for p in model.parameters()):  # (a tied fake parameter cannot be moved)
             model = model.to(device)
@@ -128,7 +145,7 @@ class Step:
         raise NotImplementedError
 
     def flush(self) -> None:
-        """Apply deferred work now (nothing is deferred in memory)."""
+        """Apply deferred work now (nothing is deferred in memory); the trainer calls it before evaluating."""
 
     def evaluate(self, batch: dict) -> dict[str, torch.Tensor]:
         with self.accelerator.autocast():

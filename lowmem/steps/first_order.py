@@ -5,7 +5,8 @@
   with the weights and the optimizer state untouched.
 * :class:`LayerwiseStep`: the optimizer is a :class:`~lowmem.steps.layerwise.LayerwiseOptimizer`,
   which updates each parameter inside backward (GaLore, Zhao et al. 2024, §4.3); ``step()`` then
-  updates what backward left. A NaN/Inf gradient is dropped by the hooks and the step counted as skipped.
+  updates what backward left. A NaN/Inf gradient is dropped by the hooks (its parameter untouched)
+  and the step reported as skipped; the parameters already updated in that backward keep their update.
 
 Gradient accumulation: each micro-batch's loss is divided by ``grad_accum`` before backward, and
 data-parallel gradients are synchronised only on the last micro-batch (``accelerator.no_sync``).
@@ -19,6 +20,7 @@ from contextlib import nullcontext
 import torch
 
 from lowmem.steps.base import MicroBatch, Step, finite_on_every_process
+from lowmem.steps.layerwise import LayerwiseOptimizer, check_layerwise
 
 
 class _Backprop(Step):
@@ -76,6 +78,16 @@ class LayerwiseStep(_Backprop):
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
         return not zeroth_order and recipe.optim.layerwise and not recipe.offload.enabled
+
+    @classmethod
+    def check(cls, recipe) -> None:
+        check_layerwise("optim.layerwise", max_grad_norm=recipe.optim.max_grad_norm,
+                        fp16=recipe.train.mixed_precision == "fp16")
+
+    def prepare_optimizer(self, model, optimizer):
+        check_layerwise("optim.layerwise", processes=self.accelerator.num_processes)
+        return LayerwiseOptimizer(optimizer, grad_accum_steps=self.recipe.train.grad_accum,
+                                  max_grad_norm=self.recipe.optim.max_grad_norm, model=model)
 
     def step(self, micro_batch: MicroBatch) -> tuple[float, None]:
         total = self._forward_backward(micro_batch)

@@ -17,7 +17,10 @@ import math
 
 import torch
 
+from lowmem.dtypes import DTYPES
+from lowmem.offload.rounding import is_lower_precision
 from lowmem.steps.base import MicroBatch, Step, eval_mode
+from lowmem.steps.zeroth_order import check_zeroth_order
 
 
 def build_engine(recipe, model, optimizer, zeroth_order: bool, accelerator, loss_fn):
@@ -38,6 +41,20 @@ def build_engine(recipe, model, optimizer, zeroth_order: bool, accelerator, loss
 
 class _Offloaded(Step):
     zeroth_order = False
+
+    @classmethod
+    def check(cls, recipe) -> None:
+        if recipe.train.loss_chunk_tokens is not None:
+            raise ValueError("train.loss_chunk_tokens: not supported with the offload engines (offload.enabled); "
+                             "set it to null")
+        cls.check_engine(recipe)
+        if recipe.model.lora is not None:
+            raise ValueError("model.lora: the offload engines (offload.enabled) train the model's own weights "
+                             "(all, or with ZO2 the model.trainable subset); set it to null")
+
+    @classmethod
+    def check_engine(cls, recipe) -> None:
+        """The engine's own rules (:meth:`check` adds those of both engines)."""
 
     def setup(self, model, optimizer):
         self.engine = build_engine(self.recipe, model, optimizer, self.zeroth_order, self.accelerator,
@@ -80,6 +97,20 @@ class ZO2Step(_Offloaded):
     def applies(recipe, zeroth_order: bool) -> bool:
         return zeroth_order and recipe.offload.enabled
 
+    @classmethod
+    def check(cls, recipe) -> None:
+        super().check(recipe)
+        check_zeroth_order(recipe)
+
+    @classmethod
+    def check_engine(cls, recipe) -> None:
+        """ZO2 keeps the only copy of a block on the host: the training dtype or a coarser 16-bit one
+        (stochastically rounded, :mod:`lowmem.offload.rounding`)."""
+        host, compute = recipe.offload.host_dtype, recipe.model.dtype
+        if host is not None and host != compute and not is_lower_precision(DTYPES[host], DTYPES[compute]):
+            raise ValueError(f"offload.host_dtype: {host} is not coarser than the training dtype "
+                             f"{compute} (model.dtype); use it or a 16-bit type below fp32")
+
     def step(self, micro_batch: MicroBatch) -> tuple[float, None]:
         with eval_mode(self.model):  # as the in-memory zeroth-order step: no dropout in the difference
             loss = self.engine.step(micro_batch(0))
@@ -105,6 +136,22 @@ class FirstOrderOffloadStep(_Offloaded):
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
         return not zeroth_order and recipe.offload.enabled
+
+    @classmethod
+    def check_engine(cls, recipe) -> None:
+        """The engine updates each block inside backward (layer-wise rules) and keeps fp32 masters."""
+        if recipe.optim.max_grad_norm is not None:
+            raise ValueError("optim.max_grad_norm: the first-order offload engine steps each block inside "
+                             "backward (layer-wise), before a global norm exists; set it to null")
+        if recipe.model.trainable is not None:
+            raise ValueError("model.trainable: the first-order offload engine trains every weight; set it to null")
+        if recipe.train.mixed_precision == "fp16":
+            raise ValueError("train.mixed_precision: fp16 needs loss scaling, which the first-order offload "
+                             "engine does not do; use bf16 or no")
+        host = recipe.offload.host_dtype
+        if host is not None and host != recipe.model.dtype and host != "float32":
+            raise ValueError(f"offload.host_dtype: the first-order offload engine keeps fp32 master weights "
+                             f"on the host; got {host!r}, use null")
 
     def step(self, micro_batch: MicroBatch) -> tuple[float, None]:
         closures = [lambda m=m: self.loss_fn(self.model, micro_batch(m)) for m in range(self.recipe.train.grad_accum)]

@@ -16,6 +16,16 @@ from contextlib import nullcontext
 import torch
 
 from lowmem.steps.base import MicroBatch, Step, eval_mode
+from lowmem.steps.layerwise import check_layerwise
+
+
+def check_zeroth_order(recipe) -> None:
+    """What every zeroth-order step (in memory or ZO2) refuses: several micro-batches per step (the
+    finite difference is taken on one batch) and layer-wise hooks (there is no backward)."""
+    if recipe.train.grad_accum != 1:
+        raise ValueError("train.grad_accum: zeroth-order optimizers take one batch per step (set it to 1)")
+    if recipe.optim.layerwise:
+        check_layerwise("optim.layerwise", zeroth_order=True)
 
 
 def zo_autocast(step: Step):
@@ -29,6 +39,10 @@ class ZerothOrderStep(Step):
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
         return zeroth_order and not recipe.offload.enabled
+
+    @classmethod
+    def check(cls, recipe) -> None:
+        check_zeroth_order(recipe)
 
     def step(self, micro_batch: MicroBatch) -> tuple[float, None]:
         batch = micro_batch(0)

@@ -16,7 +16,6 @@ from lowmem.build import build_optimizer, lm_loss, no_grad_forward, sample_batch
 from lowmem.memory import current_rss_bytes, reset_peak_rss, state_bytes, window_peak_rss_bytes
 from lowmem.models import load_model
 from lowmem.offload.firstorder import FirstOrderEngine
-from lowmem.steps import OneProcess
 from lowmem.steps.layerwise import LayerwiseOptimizer
 
 
@@ -33,11 +32,11 @@ def forward_peak(recipe) -> dict:
 def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
     baseline = current_rss_bytes()
     model = load_model(recipe.model).train()
-    optimizer, _, _ = build_optimizer(recipe, model, OneProcess(recipe.train.mixed_precision))
+    optimizer, _ = build_optimizer(recipe, model)
     loss_fn = lm_loss(recipe.train)
     engine = None
     if inmemory:
-        optimizer = optimizer if isinstance(optimizer, LayerwiseOptimizer) else LayerwiseOptimizer(optimizer)
+        optimizer = LayerwiseOptimizer(optimizer)
     else:
         engine = FirstOrderEngine(model, optimizer, recipe.offload, device="cpu")
     batch = sample_batch(recipe, model.config.vocab_size)

@@ -9,6 +9,7 @@ it names. Within a layer a module may import another of the same layer, as long 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,8 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
     return skip
 
 
-def _graph() -> dict[str, set[str]]:
+@functools.lru_cache(maxsize=None)  # one walk for the three tests
+def _graph() -> dict[str, frozenset[str]]:
     modules = _modules()
 
     def resolve(name: str) -> str | None:
@@ -79,7 +81,7 @@ def _graph() -> dict[str, set[str]]:
             else:
                 continue
             edges |= {t for t in targets if t and t != name and t.startswith("lowmem")}
-        graph[name] = edges
+        graph[name] = frozenset(edges)
     return graph
 
 
