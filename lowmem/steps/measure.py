@@ -29,8 +29,9 @@ def in_memory(recipe):
 
 
 def sample_batch(recipe, vocab_size: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """A micro-batch of the largest shape ``recipe`` trains on, from a fixed generator: ``data.task: lm``
-    ``(batch_size, seq_len)`` token ids with labels; ``classification``: every example's rows filled to
+    """A micro-batch of the largest shape ``recipe`` trains on, from a fixed generator: ``data.task: lm`` or
+    ``sft`` ``(batch_size, seq_len)`` token ids with labels (packed: position_ids of two documents a row);
+    ``classification``: every example's rows filled to
     ``seq_len`` by :func:`lowmem.build.candidate_collator` (the text truncated, the candidates whole)."""
     if recipe.data.task == "classification":
         from lowmem.build import candidate_collator
@@ -41,8 +42,12 @@ def sample_batch(recipe, vocab_size: int, device: str = "cpu") -> dict[str, torc
         examples = [(text, i % len(collator.verbalizers)) for i in range(recipe.train.batch_size)]
         return {k: v.to(device) for k, v in collator(examples).items()}
     gen = torch.Generator().manual_seed(recipe.train.seed)
-    ids = torch.randint(0, vocab_size, (recipe.train.batch_size, recipe.train.seq_len), generator=gen)
-    return {"input_ids": ids.to(device), "labels": ids.to(device)}
+    shape = (recipe.train.batch_size, recipe.train.seq_len)
+    ids = torch.randint(0, vocab_size, shape, generator=gen)
+    batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
+    if recipe.data.packing:  # two documents per row: the model builds its block-diagonal mask, as in training
+        batch["position_ids"] = (torch.arange(shape[1]) % (shape[1] // 2 + 1)).expand(shape).to(device)
+    return batch
 
 
 def no_grad_forward(recipe, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
