@@ -59,6 +59,7 @@ class Run:
         return self.stepper.inner_optimizer
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
+        model.config.use_cache = True  # off for training (lowmem.models.load_model); generation wants it
         model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
 

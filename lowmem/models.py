@@ -128,6 +128,9 @@ def load_model(section: ModelSection):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         if section.gguf_file:
             model = _plain_copy(model)
+    # no KV cache in training: with one, transformers builds a plain causal mask and ignores packed position_ids
+    # (masking_utils only reads them without a cache), letting packed documents attend to each other
+    model.config.use_cache = False
     if section.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import _char_tokenizer
+from tests.conftest import _char_tokenizer
 from lowmem.build import mask_ignores_positions
 from lowmem.data import (Document, block_diagonal_mask, document_positions, lm_rows, pack_examples, pack_tokens,
                          pad_examples)
@@ -185,3 +185,18 @@ def test_parquet_and_json_files_read_alike(tmp_path):
     a, _ = sft_examples(str(tmp_path / "a.parquet"), "data.path", ByteTokenizer(), section, 64)
     b, _ = sft_examples(str(tmp_path / "b.json"), "data.path", ByteTokenizer(), section, 64)
     assert a == b and len(a) == 3
+
+
+def test_models_are_loaded_without_kv_cache_so_a_plain_call_keeps_documents_apart():
+    """transformers ignores packed position_ids when it builds a KV cache (use_cache defaults to True): a model
+    lowmem loads has it off, so even ``model(**batch)`` (the HF Trainer's call) keeps the packing."""
+    from lowmem.models import load_model
+    from lowmem.recipe import ModelSection
+
+    config = {k: v for k, v in _configs()["llama"].to_diff_dict().items() if k != "transformers_version"}
+    model = load_model(ModelSection(config=config, tokenizer="bytes")).eval()
+    batch = {k: v for k, v in pack_examples([([5, 6, 7], [5, 6, 7]), ([8, 9, 10, 11], [8, 9, 10, 11])], 8, 0,
+                                            "x").items() if k != "tokens"}
+    with torch.no_grad():
+        assert model(**batch).loss.item() == causal_lm_loss(model, batch).item()
+        assert model(**batch, use_cache=True).loss.item() != causal_lm_loss(model, batch).item()

@@ -47,6 +47,8 @@ def test_sft_trains_packed_and_padded(tiny_recipe, sft_data, tmp_path, packing):
     assert summary["steps"] == 2 and summary["data"] == {"records": 40, "truncated": 0, "dropped": 0,
                                                          "train_examples": 32}
     assert summary["eval_loss"] < summary["eval_loss_before"]
+    saved = json.loads((tmp_path / str(packing) / "model" / "config.json").read_text())
+    assert saved["use_cache"] is True  # off in training (packed positions need it), on again for generation
 
 
 def test_sft_resume_on_the_zo2_offload_path_is_bit_exact(tiny_recipe, sft_data, tmp_path):
