@@ -82,7 +82,7 @@ def sft_speed(packing: bool, batch_size: int, steps: int) -> list:
     tokens = batches.tokens_per_batch() * (steps - 1)
     width = recipe.train.seq_len if packing else "longest of the batch"
     row = ["packed rows" if packing else "one example per row, padded", batch_size, width,
-           f"{batches.tokens_per_batch():.0f}", f"{tokens / seconds:.0f}", load_avg()]
+           f"{batches.tokens_per_batch():.0f}", f"{tokens / seconds:.1f}", load_avg()]
     print(row, flush=True)
     return row
 
