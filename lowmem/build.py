@@ -16,12 +16,15 @@ import torch
 from accelerate import Accelerator
 
 from lowmem.activations import apply_activations
-from lowmem.data import CandidateBatches, PackedBatches, label_examples, pack_tokens, split_documents
+from lowmem.data import (CandidateBatches, PackedBatches, PaddedBatches, block_diagonal_mask, held_out_batches,
+                         label_examples, lm_examples, lm_rows, pack_examples, pack_tokens, split_documents)
 from lowmem.models import load_model, load_tokenizer, save_pretrained
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
 from lowmem.recipe import Recipe, TrainSection
+from lowmem.sft import sft_examples
 from lowmem.steps import OneProcess, Step, make_step
+from lowmem.structure import block_container
 
 
 def lm_metrics(model, batch, chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
@@ -46,6 +49,7 @@ class Run:
     train_batches: PackedBatches
     eval_batches: list[dict[str, torch.Tensor]]
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    data_counts: dict[str, int] = field(default_factory=dict)  # examples read, truncated, dropped (summary.json)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -57,6 +61,7 @@ class Run:
         return self.stepper.inner_optimizer
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
+        model.config.use_cache = True  # off for training (lowmem.models.load_model); generation wants it
         save_pretrained(model, self.tokenizer, directory)
 
 
@@ -91,6 +96,7 @@ def classification_train_loss(model, batch) -> torch.Tensor:
 # data.task -> (train.* -> (loss_fn, eval_fn)): the run's objective, also what the planner traces
 OBJECTIVES = {
     "lm": lambda tr: (lm_loss(tr), functools.partial(lm_metrics, chunk_tokens=tr.loss_chunk_tokens)),
+    "sft": lambda tr: (lm_loss(tr), functools.partial(lm_metrics, chunk_tokens=tr.loss_chunk_tokens)),
     "classification": lambda tr: (classification_train_loss, classification_metrics),
 }
 
@@ -107,32 +113,110 @@ def candidate_collator(recipe: Recipe, tokenizer) -> CandidateCollator:
                              recipe.train.seq_len)
 
 
-def _lm_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
-    tr = recipe.train
-    train_rows = pack_tokens(train_docs, tokenizer, tr.seq_len, "data.path")
-    eval_rows = pack_tokens(eval_docs, tokenizer, tr.seq_len, recipe.data.eval_path or "data.path (eval split)")
-    evals = [{"input_ids": b, "labels": b.clone()} for b in eval_rows[: tr.eval_batches * tr.batch_size].split(tr.batch_size)]
-    return PackedBatches(train_rows, tr.batch_size, tr.seed), evals
+def _batches(recipe: Recipe, tokenizer, train, held):
+    """Train batches and eval batches of ``lm_rows``-style packed rows (dicts) or of examples (lists):
+    examples are packed (``data.packing``) or padded per micro-batch."""
+    tr, pad = recipe.train, tokenizer.pad_token_id
+    if isinstance(train, list) and recipe.data.packing:
+        train = pack_examples(train, tr.seq_len, pad, "data.path")
+        held = pack_examples(held, tr.seq_len, pad, recipe.data.eval_path or "data.path (eval split)")
+    batches = PackedBatches(train, tr.batch_size, tr.seed) if isinstance(train, dict) \
+        else PaddedBatches(train, pad, tr.batch_size, tr.seed)
+    return batches, held_out_batches(held, tr.batch_size, tr.eval_batches, pad)
 
 
-def _classification_data(recipe: Recipe, tokenizer, train_docs, eval_docs):
+def _lm_data(recipe: Recipe, tokenizer):
     tr = recipe.train
+    train_docs, eval_docs = split_documents(recipe.data, tr.seed)
+    if recipe.data.packing:
+        train = lm_rows(pack_tokens(train_docs, tokenizer, tr.seq_len, "data.path"), tokenizer.eos_token_id)
+        held = lm_rows(pack_tokens(eval_docs, tokenizer, tr.seq_len, recipe.data.eval_path or "data.path (eval split)"),
+                       tokenizer.eos_token_id)
+        return (*_batches(recipe, tokenizer, train, held), {"documents": len(train_docs)})
+    (train, cut), (held, _) = lm_examples(train_docs, tokenizer, tr.seq_len), lm_examples(eval_docs, tokenizer, tr.seq_len)
+    return (*_batches(recipe, tokenizer, train, held), {"documents": len(train_docs), "truncated": cut})
+
+
+def _sft_data(recipe: Recipe, tokenizer):
+    """Examples of ``data.path`` in a seeded order; the held-out ones from ``data.eval_path`` or a split."""
+    d, tr = recipe.data, recipe.train
+    examples, counts = sft_examples(d.path, "data.path", tokenizer, d.sft, tr.seq_len)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(tr.seed)).tolist()
+    examples = [examples[i] for i in order][: d.max_documents]
+    if d.eval_path is not None:
+        held, _ = sft_examples(d.eval_path, "data.eval_path", tokenizer, d.sft, tr.seq_len)
+    else:
+        n_eval = max(1, round(len(examples) * d.eval_fraction))
+        if n_eval >= len(examples):
+            raise ValueError(f"data.path: {len(examples)} example(s) are too few to hold out an eval split")
+        held, examples = examples[:n_eval], examples[n_eval:]
+    return (*_batches(recipe, tokenizer, examples, held), {**counts, "train_examples": len(examples)})
+
+
+def _classification_data(recipe: Recipe, tokenizer):
+    tr = recipe.train
+    train_docs, eval_docs = split_documents(recipe.data, tr.seed)
     labels = list(recipe.data.classification.candidates)
     collator = candidate_collator(recipe, tokenizer)
     train = label_examples(train_docs, labels, recipe.data.path)
     held = label_examples(eval_docs, labels, recipe.data.eval_path or recipe.data.path)
     held = held[: tr.eval_batches * tr.batch_size]
     evals = [collator(held[i:i + tr.batch_size]) for i in range(0, len(held), tr.batch_size)]
-    return CandidateBatches(train, collator, tr.batch_size, tr.seed), evals
+    return CandidateBatches(train, collator, tr.batch_size, tr.seed), evals, {"documents": len(train)}
 
 
-DATA_BUILDERS = {"lm": _lm_data, "classification": _classification_data}
+DATA_BUILDERS = {"lm": _lm_data, "sft": _sft_data, "classification": _classification_data}
 
 
 def build_data(recipe: Recipe, tokenizer):
-    """Return (train batches, eval batches) for ``data.task``."""
-    train_docs, eval_docs = split_documents(recipe.data, recipe.train.seed)
-    return DATA_BUILDERS[recipe.data.task](recipe, tokenizer, train_docs, eval_docs)
+    """Return (train batches, eval batches, counts) for ``data.task``."""
+    return DATA_BUILDERS[recipe.data.task](recipe, tokenizer)
+
+
+class _MaskCaught(Exception):
+    pass
+
+
+@torch.no_grad()
+def mask_ignores_positions(model) -> bool:
+    """Whether ``model`` would let packed documents attend to each other: its first decoder block is called on
+    two 2-token documents (``position_ids`` 0 1 0 1) and the mask it receives is read (the forward stops
+    there). transformers builds a block-diagonal mask from restarting positions for most models (Llama,
+    Qwen, Gemma, GPT-2); OPT's mask ignores them. Flash attention reads the positions itself."""
+    found = block_container(model)
+    if found is None or "flash" in str(getattr(model.config, "_attn_implementation", "")):
+        return False
+    caught = {}
+
+    def grab(module, args, kwargs):
+        masks = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 4
+                 and tuple(a.shape[-2:]) == (4, 4)]
+        caught["mask"] = masks[0] if masks else None
+        raise _MaskCaught
+
+    hook = found[1][0].register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device),
+              position_ids=torch.tensor([[0, 1, 0, 1]], device=device), use_cache=False)
+    except _MaskCaught:
+        pass
+    finally:
+        hook.remove()
+    mask = caught.get("mask")
+    if mask is None:
+        return True
+    allowed = mask[0, 0, 2, 1]  # token 0 of document 2 looking at token 1 of document 1
+    return bool(allowed) if mask.dtype == torch.bool else bool(allowed == 0)
+
+
+def keep_documents_apart(model, train_batches, eval_batches: list[dict]) -> None:
+    """Give packed batches an explicit block-diagonal mask where ``model``'s own would ignore positions."""
+    if not isinstance(train_batches, PackedBatches) or not mask_ignores_positions(model):
+        return
+    train_batches.block_mask = True
+    for batch in eval_batches:
+        batch["attention_mask"] = block_diagonal_mask(batch["position_ids"])
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module):
@@ -173,8 +257,8 @@ def recipe_step(recipe: Recipe, model: torch.nn.Module, device: str = "cpu") -> 
 
 def sample_batch(recipe: Recipe, vocab_size: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A micro-batch of the largest shape ``recipe`` trains on, from a fixed generator (what the planner
-    traces and the measuring tool measures): ``data.task: lm`` ``(batch_size, seq_len)`` token ids with
-    labels; ``classification``: every example's rows filled to ``seq_len`` by :func:`candidate_collator`
+    traces and the measuring tool measures): ``data.task: lm`` or ``sft`` ``(batch_size, seq_len)`` token ids
+    with labels (packed: position_ids of two documents a row); ``classification``: every example's rows filled to ``seq_len`` by :func:`candidate_collator`
     (the text truncated, the candidates whole)."""
     if recipe.data.task == "classification":
         collator = candidate_collator(recipe, load_tokenizer(recipe.model))
@@ -182,8 +266,12 @@ def sample_batch(recipe: Recipe, vocab_size: int, device: str = "cpu") -> dict[s
         examples = [(text, i % len(collator.verbalizers)) for i in range(recipe.train.batch_size)]
         return {k: v.to(device) for k, v in collator(examples).items()}
     gen = torch.Generator().manual_seed(recipe.train.seed)
-    ids = torch.randint(0, vocab_size, (recipe.train.batch_size, recipe.train.seq_len), generator=gen)
-    return {"input_ids": ids.to(device), "labels": ids.to(device)}
+    shape = (recipe.train.batch_size, recipe.train.seq_len)
+    ids = torch.randint(0, vocab_size, shape, generator=gen)
+    batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
+    if recipe.data.packing:  # two documents per row: the model builds its block-diagonal mask, as in training
+        batch["position_ids"] = (torch.arange(shape[1]) % (shape[1] // 2 + 1)).expand(shape).to(device)
+    return batch
 
 
 FILLER = "lorem "  # the text of a sampled classification example, long enough to be truncated
@@ -199,8 +287,9 @@ def no_grad_forward(recipe: Recipe, model: torch.nn.Module, batch: dict[str, tor
 
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     tokenizer = load_tokenizer(recipe.model)
-    train_batches, eval_batches = build_data(recipe, tokenizer)
+    train_batches, eval_batches, counts = build_data(recipe, tokenizer)
     model = load_model(recipe.model)
+    keep_documents_apart(model, train_batches, eval_batches)
     generators: dict[str, torch.Generator] = {}
     sampler = apply_activations(model, recipe.activations, recipe.train.seed + accelerator.process_index)
     if sampler is not None:  # WTA-CRS: ranks sample different rows
@@ -210,4 +299,4 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     stepper = build_step(recipe, model, accelerator)
     scheduler = build_scheduler(stepper.inner_optimizer, recipe.train)
     return Run(stepper=stepper, tokenizer=tokenizer, scheduler=scheduler, train_batches=train_batches,
-               eval_batches=eval_batches, generators=generators)
+               eval_batches=eval_batches, generators=generators, data_counts=counts)

@@ -106,17 +106,27 @@ def model_source(path: str, field: str) -> str:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens (ids 0-255) plus an end-of-text token 256: no files needed."""
+    """UTF-8 bytes as tokens (ids 0-255) plus an end-of-text token 256: no files needed. Its chat template is
+    ChatML written as plain text (``<|im_start|>role\ncontent<|im_end|>\n``), for SFT runs on tiny models."""
 
     eos_token_id = 256
     pad_token_id = 256
     bos_token_id = None
     vocab_size = 257
+    chat_template = "chatml (lowmem.models.ByteTokenizer)"
 
-    def __call__(self, texts: str | list[str], add_special_tokens: bool = False):
-        if isinstance(texts, str):
-            return {"input_ids": list(texts.encode("utf-8"))}
-        return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
+    def __call__(self, texts: str | list[str], add_special_tokens: bool = False, return_offsets_mapping: bool = False):
+        if isinstance(texts, list):
+            return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
+        out = {"input_ids": list(texts.encode("utf-8"))}
+        if return_offsets_mapping:  # each byte points at the character it encodes
+            out["offset_mapping"] = [(i, i + 1) for i, c in enumerate(texts) for _ in c.encode("utf-8")]
+        return out
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        text += "<|im_start|>assistant\n" if add_generation_prompt else ""
+        return self.encode(text) if tokenize else text
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
@@ -184,6 +194,9 @@ def load_model(section: ModelSection):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         if section.gguf_file:
             model = _plain_copy(model)
+    # no KV cache in training: with one, transformers builds a plain causal mask and ignores packed position_ids
+    # (masking_utils only reads them without a cache), letting packed documents attend to each other
+    model.config.use_cache = False
     if section.gradient_checkpointing:
         enable_checkpointing(model)
     return select_trained(model, section).train()

@@ -68,13 +68,44 @@ class ClassificationSection(Section):
     candidates: dict[str, str] = Field(..., description="Label (folder name) -> verbalizer, e.g. tech: ' tech'")
 
 
+class SftFieldsSection(Section):
+    messages: str = Field("messages", description="Field of a conversation: a list of {role, content} turns")
+    prompt: str = Field("prompt", description="Field of a prompt (with `completion`)")
+    completion: str = Field("completion", description="Field of the answer to `prompt`")
+    instruction: str = Field("instruction", description="Alpaca-style instruction (with `output`)")
+    input: str = Field("input", description="Alpaca-style optional input, appended to the instruction after a "
+                                            "blank line")
+    output: str = Field("output", description="Alpaca-style answer")
+
+
+class SftSection(Section):
+    fields: SftFieldsSection = Field(SftFieldsSection(), description="Record field names; a record is a "
+                                     "conversation (messages), a prompt/completion pair, or an alpaca record, "
+                                     "in that order of precedence")
+    chat_template: bool = Field(True, description="Render prompt/completion and alpaca records as a user turn and "
+                                "an assistant turn with the tokenizer's chat template; false: plain text "
+                                "`prompt + completion + EOS` (conversations always use the template)")
+    train_on_prompt: bool = Field(False, description="Loss on every token, prompts and user turns too; false: on "
+                                  "the assistant turns / completions only")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="An example longer than train.seq_len: "
+                                                  "keep its first seq_len tokens (dropped if no answer token is "
+                                                  "left), or drop it; counted in summary.json")
+
+
 class DataSection(Section):
-    path: str = Field(..., description="A .txt/.jsonl file, a directory of them (searched recursively), or 'pkg:' dir")
+    path: str = Field(..., description="A .txt/.jsonl file, a directory of them (searched recursively), or 'pkg:' "
+                                       "dir; data.task sft: .jsonl/.json/.parquet files")
     eval_path: str | None = Field(None, description="Held-out data; default: a split of `path`")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of documents held out when no eval_path")
     text_field: str = Field("text", description="JSONL field holding the text")
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (after shuffling)")
-    task: Literal["lm", "classification"] = Field("lm", description="Causal LM loss, or candidate classification")
+    task: Literal["lm", "classification", "sft"] = Field("lm", description="Causal LM loss, candidate "
+                                                         "classification, or supervised fine-tuning on "
+                                                         "conversations / prompt-completion pairs (data.sft)")
+    packing: bool = Field(True, description="lm/sft: pack documents into rows of train.seq_len, position_ids "
+                                            "restarting at each document (no attention across documents); false: "
+                                            "one document per row, padded to the longest of its micro-batch")
+    sft: SftSection = Field(SftSection(), description="Supervised fine-tuning data (data.task: sft)")
     classification: ClassificationSection | None = Field(None, description="Template and candidates "
                                                                            "(data.task: classification)")
 
@@ -170,8 +201,12 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _chunked_loss(self):
-        if self.train.loss_chunk_tokens is not None and self.data.task != "lm":
-            raise ValueError("train.loss_chunk_tokens: applies to the LM objective only (data.task: lm); set it to null")
+        if self.train.loss_chunk_tokens is not None and self.data.task == "classification":
+            raise ValueError("train.loss_chunk_tokens: applies to the LM objective only (data.task: lm or sft); "
+                             "set it to null")
+        if self.train.loss_chunk_tokens is not None and self.offload.enabled:
+            raise ValueError("train.loss_chunk_tokens: not supported with the offload engines (offload.enabled); "
+                             "set it to null")
         return self
 
     @model_validator(mode="after")
@@ -265,7 +300,8 @@ def reference_markdown() -> str:
     """The recipe reference (one table per section) generated from the schema: the README embeds it."""
     lines = []
     sections = [(name, field.annotation) for name, field in Recipe.model_fields.items()]
-    sections += [("data.classification", ClassificationSection), ("activations.wta_crs", WtaCrsSection)]
+    sections += [("data.classification", ClassificationSection), ("data.sft", SftSection),
+                 ("data.sft.fields", SftFieldsSection), ("activations.wta_crs", WtaCrsSection)]
     for section, model in sections:
         lines += [f"**`{section}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, sub in model.model_fields.items():

@@ -31,11 +31,12 @@ def build_engine(recipe, model, optimizer, zeroth_order: bool, accelerator, loss
 
     if accelerator.num_processes > 1:
         raise ValueError("offload.enabled: the offload engines run on one process")
+    lm_objective = recipe.data.task in ("lm", "sft")  # sft: the LM loss on the labels it keeps
     if zeroth_order:
-        return ZO2Engine(model, optimizer, recipe.offload, loss_fn=None if recipe.data.task == "lm" else loss_fn)
-    if recipe.data.task != "lm":
+        return ZO2Engine(model, optimizer, recipe.offload, loss_fn=None if lm_objective else loss_fn)
+    if not lm_objective:
         raise ValueError("offload.enabled: the first-order offload engine trains the LM objective only "
-                         "(data.task: lm)")
+                         "(data.task: lm or sft)")
     return FirstOrderEngine(model, optimizer, recipe.offload, device_budget_gb=recipe.train.device_memory_gb)
 
 

@@ -19,7 +19,7 @@ LAYERS = [
     ("kernels", ["lowmem.kernels"]),
     ("foundations", ["lowmem.dtypes", "lowmem.settings", "lowmem.memory", "lowmem.structure"]),
     ("optimizers, models, data", ["lowmem.optim", "lowmem.activations", "lowmem.models", "lowmem.data",
-                                  "lowmem.objectives", "lowmem.checkpoint", "lowmem.run_dir"]),
+                                  "lowmem.objectives", "lowmem.checkpoint", "lowmem.run_dir", "lowmem.sft"]),
     ("offload", ["lowmem.offload"]),
     ("steps", ["lowmem.steps"]),
     ("recipe", ["lowmem.recipe"]),

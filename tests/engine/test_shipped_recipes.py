@@ -20,6 +20,8 @@ def _tiny_overrides(path: Path, tmp_path: Path) -> list[str]:
                  "data.max_documents=60", "train.steps=2", "train.seq_len=48", "train.batch_size=2",
                  "train.grad_accum=1", "train.eval_batches=1", "train.eval_every=1", "train.checkpoint_every=1",
                  "train.warmup_steps=0", f"output.dir={tmp_path / 'run'}"]
+    if tree["data"].get("task") == "sft":  # whole byte-tokenized conversations, answers at their end
+        overrides.append("train.seq_len=640")
     if tree.get("offload", {}).get("nvme_dir"):
         overrides.append(f"offload.nvme_dir={tmp_path / 'nvme'}")
     return overrides
