@@ -61,13 +61,17 @@ class FirstOrderStep(_Backprop):
             return math.nan, None
         self.on_phase("step")
         max_norm = self.recipe.optim.max_grad_norm or float("inf")
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = self.clip(max_norm)
         if not torch.isfinite(torch.as_tensor(norm)):
             self._skip()
             return math.nan, float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, float(norm)
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients to ``max_norm`` and return their norm before clipping."""
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
 
 
 class LayerwiseStep(_Backprop):
