@@ -5,16 +5,21 @@ What differs from :class:`~lowmem.steps.first_order.FirstOrderStep` (DDP through
 the model is sharded here, not by ``accelerator.prepare``; the gradient norm is the norm of the
 whole ``DTensor`` gradients (each rank's shard norms all-reduced by ``clip_grad_norm_``);
 gradient accumulation reduce-scatters every micro-batch (shards accumulate; nothing whole is held);
-``close`` all-gathers the weights back into a plain model for ``save_pretrained``.
+``close`` all-gathers the weights back into a plain model for ``save_pretrained``; checkpoints are
+sharded (:mod:`lowmem.fsdp_checkpoint`).
 
 Refused with one line (:meth:`FSDP2Step.check`): combinations that cannot work yet.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from lowmem.checkpoint import SHARDED, latest_checkpoint
 from lowmem.fsdp import ensure_process_group, shard_model, teardown, unshard_to_plain
+from lowmem.fsdp_checkpoint import load_sharded, save_sharded, staging_dir
 from lowmem.steps.first_order import FirstOrderStep
 
 
@@ -68,6 +73,20 @@ class FSDP2Step(FirstOrderStep):
     def clip(self, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    # ------------------------------------------------------------ checkpoints (lowmem.fsdp_checkpoint)
+    def save_kwargs(self) -> dict:
+        """Every rank writes its shards now (a collective); rank 0's checkpoint moves them in."""
+        staging = staging_dir(Path(self.recipe.output.dir))
+        meta = save_sharded(self.model, self.inner_optimizer, staging)
+        return {"weights": {}, "extra": {"fsdp2": meta}, "sharded": staging}
+
+    def load_kwargs(self) -> dict:
+        return {"load_weights": lambda weights: None}  # the weights are in sharded/, read in restore
+
+    def restore(self, extra: dict) -> None:
+        path = latest_checkpoint(self.recipe.output.dir)  # the one the trainer just read
+        load_sharded(self.model, self.inner_optimizer, extra["fsdp2"], path / SHARDED)
 
     def close(self) -> None:
         super().close()

@@ -11,12 +11,16 @@ relative 1e-5 in fp32, and so does the final eval loss.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from lowmem.checkpoint import CheckpointError
 from lowmem.recipe import load_recipe
 from lowmem.trainer import train
 
@@ -46,17 +50,27 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-# name -> (optim section, per-process grad_accum under FSDP2); the one-process reference accumulates 2x
+# name -> (optim section, per-process grad_accum under FSDP2); the one-process reference accumulates 2x.
+# Elementwise rules step the local shard; the others step the all-gathered matrix (lowmem.optim.dtensor).
 OPTIMIZERS = {
-    "adamw-clipped": ({"name": "adamw", "lr": 1e-3, "max_grad_norm": 0.05}, 1),
-    "adamw-accum": ({"name": "adamw", "lr": 1e-3}, 2),
-    # 256-element blocks, 8-bit from 256 elements: every 2-D shard of the tiny model is 8-bit
+    "adamw": ({"name": "adamw", "lr": 1e-3, "max_grad_norm": 0.05}, 2),  # clipped, accumulating
+    # 8-bit from 256 elements: every 2-D shard of the tiny model is 8-bit, in 256-element blocks
     "adamw8bit": ({"name": "adamw8bit", "lr": 1e-3, "args": {"min_8bit_size": 256}}, 1),
     "sgd8bit": ({"name": "sgd8bit", "lr": 1e-2, "args": {"min_8bit_size": 256}}, 1),
+    "galore": ({"name": "galore_adamw", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 3}}, 1),  # SVD refresh
+    "apollo": ({"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 3}}, 1),
+    "apollo_mini": ({"name": "apollo_mini", "lr": 1e-3}, 1),
+    "frugal-block": ({"name": "frugal", "lr": 1e-3, "args": {"update_proj_gap": 3}}, 1),
+    "frugal-svd": ({"name": "frugal", "lr": 1e-3, "args": {"update_proj_gap": 3, "proj_type": "svd"}}, 1),
+    "sgd_sai": ({"name": "sgd_sai", "lr": 1e-3}, 1),
+    "sinkgd": ({"name": "sinkgd", "lr": 1e-3}, 1),
+    "swan": ({"name": "swan", "lr": 1e-3, "args": {"lr_scale": 1.0}}, 1),
 }
 
 
-def test_two_processes_equal_one(tiny_recipe, tmp_path):
+def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
+    # the 8-bit steps on the PyTorch path here and in the workers (the Triton interpreter is for the kernel tests)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     runs, expected = [], {}
     for name, (optim, accum) in OPTIMIZERS.items():
         recipe = tiny_recipe(f"{name}.yaml", optim=optim, train={"steps": STEPS, "checkpoint_every": 0})
@@ -95,3 +109,49 @@ def test_eval_batches_must_split_over_the_ranks(tiny_recipe):
     with pytest.raises(ValueError, match="train.eval_batches: 3 does not split over 2 processes"):
         FSDP2Step.check(recipe, zeroth_order=False, processes=2)
     FSDP2Step.check(recipe, zeroth_order=False, processes=1)
+
+
+RESUMED = {  # one optimizer per state layout of lowmem.fsdp_checkpoint
+    "adamw": {"name": "adamw", "lr": 1e-3},                                        # DTensor moments
+    "apollo": {"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 3}},  # replicated + shards
+    "adamw8bit": {"name": "adamw8bit", "lr": 1e-3, "args": {"min_8bit_size": 256}},     # per-rank 8-bit blocks
+}
+
+
+def test_resume_exact_and_on_another_world_size(tiny_recipe, tmp_path, monkeypatch):
+    """Stopped after step 5 (its checkpoint copied alone, as if killed), resumed on 2 processes: the
+    same final weights bit for bit. Resumed on 1 process: the fp32 layouts load resharded (the same
+    weights to rounding: 1 process sums the gradient in another order); 8-bit shards are refused."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    recipes = {name: tiny_recipe(f"{name}.yaml", optim=optim, train={"steps": STEPS, "checkpoint_every": 5,
+                                                                        "distributed": "fsdp2"})
+               for name, optim in RESUMED.items()}
+    launch([[r, [f"output.dir={tmp_path / n / 'full'}"]] for n, r in recipes.items()], tmp_path)
+    step5 = Path("checkpoints") / "step-00000005"
+    for name in RESUMED:
+        for cut in ("cut", "one"):
+            shutil.copytree(tmp_path / name / "full" / step5, tmp_path / name / cut / step5)
+        assert sorted(os.listdir(tmp_path / name / "full" / "checkpoints")) == ["step-00000005", "step-00000010"]
+    launch([[r, [f"output.dir={tmp_path / n / 'cut'}"]] for n, r in recipes.items()], tmp_path, "--resume")
+    for name in RESUMED:
+        assert steps_logged(tmp_path / name / "cut") == [6, 7, 8, 9, 10]  # it resumed, it did not start over
+        full = load_file(tmp_path / name / "full" / "model" / "model.safetensors")
+        resumed = load_file(tmp_path / name / "cut" / "model" / "model.safetensors")
+        for key in full:
+            assert torch.equal(resumed[key], full[key]), (name, key)
+    for name in ("adamw", "apollo"):
+        train(load_recipe(recipes[name], [f"output.dir={tmp_path / name / 'one'}", "train.grad_accum=2"]),
+              resume=True, progress=False)  # the same global batch
+        assert steps_logged(tmp_path / name / "one") == [6, 7, 8, 9, 10]
+        full = load_file(tmp_path / name / "full" / "model" / "model.safetensors")
+        one = load_file(tmp_path / name / "one" / "model" / "model.safetensors")
+        for key in full:
+            torch.testing.assert_close(one[key], full[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+    with pytest.raises(CheckpointError, match="8-bit optimizer state laid out on 2 shards; resume with 2"):
+        train(load_recipe(recipes["adamw8bit"], [f"output.dir={tmp_path / 'adamw8bit' / 'one'}",
+                                                 "train.grad_accum=2"]), resume=True, progress=False)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]
