@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowmem.optim.dtensor import replace_params
+from lowmem.memory import tensor_bytes
+from lowmem.optim.dtensor import is_sharded, replace_params
 from lowmem.optim.targets import block_container
 
 
@@ -70,6 +71,25 @@ def unshard_to_plain(model: nn.Module) -> None:
     tie = getattr(model, "tie_weights", None)
     if tie is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         tie()
+
+
+def _local_bytes(tensors) -> int:
+    return sum(tensor_bytes(t.to_local() if is_sharded(t) else t) for t in tensors if torch.is_tensor(t))
+
+
+def bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Parameter and optimizer-state MiB held by each rank (its shards, and whatever it replicates),
+    the largest over the ranks, and the state summed over the ranks (a collective)."""
+    mine = torch.tensor([_local_bytes(model.parameters()),
+                         _local_bytes(v for state in optimizer.state.values() for v in state.values())],
+                        dtype=torch.float64)
+    most, total = mine.clone(), mine.clone()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    dist.all_reduce(total)
+    mib = 2.0 ** 20
+    return {"parameter_mb_per_rank": round(most[0].item() / mib, 3),
+            "optimizer_state_mb_per_rank": round(most[1].item() / mib, 3),
+            "optimizer_state_mb": round(total[1].item() / mib, 3)}
 
 
 def teardown(started_here: bool) -> None:

@@ -188,6 +188,7 @@ class Trainer:
             else round(self.predicted_peak_bytes / 2**30, 3),
             "optimizer_state_mb": round(state_bytes(self.run.inner_optimizer) / 2**20, 3),
             "optimizer": self.recipe.optim.name,
+            **self.run.stepper.summary(),  # the step's own figures (FSDP2: per-rank bytes)
         }
         self.run.stepper.close()  # the last deferred update flushed, offloaded blocks back into the model
         if self.accelerator.is_main_process:

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from lowmem.checkpoint import SHARDED, latest_checkpoint
-from lowmem.fsdp import ensure_process_group, shard_model, teardown, unshard_to_plain
+from lowmem.fsdp import bytes_per_rank, ensure_process_group, shard_model, teardown, unshard_to_plain
 from lowmem.fsdp_checkpoint import load_sharded, save_sharded, staging_dir
+from lowmem.steps.base import OneProcess
 from lowmem.steps.first_order import FirstOrderStep
 
 
@@ -59,6 +60,9 @@ class FSDP2Step(FirstOrderStep):
     def setup(self, model, optimizer):
         acc = self.accelerator
         self.check(self.recipe, getattr(optimizer, "zeroth_order", False), acc.num_processes)
+        self.started_group = False
+        if isinstance(acc, OneProcess):  # the planner's trace and the measurement: the whole model on
+            return super().setup(model, optimizer)  # one process, an upper bound of a rank's peak
         self.started_group = ensure_process_group(acc.device)
         model = model.to(acc.device)
         return shard_model(model, optimizer), optimizer
@@ -67,12 +71,19 @@ class FSDP2Step(FirstOrderStep):
         """The first-order step; the loss returned is the mean over all ranks' micro-batches (the
         loss of the global batch, as one process with ``N`` times the batch logs it)."""
         loss, norm = super().step(micro_batch)
+        if isinstance(self.accelerator, OneProcess):
+            return loss, norm
         mean = self.accelerator.reduce(torch.tensor(loss, dtype=torch.float64, device=self.accelerator.device), "mean")
         return float(mean), norm
 
     def clip(self, max_norm: float) -> torch.Tensor:
+        if isinstance(self.accelerator, OneProcess):
+            return super().clip(max_norm)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def summary(self) -> dict:
+        return bytes_per_rank(self.model, self.inner_optimizer)
 
     # ------------------------------------------------------------ checkpoints (lowmem.fsdp_checkpoint)
     def save_kwargs(self) -> dict:

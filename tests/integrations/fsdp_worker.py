@@ -1,7 +1,8 @@
 """Processes of the FSDP2 tests (started by torchrun): several recipe runs in one launch.
 
 ``python fsdp_worker.py RUNS.json [--resume]`` trains each ``[recipe path, [override, ...]]`` of
-``RUNS.json`` (each with its own ``output.dir``), one after the other in the same process group, then ends the group as gloo needs (model gone, barrier, destroy).
+``RUNS.json`` (each with its own ``output.dir``), one after the other in the same process group,
+then ends the group as gloo needs (model gone, barrier, destroy).
 """
 
 import gc
