@@ -79,7 +79,13 @@ def _local_bytes(tensors) -> int:
 
 def bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Parameter and optimizer-state MiB held by each rank (its shards, and whatever it replicates),
-    the largest over the ranks, and the state summed over the ranks (a collective)."""
+    the largest over the ranks, and the state summed over the ranks (a collective). The root group
+    keeps its all-gathered weights after a forward; they are resharded first, so the figures are the shards'."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     mine = torch.tensor([_local_bytes(model.parameters()),
                          _local_bytes(v for state in optimizer.state.values() for v in state.values())],
                         dtype=torch.float64)
