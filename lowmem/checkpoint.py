@@ -7,7 +7,10 @@ A checkpoint is the directory ``run_dir/checkpoints/step-XXXXXXXX`` holding
 * ``rng.safetensors``       -- torch CPU/CUDA RNG states, numpy's key, every rank's private
   generators (``rank{r}.generator.{name}``);
 * ``trainer.json``          -- step, ``extra``, optimizer meta, scheduler state, rest of the RNG states;
-* ``manifest.json``         -- sha256 and size of every other file, written last.
+* ``manifest.json``         -- sha256 and size of every other file, written last;
+* ``sharded/``              -- under FSDP2 only (:mod:`lowmem.fsdp_checkpoint`): the sharded weights and
+  optimizer state that every rank wrote through ``torch.distributed.checkpoint``, listed in the
+  manifest file by file; ``model.safetensors`` and ``optimizer.safetensors`` are then empty.
 
 Crash safety (issue #2): everything is written into ``.tmp-step-...`` beside the final
 directory, every file is fsynced, then the directory, then it is renamed to its final
@@ -44,6 +47,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 FILES = (*TENSOR_FILES, "trainer.json")
+SHARDED = "sharded"  # the torch.distributed.checkpoint directory of an FSDP2 run
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _TAGS = ("__tuple__", "__tensor__")  # marks in the JSON form of tuples and tensors
@@ -234,9 +238,9 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 # ---------------------------------------------------------------- save
-def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
                  scheduler, generator_states: dict[str, list[torch.Tensor]], extra: dict | None) -> None:
-    opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
+    opt_tensors, opt_meta = ({}, None) if optimizer is None else optimizer_state_to_tensors(optimizer.state_dict())
     rng_tensors, rng_meta = _rng_state(generator_states)
     trainer = {"step": step, "extra": _encode(extra or {}, "extra", None), "optimizer": opt_meta,
                "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), "scheduler", None),
@@ -246,7 +250,8 @@ def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimiz
     _save_tensors(rng_tensors, tmp / "rng.safetensors")
     _write_json(trainer, tmp / "trainer.json")
     files = {}
-    for name in FILES:
+    sharded = sorted(str(f.relative_to(tmp)) for f in (tmp / SHARDED).rglob("*") if f.is_file())
+    for name in (*FILES, *sharded):
         _fsync_path(tmp / name)
         files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
     _write_json({"format": FORMAT, "step": step, "files": files}, tmp / MANIFEST)
@@ -262,13 +267,15 @@ def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer, scheduler=None,
                     generator_states: dict[str, list[torch.Tensor]] | None = None, extra: dict | None = None,
-                    keep_last: int = 2, weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    keep_last: int = 2, weights: dict[str, torch.Tensor] | None = None,
+                    sharded: Path | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step:08d}`` atomically; keep the newest ``keep_last``.
 
     The weights are ``model``'s trainable parameters, or ``weights`` when the model's
     parameters live elsewhere (the ZO2 engine's offloaded blocks). ``generator_states`` maps a private
     generator's name to the ``get_state()`` of every process, in rank order (one process: a
-    list of one)."""
+    list of one). ``sharded``: a directory every rank wrote (FSDP2, :mod:`lowmem.fsdp_checkpoint`) with
+    the weights and optimizer state, moved in as ``sharded/``; ``optimizer`` is then not written."""
     if (model is None) == (weights is None):
         raise ValueError("save_checkpoint: give exactly one of model and weights")
     weights = trainable_weights(model) if weights is None else weights
@@ -279,12 +286,16 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | None =
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for d in root.glob(f"{_TMP_PREFIX}*"):  # left by a kill; one writer per run_dir
-        shutil.rmtree(d, ignore_errors=True)
+        if sharded is None or d != Path(sharded):
+            shutil.rmtree(d, ignore_errors=True)
     final = root / f"step-{step:08d}"
     tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_files(tmp, step, weights, optimizer, scheduler, generator_states or {}, extra)
+        if sharded is not None:
+            os.rename(sharded, tmp / SHARDED)
+        _write_files(tmp, step, weights, None if sharded is not None else optimizer, scheduler,
+                     generator_states or {}, extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -385,7 +396,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module | None = None, optimiz
         _load_model(model, weights, path / "model.safetensors")
     else:
         load_weights(weights)
-    _load_optimizer(optimizer, opt_tensors, trainer["optimizer"], path / "optimizer.safetensors")
+    if trainer["optimizer"] is not None:  # None: in sharded/ (FSDP2), read by lowmem.fsdp_checkpoint
+        _load_optimizer(optimizer, opt_tensors, trainer["optimizer"], path / "optimizer.safetensors")
     if scheduler is not None:
         if trainer["scheduler"] is None:
             raise _error(path / "trainer.json", "checkpoint has no scheduler state")

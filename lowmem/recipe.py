@@ -176,6 +176,9 @@ class TrainSection(Section):
     loss_chunk_tokens: int | None = Field(None, ge=1, description="LM loss over chunks of this many tokens, logits "
                                                                   "recomputed in backward (no (tokens, vocab) logits "
                                                                   "kept); null: the model's own loss")
+    distributed: Literal["ddp", "fsdp2"] = Field("ddp", description="Several processes: ddp (every process holds "
+                                                 "the whole model) or fsdp2 (weights, gradients, optimizer state "
+                                                 "sharded by PyTorch FSDP2; README, Sharded data parallel)")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

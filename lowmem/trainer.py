@@ -230,6 +230,7 @@ class Trainer:
             "optimizer_state_mb": round(state_bytes(self.run.inner_optimizer) / 2**20, 3),
             "optimizer": self.recipe.optim.name,
             "data": self.run.data_counts,
+            **self.run.stepper.summary(),  # the step's own figures (FSDP2: per-rank bytes)
         }
         if summary["predicted_peak_gb"] is None and self.predict is not None and self.accelerator.is_main_process:
             predicted = self.predict(unwrap(self.run.model).config)  # after the measurement

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
+from lowmem.optim.dtensor import is_sharded, plain_param
 from lowmem.optim.projection import current_factors, project
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -98,6 +99,7 @@ class DenseGradOptimizer(torch.optim.Optimizer):
     """The ``step`` loop every optimizer here shares: run the closure under grad, walk the groups'
     parameters (with their ``param_names`` where the group has them) and hand each one with a
     dense gradient to ``_step_param(p, group, name)``; a sparse gradient raises ``_sparse_error``.
+    A parameter sharded by FSDP2 is stepped through a plain stand-in (:mod:`lowmem.optim.dtensor`).
     ``load_state_dict`` keeps the saved state dtypes.
     """
 
@@ -114,8 +116,17 @@ class DenseGradOptimizer(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise self._sparse_error(name)
+                if is_sharded(p):  # FSDP2: a plain stand-in (lowmem.optim.dtensor)
+                    with plain_param(self, p, whole=not self.elementwise(group)) as local:
+                        self._step_param(local, group, name)
+                    continue
                 self._step_param(p, group, name)
         return loss
+
+    def elementwise(self, group: dict) -> bool:
+        """Whether ``group``'s update of an element reads that element alone (then an FSDP2 rank
+        steps its own shard; otherwise it steps the all-gathered matrix: :mod:`lowmem.optim.dtensor`)."""
+        return False
 
     def _sparse_error(self, name: str | None) -> Exception:
         return RuntimeError(f"{type(self).__name__} does not support sparse gradients")

@@ -67,6 +67,9 @@ class _Blockwise8bit(DenseGradOptimizer):
     def _sparse_error(self, name: str | None) -> Exception:
         return ValueError(f"grad: {name or 'a parameter'} is sparse; 8-bit optimizers need dense grads")
 
+    def elementwise(self, group: dict) -> bool:
+        return True
+
     def _step_param(self, p, group: dict, name: str | None) -> None:
         state = self.state[p]
         if not state:

@@ -65,6 +65,9 @@ class ApolloMiniGroup(ApolloGroup):
 class APOLLOAdamW(MomentOptimizer):
     """Drop-in for ``apollo_torch.APOLLOAdamW`` (same group keys and constructor flags)."""
 
+    def elementwise(self, group: dict) -> bool:
+        return "rank" not in group  # the AdamW groups; the target groups read the whole matrix
+
     @typed
     def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-6,
                  weight_decay: NonNegative = 0.0, correct_bias: bool = True, scale_front: bool = False,

@@ -29,6 +29,7 @@ from pydantic import Field
 
 from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, clear_moments
 from lowmem.optim.args import Betas, Count, GroupArgs, NonNegative, NonNegativeInt, StateBits, check_group, typed
+from lowmem.optim.dtensor import sharded_param
 from lowmem.optim.projection import (assign_seeds, next_seed, orthonormal_factor, project, project_back, sides,
                                      svd_factors)
 from lowmem.optim.registry import OptimizerSpec, register
@@ -50,6 +51,16 @@ class FrugalGroup(GroupArgs):
 
 
 class FRUGAL(MomentOptimizer):
+    def elementwise(self, group: dict) -> bool:
+        # the AdamW groups, and block mode (a whole tensor is active or not: Adam or sign-SGD per element)
+        return "density" not in group or group["proj_type"] == "block"
+
+    def replace_params(self, mapping: dict) -> None:
+        """Re-key the block positions to new parameter objects (FSDP2: :mod:`lowmem.optim.dtensor`)."""
+        for old, new in mapping.items():
+            if id(old) in self._blocks:
+                self._blocks[id(new)] = self._blocks.pop(id(old))
+
     @typed
     def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-8,
                  weight_decay: NonNegative = 0.01, state_bits: StateBits = 32, seed: NonNegativeInt = 0):
@@ -134,7 +145,7 @@ class FRUGAL(MomentOptimizer):
         return low, (lambda n: project_back(n, u, v)), residual
 
     def _block_active(self, p, group, k: int) -> bool:
-        position, count = self._blocks[id(p)]
+        position, count = self._blocks[id(sharded_param(p))]
         n_active, switch = round(count * group["density"]), k // group["update_proj_gap"]
         order = group["block_order"]
         if order == "random":

@@ -35,6 +35,9 @@ class GaLoreGroup(GroupArgs):
 class GaLoreAdamW(MomentOptimizer):
     """Drop-in for ``galore_torch.GaLoreAdamW`` (same group keys, same numbers in fp32)."""
 
+    def elementwise(self, group: dict) -> bool:
+        return "rank" not in group  # the AdamW groups; the target groups read the whole matrix
+
     @typed
     def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-6,
                  weight_decay: NonNegative = 0.0, correct_bias: bool = True, state_bits: StateBits = 32):

@@ -52,6 +52,9 @@ class StatelessMatrixOptimizer(MomentOptimizer):
     MARKER = ""
     GROUP: type[GroupArgs] = GroupArgs
 
+    def elementwise(self, group: dict) -> bool:
+        return self.MARKER not in group  # the AdamW groups; the target groups read the whole matrix
+
     @typed
     def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-8,
                  weight_decay: NonNegative = 0.0, correct_bias: bool = True, state_bits: StateBits = 32):

@@ -154,6 +154,10 @@ class Step:
     def close(self) -> None:
         self.flush()
 
+    def summary(self) -> dict:
+        """Entries this way of stepping adds to the run's ``summary.json`` (every rank calls it)."""
+        return {}
+
     # ------------------------------------------------------------ checkpoints
     def save_kwargs(self) -> dict:
         """``save_checkpoint`` arguments for the weights (``model`` or ``weights``) and this step's ``extra``."""

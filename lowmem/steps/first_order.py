@@ -51,7 +51,8 @@ class FirstOrderStep(_Backprop):
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
-        return not zeroth_order and not recipe.optim.layerwise and not recipe.offload.enabled
+        return (recipe.train.distributed == "ddp" and not zeroth_order and not recipe.optim.layerwise
+                and not recipe.offload.enabled)
 
     def setup(self, model, optimizer):
         return self.accelerator.prepare(model, optimizer)  # DDP wrapper, mixed precision, device
@@ -63,7 +64,7 @@ class FirstOrderStep(_Backprop):
             return math.nan, None
         self.on_phase("step")
         max_norm = self.recipe.optim.max_grad_norm or float("inf")
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = self.clip(max_norm)
         if not torch.isfinite(torch.as_tensor(norm)):
             self._skip()
             return math.nan, float(norm)
@@ -71,13 +72,18 @@ class FirstOrderStep(_Backprop):
         self.optimizer.zero_grad(set_to_none=True)
         return total, float(norm)
 
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients to ``max_norm`` and return their norm before clipping."""
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+
 
 class LayerwiseStep(_Backprop):
     name = "layerwise"
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
-        return not zeroth_order and recipe.optim.layerwise and not recipe.offload.enabled
+        return (recipe.train.distributed == "ddp" and not zeroth_order and recipe.optim.layerwise
+                and not recipe.offload.enabled)
 
     @classmethod
     def check(cls, recipe) -> None:

@@ -96,7 +96,7 @@ class ZO2Step(_Offloaded):
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
-        return zeroth_order and recipe.offload.enabled
+        return recipe.train.distributed == "ddp" and zeroth_order and recipe.offload.enabled
 
     @classmethod
     def check(cls, recipe) -> None:
@@ -136,7 +136,7 @@ class FirstOrderOffloadStep(_Offloaded):
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
-        return not zeroth_order and recipe.offload.enabled
+        return recipe.train.distributed == "ddp" and not zeroth_order and recipe.offload.enabled
 
     @classmethod
     def check_engine(cls, recipe) -> None:

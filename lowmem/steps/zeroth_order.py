@@ -38,7 +38,7 @@ class ZerothOrderStep(Step):
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
-        return zeroth_order and not recipe.offload.enabled
+        return recipe.train.distributed == "ddp" and zeroth_order and not recipe.offload.enabled
 
     @classmethod
     def check(cls, recipe) -> None:

@@ -1,0 +1,98 @@
+"""Stepping a parameter that PyTorch FSDP2 shards (a ``DTensor``) with the one-process update.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps each parameter and its reduced gradient as a
+``DTensor`` sharded by rows (``Shard(0)``): rank r holds rows ``[o_r, o_r + n_r)``. The optimizers
+here are written for plain tensors, so :meth:`DenseGradOptimizer.step
+<lowmem.optim.adam_math.DenseGradOptimizer.step>` hands them a plain stand-in, one of two kinds that
+the optimizer chooses per param group (``elementwise(group)``):
+
+* **local shard** (elementwise rules: AdamW, the 8-bit AdamW/SGD, the AdamW groups of GaLore,
+  APOLLO, FRUGAL, SinkGD, SWAN): the update of an element reads that element alone, so stepping
+  the rank's rows is the one-process update of those rows. The state is the shard's (1/N of the
+  bytes); nothing is sent. 8-bit blocks are laid out on the shard, so a block never crosses a
+  shard boundary; the blocks coincide with the one-process blocks (state bit-identical, whatever N)
+  when each shard starts at a multiple of the block size, i.e. when ``rows_per_shard * columns``
+  is a multiple of ``blocksize`` -- true for every matrix whose row length is a multiple of 256;
+  otherwise the absmax of the blocks that straddle differs and the state depends on the layout.
+  Whether a tensor is 8-bit (``min_8bit_size``) is decided on the shard's size.
+* **whole matrix** (rules that read the whole gradient: projections, norms, whitening): the
+  gradient and the weight are all-gathered (``full_tensor()``), every rank runs the one-process
+  update on the whole matrix (same state on every rank, replicated, as it is under DDP) and keeps
+  its own rows. Per step and matrix of ``m x n`` elements of ``b`` bytes each rank receives
+  ``2 (N-1)/N m n b`` bytes (gradient and weight). A first correct version: the methods whose
+  exchange can shrink to projected matrices or norms are listed in the README.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def dtensor_class():
+    """``torch.distributed.tensor.DTensor`` (None where torch was built without distributed)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return None
+    return DTensor
+
+
+def is_sharded(t: torch.Tensor | None) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local_rows(p) -> tuple[slice, ...]:
+    """The slices of the whole tensor that this rank's shard of ``p`` holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(slice(o, o + s) for s, o in zip(shape, offset))
+
+
+@contextlib.contextmanager
+def plain_param(optimizer: torch.optim.Optimizer, p, whole: bool):
+    """A plain leaf tensor standing in for the sharded ``p`` (its ``.grad`` set, ``p``'s optimizer
+    state under it) while the optimizer steps it; afterwards the state goes back under ``p`` and,
+    for ``whole``, this rank's rows of the updated matrix into ``p``'s shard."""
+    if whole:
+        q, grad = p.full_tensor(), p.grad.full_tensor()
+    else:
+        q, grad = p.to_local().detach(), p.grad.to_local()  # q shares the shard's storage
+    q.grad, q.sharded_param = grad, p
+    if p in optimizer.state:
+        optimizer.state[q] = optimizer.state.pop(p)
+    try:
+        yield q
+    finally:
+        if q in optimizer.state:
+            optimizer.state[p] = optimizer.state.pop(q)
+        if whole:
+            p.to_local().copy_(q[local_rows(p)])
+        q.grad = None
+
+
+def sharded_param(p: torch.Tensor) -> torch.Tensor:
+    """The sharded parameter a :func:`plain_param` stand-in stands for (``p`` itself otherwise):
+    for optimizers that keep per-parameter tables keyed by identity."""
+    return getattr(p, "sharded_param", p)
+
+
+def replace_params(optimizer: torch.optim.Optimizer, mapping: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Point ``optimizer``'s groups and state at the new parameter objects of ``mapping`` (old -> new),
+    as after ``fully_shard`` replaced a module's parameters by sharded ones. State made at
+    construction (seeds) moves with its parameter; a tensor-valued state must not exist yet."""
+    for group in optimizer.param_groups:
+        group["params"] = [mapping.get(p, p) for p in group["params"]]
+    for old, new in mapping.items():
+        if old in optimizer.state:
+            state = optimizer.state.pop(old)
+            if any(torch.is_tensor(v) and v.dim() > 0 for v in state.values()):
+                raise ValueError("train.distributed: fsdp2 shards the model before the first step; "
+                                 "this optimizer already holds state")
+            optimizer.state[new] = state
+    remap = getattr(optimizer, "replace_params", None)
+    if remap is not None:  # an optimizer keeping its own per-parameter tables
+        remap(mapping)

@@ -1,0 +1,111 @@
+"""The FSDP2 step (``train.distributed: fsdp2``, :mod:`lowmem.fsdp`): a first-order step on a model
+sharded by ``fully_shard``, equal to the one-process step on the whole batch.
+
+What differs from :class:`~lowmem.steps.first_order.FirstOrderStep` (DDP through accelerate):
+the model is sharded here, not by ``accelerator.prepare``; the gradient norm is the norm of the
+whole ``DTensor`` gradients (each rank's shard norms all-reduced by ``clip_grad_norm_``);
+gradient accumulation reduce-scatters every micro-batch (shards accumulate; nothing whole is held);
+``close`` all-gathers the weights back into a plain model for ``save_pretrained``; checkpoints are
+sharded (:mod:`lowmem.fsdp_checkpoint`).
+
+Refused with one line (:meth:`FSDP2Step.check`): combinations that cannot work yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lowmem.checkpoint import SHARDED, latest_checkpoint
+from lowmem.fsdp import bytes_per_rank, ensure_process_group, shard_model, teardown, unshard_to_plain
+from lowmem.fsdp_checkpoint import load_sharded, save_sharded, staging_dir
+from lowmem.optim.registry import get_spec
+from lowmem.steps.base import OneProcess
+from lowmem.steps.first_order import FirstOrderStep
+
+
+class FSDP2Step(FirstOrderStep):
+    name = "fsdp2"
+
+    @staticmethod
+    def applies(recipe, zeroth_order: bool) -> bool:
+        return recipe.train.distributed == "fsdp2"
+
+    @classmethod
+    def check(cls, recipe) -> None:
+        """One-line ``ValueError`` for what FSDP2 cannot run here (README, "Sharded data parallel")."""
+        where = "train.distributed: fsdp2"
+        zeroth_order = get_spec(recipe.optim.name).zeroth_order
+        if recipe.offload.enabled:
+            raise ValueError(f"{where}: the offload engines (offload.enabled) hold the blocks off the device "
+                             f"themselves; use one or the other")
+        if zeroth_order:
+            raise ValueError(f"{where}: zeroth-order optimizers ({recipe.optim.name}) are not sharded yet; "
+                             f"use train.distributed: ddp")
+        if recipe.optim.layerwise:
+            raise ValueError(f"{where}: optim.layerwise updates inside backward, before FSDP2 has reduced "
+                             f"the gradient shard; set optim.layerwise: false")
+        if recipe.train.loss_chunk_tokens is not None:
+            raise ValueError(f"{where}: train.loss_chunk_tokens runs the body and lm_head outside the "
+                             f"sharded model's forward; set it to null")
+        if recipe.train.mixed_precision == "fp16":
+            raise ValueError(f"{where}: fp16 needs a loss scaler over sharded gradients; use bf16")
+        if recipe.optim.name == "frugal" and recipe.optim.args.get("proj_type", "block") not in ("block", "svd",
+                                                                                                 "random"):
+            raise ValueError(f"{where}: FRUGAL's coordinate subspaces (optim.args.proj_type) are not sharded "
+                             f"yet; use block, svd or random")
+
+    @staticmethod
+    def check_processes(recipe, processes: int) -> None:
+        """What depends on the number of processes, known once the run starts."""
+        if recipe.train.eval_batches % processes:
+            raise ValueError(f"train.eval_batches: {recipe.train.eval_batches} does not split over {processes} "
+                             f"processes (every rank runs each sharded eval forward); use a multiple of {processes}")
+
+    def setup(self, model, optimizer):
+        acc = self.accelerator
+        self.check_processes(self.recipe, acc.num_processes)
+        self.started_group = False
+        if isinstance(acc, OneProcess):  # the planner's trace and the measurement: the whole model on
+            return super().setup(model, optimizer)  # one process, an upper bound of a rank's peak
+        self.started_group = ensure_process_group(acc.device)
+        model = model.to(acc.device)
+        return shard_model(model, optimizer), optimizer
+
+    def step(self, micro_batch):
+        """The first-order step; the loss returned is the mean over all ranks' micro-batches (the
+        loss of the global batch, as one process with ``N`` times the batch logs it)."""
+        loss, norm = super().step(micro_batch)
+        if isinstance(self.accelerator, OneProcess):
+            return loss, norm
+        mean = self.accelerator.reduce(torch.tensor(loss, dtype=torch.float64, device=self.accelerator.device), "mean")
+        return float(mean), norm
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        if isinstance(self.accelerator, OneProcess):
+            return super().clip(max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def summary(self) -> dict:
+        return bytes_per_rank(self.model, self.inner_optimizer)
+
+    # ------------------------------------------------------------ checkpoints (lowmem.fsdp_checkpoint)
+    def save_kwargs(self) -> dict:
+        """Every rank writes its shards now (a collective); rank 0's checkpoint moves them in."""
+        staging = staging_dir(Path(self.recipe.output.dir))
+        meta = save_sharded(self.model, self.inner_optimizer, staging)
+        return {"weights": {}, "extra": {"fsdp2": meta}, "sharded": staging}
+
+    def load_kwargs(self) -> dict:
+        return {"load_weights": lambda weights: None}  # the weights are in sharded/, read in restore
+
+    def restore(self, extra: dict) -> None:
+        path = latest_checkpoint(self.recipe.output.dir)  # the one the trainer just read
+        load_sharded(self.model, self.inner_optimizer, extra["fsdp2"], path / SHARDED)
+
+    def close(self) -> None:
+        super().close()
+        unshard_to_plain(self.model)
+        teardown(self.started_group)  # a group this process started for itself ends here
