@@ -23,7 +23,7 @@ from torch import nn
 
 from lowmem.memory import tensor_bytes
 from lowmem.optim.dtensor import is_sharded, replace_params
-from lowmem.optim.targets import block_container
+from lowmem.structure import block_container
 
 
 def ensure_process_group(device: torch.device) -> bool:

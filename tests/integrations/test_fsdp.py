@@ -111,8 +111,8 @@ def test_eval_batches_must_split_over_the_ranks(tiny_recipe):
 
     recipe = load_recipe(tiny_recipe(), ["train.distributed=fsdp2", "train.eval_batches=3"])
     with pytest.raises(ValueError, match="train.eval_batches: 3 does not split over 2 processes"):
-        FSDP2Step.check(recipe, zeroth_order=False, processes=2)
-    FSDP2Step.check(recipe, zeroth_order=False, processes=1)
+        FSDP2Step.check_processes(recipe, processes=2)
+    FSDP2Step.check_processes(recipe, processes=1)
 
 
 RESUMED = {  # one optimizer per state layout of lowmem.fsdp_checkpoint
