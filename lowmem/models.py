@@ -11,6 +11,7 @@ peft LoRA adapters (Hu et al., 2021: ``W x + (alpha / r) B A x``, base frozen);
 ``model.trainable`` keeps only the parameters whose names match its globs (plus
 the adapters). Every optimizer, zeroth-order ones included, sees only what is
 left trainable: MeZO on LoRA adapters or on norms is the reference's LoRA/prefix mode.
+``model.quantize`` holds the frozen base's Linear layers in 4 or 8 bits (:mod:`lowmem.quantized_base`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lowmem.dtypes import DTYPES
+from lowmem.quantized_base import load_quantized, quantize_model, quantized_names
 from lowmem.recipe import ModelSection
 
 
@@ -110,6 +112,8 @@ def load_model(section: ModelSection):
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         torch.manual_seed(section.seed)
         model = AutoModelForCausalLM.from_config(config).to(dtype)
+    elif section.quantize is not None and not section.gguf_file:  # quantized as the weights are read
+        return _prepared(load_quantized(resolve_path(section.path, "model.path"), section.quantize, dtype), section)
     else:
         source = resolve_path(section.path, "model.path")
         kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
@@ -118,6 +122,13 @@ def load_model(section: ModelSection):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         if section.gguf_file:
             model = _plain_copy(model)
+    if section.quantize is not None:
+        model = quantize_model(model, section.quantize, dtype)
+    return _prepared(model, section)
+
+
+def _prepared(model, section: ModelSection):
+    """``model`` with checkpointing, adapters and the trained subset of ``section`` applied, in train mode."""
     if section.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -156,8 +167,13 @@ def _adapter_names(model) -> set[str]:
 def keep_trainable(model, patterns: list[str], also: set[str] = frozenset()) -> None:
     """Freeze every parameter whose name matches none of ``patterns`` (globs) and is not in ``also``."""
     names = [n for n, _ in model.named_parameters()]
+    frozen = quantized_names(model)
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ValueError(f"model.trainable: {pattern!r} matches no parameter name (they look like {names[-1]!r})")
+        held = sorted(n for n in frozen if fnmatch.fnmatchcase(n, pattern))
+        if held:
+            raise ValueError(f"model.trainable: {pattern!r} matches {held[0]!r}, a weight held quantized by "
+                             f"model.quantize (frozen); name norms, embeddings or lm_head, or use model.lora")
     for name, p in model.named_parameters():
         p.requires_grad_(name in also or any(fnmatch.fnmatchcase(name, pat) for pat in patterns))

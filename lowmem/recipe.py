@@ -34,6 +34,18 @@ class LoraSection(_Section):
                                                                           "adapters, as peft's target_modules")
 
 
+class QuantizeSection(_Section):
+    bits: Literal[4, 8] = Field(..., description="4: bitsandbytes Linear4bit (QLoRA); 8: Linear8bitLt (LLM.int8())")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: NormalFloat4 or FP4")
+    double_quant: bool = Field(False, description="4 bits: quantize the blocks' absmax constants too (QLoRA §3)")
+
+    @model_validator(mode="after")
+    def _four_bit_options(self):
+        if self.bits == 8 and ({"type", "double_quant"} & self.model_fields_set):
+            raise ValueError("model.quantize: type and double_quant are 4-bit options; drop them with bits: 8")
+        return self
+
+
 class ModelSection(_Section):
     path: str | None = Field(None, description="Local directory, hub id, or 'pkg:<package>[/sub/dir]' "
                                                "(a directory inside an installed Python package)")
@@ -49,6 +61,9 @@ class ModelSection(_Section):
                                                        "the saved model is the adapter")
     trainable: list[str] | None = Field(None, description="Glob patterns on parameter names (e.g. '*norm*'): "
                                                           "train only these (with lora: these plus the adapters)")
+    quantize: QuantizeSection | None = Field(None, description="Frozen quantized base ({bits: 4, type: nf4, "
+                                             "double_quant: true} or {bits: 8}): the Linear layers held by "
+                                             "bitsandbytes, trained through model.lora or model.trainable")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -58,6 +73,13 @@ class ModelSection(_Section):
             raise ValueError("model.config needs a model_type (e.g. llama)")
         if self.config is not None and self.tokenizer is None:
             raise ValueError("model.tokenizer is required with model.config (e.g. 'bytes')")
+        return self
+
+    @model_validator(mode="after")
+    def _frozen_base(self):
+        if self.quantize is not None and self.lora is None and self.trainable is None:
+            raise ValueError("model.quantize: a quantized base is frozen; train it through model.lora or a "
+                             "model.trainable subset (full-parameter int8 training: model.dtype: int8)")
         return self
 
 
@@ -238,6 +260,13 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _offload_full_precision_base(self):
+        if self.offload.enabled and self.model.quantize is not None:
+            raise ValueError("model.quantize: the offload engines stream the model's own weights, not a frozen "
+                             "bitsandbytes base; set it to null (ZO2's int8 host copy: offload.host_dtype: int8)")
+        return self
+
+    @model_validator(mode="after")
     def _offload_without_adapters(self):
         if self.offload.enabled and self.model.lora is not None:
             raise ValueError("model.lora: the offload engines (offload.enabled) train the model's own weights "
@@ -310,7 +339,8 @@ def reference_markdown() -> str:
     """The recipe reference (one table per section) generated from the schema: the README embeds it."""
     lines = []
     sections = [(name, field.annotation) for name, field in Recipe.model_fields.items()]
-    sections += [("data.classification", ClassificationSection), ("activations.wta_crs", WtaCrsSection)]
+    sections += [("model.quantize", QuantizeSection), ("data.classification", ClassificationSection),
+                 ("activations.wta_crs", WtaCrsSection)]
     for section, model in sections:
         lines += [f"**`{section}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, sub in model.model_fields.items():
