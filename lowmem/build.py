@@ -15,6 +15,7 @@ from accelerate import Accelerator
 
 from lowmem.activations import apply_activations
 from lowmem.data import CandidateBatches, PackedBatches, label_examples, pack_tokens, split_documents
+from lowmem.int8_weights import Int8Updates, quantize_block_linears
 from lowmem.models import load_model, load_tokenizer
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
@@ -129,7 +130,8 @@ def build_data(recipe: Recipe, tokenizer):
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Accelerator):
-    """Return (optimizer, zeroth_order, layerwise)."""
+    """Return (optimizer, zeroth_order, layerwise). With ``model.dtype: int8`` the optimizer doing the math
+    carries ``int8_updates`` (:class:`~lowmem.int8_weights.Int8Updates`: its rounding generator is checkpointed)."""
     opt = recipe.optim
     spec = get_spec(opt.name)
     hparams = dict(opt.args, lr=opt.lr)
@@ -138,6 +140,8 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, accelerator: Acceler
     if opt.weight_decay is not None:
         hparams["weight_decay"] = opt.weight_decay
     optimizer = create_optimizer(model, opt.name, target_modules=opt.target_modules, **hparams)
+    if recipe.model.dtype == "int8":  # hooks on the optimizer that does the math, inside any layer-wise wrapper
+        optimizer.int8_updates = Int8Updates(model, optimizer, recipe.train.seed)
     if spec.zeroth_order and recipe.train.grad_accum != 1:
         raise ValueError("train.grad_accum: zeroth-order optimizers take one batch per step (set it to 1)")
     if opt.layerwise:
@@ -156,6 +160,8 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     tokenizer = load_tokenizer(recipe.model)
     train_batches, eval_batches, loss_fn, eval_fn = build_data(recipe, tokenizer)
     model = load_model(recipe.model)
+    if recipe.model.dtype == "int8":
+        quantize_block_linears(model)
     generators: dict[str, torch.Generator] = {}
     sampler = apply_activations(model, recipe.activations, recipe.train.seed + accelerator.process_index)
     if sampler is not None:  # WTA-CRS: ranks sample different rows
@@ -163,6 +169,8 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     if recipe.train.loss_chunk_tokens is not None:
         lm_body_and_head(model)  # a model it cannot reproduce is refused before training
     optimizer, zeroth_order, _ = build_optimizer(recipe, model, accelerator)
+    if recipe.model.dtype == "int8":  # the same seed on every process: replicas round alike
+        generators["int8_rounding"] = getattr(optimizer, "optimizer", optimizer).int8_updates.generator
     scheduler = build_scheduler(optimizer, recipe.train)
     stepper = make_step(recipe, model, optimizer, zeroth_order, accelerator, loss_fn, eval_fn)
     return Run(stepper=stepper, tokenizer=tokenizer, scheduler=scheduler, train_batches=train_batches,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem.dtypes import DTYPES
+from lowmem.dtypes import float_dtype
 from lowmem.quantized_base import load_quantized, quantize_model, quantized_names
 from lowmem.recipe import ModelSection
 
@@ -103,10 +103,11 @@ def _plain_copy(model):
 
 
 def load_model(section: ModelSection):
-    """Return the model (in train mode, weights in ``section.dtype``)."""
+    """Return the model (in train mode, weights in ``section.dtype``; int8: built in fp32, the block
+    Linear layers quantized by :func:`lowmem.build.build_run`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = DTYPES[section.dtype]
+    dtype = float_dtype(section.dtype)
     if section.config is not None:
         cfg = dict(section.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lowmem.dtypes import DtypeName, MixedPrecision, native_bf16_precision
+from lowmem.dtypes import DtypeName, MixedPrecision, WeightDtypeName, native_bf16_precision
 
 
 class RecipeError(ValueError):
@@ -54,7 +54,9 @@ class ModelSection(_Section):
                                                             "config dict (needs `model_type`) instead of loading")
     tokenizer: str | None = Field(None, description="Tokenizer path/'pkg:' dir, or 'bytes' for a built-in "
                                                     "byte tokenizer; default: the model's")
-    dtype: DtypeName = Field("float32", description="Weight dtype")
+    dtype: WeightDtypeName = Field("float32", description="Weight dtype; int8: the decoder blocks' Linear weights "
+                                   "held and trained in blockwise int8 with stochastic rounding (Q-GaLore), "
+                                   "computing in train.mixed_precision's dtype, else fp32")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward")
     seed: int = Field(0, description="Seed of a config-built model's initialisation")
     lora: LoraSection | None = Field(None, description="Train LoRA adapters (peft) instead of the weights; "
@@ -77,6 +79,12 @@ class ModelSection(_Section):
 
     @model_validator(mode="after")
     def _frozen_base(self):
+        if self.quantize is not None and self.dtype == "int8":
+            raise ValueError("model.dtype: int8 trains the weights themselves; a frozen quantized base "
+                             "(model.quantize) computes in a float dtype: choose one")
+        if self.lora is not None and self.dtype == "int8":
+            raise ValueError("model.dtype: int8 trains the block weights themselves; for adapters on an 8-bit base "
+                             "use model.quantize: {bits: 8} with model.lora")
         if self.quantize is not None and self.lora is None and self.trainable is None:
             raise ValueError("model.quantize: a quantized base is frozen; train it through model.lora or a "
                              "model.trainable subset (full-parameter int8 training: model.dtype: int8)")
@@ -237,6 +245,21 @@ class Recipe(_Section):
         if self.train.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision: fp16 needs loss scaling, which the first-order offload "
                              "engine does not do; use bf16 or no")
+        return self
+
+    @model_validator(mode="after")
+    def _int8_weights(self):
+        """Trainable int8 weights are stepped by first-order optimizers in memory (lowmem.int8_weights)."""
+        from lowmem.optim.registry import get_spec
+
+        if self.model.dtype != "int8":
+            return self
+        if self.offload.enabled:
+            raise ValueError("model.dtype: int8 weights are trained in memory; the offload engines keep their own "
+                             "copies (ZO2: offload.host_dtype: int8); set offload.enabled to false")
+        if get_spec(self.optim.name).zeroth_order:
+            raise ValueError(f"model.dtype: int8 weights take first-order updates; {self.optim.name} is zeroth order "
+                             "(ZO2 keeps an int8 host copy: offload.host_dtype: int8)")
         return self
 
     @model_validator(mode="after")

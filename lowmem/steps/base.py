@@ -23,6 +23,7 @@ from typing import Callable, ClassVar
 import torch
 
 from lowmem.dtypes import AUTOCAST_DTYPES
+from lowmem.int8_weights import load_stored_weights, stored_weights
 
 MicroBatch = Callable[[int], dict]
 
@@ -123,7 +124,9 @@ class Step:
     # ------------------------------------------------------------ checkpoints
     def save_kwargs(self) -> dict:
         """``save_checkpoint`` arguments for the weights (``model`` or ``weights``) and this step's ``extra``."""
-        return {"model": self.accelerator.unwrap_model(self.model), "extra": {}}
+        model = self.accelerator.unwrap_model(self.model)
+        weights = stored_weights(model)  # int8 weights: payloads and scales
+        return {"model": model, "extra": {}} if weights is None else {"weights": weights, "extra": {}}
 
     def saving(self):
         """Held while the checkpoint is written (offloaded optimizer state brought back meanwhile)."""
@@ -131,7 +134,10 @@ class Step:
 
     def load_kwargs(self) -> dict:
         """``load_checkpoint`` arguments for the weights."""
-        return {"model": self.accelerator.unwrap_model(self.model)}
+        model = self.accelerator.unwrap_model(self.model)
+        if stored_weights(model) is None:
+            return {"model": model}
+        return {"load_weights": lambda tensors: load_stored_weights(model, tensors)}
 
     def loading(self):
         """Held while the checkpoint is read (offloaded optimizer state placed again on exit)."""
