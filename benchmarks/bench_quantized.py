@@ -9,12 +9,16 @@ weight bytes per parameter (everything the model object holds: payloads, scales,
 the fp32 embeddings and norms), measured on the built model; and the planner's Llama-3-8B prediction for
 the int8 and fp32 APOLLO-Mini layer-wise step (a bitsandbytes base is not planned: fake tensors).
 
-    python benchmarks/bench_quantized.py [--steps 30] [--only ...] [--reuse]
+    python benchmarks/bench_quantized.py [--steps 30] [--only ...] [--reuse] [--jobs N]
+
+``--jobs N`` runs N trainings at once (each one thread): on a shared machine the twins then train side by side
+under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -40,19 +44,27 @@ RUNS = {
 }
 
 
-def weight_bytes(overrides: list[str]) -> tuple[float, float]:
+@functools.lru_cache(maxsize=None)
+def parameter_count() -> int:
+    """The default model's parameter count (tied weights once)."""
+    from lowmem.models import load_model
+    from lowmem.recipe import load_recipe
+
+    model = load_model(load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "default.yaml").model)
+    return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def weight_bytes(overrides: tuple[str, ...]) -> tuple[float, float]:
     """(bytes per parameter of the whole model, of the blocks' Linear weights) as the run builds it."""
     import torch
 
-    from lowmem.build import quantize_block_linears
     from lowmem.models import load_model
     from lowmem.optim.targets import block_container
     from lowmem.recipe import load_recipe
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "default.yaml", overrides)
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "default.yaml", list(overrides))
     model = load_model(recipe.model)
-    if recipe.model.dtype == "int8":
-        quantize_block_linears(model)
     seen, total, blocks = set(), 0, 0
     prefix = block_container(model)[0]
 
@@ -74,8 +86,7 @@ def weight_bytes(overrides: list[str]) -> tuple[float, float]:
                     count(f"{name}.{key}", extra)
         if getattr(t, "SCB", None) is not None:
             count(f"{name}.SCB", t.SCB)
-    n_all = sum(p.numel() for p in load_model(load_recipe(
-        Path(__file__).resolve().parents[1] / "recipes" / "default.yaml")).parameters())
+    n_all = parameter_count()
     n_blocks = sum(m.in_features * m.out_features for n, m in model.named_modules()
                    if n.startswith(f"{prefix}.") and hasattr(m, "in_features") and "lora_" not in n
                    and not isinstance(m, torch.nn.ModuleDict))
@@ -107,15 +118,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     chosen = [m for m in RUNS if args.only is None or m in args.only]
-    results = {m: run(m, RUNS[m][0], args.steps, args.reuse) for m in chosen}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # each training is its own process
+        futures = {m: pool.submit(run, m, RUNS[m][0], args.steps, args.reuse) for m in chosen}
+    results = {m: f.result() for m, f in futures.items()}
     rows = []
     for m, r in results.items():
         twin = RUNS[m][1]
         ratio = f"{r['eval_loss'] / results[twin]['eval_loss']:.4f}" if twin in results else "-"
-        per_param, per_block = weight_bytes(RUNS[m][0])
+        per_param, per_block = weight_bytes(tuple(o for o in RUNS[m][0] if o.startswith("model.")))
         rows.append([m.removeprefix("q "), f"{per_param:.3f}", f"{per_block:.3f}", f"{r['eval_loss_before']:.4f}",
                      f"{r['eval_loss']:.4f}", ratio, f"{r['peak_rss_gb']:.2f}", f"{r['wall_time_s']:.0f}"])
     table = markdown_table(["run", "weight B/param (model)", "B/param (block Linear)", "eval loss before",

@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 import plots  # noqa: E402
 from _common import RESULTS_DIR, machine  # noqa: E402
 
-ORDER = ["default", "bos", "quality", "quality_fp32", "quality_val_fp32", "peak_memory", "planner_table",
+ORDER = ["default", "bos", "quality", "quality_fp32", "quality_val_fp32", "quantized", "peak_memory", "planner_table",
          "optim_state", "optim_step", "optim_step_interleaved", "bench_adamw8bit", "layerwise_memory", "wta_crs",
          "bench_zo", "bench_zo_quality", "bench_zo_quality_1000", "bench_zo_noise", "bbc_topic", "zo2", "fuyou_cpu",
          "zo2_gpu", "peak_memory_cuda", "fuyou_gpu", "gpu_proof"]

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from lowmem.activations import apply_activations
 from lowmem.data import CandidateBatches, PackedBatches, label_examples, pack_tokens, split_documents
-from lowmem.int8_weights import Int8Updates, quantize_block_linears
+from lowmem.int8_weights import Int8Updates
 from lowmem.models import load_model, load_tokenizer
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
@@ -160,8 +160,6 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     tokenizer = load_tokenizer(recipe.model)
     train_batches, eval_batches, loss_fn, eval_fn = build_data(recipe, tokenizer)
     model = load_model(recipe.model)
-    if recipe.model.dtype == "int8":
-        quantize_block_linears(model)
     generators: dict[str, torch.Generator] = {}
     sampler = apply_activations(model, recipe.activations, recipe.train.seed + accelerator.process_index)
     if sampler is not None:  # WTA-CRS: ranks sample different rows

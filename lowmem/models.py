@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lowmem.dtypes import float_dtype
+from lowmem.int8_weights import quantize_block_linears
 from lowmem.quantized_base import load_quantized, quantize_model, quantized_names
 from lowmem.recipe import ModelSection
 
@@ -103,8 +104,8 @@ def _plain_copy(model):
 
 
 def load_model(section: ModelSection):
-    """Return the model (in train mode, weights in ``section.dtype``; int8: built in fp32, the block
-    Linear layers quantized by :func:`lowmem.build.build_run`)."""
+    """Return the model (in train mode, weights in ``section.dtype``; int8: built in fp32, then the block
+    Linear layers quantized by :func:`select_trained`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = float_dtype(section.dtype)
@@ -139,11 +140,15 @@ def _prepared(model, section: ModelSection):
 
 
 def select_trained(model, section: ModelSection):
-    """Apply ``model.lora`` and ``model.trainable``; returns the (possibly peft-wrapped) model."""
+    """Apply ``model.lora`` and ``model.trainable``, and ``model.dtype: int8`` (the blocks' Linear layers to
+    int8, :mod:`lowmem.int8_weights`); returns the (possibly peft-wrapped) model. The one place a run, the
+    memory measurement and the planner's trace on fake tensors turn a built model into the trained one."""
     if section.lora is not None:
         model = add_lora(model, section.lora)
     if section.trainable is not None:
         keep_trainable(model, section.trainable, also=_adapter_names(model))
+    if section.dtype == "int8":
+        quantize_block_linears(model)
     return model
 
 

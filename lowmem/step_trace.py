@@ -132,16 +132,12 @@ def fake_model(section, config):
     from transformers import AutoModelForCausalLM
 
     from lowmem.dtypes import float_dtype
-    from lowmem.int8_weights import quantize_block_linears
     from lowmem.models import select_trained
 
     model = AutoModelForCausalLM.from_config(config, dtype=float_dtype(section.dtype))
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = select_trained(model, section).train()
-    if section.dtype == "int8":  # as lowmem.build.build_run: payloads, scales and the per-layer buffers traced
-        quantize_block_linears(model)
-    return model
+    return select_trained(model, section).train()
 
 
 def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
