@@ -87,9 +87,9 @@ def weight_bytes(overrides: tuple[str, ...]) -> tuple[float, float]:
         if getattr(t, "SCB", None) is not None:
             count(f"{name}.SCB", t.SCB)
     n_all = parameter_count()
-    n_blocks = sum(m.in_features * m.out_features for n, m in model.named_modules()
-                   if n.startswith(f"{prefix}.") and hasattr(m, "in_features") and "lora_" not in n
-                   and not isinstance(m, torch.nn.ModuleDict))
+    n_blocks = sum(m.in_features * m.out_features for n, m in model.named_modules()  # layers owning a weight
+                   if n.startswith(f"{prefix}.") and "weight" in m._parameters and hasattr(m, "in_features")
+                   and "lora_" not in n)
     return total / n_all, blocks / n_blocks
 
 
