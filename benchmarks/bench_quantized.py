@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--no-plan", action="store_true", help="skip the Llama-3-8B planner rows (slow on a busy CPU)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     chosen = [m for m in RUNS if args.only is None or m in args.only]
@@ -136,8 +137,8 @@ def main() -> None:
                      f"{r['eval_loss']:.4f}", ratio, f"{r['peak_rss_gb']:.2f}", f"{r['wall_time_s']:.0f}"])
     table = markdown_table(["run", "weight B/param (model)", "B/param (block Linear)", "eval loss before",
                             "eval loss after", "/ twin", "peak RSS GiB", "train wall s"], rows)
-    planned = markdown_table(["planned (CUDA, batch 1x1024, checkpointing)", "weight B/param", "weights GiB",
-                              "peak GiB"], planned_llama8b())
+    planned = "" if args.no_plan else markdown_table(
+        ["planned (CUDA, batch 1x1024, checkpointing)", "weight B/param", "weights GiB", "peak GiB"], planned_llama8b())
     load = os.getloadavg()[0]
     write_result("quantized", f"Quantized weights: default fine-tune (SmolLM2-135M, BBC News), {args.steps} steps",
                  table + "\n\n" + planned,
