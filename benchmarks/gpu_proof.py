@@ -21,6 +21,8 @@ than it needs (``ESTIMATE_S``); a failing step is recorded and the next one runs
 7. ``fuyou``: AdamW through the first-order offload engine on 2 blocks of the Llama-3-8B shape (fp32
    masters and states on the host, embeddings placed as the blocks): peak GPU memory against the
    planner, tokens/s (the full 8B comparison with ZeRO-Infinity: ``bench_fuyou.py --gpu``).
+8. ``quantized``: the Llama-3-8B-shape step with int8 trainable weights (against the planner) and LoRA on a
+   frozen NF4 base (issue 27): :mod:`gpu_proof_quant`.
 
 Everything goes to ``OUT_DIR/gpu_proof.json`` (written after every step, so a cut run keeps what it
 measured), ``OUT_DIR/gpu_proof.md`` (the RESULTS.md section with the measured columns: copy it to
@@ -62,9 +64,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "zo_noise", "fuyou"]
+STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "zo_noise", "fuyou", "quantized"]
 ESTIMATE_S = {"pytest_gpu": 60, "kernels": 45, "adamw8bit": 30, "llama_step": 60, "zo2": 150, "zo_noise": 40,
-              "fuyou": 90}
+              "fuyou": 90, "quantized": 150}
 
 
 def gpu_test_files() -> list[str]:
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gpu_proof_steps as steps
     import gpu_proof_zo
+    import gpu_proof_quant
     import gpu_proof_zo2
     from gpu_proof_common import Shapes
     from gpu_proof_report import write_markdown
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
              "kernels": lambda: steps.kernels(shapes), "adamw8bit": lambda: steps.adamw8bit(shapes),
              "llama_step": lambda: steps.llama_step(shapes), "zo2": lambda: gpu_proof_zo2.zo2(shapes),
              "zo_noise": lambda: gpu_proof_zo.zo_noise(shapes),
-             "fuyou": lambda: steps.fuyou(shapes)}
+             "fuyou": lambda: steps.fuyou(shapes), "quantized": lambda: gpu_proof_quant.quantized(shapes)}
     for name in STEPS:
         if name in args.only:
             proof.run(name, calls[name])

@@ -82,12 +82,23 @@ def _fuyou(e: dict) -> str:
                            "planner error", "planner host RSS GiB", "step s", "tokens/s", "swapped inputs"], [row])
 
 
+def _quantized(e: dict) -> str:
+    i8, nf4 = e["int8"], e["nf4_lora"]
+    rows = [["int8 weights, APOLLO-Mini layer-wise", _f(i8["weights_GiB"]), _f(i8.get("measured_GiB")),
+             _f(i8["predicted_GiB"]), _f(i8.get("planner_error"), "+.1%"), _f(i8["step_s"])],
+            ["LoRA r16 on a frozen NF4 base, AdamW", _f(nf4["weights_GiB"]), _f(nf4.get("measured_GiB")), "-", "-",
+             _f(nf4["step_s"])]]
+    return markdown_table(["Llama-3-8B shape, 1 x 1024, checkpointing", "weights GiB", "measured peak GiB",
+                           "planner GiB", "planner error", "step s"], rows)
+
+
 SECTIONS = {"kernels": ("Triton kernels vs PyTorch references", _kernels),
             "adamw8bit": ("8-bit AdamW step, 1B bf16 parameters", _adamw),
             "llama_step": ("Llama-3-8B shape, bf16, 1 x 1024, APOLLO-Mini layer-wise + checkpointing", _llama),
             "zo2": ("ZO2 offload", _zo2),
             "zo_noise": ("Zeroth-order step per noise kind (Philox kernel, issue #17)", _zo_noise),
-            "fuyou": ("First-order offload (Fuyou), Llama-3-8B shape blocks, AdamW, bf16, 1 x 1024", _fuyou)}
+            "fuyou": ("First-order offload (Fuyou), Llama-3-8B shape blocks, AdamW, bf16, 1 x 1024", _fuyou),
+            "quantized": ("Quantized weights (issue 27), Llama-3-8B shape", _quantized)}
 
 
 def write_markdown(report: dict, path: Path) -> None:

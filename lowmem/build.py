@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from lowmem.activations import apply_activations
 from lowmem.data import (CandidateBatches, PackedBatches, PaddedBatches, block_diagonal_mask, held_out_batches,
                          label_examples, lm_examples, lm_rows, pack_examples, pack_tokens, split_documents)
+from lowmem.int8_weights import Int8Updates
 from lowmem.models import load_model, load_tokenizer, save_pretrained
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
@@ -221,7 +222,9 @@ def keep_documents_apart(model, train_batches, eval_batches: list[dict]) -> None
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module):
     """Return (optimizer, zeroth_order): ``optim.name`` on ``model``'s parameters, as built; the step
-    class prepares it for its way of stepping (layer-wise: :class:`lowmem.steps.LayerwiseStep`)."""
+    class prepares it for its way of stepping (layer-wise: :class:`lowmem.steps.LayerwiseStep`). With
+    ``model.dtype: int8`` it carries ``int8_updates`` (:class:`~lowmem.int8_weights.Int8Updates`: its
+    rounding generator is checkpointed)."""
     opt = recipe.optim
     spec = get_spec(opt.name)
     hparams = dict(opt.args, lr=opt.lr)
@@ -229,7 +232,10 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module):
         hparams["total_steps"] = recipe.train.steps  # ZO-AdaMU's annealing spans the run
     if opt.weight_decay is not None:
         hparams["weight_decay"] = opt.weight_decay
-    return create_optimizer(model, opt.name, target_modules=opt.target_modules, **hparams), spec.zeroth_order
+    optimizer = create_optimizer(model, opt.name, target_modules=opt.target_modules, **hparams)
+    if recipe.model.dtype == "int8":  # hooks on the optimizer that does the math, inside any layer-wise wrapper
+        optimizer.int8_updates = Int8Updates(model, optimizer, recipe.train.seed)
+    return optimizer, spec.zeroth_order
 
 
 def build_step(recipe: Recipe, model: torch.nn.Module, accelerator) -> Step:
@@ -297,6 +303,9 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     if recipe.train.loss_chunk_tokens is not None:
         lm_body_and_head(model)  # a model it cannot reproduce is refused before training
     stepper = build_step(recipe, model, accelerator)
+    if recipe.model.dtype == "int8":  # the same seed on every process: replicas round alike
+        inner = stepper.inner_optimizer
+        generators["int8_rounding"] = getattr(inner, "optimizer", inner).int8_updates.generator
     scheduler = build_scheduler(stepper.inner_optimizer, recipe.train)
     return Run(stepper=stepper, tokenizer=tokenizer, scheduler=scheduler, train_batches=train_batches,
                eval_batches=eval_batches, generators=generators, data_counts=counts)

@@ -17,6 +17,14 @@ DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_arg
 
 MASTER_DTYPE = torch.float32  # master weights the offload engines keep and step on the host (Fuyou)
 
+# model.dtype may also be int8: trainable int8 block weights (lowmem.int8_weights), the rest of the model in fp32
+WeightDtypeName = Literal[(*get_args(DtypeName), "int8")]
+
+
+def float_dtype(name: str) -> torch.dtype:
+    """The float dtype a model of ``model.dtype`` ``name`` is built and computes in (int8 weights: fp32)."""
+    return torch.float32 if name == "int8" else DTYPES[name]
+
 MixedPrecision = Literal["no", "bf16", "fp16"]
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -11,6 +11,7 @@ peft LoRA adapters (Hu et al., 2021: ``W x + (alpha / r) B A x``, base frozen);
 ``model.trainable`` keeps only the parameters whose names match its globs (plus
 the adapters). Every optimizer, zeroth-order ones included, sees only what is
 left trainable: MeZO on LoRA adapters or on norms is the reference's LoRA/prefix mode.
+``model.quantize`` holds the frozen base's Linear layers in 4 or 8 bits (:mod:`lowmem.quantized_base`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from lowmem.dtypes import DTYPES
+from lowmem.dtypes import float_dtype
+from lowmem.int8_weights import quantize_block_linears
+from lowmem.quantized_base import load_quantized, quantize_model, quantized_names
 
 if TYPE_CHECKING:  # the recipe, a layer above, embeds this section; only its type is needed here
     from lowmem.recipe import ModelSection
@@ -177,15 +180,18 @@ def _plain_copy(model):
 
 
 def load_model(section: ModelSection):
-    """Return the model (in train mode, weights in ``section.dtype``)."""
+    """Return the model (in train mode, weights in ``section.dtype``; int8: built in fp32, then the block
+    Linear layers quantized by :func:`select_trained`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = DTYPES[section.dtype]
+    dtype = float_dtype(section.dtype)
     if section.config is not None:
         cfg = dict(section.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         torch.manual_seed(section.seed)
         model = AutoModelForCausalLM.from_config(config).to(dtype)
+    elif section.quantize is not None and not section.gguf_file:  # quantized as the weights are read
+        return _prepared(load_quantized(model_source(section.path, "model.path"), section.quantize, dtype), section)
     else:
         source = model_source(section.path, "model.path")
         kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
@@ -194,6 +200,13 @@ def load_model(section: ModelSection):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         if section.gguf_file:
             model = _plain_copy(model)
+    if section.quantize is not None:
+        model = quantize_model(model, section.quantize, dtype)
+    return _prepared(model, section)
+
+
+def _prepared(model, section: ModelSection):
+    """``model`` with checkpointing, adapters and the trained subset of ``section`` applied, in train mode."""
     # no KV cache in training: with one, transformers builds a plain causal mask and ignores packed position_ids
     # (masking_utils only reads them without a cache), letting packed documents attend to each other
     model.config.use_cache = False
@@ -227,11 +240,15 @@ def save_pretrained(model, tokenizer, directory: Path) -> None:
 
 
 def select_trained(model, section: ModelSection):
-    """Apply ``model.lora`` and ``model.trainable``; returns the (possibly peft-wrapped) model."""
+    """Apply ``model.lora`` and ``model.trainable``, and ``model.dtype: int8`` (the blocks' Linear layers to
+    int8, :mod:`lowmem.int8_weights`); returns the (possibly peft-wrapped) model. The one place a run, the
+    memory measurement and the planner's trace on fake tensors turn a built model into the trained one."""
     if section.lora is not None:
         model = add_lora(model, section.lora)
     if section.trainable is not None:
         keep_trainable(model, section.trainable, also=_adapter_names(model))
+    if section.dtype == "int8":
+        quantize_block_linears(model)
     return model
 
 
@@ -256,8 +273,13 @@ def _adapter_names(model) -> set[str]:
 def keep_trainable(model, patterns: list[str], also: set[str] = frozenset()) -> None:
     """Freeze every parameter whose name matches none of ``patterns`` (globs) and is not in ``also``."""
     names = [n for n, _ in model.named_parameters()]
+    frozen = quantized_names(model)
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ValueError(f"model.trainable: {pattern!r} matches no parameter name (they look like {names[-1]!r})")
+        held = sorted(n for n in frozen if fnmatch.fnmatchcase(n, pattern))
+        if held:
+            raise ValueError(f"model.trainable: {pattern!r} matches {held[0]!r}, a weight held quantized by "
+                             f"model.quantize (frozen); name norms, embeddings or lm_head, or use model.lora")
     for name, p in model.named_parameters():
         p.requires_grad_(name in also or any(fnmatch.fnmatchcase(name, pat) for pat in patterns))

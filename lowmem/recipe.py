@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lowmem.dtypes import DtypeName, MixedPrecision, native_bf16_precision
+from lowmem.dtypes import MixedPrecision, WeightDtypeName, native_bf16_precision
 from lowmem.offload.settings import OffloadSection
 from lowmem.optim.registry import get_spec
 from lowmem.settings import Section, one_line
@@ -36,6 +36,18 @@ class LoraSection(Section):
                                                                           "adapters, as peft's target_modules")
 
 
+class QuantizeSection(Section):
+    bits: Literal[4, 8] = Field(..., description="4: bitsandbytes Linear4bit (QLoRA); 8: Linear8bitLt (LLM.int8())")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: NormalFloat4 or FP4")
+    double_quant: bool = Field(False, description="4 bits: quantize the blocks' absmax constants too (QLoRA §3)")
+
+    @model_validator(mode="after")
+    def _four_bit_options(self):
+        if self.bits == 8 and ({"type", "double_quant"} & self.model_fields_set):
+            raise ValueError("model.quantize: type and double_quant are 4-bit options; drop them with bits: 8")
+        return self
+
+
 class ModelSection(Section):
     path: str | None = Field(None, description="Local directory, hub id, or 'pkg:<package>[/sub/dir]' "
                                                "(a directory inside an installed Python package)")
@@ -44,13 +56,18 @@ class ModelSection(Section):
                                                             "config dict (needs `model_type`) instead of loading")
     tokenizer: str | None = Field(None, description="Tokenizer path/'pkg:' dir, or 'bytes' for a built-in "
                                                     "byte tokenizer; default: the model's")
-    dtype: DtypeName = Field("float32", description="Weight dtype")
+    dtype: WeightDtypeName = Field("float32", description="Weight dtype; int8: the decoder blocks' Linear weights "
+                                   "held and trained in blockwise int8 with stochastic rounding (Q-GaLore), "
+                                   "computing in train.mixed_precision's dtype, else fp32")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward")
     seed: int = Field(0, description="Seed of a config-built model's initialisation")
     lora: LoraSection | None = Field(None, description="Train LoRA adapters (peft) instead of the weights; "
                                                        "the saved model is the adapter")
     trainable: list[str] | None = Field(None, description="Glob patterns on parameter names (e.g. '*norm*'): "
                                                           "train only these (with lora: these plus the adapters)")
+    quantize: QuantizeSection | None = Field(None, description="Frozen quantized base ({bits: 4, type: nf4, "
+                                             "double_quant: true} or {bits: 8}): the Linear layers held by "
+                                             "bitsandbytes, trained through model.lora or model.trainable")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -60,6 +77,19 @@ class ModelSection(Section):
             raise ValueError("model.config needs a model_type (e.g. llama)")
         if self.config is not None and self.tokenizer is None:
             raise ValueError("model.tokenizer is required with model.config (e.g. 'bytes')")
+        return self
+
+    @model_validator(mode="after")
+    def _frozen_base(self):
+        if self.quantize is not None and self.dtype == "int8":
+            raise ValueError("model.dtype: int8 trains the weights themselves; a frozen quantized base "
+                             "(model.quantize) computes in a float dtype: choose one")
+        if self.lora is not None and self.dtype == "int8":
+            raise ValueError("model.dtype: int8 trains the block weights themselves; for adapters on an 8-bit base "
+                             "use model.quantize: {bits: 8} with model.lora")
+        if self.quantize is not None and self.lora is None and self.trainable is None:
+            raise ValueError("model.quantize: a quantized base is frozen; train it through model.lora or a "
+                             "model.trainable subset (full-parameter int8 training: model.dtype: int8)")
         return self
 
 
@@ -218,6 +248,26 @@ class Recipe(Section):
         step_class(self, get_spec(self.optim.name).zeroth_order).check(self)
         return self
 
+    @model_validator(mode="after")
+    def _int8_weights(self):
+        """Trainable int8 weights are stepped by first-order optimizers in memory (lowmem.int8_weights)."""
+        if self.model.dtype != "int8":
+            return self
+        if self.offload.enabled:
+            raise ValueError("model.dtype: int8 weights are trained in memory; the offload engines keep their own "
+                             "copies; set offload.enabled to false")
+        if get_spec(self.optim.name).zeroth_order:
+            raise ValueError(f"model.dtype: int8 weights take first-order updates; {self.optim.name} is zeroth "
+                             "order")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_full_precision_base(self):
+        if self.offload.enabled and self.model.quantize is not None:
+            raise ValueError("model.quantize: the offload engines stream the model's own weights, not a frozen "
+                             "bitsandbytes base; set it to null")
+        return self
+
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     keys = dotted.split(".")
@@ -303,8 +353,9 @@ def reference_markdown() -> str:
     """The recipe reference (one table per section) generated from the schema: the README embeds it."""
     lines = []
     sections = [(name, field.annotation) for name, field in Recipe.model_fields.items()]
-    sections += [("data.classification", ClassificationSection), ("data.sft", SftSection),
-                 ("data.sft.fields", SftFieldsSection), ("activations.wta_crs", WtaCrsSection)]
+    sections += [("model.quantize", QuantizeSection), ("data.classification", ClassificationSection),
+                 ("data.sft", SftSection), ("data.sft.fields", SftFieldsSection),
+                 ("activations.wta_crs", WtaCrsSection)]
     for section, model in sections:
         lines += [f"**`{section}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, sub in model.model_fields.items():

@@ -24,7 +24,7 @@ def test_dry_run_executes_every_step(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_proof.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "zo_noise", "fuyou"]
+    assert list(steps) == ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "zo_noise", "fuyou", "quantized"]
     assert {name: e["status"] for name, e in steps.items()} == dict.fromkeys(steps, "ok")
     assert steps["pytest_gpu"]["skipped"] > 0 and steps["pytest_gpu"].get("failed", 0) == 0
     assert all(r["code_mismatch"] == 0 and r["absmax_equal"] for r in steps["kernels"]["rows"])
@@ -36,6 +36,8 @@ def test_dry_run_executes_every_step(tmp_path):
     zo = steps["zo_noise"]
     assert all(r["word_mismatch"] == 0 for r in zo["kernel"]) and set(zo["step"]["rows"]) == {"gaussian", "philox"}
     assert steps["fuyou"]["tokens_per_s"] > 0 and steps["fuyou"]["predicted_GiB"] > 0
+    quant = steps["quantized"]
+    assert quant["int8"]["predicted_GiB"] > 0 and quant["nf4_lora"]["weights_GiB"] > 0 and quant["nf4_lora"]["step_s"] > 0
     text = (tmp_path / "gpu_proof.md").read_text()
     assert "## GPU proof (dry run" in text and "### ZO2 offload" in text and "noise kind" in text
     assert "### First-order offload" in text and "pytest -m gpu" in text

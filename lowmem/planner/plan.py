@@ -123,6 +123,9 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
         raise ValueError(f"train.device_memory_gb: must be > 0, got {device_memory_gb}")
     if recipe.model.lora is not None:
         raise ValueError(f"model.lora: {LORA_NOT_PLANNED}")
+    if recipe.model.quantize is not None:
+        raise ValueError("model.quantize: the memory planner does not model a bitsandbytes base (its layers "
+                         "cannot be built on fake tensors)")
     config = model_config(recipe.model)
     recipe = config_section(recipe, config)  # from here on the config alone: no weights, no tokenizer files
     way = step_class(recipe, get_spec(recipe.optim.name).zeroth_order)  # how the run steps, decided once

@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lowmem.activations import apply_activations
 from lowmem.build import no_grad_forward, recipe_step, sample_batch
-from lowmem.dtypes import DTYPES
+from lowmem.dtypes import float_dtype
 from lowmem.kernels import adamw8bit_step, blockwise_cpu, dynamic_map, quantize
 from lowmem.memory import tensor_bytes
 from lowmem.models import enable_checkpointing, select_trained
@@ -137,7 +137,7 @@ def fake_model(section, config):
     ``.to(dtype)`` cannot swap a tied fake parameter."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[section.dtype])
+    model = AutoModelForCausalLM.from_config(config, dtype=float_dtype(section.dtype))
     if section.gradient_checkpointing:
         enable_checkpointing(model)
     return select_trained(model, section).train()

@@ -29,6 +29,7 @@ from typing import Callable, ClassVar
 import torch
 
 from lowmem.dtypes import AUTOCAST_DTYPES
+from lowmem.int8_weights import load_stored_weights, stored_weights
 from lowmem.optim.step_one import all_finite
 
 MicroBatch = Callable[[int], dict]
@@ -161,7 +162,9 @@ class Step:
     # ------------------------------------------------------------ checkpoints
     def save_kwargs(self) -> dict:
         """``save_checkpoint`` arguments for the weights (``model`` or ``weights``) and this step's ``extra``."""
-        return {"model": unwrap(self.model), "extra": {}}
+        model = unwrap(self.model)
+        weights = stored_weights(model)  # int8 weights: payloads and scales
+        return {"model": model, "extra": {}} if weights is None else {"weights": weights, "extra": {}}
 
     def saving(self):
         """Held while the checkpoint is written (offloaded optimizer state brought back meanwhile)."""
@@ -169,7 +172,10 @@ class Step:
 
     def load_kwargs(self) -> dict:
         """``load_checkpoint`` arguments for the weights."""
-        return {"model": unwrap(self.model)}
+        model = unwrap(self.model)
+        if stored_weights(model) is None:
+            return {"model": model}
+        return {"load_weights": lambda tensors: load_stored_weights(model, tensors)}
 
     def loading(self):
         """Held while the checkpoint is read (offloaded optimizer state placed again on exit)."""

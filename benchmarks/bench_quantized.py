@@ -1,0 +1,154 @@
+"""Quantized weights (issue 27) on the default fine-tune (SmolLM2-135M, BBC News): each mode against its
+unquantized twin, same data order, steps, schedule and LR, one process per run.
+
+* int8 trainable weights (``model.dtype=int8``) with APOLLO-Mini and 8-bit AdamW, against fp32 weights;
+* LoRA on a frozen 4-bit NF4 (double-quantized) and 8-bit base (``model.quantize``), against a bf16 base.
+
+Reported per run: eval loss before/after, the ratio to its twin, peak RSS and wall time; per mode the
+weight bytes per parameter (everything the model object holds: payloads, scales, bitsandbytes' constants,
+the fp32 embeddings and norms), measured on the built model; and the planner's Llama-3-8B prediction for
+the int8 and fp32 APOLLO-Mini layer-wise step (a bitsandbytes base is not planned: fake tensors).
+
+    python benchmarks/bench_quantized.py [--steps 30] [--only ...] [--reuse] [--jobs N]
+
+``--jobs N`` runs N trainings at once (each one thread): on a shared machine the twins then train side by side
+under the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, write_result  # noqa: E402
+from bench_quality import run  # noqa: E402
+
+LORA = "model.lora={r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}"
+NF4 = "model.quantize={bits: 4, type: nf4, double_quant: true}"
+APOLLO = ["optim.name=apollo_mini", "optim.lr=1e-4", "optim.args={scale_front: true}"]
+ADAMW8 = ["optim.name=adamw8bit", "optim.lr=1e-4", "optim.weight_decay=0", "optim.args={}"]
+LORA_OPT = ["optim.name=adamw", "optim.lr=1e-3", "optim.args={}", "model.dtype=bfloat16", LORA]
+# run name -> (overrides, its unquantized twin)
+RUNS = {
+    "q apollo_mini fp32": (APOLLO, None),
+    "q apollo_mini int8": (APOLLO + ["model.dtype=int8"], "q apollo_mini fp32"),
+    "q adamw8bit fp32": (ADAMW8, None),
+    "q adamw8bit int8": (ADAMW8 + ["model.dtype=int8"], "q adamw8bit fp32"),
+    "q lora bf16 base": (LORA_OPT, None),
+    "q lora nf4 base": (LORA_OPT + [NF4], "q lora bf16 base"),
+    "q lora int8 base": (LORA_OPT + ["model.quantize={bits: 8}"], "q lora bf16 base"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def parameter_count() -> int:
+    """The default model's parameter count (tied weights once)."""
+    from lowmem.models import load_model
+    from lowmem.recipe import load_recipe
+
+    model = load_model(load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "default.yaml").model)
+    return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def weight_bytes(overrides: tuple[str, ...]) -> tuple[float, float]:
+    """(bytes per parameter of the whole model, of the blocks' Linear weights) as the run builds it."""
+    import torch
+
+    from lowmem.models import load_model
+    from lowmem.optim.targets import block_container
+    from lowmem.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "default.yaml", list(overrides))
+    model = load_model(recipe.model)
+    seen, total, blocks = set(), 0, 0
+    prefix = block_container(model)[0]
+
+    def count(name: str, t: torch.Tensor) -> None:
+        nonlocal total, blocks
+        if t.untyped_storage().data_ptr() in seen:
+            return
+        seen.add(t.untyped_storage().data_ptr())
+        total += t.untyped_storage().nbytes()
+        if f"{prefix}." in name and ("proj" in name or "fc" in name) and "lora_" not in name and "bias" not in name:
+            blocks += t.untyped_storage().nbytes()
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        count(name, t)
+        state = getattr(t, "quant_state", None)  # bitsandbytes 4-bit: absmax (and its own constants)
+        if state is not None:
+            for key, extra in state.as_dict(packed=True).items():
+                if isinstance(extra, torch.Tensor):
+                    count(f"{name}.{key}", extra)
+        if getattr(t, "SCB", None) is not None:
+            count(f"{name}.SCB", t.SCB)
+    n_all = parameter_count()
+    n_blocks = sum(m.in_features * m.out_features for n, m in model.named_modules()  # layers owning a weight
+                   if n.startswith(f"{prefix}.") and "weight" in m._parameters and hasattr(m, "in_features")
+                   and "lora_" not in n)
+    return total / n_all, blocks / n_blocks
+
+
+def planned_llama8b() -> list[list]:
+    """The planner's CUDA peak for one Llama-3-8B step, APOLLO-Mini layer-wise, fp32/bf16/int8 weights."""
+    from lowmem.planner import plan
+    from lowmem.recipe import load_recipe
+
+    rows = []
+    for dtype, mp in (("bfloat16", "bf16"), ("int8", "bf16")):
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "default.yaml", [
+            "model.path=null", "model.gguf_file=null", "model.tokenizer=bytes",
+            "model.config={model_type: llama, hidden_size: 4096, intermediate_size: 14336, num_hidden_layers: 32, "
+            "num_attention_heads: 32, num_key_value_heads: 8, vocab_size: 128256, max_position_embeddings: 8192}",
+            f"model.dtype={dtype}", f"train.mixed_precision={mp}", "optim.layerwise=true", "optim.max_grad_norm=null",
+            "train.batch_size=1", "train.seq_len=1024", "model.gradient_checkpointing=true"])
+        p = plan(recipe, device="cuda", suggest=False)
+        rows.append([f"Llama-3-8B APOLLO-Mini layer-wise, model.dtype={dtype}",
+                     f"{p.totals['weights'] / 8.03e9:.3f}", f"{p.parts['weights'] / 2**30:.2f}",
+                     f"{p.peak_bytes / 2**30:.2f}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--no-plan", action="store_true", help="skip the Llama-3-8B planner rows (slow on a busy CPU)")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    chosen = [m for m in RUNS if args.only is None or m in args.only]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # each training is its own process
+        futures = {m: pool.submit(run, m, RUNS[m][0], args.steps, args.reuse) for m in chosen}
+    results = {m: f.result() for m, f in futures.items()}
+    rows = []
+    for m, r in results.items():
+        twin = RUNS[m][1]
+        ratio = f"{r['eval_loss'] / results[twin]['eval_loss']:.4f}" if twin in results else "-"
+        per_param, per_block = weight_bytes(tuple(o for o in RUNS[m][0] if o.startswith("model.")))
+        rows.append([m.removeprefix("q "), f"{per_param:.3f}", f"{per_block:.3f}", f"{r['eval_loss_before']:.4f}",
+                     f"{r['eval_loss']:.4f}", ratio, f"{r['peak_rss_gb']:.2f}", f"{r['wall_time_s']:.0f}"])
+    table = markdown_table(["run", "weight B/param (model)", "B/param (block Linear)", "eval loss before",
+                            "eval loss after", "/ twin", "peak RSS GiB", "train wall s"], rows)
+    planned = "" if args.no_plan else markdown_table(
+        ["planned (CUDA, batch 1x1024, checkpointing)", "weight B/param", "weights GiB", "peak GiB"], planned_llama8b())
+    load = os.getloadavg()[0]
+    write_result("quantized", f"Quantized weights: default fine-tune (SmolLM2-135M, BBC News), {args.steps} steps",
+                 table + "\n\n" + planned,
+                 notes=f"Twins: same data order, schedule, LR and bf16 autocast; the LoRA twin's base is bf16 "
+                       f"(peft's k-bit preparation upcasts the quantized runs' norms and embeddings to fp32). "
+                       f"Weight bytes per parameter: everything the model object holds over the model's parameter "
+                       f"count (SmolLM2's tied embedding is 21% of it and stays in fp32, bf16 for the LoRA base). "
+                       f"Load average at the end: {load:.1f} (shared 2-core machine): wall times are not comparable "
+                       f"across rows.")
+
+
+if __name__ == "__main__":
+    main()
