@@ -60,7 +60,7 @@ def weight_bytes(overrides: tuple[str, ...]) -> tuple[float, float]:
     import torch
 
     from lowmem.models import load_model
-    from lowmem.optim.targets import block_container
+    from lowmem.structure import block_container
     from lowmem.recipe import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "default.yaml", list(overrides))
