@@ -27,8 +27,8 @@ LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "
 
 def _int8_step(s: Shapes) -> dict:
     from lowmem.planner import model_config, plan
-    from lowmem.step_trace import fake_model
-    from lowmem.steps.measure import recipe_step, sample_batch
+    from lowmem.planner import fake_model
+    from lowmem.build import recipe_step, sample_batch
 
     recipe = _recipe(s.llama, s.llama_tokens, "int8", {"name": "apollo_mini", "layerwise": True,
                                                        "max_grad_norm": None}, {"gradient_checkpointing": True})
@@ -55,7 +55,7 @@ def _nf4_lora_step(s: Shapes) -> dict:
     from lowmem.models import select_trained
     from lowmem.quantized_base import quantize_model
     from lowmem.recipe import QuantizeSection
-    from lowmem.steps.measure import recipe_step
+    from lowmem.build import recipe_step
 
     recipe = _recipe(s.llama, s.llama_tokens, "bfloat16", {"name": "adamw", "max_grad_norm": 1.0},
                      {"gradient_checkpointing": True, "lora": LORA,

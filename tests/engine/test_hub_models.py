@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lowmem.models import model_source
 from lowmem.planner import model_config
 from lowmem.recipe import load_recipe
-from lowmem.step_trace import fake_model
+from lowmem.planner import fake_model
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 LARGE = {"llama3-8b-apollo-mini.yaml": 8_030_261_248, "llama3-8b-offload-adamw.yaml": 8_030_261_248,

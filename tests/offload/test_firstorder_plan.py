@@ -18,7 +18,7 @@ from lowmem.models import load_model
 from lowmem.offload.firstorder import FirstOrderEngine
 from lowmem.optim import create_optimizer
 from lowmem.planner import format_plan, plan, with_overrides
-from lowmem.steps.measure import sample_batch
+from lowmem.build import sample_batch
 from tests.test_planner import MEDIUM, make_recipe
 
 CONFIG = {**MEDIUM, "hidden_size": 512, "num_hidden_layers": 6, "vocab_size": 32000, "intermediate_size": 1376}

@@ -12,7 +12,7 @@ from torch import nn
 
 from lowmem.int8_weights import Int8Linear, Int8Updates, quantize_block_linears
 from lowmem.kernels.int8_weights import dequantize_int8, quantize_int8_
-from lowmem.optim.layerwise import LayerwiseOptimizer
+from lowmem.steps.layerwise import LayerwiseOptimizer
 from lowmem.optim.registry import create_optimizer
 
 B = 256
