@@ -1,8 +1,6 @@
 """Issue 29 through the trainer: SFT runs (packed and padded), exact resume on the ZO2 offload path, bad input."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from lowmem.cli import main as cli_main
 from lowmem.data import pack_examples
 from lowmem.recipe import load_recipe
 from lowmem.trainer import train
-from tests.engine.test_trainer import CRASH_AFTER, _cli, _losses
+from tests.engine.test_trainer import _losses, whole_and_resumed
 from tests.offload.helpers import engine, reference
 
 
@@ -56,12 +54,7 @@ def test_sft_resume_on_the_zo2_offload_path_is_bit_exact(tiny_recipe, sft_data, 
     continue exactly (every step's loss and the final weights)."""
     recipe = _sft(tiny_recipe, sft_data, optim={"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}},
                   offload={"enabled": True, "host_memory_budget_gb": 0, "nvme_dir": str(tmp_path / "nvme")})
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    _cli(recipe, f"output.dir={whole}")
-    crash = subprocess.run([sys.executable, "-c", CRASH_AFTER, recipe, f"output.dir={broken}"],
-                           capture_output=True, text=True)
-    assert crash.returncode == 17, crash.stderr[-2000:]
-    _cli(recipe, f"output.dir={broken}", "--resume")
+    whole, broken = whole_and_resumed(recipe, tmp_path)
     assert _losses(broken) == _losses(whole)
 
 

@@ -2,14 +2,12 @@
 and a zeroth-order optimizer; a LoRA + MeZO run resumes bit-exactly."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import TINY_MODEL
 from safetensors.torch import load_file
-from test_trainer import CRASH_AFTER, _cli, _losses
+from test_trainer import _cli, _losses, whole_and_resumed
 
 from lowmem.recipe import load_recipe
 from lowmem.trainer import Trainer
@@ -60,12 +58,7 @@ def test_lora_with_extra_trainable_globs(tiny_recipe):
 
 def test_lora_mezo_resume_is_bit_exact(tiny_recipe, tmp_path):
     recipe = tiny_recipe(model={**TINY_MODEL, "lora": LORA}, optim=OPTIMS["mezo"])
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    _cli(recipe, f"output.dir={whole}")
-    crash = subprocess.run([sys.executable, "-c", CRASH_AFTER, recipe, f"output.dir={broken}"],
-                           capture_output=True, text=True)
-    assert crash.returncode == 17, crash.stderr[-2000:]
-    _cli(recipe, f"output.dir={broken}", "--resume")
+    whole, broken = whole_and_resumed(recipe, tmp_path)
     assert _losses(broken) == _losses(whole)
     a = load_file(whole / "model" / "adapter_model.safetensors")
     b = load_file(broken / "model" / "adapter_model.safetensors")

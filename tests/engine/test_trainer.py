@@ -39,6 +39,19 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def whole_and_resumed(recipe: str, tmp_path: Path) -> tuple[Path, Path]:
+    """The run directories of ``recipe`` run whole, and run in a process killed during step 5
+    (:data:`CRASH_AFTER`) then resumed with ``--resume`` in a new one."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    _cli(recipe, f"output.dir={whole}")
+    crash = subprocess.run([sys.executable, "-c", CRASH_AFTER, recipe, f"output.dir={broken}"],
+                           capture_output=True, text=True)
+    assert crash.returncode == 17, crash.stderr[-2000:]
+    assert max(_losses(broken)) == 4  # it really died after step 4, past the checkpoint at step 3
+    _cli(recipe, f"output.dir={broken}", "--resume")
+    return whole, broken
+
+
 RESUME_CASES = {
     "adamw": {},
     # a projection refresh (every 2 steps) falls across the interruption
@@ -64,14 +77,7 @@ def test_resume_in_new_process_is_bit_exact(tiny_recipe, tmp_path, case):
     sections = {k: dict(v) for k, v in RESUME_CASES[case].items()}
     if "offload" in sections:
         sections["offload"]["nvme_dir"] = str(tmp_path / "nvme")
-    recipe = tiny_recipe(**sections)
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    _cli(recipe, f"output.dir={whole}")
-    crash = subprocess.run([sys.executable, "-c", CRASH_AFTER, recipe, f"output.dir={broken}"],
-                           capture_output=True, text=True)
-    assert crash.returncode == 17, crash.stderr[-2000:]
-    assert max(_losses(broken)) == 4  # it really died after step 4, past the checkpoint at step 3
-    _cli(recipe, f"output.dir={broken}", "--resume")
+    whole, broken = whole_and_resumed(tiny_recipe(**sections), tmp_path)
     assert _losses(broken) == _losses(whole)  # every step's loss, bit for bit
     a = load_file(whole / "model" / "model.safetensors")
     b = load_file(broken / "model" / "model.safetensors")
