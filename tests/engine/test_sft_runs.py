@@ -9,6 +9,8 @@ from lowmem.cli import main as cli_main
 from lowmem.data import pack_examples
 from lowmem.recipe import load_recipe
 from lowmem.trainer import train
+from tests.engine.conftest import TINY_MODEL
+from tests.engine.test_trainable import LORA, _changed_after_training
 from tests.engine.test_trainer import _losses, whole_and_resumed
 from tests.offload.helpers import engine, reference
 
@@ -34,7 +36,15 @@ def sft_data(tmp_path):
 
 def _sft(tiny_recipe, sft_data, **sections):
     data = {"task": "sft", "path": str(sft_data), "eval_fraction": 0.2, **sections.pop("data", {})}
-    return tiny_recipe(data=data, train={"seq_len": 96, "eval_batches": 2}, **sections)
+    train = {"seq_len": 96, "eval_batches": 2, **sections.pop("train", {})}
+    return tiny_recipe(data=data, train=train, **sections)
+
+
+def test_sft_with_lora_trains_only_the_adapters(tiny_recipe, sft_data, tmp_path):
+    recipe = _sft(tiny_recipe, sft_data, model={**TINY_MODEL, "lora": LORA},
+                  train={"steps": 2, "checkpoint_every": 0})
+    changed, names = _changed_after_training(recipe)
+    assert changed and changed == {n for n in names if "lora_" in n}
 
 
 @pytest.mark.parametrize("packing", [True, False])

@@ -119,3 +119,22 @@ def test_eval_batches_not_a_multiple_of_the_processes(tiny_recipe, tmp_path):
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     for key in ("eval_loss_before", "eval_loss"):
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
+
+
+def test_sft_two_processes_equal_one(tiny_recipe, tmp_path):
+    """data.task: sft (prompt/completion records, packed rows with restarting position_ids, loss on the
+    completions only) on 2 processes equals 1 process with grad_accum 2, as the LM task does."""
+    records = [{"prompt": f"Echo {w} {i}", "completion": f"{w} {i}"}
+               for i, w in enumerate(["market", "match", "film", "election", "phone"] * 8)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = tiny_recipe(data={"task": "sft", "path": str(data), "eval_fraction": 0.2},
+                         optim={"name": "adamw", "lr": 1e-3},
+                         train={"steps": 4, "checkpoint_every": 0, "seq_len": 96, "eval_batches": 2})
+    summary = _reference(recipe, tmp_path / "one")
+    _launch("accelerate", recipe, tmp_path / "two")
+    _assert_same_weights(load_file(tmp_path / "two" / "model" / "model.safetensors"),
+                         load_file(tmp_path / "one" / "model" / "model.safetensors"))
+    two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two_summary["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    assert two_summary["eval_loss"] < two_summary["eval_loss_before"]
