@@ -3,7 +3,7 @@
 A checkpoint is the directory ``run_dir/checkpoints/step-XXXXXXXX`` holding
 
 * ``model.safetensors``     -- trainable parameters by name (tied weights once);
-* ``optimizer.safetensors`` -- optimizer tensors (:func:`optimizer_state_to_tensors`);
+* ``optimizer.safetensors`` -- optimizer tensors (:func:`lowmem.state_encoding.optimizer_state_to_tensors`);
 * ``rng.safetensors``       -- torch CPU/CUDA RNG states, numpy's key, every rank's private
   generators (``rank{r}.generator.{name}``);
 * ``trainer.json``          -- step, ``extra``, optimizer meta, scheduler state, rest of the RNG states;
@@ -43,6 +43,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowmem.state_encoding import (CheckpointError, decode, encode, optimizer_state_from_tensors,
+                                   optimizer_state_to_tensors)
+
 FORMAT = 1
 MANIFEST = "manifest.json"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -50,68 +53,10 @@ FILES = (*TENSOR_FILES, "trainer.json")
 SHARDED = "sharded"  # the torch.distributed.checkpoint directory of an FSDP2 run
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
-_TAGS = ("__tuple__", "__tensor__")  # marks in the JSON form of tuples and tensors
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be written or read; the message is one line naming the file."""
-
-
 def _error(path: Path | str, what: str) -> CheckpointError:
     return CheckpointError(f"{path}: {what}".replace("\n", " "))
 
 
-# ---------------------------------------------------------------- JSON encoding
-def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor] | None) -> Any:
-    """JSON-able form of ``value``: tuples become ``{"__tuple__": [...]}``, tensors are moved
-    to ``tensors[key]`` and replaced by ``{"__tensor__": key}`` (refused when ``tensors`` is None)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        if tensors is None:
-            raise CheckpointError(f"{key}: tensors are not supported here")
-        if key in tensors:
-            raise CheckpointError(f"{key}: two tensors map to the same checkpoint key")
-        tensors[key] = value
-        return {"__tensor__": key}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
-    if isinstance(value, dict) and all(isinstance(k, str) and k not in _TAGS for k in value):
-        return {k: _encode(v, f"{key}.{k}", tensors) for k, v in value.items()}
-    raise CheckpointError(f"{key}: cannot store a {type(value).__name__} in a checkpoint "
-                          "(only tensors, numbers, strings, None, lists, tuples and str-keyed dicts)")
-
-
-def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
-    if isinstance(value, dict):
-        if set(value) == {"__tuple__"}:
-            return tuple(_decode(v, tensors) for v in value["__tuple__"])
-        if set(value) == {"__tensor__"}:
-            return tensors[value["__tensor__"]]
-        return {k: _decode(v, tensors) for k, v in value.items()}
-    return value
-
-
-def optimizer_state_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into flat tensors (keys ``state.{idx}.{name}``,
-    ``param_groups.{i}.{key}``) and a JSON-able meta that records tuples and key types."""
-    tensors: dict[str, torch.Tensor] = {}
-    state = [[idx, _encode(s, f"state.{idx}", tensors)] for idx, s in state_dict["state"].items()]
-    groups = [_encode(g, f"param_groups.{i}", tensors) for i, g in enumerate(state_dict["param_groups"])]
-    # optimizer-wide entries beside the two standard ones (e.g. a ZO optimizer's "zo" generator state)
-    rest = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
-    return tensors, {"state": state, "param_groups": groups, "extra": _encode(rest, "extra", tensors)}
-
-
-def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """Exact inverse of :func:`optimizer_state_to_tensors`."""
-    return {"state": {idx: _decode(s, tensors) for idx, s in meta["state"]},
-            "param_groups": [_decode(g, tensors) for g in meta["param_groups"]],
-            **_decode(meta["extra"], tensors)}
 
 
 # ---------------------------------------------------------------- RNG states
@@ -132,7 +77,7 @@ def _rng_state(generator_states: dict[str, list[torch.Tensor]]) -> tuple[dict[st
     # uint32 keys travel bit-exactly as int32 (safetensors/torch have no full uint32 support)
     tensors["numpy.keys"] = torch.from_numpy(keys.astype(np.uint32).view(np.int32).copy())
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
-            "python": _encode(random.getstate(), "python", None)}
+            "python": encode(random.getstate(), "python", None)}
     if generator_states:
         meta["processes"] = counts.pop()
     return tensors, meta
@@ -165,7 +110,7 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generators: dic
             torch.cuda.set_rng_state(tensors[f"torch.cuda.{i}"], i)
     kind, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((kind, tensors["numpy.keys"].numpy().view(np.uint32), pos, has_gauss, gauss))
-    random.setstate(_decode(meta["python"], {}))
+    random.setstate(decode(meta["python"], {}))
 
 
 # ---------------------------------------------------------------- durable files
@@ -242,8 +187,8 @@ def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimiz
                  scheduler, generator_states: dict[str, list[torch.Tensor]], extra: dict | None) -> None:
     opt_tensors, opt_meta = ({}, None) if optimizer is None else optimizer_state_to_tensors(optimizer.state_dict())
     rng_tensors, rng_meta = _rng_state(generator_states)
-    trainer = {"step": step, "extra": _encode(extra or {}, "extra", None), "optimizer": opt_meta,
-               "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), "scheduler", None),
+    trainer = {"step": step, "extra": encode(extra or {}, "extra", None), "optimizer": opt_meta,
+               "scheduler": None if scheduler is None else encode(scheduler.state_dict(), "scheduler", None),
                "rng": rng_meta}
     _save_tensors(weights, tmp / "model.safetensors")
     _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
@@ -401,6 +346,6 @@ def load_checkpoint(path: str | Path, *, model: nn.Module | None = None, optimiz
     if scheduler is not None:
         if trainer["scheduler"] is None:
             raise _error(path / "trainer.json", "checkpoint has no scheduler state")
-        scheduler.load_state_dict(_decode(trainer["scheduler"], {}))
+        scheduler.load_state_dict(decode(trainer["scheduler"], {}))
     _set_rng_state(rng_tensors, trainer["rng"], generators or {}, rank, rng_file)
-    return {"step": trainer["step"], **_decode(trainer["extra"], {})}
+    return {"step": trainer["step"], **decode(trainer["extra"], {})}

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowmem.checkpoint import CheckpointError, optimizer_state_from_tensors, optimizer_state_to_tensors
+from lowmem.state_encoding import CheckpointError, optimizer_state_from_tensors, optimizer_state_to_tensors
 from lowmem.optim.dtensor import is_sharded
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load, load_file, save
 
-from lowmem.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, optimizer_state_from_tensors,
-                               optimizer_state_to_tensors, save_checkpoint)
+from lowmem.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from lowmem.state_encoding import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 
 def assert_same(a, b, where="root"):
