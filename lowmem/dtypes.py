@@ -19,6 +19,8 @@ MASTER_DTYPE = torch.float32  # master weights the offload engines keep and step
 
 # model.dtype may also be int8: trainable int8 block weights (lowmem.int8_weights), the rest of the model in fp32
 WeightDtypeName = Literal[(*get_args(DtypeName), "int8")]
+# offload.host_dtype may also be int8: ZO2's host copy blockwise int8 plus scales (lowmem.offload.host_format)
+HostDtypeName = WeightDtypeName
 
 
 def float_dtype(name: str) -> torch.dtype:

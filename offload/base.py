@@ -42,10 +42,11 @@ class StreamedEngine:
         self.compute_dtype = next(self.blocks.parameters()).dtype
         self.steps = 0  # completed steps
 
-    def _stream(self, store_dtype: torch.dtype, pack_dtype: torch.dtype, write_back: bool) -> None:
+    def _stream(self, store_dtype: torch.dtype, pack_dtype: torch.dtype, write_back: bool,
+                trained: list[list[bool]] | None = None) -> None:
         """Move the blocks into the store (see :class:`StreamedModel`)."""
         self.streamed = StreamedModel(self.model, self.blocks, self.units, self.device, self.config,
-                                      store_dtype, pack_dtype, write_back=write_back)
+                                      store_dtype, pack_dtype, write_back=write_back, trained=trained)
         self.packed, self.store, self.mover = self.streamed.packed, self.streamed.store, self.streamed.mover
 
     # ---- the schedule's hooks ----------------------------------------------------------

@@ -32,6 +32,7 @@ Contract with the trainer::
     engine.eval_loss(batch)          # flushes, then a plain streamed forward (model(**batch) works too)
     engine.evaluate(metrics_fn, batch)   # flushes, then metrics_fn(model, batch) on the streamed model
     ckpt = {"weights": engine.model_state_dict(), "engine": engine.state_dict()}   # consistent pair
+    # (offload.host_dtype: int8 -- state_dict() also holds the stored int8 blocks, exact on resume)
     engine.load_model_state_dict(ckpt["weights"]); engine.load_state_dict(ckpt["engine"])
     engine.close()                   # flush, put the blocks back into the model (CPU), remove hooks
 
@@ -79,7 +80,8 @@ class ZO2Engine(StreamedEngine):
         if set(self.index) - {id(p) for p in model.parameters()}:
             raise ValueError("model: the optimizer holds a parameter outside the model's blocks and modules")
         host = self.compute_dtype if self.config.host_dtype is None else getattr(torch, self.config.host_dtype)
-        self._stream(host, self.compute_dtype, write_back=True)
+        trained = [[id(p) in self.index for p in block.parameters()] for block in self.blocks]
+        self._stream(host, self.compute_dtype, write_back=True, trained=trained)
         self.driver = ModelDriver(model, self)
         self.block_params: list[Indexed] = [self._indexed(pk.params) for pk in self.packed]
         self.resident = ResidentPerturber([self._indexed(list(m.parameters())) for _, m in self.units],
@@ -208,17 +210,40 @@ class ZO2Engine(StreamedEngine):
 
     # ---- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Steps, the pending update and the optimizer's state (seed generator): numbers and tensors."""
+        """Steps, the pending update and the optimizer's state (seed generator): numbers and tensors;
+        with an int8 host copy also ``host_blocks`` (see :meth:`host_blocks`)."""
         pending = None
         if self.pending is not None:
             pending = {k: v for k, v in self.pending.items() if k != "done"}
-        return {**super().state_dict(), "pending": pending}
+        state = {**super().state_dict(), "pending": pending}
+        blocks = self.host_blocks()
+        if blocks:
+            state["host_blocks"] = blocks
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; the block weights must be the ones saved with it (a pending
         update is not applied to them: :meth:`model_state_dict` pairs with it; ``flush()`` first for
-        a final model)."""
+        a final model). ``host_blocks``, when present, replace the stored blocks."""
         super().load_state_dict(state)
         pending = state["pending"]
         self.pending = None if pending is None else {**pending, "seed": int(pending["seed"]),
                                                      "grad": float(pending["grad"]), "done": set()}
+        self.load_host_blocks(state.get("host_blocks") or [])
+
+    def host_blocks(self) -> list[torch.Tensor]:
+        """The blocks' host copies as stored, when the model's weights cannot restore them exactly (an int8
+        copy: payload and scales; requantizing dequantized weights may move one by a step); else none."""
+        if not self.streamed.format.lossy_roundtrip:
+            return []
+        return [self.store.get(i) for i in range(len(self.packed))]
+
+    def load_host_blocks(self, blocks: list[torch.Tensor]) -> None:
+        """Put back what :meth:`host_blocks` gave (after :meth:`load_model_state_dict`, which they override)."""
+        if blocks and len(blocks) != len(self.packed):
+            raise ValueError(f"checkpoint: {len(blocks)} host blocks for a model of {len(self.packed)} blocks")
+        for i, t in enumerate(blocks):
+            if t.dtype != self.store.dtype or t.numel() != self.store.numels[i]:
+                raise ValueError(f"checkpoint: host block {i} is {t.numel()} {t.dtype}, the engine's "
+                                 f"{self.store.numels[i]} {self.store.dtype} (another offload.host_dtype?)")
+            self.store.put(i, t.reshape(-1), version=self.steps)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from lowmem.dtypes import DtypeName
+from lowmem.dtypes import HostDtypeName
 from lowmem.settings import Section, one_line
 
 
@@ -18,8 +18,10 @@ class OffloadSection(Section):
     enabled: bool = Field(False, description="Stream the decoder blocks from host RAM/NVMe: ZO2 with optim.name mezo, "
                                              "else first-order (Fuyou: fp32 masters + optimizer state off the "
                                              "device, each block stepped on the CPU inside backward)")
-    host_dtype: DtypeName | None = Field(
-        None, description="Host copy dtype of offloaded blocks; default: the training dtype")
+    host_dtype: HostDtypeName | None = Field(
+        None, description="Host copy dtype of offloaded blocks; default: the training dtype. ZO2 also takes a "
+                          "coarser 16-bit type or int8 (blockwise int8 + one fp32 scale per 256 weights), both "
+                          "stochastically rounded")
     nvme_dir: str | None = Field(None, description="Directory for blocks (first-order: and their optimizer states) "
                                                    "beyond the host budget (checksummed files)")
     host_memory_budget_gb: float | None = Field(None, ge=0, description="Host RAM for blocks (first-order: fp32 master "

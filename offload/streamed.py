@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowmem.offload.host_format import host_format
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import BlockMover, Packed
 from lowmem.structure import block_container
@@ -63,25 +64,28 @@ def check_blocks(blocks: nn.ModuleList, units: list[tuple[str, nn.Module]]) -> N
 
 
 class StreamedModel:
-    """``model`` with its blocks packed in ``pack_dtype`` into a store of ``store_dtype``.
+    """``model`` with its blocks packed in ``pack_dtype`` into a store holding them in ``store_dtype``
+    (a float dtype, or ``torch.int8``: blockwise int8 plus scales, :mod:`lowmem.offload.host_format`).
 
     ``write_back``: whether passes write changed blocks back from the device (ZO2), which takes one
-    more device slot (:func:`~lowmem.offload.transfer.slot_count`)."""
+    more device slot (:func:`~lowmem.offload.transfer.slot_count`). ``trained``: per block, whether
+    each parameter is rewritten when written back (an int8 copy leaves the others' bytes as stored)."""
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, units: list[tuple[str, nn.Module]],
                  device: torch.device, config: OffloadSection, store_dtype: torch.dtype,
-                 pack_dtype: torch.dtype, write_back: bool = True):
+                 pack_dtype: torch.dtype, write_back: bool = True, trained: list[list[bool]] | None = None):
         self.model, self.blocks, self.units, self.device = model, blocks, units, device
         self.compute_dtype, self.pack_dtype = next(blocks.parameters()).dtype, pack_dtype
         self.packed = [Packed.of(b, pack_dtype) for b in blocks]
+        self.format = host_format(store_dtype, self.compute_dtype, self.packed, trained)
         budget = None if config.host_memory_budget_gb is None else config.host_memory_budget_gb * 2**30
-        self.store = BlockStore([pk.numel for pk in self.packed], store_dtype, budget_bytes=budget,
-                                nvme_dir=config.nvme_dir, pin=device.type == "cuda",
+        self.store = BlockStore([self.format.numel(i) for i in range(len(self.packed))], self.format.store_dtype,
+                                budget_bytes=budget, nvme_dir=config.nvme_dir, pin=device.type == "cuda",
                                 prefetch_depth=config.prefetch_depth)
-        self.mover = BlockMover(self.packed, self.store, device, self.compute_dtype, config.prefetch_depth,
+        self.mover = BlockMover(self.packed, self.store, device, self.format, config.prefetch_depth,
                                 write_back=write_back)
         for i, (block, pk) in enumerate(zip(blocks, self.packed)):  # one block at a time into the store
-            self.store.put(i, pk.pack([p.detach() for p in pk.params], store_dtype))
+            self.store.put(i, self._stored(i, [p.detach() for p in pk.params]))
             self.mover.unbind(i)
             for buf in block.buffers():
                 buf.data = buf.data.to(device)
@@ -100,7 +104,7 @@ class StreamedModel:
             if id(t) in slots:
                 i, j = slots[id(t)]
                 if i not in cache:
-                    cache[i] = self.packed[i].views(self.store.get(i))
+                    cache[i] = self.packed[i].views(self.format.restored(i, self.store.get(i), self.pack_dtype))
                 out[name] = cache[i][j].to(self.pack_dtype, copy=True)
             else:
                 out[name] = t.detach().to("cpu", copy=True)
@@ -120,14 +124,21 @@ class StreamedModel:
                 with torch.no_grad():
                     t.copy_(state[name])
         for i, tensors in blocks.items():
-            self.store.put(i, self.packed[i].pack(tensors, self.store.dtype), version=version)
+            self.store.put(i, self._stored(i, tensors), version=version)
+
+    def _stored(self, i: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Block ``i``'s host copy of ``tensors`` (its parameters in order), rounded to nearest."""
+        return self.format.stored(i, self.packed[i].pack(tensors, self.pack_dtype))
 
     def close(self) -> None:
         """Give the blocks' parameters back to the model (CPU, training dtype) and close the store,
         block by block: the store frees each one as it is handed back (no second copy)."""
         for i, pk in enumerate(self.packed):
-            for p, view in zip(pk.params, pk.views(self.store.take(i))):
-                p.data = view.to(self.compute_dtype)  # same dtype: a view of the unpinned host block
+            flat = self.store.take(i)
+            if flat.dtype != self.compute_dtype:
+                flat = self.format.restored(i, flat, self.compute_dtype)
+            for p, view in zip(pk.params, pk.views(flat)):
+                p.data = view  # same dtype: a view of the unpinned host block
         self.store.close()
 
 

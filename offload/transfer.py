@@ -17,8 +17,9 @@ per block, in order):
   starts the uploads of the next ``prefetch_depth`` blocks (each waits on the
   upload lane for its slot's last offload) and the host/NVMe fetch one further;
 * ``release(i, write_back)``: unbinds; if the block changed, the offload lane waits
-  for the compute lane, rounds to the host dtype if it is coarser
-  (:mod:`lowmem.offload.rounding`) and copies to the host (or an NVMe write buffer).
+  for the compute lane, encodes it in its host format if that differs (a coarser float dtype or
+  int8 plus scales, stochastically rounded: :mod:`lowmem.offload.host_format`) and copies that
+  to the host (or an NVMe write buffer). An upload decodes on the device the same way.
 
 On a CPU device every copy is synchronous; the order of operations is the same.
 """
@@ -32,7 +33,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lowmem.offload.rounding import round_into
+from lowmem.offload.host_format import FloatCopy
 from lowmem.offload.store import BlockStore
 from lowmem.offload.streams import Lanes
 
@@ -79,28 +80,31 @@ def slot_count(n_blocks: int, prefetch_depth: int, write_back: bool = True) -> i
     return min(prefetch_depth + 1 + write_back, n_blocks)
 
 
-def device_buffer_bytes(numels: list[int], compute_dtype: torch.dtype, host_dtype: torch.dtype,
-                        prefetch_depth: int) -> dict[str, int]:
-    """Bytes :class:`BlockMover` allocates on the device for blocks of ``numels`` (packed) elements:
-    the slots in the compute dtype and, when the host dtype differs, as many staging buffers in it."""
-    n = slot_count(len(numels), prefetch_depth) * max(numels)
-    staging = 0 if host_dtype == compute_dtype else n * host_dtype.itemsize
-    return {"slots": n * compute_dtype.itemsize, "staging": staging}
+def device_buffer_bytes(fmt: FloatCopy, prefetch_depth: int) -> dict[str, int]:
+    """Bytes :class:`BlockMover` allocates on the device for the blocks of ``fmt`` (their host format):
+    the slots in the compute dtype and, when the host copy is not the compute buffer itself, as many
+    staging buffers holding the largest block's host encoding."""
+    count = slot_count(len(fmt.packed), prefetch_depth)
+    slots = count * max(pk.numel for pk in fmt.packed) * fmt.compute_dtype.itemsize
+    staging = 0 if fmt.same else count * max(fmt.numel(i) for i in range(len(fmt.packed))) * fmt.store_dtype.itemsize
+    return {"slots": slots, "staging": staging}
 
 
 class BlockMover:
     """Uploads blocks of one pass into device slots ahead of use and writes changed ones back."""
 
-    def __init__(self, packed: list[Packed], store: BlockStore, device: torch.device,
-                 compute_dtype: torch.dtype, prefetch_depth: int, write_back: bool = True):
-        self.packed, self.store, self.depth = packed, store, prefetch_depth
+    def __init__(self, packed: list[Packed], store: BlockStore, device: torch.device, fmt: FloatCopy,
+                 prefetch_depth: int, write_back: bool = True):
+        self.packed, self.store, self.depth, self.fmt = packed, store, prefetch_depth, fmt
         self.lanes = Lanes(device)
         n_slots = slot_count(len(packed), prefetch_depth, write_back)
         biggest = max(p.numel for p in packed)
+        compute_dtype = fmt.compute_dtype
         self.slots = [torch.empty(biggest, dtype=compute_dtype, device=device) for _ in range(n_slots)]
-        self.staging = None  # device buffers in the host dtype, when it differs
-        if store.dtype != compute_dtype:
-            self.staging = [torch.empty(biggest, dtype=store.dtype, device=device) for _ in range(n_slots)]
+        self.staging = None  # device buffers holding the host copy's encoding, when it differs
+        if not fmt.same:
+            stored = max(store.numels)
+            self.staging = [torch.empty(stored, dtype=store.dtype, device=device) for _ in range(n_slots)]
         self._placeholder = {id(p): torch.empty(0, dtype=compute_dtype, device=device)
                              for pk in packed for p in pk.params}
         self._free = deque(range(n_slots))
@@ -180,24 +184,25 @@ class BlockMover:
             up.wait(host.ready)
             if self.staging is None:
                 self.slots[slot][:n].copy_(host.tensor, non_blocking=True)
-            else:  # host dtype -> training dtype is exact
-                self.staging[slot][:n].copy_(host.tensor, non_blocking=True)
-                self.slots[slot][:n].copy_(self.staging[slot][:n])
+            else:  # the host copy's bytes, decoded on the device (a float host dtype: exact)
+                m = self.store.numels[j]
+                self.staging[slot][:m].copy_(host.tensor, non_blocking=True)
+                self.fmt.decode(j, self.slots[slot][:n], self.staging[slot][:m])
             uploaded = up.record()
         host.release(uploaded)
         self._resident[j] = (slot, uploaded)
 
     def _offload(self, i: int, slot: int, computed, version: int, round_seed: int):
-        n = self.packed[i].numel
+        n, m = self.packed[i].numel, self.store.numels[i]
         target = self.store.write_target(i)
         off = self.lanes.offload
         with off.use():
             off.wait(computed)
             src = self.slots[slot][:n]
-            if self.staging is not None:
-                round_into(self.staging[slot][:n], src, round_seed)
-                src = self.staging[slot][:n]
-            target[:n].copy_(src, non_blocking=True)
+            if self.staging is not None:  # encoded on the device, stochastically rounded
+                self.fmt.encode(i, self.staging[slot][:m], src, round_seed)
+                src = self.staging[slot][:m]
+            target[:m].copy_(src, non_blocking=True)
             copied = off.record()
         self.store.commit(i, target, copied, version)
         return copied

@@ -105,10 +105,12 @@ class ZO2Step(_Offloaded):
 
     @classmethod
     def check_engine(cls, recipe) -> None:
-        """ZO2 keeps the only copy of a block on the host: the training dtype or a coarser 16-bit one
-        (stochastically rounded, :mod:`lowmem.offload.rounding`)."""
+        """ZO2 keeps the only copy of a block on the host: the training dtype, a coarser 16-bit one or
+        int8 plus scales (stochastically rounded, :mod:`lowmem.offload.host_format`)."""
         host, compute = recipe.offload.host_dtype, recipe.model.dtype
-        if host is not None and host != compute and not is_lower_precision(DTYPES[host], DTYPES[compute]):
+        if host in (None, compute, "int8"):
+            return
+        if not is_lower_precision(DTYPES[host], DTYPES[compute]):
             raise ValueError(f"offload.host_dtype: {host} is not coarser than the training dtype "
                              f"{compute} (model.dtype); use it or a 16-bit type below fp32")
 
