@@ -62,7 +62,7 @@ class FloatCopy:
         """Block ``i``'s host copy (CPU) of the packed buffer ``flat``, rounded to nearest."""
         if flat.dtype == self.store_dtype:
             return flat
-        out = torch.empty(self.numel(i), dtype=self.store_dtype)
+        out = torch.zeros(self.numel(i), dtype=self.store_dtype)  # the padding between parameters stays 0
         self.encode(i, out, flat, None)
         return out
 

@@ -104,7 +104,8 @@ class BlockMover:
         self.staging = None  # device buffers holding the host copy's encoding, when it differs
         if not fmt.same:
             stored = max(store.numels)
-            self.staging = [torch.empty(stored, dtype=store.dtype, device=device) for _ in range(n_slots)]
+            # zeros: the padding between parameters is never written, so stored bytes are deterministic
+            self.staging = [torch.zeros(stored, dtype=store.dtype, device=device) for _ in range(n_slots)]
         self._placeholder = {id(p): torch.empty(0, dtype=compute_dtype, device=device)
                              for pk in packed for p in pk.params}
         self._free = deque(range(n_slots))

@@ -90,6 +90,9 @@ class _Offloaded(Step):
         raise NotImplementedError
 
 
+HOST_BLOCK = "zo2.host_block."  # checkpoint key prefix of the int8 host copies
+
+
 class ZO2Step(_Offloaded):
     name = "zo2"
     zeroth_order = True
@@ -128,6 +131,18 @@ class ZO2Step(_Offloaded):
     def engine_extra(self) -> dict:
         state = self.engine.state_dict()
         return {"zo2": {k: state[k] for k in ("steps", "pending")}}
+
+    def save_kwargs(self) -> dict:
+        """The trainable weights and, with an int8 host copy, the stored blocks themselves (payload and
+        scales: a resume requantizing dequantized weights would not be exact), as ``zo2.host_block.<i>``."""
+        kwargs = super().save_kwargs()
+        kwargs["weights"].update({f"{HOST_BLOCK}{i}": t for i, t in enumerate(self.engine.host_blocks())})
+        return kwargs
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        blocks = sorted((int(k[len(HOST_BLOCK):]), t) for k, t in weights.items() if k.startswith(HOST_BLOCK))
+        super()._load_weights({k: t for k, t in weights.items() if not k.startswith(HOST_BLOCK)})
+        self.engine.load_host_blocks([t for _, t in blocks])
 
     def restore(self, extra: dict) -> None:
         self.engine.load_state_dict({**extra["zo2"], "optimizer": self.inner_optimizer.state_dict()})

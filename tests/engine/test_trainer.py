@@ -65,8 +65,10 @@ RESUME_CASES = {
     "wta_crs_lean": {"activations": {"wta_crs": {"keep_ratio": 0.3}, "lean": True}},
     "mezo": {"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}}},
     "zo_adamu": {"optim": {"name": "zo_adamu", "lr": 1e-3, "args": {"eps": 1e-3, "t1": 2, "t2": 4}}},
-    "zo2_nvme": {"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}},
-                 "offload": {"enabled": True, "host_memory_budget_gb": 0, "nvme_dir": "NVME"}},
+    # int8 host copy: the stored payload and scales travel in the checkpoint (fp32 copies: engine tests)
+    "zo2_nvme_int8": {"optim": {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}},
+                      "offload": {"enabled": True, "host_memory_budget_gb": 0, "nvme_dir": "NVME",
+                                  "host_dtype": "int8"}},
     "fuyou_nvme": {"optim": {"name": "apollo_mini", "lr": 1e-3, "max_grad_norm": None},
                    "offload": {"enabled": True, "host_memory_budget_gb": 0, "nvme_dir": "NVME"}},
 }

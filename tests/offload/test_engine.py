@@ -96,7 +96,7 @@ def test_plain_forward_streams_blocks_and_applies_pending(tiny_model):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("host_dtype", "int8", "offload.host_dtype"),
+    ("host_dtype", "int4", "offload.host_dtype"),
     ("prefetch_depth", 0, "offload.prefetch_depth"),
     ("host_memory_budget_gb", -1.0, "offload.host_memory_budget_gb"),
     ("host_memory_budget_gb", 0.0, "offload.nvme_dir is not set"),

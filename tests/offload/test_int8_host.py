@@ -74,3 +74,57 @@ def test_one_step_equals_dequantize_perturb_update_round_by_hand(tiny_model):
 
 def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+
+def test_host_and_nvme_tiers_identical_and_resume_exact(tiny_model, tmp_path):
+    """Same seed: the host tier, the NVMe tier and a mixed one store the same bytes and give the same losses;
+    a run saved after 2 steps (pending update included) and resumed on other weights ends identical."""
+    data, kw = batches(4), dict(arch="opt", tied=True, layers=3)
+    _, host = engine(tiny_model, INT8, **kw)
+    losses = [host.step(b) for b in data]
+    host.flush()
+    _, first = engine(tiny_model, {**INT8, "nvme_dir": str(tmp_path / "a"), "host_memory_budget_gb": 0.0}, **kw)
+    assert torch.equal(first.step(data[0]), losses[0]) and torch.equal(first.step(data[1]), losses[1])
+    saved = {"weights": first.model_state_dict(), "engine": first.state_dict()}
+    assert saved["engine"]["pending"] is not None and len(saved["engine"]["host_blocks"]) == 3
+    mixed = {**INT8, "nvme_dir": str(tmp_path / "b"), "host_memory_budget_gb": 2e-5, "prefetch_depth": 2}
+    _, second = engine(tiny_model, mixed, **kw, seed=123)  # other weights: all must come from the checkpoint
+    assert set(second.store.tiers) == {"host", "nvme"}
+    second.load_model_state_dict(saved["weights"])
+    second.load_state_dict(saved["engine"])
+    for b, expected in zip(data[2:], losses[2:]):
+        assert torch.equal(second.step(b), expected)
+    second.flush()
+    assert all(torch.equal(second.store.get(i), host.store.get(i)) for i in range(3))
+    got, want = second.model_state_dict(), host.model_state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_frozen_weights_keep_their_stored_bytes(tiny_model):
+    """model.trainable: a weight outside the optimizer is never requantized (its payload and scales stay)."""
+    model = tiny_model(arch="llama", layers=2)
+    for name, p in model.named_parameters():
+        p.requires_grad_("mlp" not in name)
+    from lowmem.offload.engine import ZO2Engine
+
+    eng = ZO2Engine(model, create_optimizer(model, "mezo", **HP), INT8, device="cpu")
+    frozen = [j for j, p in enumerate(eng.packed[0].params) if not p.requires_grad]
+    start = [_stored(eng, k) for k in range(2)]
+    for b in batches(2):
+        eng.step(b)
+    eng.flush()
+    for k in range(2):
+        now = _stored(eng, k)
+        assert _same([now[j] for j in frozen], [start[k][j] for j in frozen])
+        assert not _same(now, start[k])  # the trained ones moved
+
+
+def test_first_order_offload_refuses_an_int8_host_copy():
+    from pathlib import Path
+
+    from lowmem.recipe import RecipeError, load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "zo2-nvme-cpu.yaml"
+    assert load_recipe(path, ["offload.host_dtype=int8"]).offload.host_dtype == "int8"
+    with pytest.raises(RecipeError, match="offload.host_dtype: the first-order offload engine keeps fp32 master"):
+        load_recipe(path, ["optim.name=adamw", "offload.host_dtype=int8", "optim.max_grad_norm=null"])
