@@ -15,8 +15,9 @@ gradients, optimizer states, activations, step temporaries) and the whole-run to
   counts tensors only).
 * ZO2 offload on a GPU: only resident parameters (embeddings, norms, head) stay on the
   device; the transfer buffers are what the engine allocates (:func:`lowmem.planner.zo2.zo2_device_buffers`:
-  ``prefetch_depth + 2`` slots in the training dtype, staging buffers in ``offload.host_dtype``
-  when it differs, a copy of a tied weight during the forward); activations are those of the
+  ``prefetch_depth + 2`` slots in the training dtype, staging buffers of the ``offload.host_dtype``
+  encoding when it differs, a copy of a tied weight during the forward). On a CPU the same parts
+  plus the blocks' host copies (int8: 1 + 4/256 bytes per weight); activations are those of the
   in-memory zeroth-order step object on the doubled batch (ZO2's dual forward). ``ZO2Step`` is
   not traced itself: its streams and pinned host buffers have no fake-tensor counterpart, and its
   computation is the in-memory step's (ZO2 equals MeZO bit for bit, tests/offload).
@@ -38,7 +39,7 @@ from lowmem.planner.first_order import offload_parts
 from lowmem.planner.trace import trace_step
 from lowmem.planner.zo2 import zo2_parts
 from lowmem.recipe import Recipe, with_overrides
-from lowmem.steps import FirstOrderOffloadStep, step_class
+from lowmem.steps import FirstOrderOffloadStep, ZO2Step, step_class
 
 
 @dataclass
@@ -130,7 +131,9 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
     recipe = config_section(recipe, config)  # from here on the config alone: no weights, no tokenizer files
     way = step_class(recipe, get_spec(recipe.optim.name).zeroth_order)  # how the run steps, decided once
     first_order_offload = way is FirstOrderOffloadStep and not forward_only
-    offloaded = recipe.offload.enabled and device == "cuda" and not first_order_offload
+    # ZO2: on a GPU its device; on a CPU its step (the host copies and the buffers in the one RSS)
+    offloaded = recipe.offload.enabled and not first_order_offload and (device == "cuda" or way is ZO2Step
+                                                                         and not forward_only)
     host: dict[str, int] = {}
     if first_order_offload:
         parts, host, totals = offload_parts(recipe, config, device)
@@ -138,7 +141,7 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
     else:
         parts, totals = trace_step(recipe, config, 2 if offloaded else 1, forward_only, device)
     if offloaded:
-        parts = zo2_parts(recipe, config, parts)
+        parts = zo2_parts(recipe, config, parts, device)
     baseline = 0 if device != "cpu" and not host else \
         runtime_bytes if runtime_bytes is not None else runtime_baseline_bytes(config.model_type)
     parts["runtime"] = baseline if device == "cpu" else 0

@@ -1,4 +1,4 @@
-"""Measure steps of a first-order offloaded run in this process (``python -m lowmem.tools.measure
+"""Measure steps of an offloaded run in this process (first-order, or ZO2 for a zeroth-order optimizer) (``python -m lowmem.tools.measure
 RECIPE.yaml --offload [--steps N] [--inmemory | --forward]``): peak RSS while stepping, step times, tiers.
 
 The model is built and the engine set up first (loading holds the whole model once, as any run
@@ -15,6 +15,7 @@ import time
 from lowmem.build import build_optimizer, lm_loss, no_grad_forward, sample_batch
 from lowmem.memory import current_rss_bytes, reset_peak_rss, state_bytes, window_peak_rss_bytes
 from lowmem.models import load_model
+from lowmem.offload.engine import ZO2Engine
 from lowmem.offload.firstorder import FirstOrderEngine
 from lowmem.steps.layerwise import LayerwiseOptimizer
 
@@ -35,8 +36,11 @@ def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
     optimizer, _ = build_optimizer(recipe, model)
     loss_fn = lm_loss(recipe.train)
     engine = None
+    zeroth_order = getattr(optimizer, "zeroth_order", False)
     if inmemory:
         optimizer = LayerwiseOptimizer(optimizer)
+    elif zeroth_order:
+        engine = ZO2Engine(model.eval(), optimizer, recipe.offload, device="cpu")
     else:
         engine = FirstOrderEngine(model, optimizer, recipe.offload, device="cpu")
     batch = sample_batch(recipe, model.config.vocab_size)
@@ -44,7 +48,9 @@ def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
     times, losses = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        if engine is not None:
+        if zeroth_order and engine is not None:
+            loss = engine.step(batch)
+        elif engine is not None:
             loss, _ = engine.step(lambda: loss_fn(model, batch))
         else:
             loss = loss_fn(model, batch)
@@ -55,7 +61,9 @@ def measure(recipe, steps: int = 2, inmemory: bool = False) -> dict:
         losses.append(float(loss))
     out = {"baseline_rss": baseline, "peak_rss": window_peak_rss_bytes(), "step_s": times, "losses": losses,
            "state_bytes_in_memory": state_bytes(optimizer)}
-    if engine is not None:
+    if zeroth_order and engine is not None:
+        out["tiers"] = {"blocks": engine.store.tiers}
+    elif engine is not None:
         out["tiers"] = {"masters": engine.store.tiers, "states": [engine.states.tiers.get(k) for k in
                                                                   range(len(engine.packed))]}
         engine.close()
