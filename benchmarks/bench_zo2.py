@@ -5,14 +5,17 @@
                                                    #       overhead vs in-GPU MeZO on OPT-1.3B
     python benchmarks/bench_zo2.py --gpu --nvme-dir /nvme/zo2 --host-gb 16   # with the NVMe tier
 
-Bytes per step: each block crosses PCIe once per direction (ZO2), so
-``2 * sum(block bytes in the host dtype)``; the PCIe bound is those bytes divided by the
-measured pinned host->device bandwidth. Model shapes come from configs (no download).
+Bytes per step: each block crosses PCIe once per direction (ZO2), in its host encoding
+(``offload.host_dtype``: the training dtype, bf16, or int8 with one fp32 scale per 256 weights);
+counted here at the store, every host->device fetch and device->host write of a timed step. The
+PCIe bound is those bytes divided by the measured pinned host->device bandwidth. Model shapes come
+from configs (no download).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -73,24 +76,22 @@ def h2d_bandwidth(nbytes: int = 1 << 30) -> float:
     return 5 * nbytes / (time.perf_counter() - start)
 
 
-def bytes_per_step(engine: ZO2Engine) -> int:
-    item = torch.empty((), dtype=engine.store.dtype).element_size()
-    return 2 * sum(pk.numel for pk in engine.packed) * item
-
-
 def run_zo2(name, dtype, data, device, config: dict, steps: int):
+    """(step s, host->device bytes per step, device->host bytes per step, peak GiB, largest block GiB)."""
+    from gpu_proof_common import Traffic
+
     model = build(name, dtype)
     opt = create_optimizer(model, "mezo", lr=1e-7, eps=1e-3)
     engine = ZO2Engine(model, opt, config, device=device)
+    traffic = Traffic(engine)
     cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = timed(lambda: engine.step(data), steps, cuda)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     block_gb = max(pk.numel for pk in engine.packed) * torch.empty((), dtype=dtype).element_size() / 2**30
-    moved = bytes_per_step(engine)
     engine.close()
-    return t, moved, peak, block_gb
+    return t, traffic.up / (steps + 1), traffic.down / (steps + 1), peak, block_gb
 
 
 def run_mezo(name, dtype, data, device, steps: int) -> float:
@@ -100,35 +101,46 @@ def run_mezo(name, dtype, data, device, steps: int) -> float:
     return timed(lambda: opt.step(lambda: model(**data).loss), steps, device == "cuda")
 
 
+HOST_COPIES = [("fp32 host", {}), ("bf16 host", {"host_dtype": "bfloat16"}), ("int8 host", {"host_dtype": "int8"})]
+
+
 def cpu_main(steps: int) -> None:
     data = batch(SHAPES["cpu-small"][1]["vocab_size"], 4, 64)
-    rows = [["in-memory MeZO", f"{run_mezo('cpu-small', torch.float32, data, 'cpu', steps) * 1e3:.0f}", "0", "-"]]
+    mezo = run_mezo('cpu-small', torch.float32, data, 'cpu', steps)
+    rows = [["in-memory MeZO", f"{mezo * 1e3:.0f}", "0", "0", "-"]]
     with tempfile.TemporaryDirectory() as nvme:
-        for label, cfg in [("ZO2 host tier", {}), ("ZO2 host tier, bf16 host", {"host_dtype": "bfloat16"}),
-                           ("ZO2 NVMe tier (tmp dir)", {"nvme_dir": nvme, "host_memory_budget_gb": 0.0})]:
-            t, moved, _, _ = run_zo2("cpu-small", torch.float32, data, "cpu", cfg, steps)
-            rows.append([label, f"{t * 1e3:.0f}", f"{moved / 2**20:.1f}", f"{t / float(rows[0][1]) * 1e3:.2f}x"])
+        for tier, tier_cfg in [("host tier", {}), ("NVMe tier (tmp dir)", {"nvme_dir": nvme,
+                                                                           "host_memory_budget_gb": 0.0})]:
+            for label, cfg in HOST_COPIES:
+                t, up, down, _, _ = run_zo2("cpu-small", torch.float32, data, "cpu", {**tier_cfg, **cfg}, steps)
+                rows.append([f"ZO2 {tier}, {label}", f"{t * 1e3:.0f}", f"{up / 2**20:.2f}", f"{down / 2**20:.2f}",
+                             f"{t / mezo:.2f}x"])
     write_result("zo2", "ZO2 offload vs in-memory MeZO (CPU, small Llama-shaped model)",
-                 markdown_table(["run", "step ms", "MiB moved/step", "vs MeZO"], rows),
-                 notes="cpu-small: 8 layers, hidden 256, fp32, batch 4x64. On CPU the 'device' is the CPU, so "
-                       "the copies are memcpy and nothing overlaps; the figures measure the engine's overhead.")
+                 markdown_table(["run", "step ms", "MiB host->device/step", "MiB device->host/step", "vs MeZO"],
+                                rows),
+                 notes="cpu-small: 8 layers, hidden 256, fp32 training, batch 4x64. On CPU the 'device' is the CPU, "
+                       "so the copies are memcpy and nothing overlaps; the figures measure the engine's overhead "
+                       "(a bf16 or int8 host copy adds its encoding and decoding on the CPU, which a GPU does "
+                       "beside a PCIe copy it halves). Bytes are counted at the store during the timed steps. "
+                       f"Load average at the start: {os.getloadavg()[0]:.1f}.")
 
 
 def gpu_main(steps: int, nvme_dir: str | None, host_gb: float | None) -> None:
     bw = h2d_bandwidth()
     rows = []
-    for name in ("opt-30b", "llama-3-8b"):
+    for name, host in [("opt-30b", None), ("llama-3-8b", None), ("llama-3-8b", "int8")]:
         data = batch(SHAPES[name][1]["vocab_size"], 1, 512)
         cfg = {"nvme_dir": nvme_dir, "host_memory_budget_gb": host_gb} if nvme_dir else {}
-        t, moved, peak, block_gb = run_zo2(name, torch.float16, data, "cuda", cfg, steps)
+        t, up, down, peak, block_gb = run_zo2(name, torch.float16, data, "cuda", {**cfg, "host_dtype": host}, steps)
+        moved = up + down
         bound = moved / bw
-        rows.append([name, f"{peak:.2f}", f"{peak / block_gb:.1f}", f"{t:.2f}", f"{moved / 2**30:.1f}",
-                     f"{bound:.2f}", f"{t / bound:.2f}"])
+        rows.append([name, host or "fp16", f"{peak:.2f}", f"{peak / block_gb:.1f}", f"{t:.2f}",
+                     f"{moved / 2**30:.1f}", f"{bound:.2f}", f"{t / bound:.2f}"])
     data = batch(50272, 4, 512)
     t_mezo = run_mezo("opt-1.3b", torch.float16, data, "cuda", steps)
-    t_zo2, _, _, _ = run_zo2("opt-1.3b", torch.float16, data, "cuda", {}, steps)
+    t_zo2 = run_zo2("opt-1.3b", torch.float16, data, "cuda", {}, steps)[0]
     write_result("zo2_gpu", "ZO2 on one GPU (fp16, random init; batch 1x512)",
-                 markdown_table(["model", "peak GPU GiB", "peak / block", "step s", "GiB moved/step",
+                 markdown_table(["model", "host copy", "peak GPU GiB", "peak / block", "step s", "GiB moved/step",
                                  "PCIe bound s", "step / bound"], rows),
                  notes=f"H2D bandwidth (pinned): {bw / 2**30:.1f} GiB/s. Overhead vs in-GPU MeZO on OPT-1.3B "
                        f"(batch 4x512): {t_zo2 / t_mezo:.2f}x ({t_zo2:.3f} s vs {t_mezo:.3f} s)."

@@ -138,6 +138,25 @@ def host_model(config: dict, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+class Traffic:
+    """Bytes a ZO2 engine's block store hands to the device (fetches, ``up``) and takes back (writes,
+    ``down``), in its host encoding (``offload.host_dtype``), counted as the engine calls the store."""
+
+    def __init__(self, engine):
+        self.up = self.down = 0
+        store, fetch, commit = engine.store, engine.store.fetch, engine.store.commit
+
+        def counted_fetch(i):
+            self.up += store.numels[i] * store.dtype.itemsize
+            return fetch(i)
+
+        def counted_commit(i, target, copied, version):
+            self.down += store.numels[i] * store.dtype.itemsize
+            return commit(i, target, copied, version)
+
+        store.fetch, store.commit = counted_fetch, counted_commit
+
+
 def _batch(config: dict, tokens: tuple[int, int], device: str = "cpu") -> dict:
     ids = torch.randint(0, config["vocab_size"], tokens, generator=torch.Generator().manual_seed(1)).to(device)
     return {"input_ids": ids, "labels": ids}

@@ -58,8 +58,15 @@ def _zo2(e: dict) -> str:
                            _f(b["pinned_GiB"], ".1f"), _f(b["close_s"], ".1f")]])
     fit = markdown_table(["MeZO in memory s", "MeZO through ZO2 s", "ratio", "<= 1.15x"],
                          [[_f(f["in_memory_s"], ".3f"), _f(f["zo2_s"], ".3f"), _f(f["ratio"]), _f(f["target_1_15x"])]])
+    q = e["int8"]
+    int8 = markdown_table(["host copy", "GiB moved/step", "step s (median)", "PCIe bound s", "first loss"],
+                          [[h, _f(q[h]["GiB_moved_per_step"], ".3f"), _f(q[h]["step_s"], ".3f"),
+                            _f(q[h]["pcie_bound_s"], ".3f"), _f(q[h]["first_loss"], ".4f")] for h in ("float16", "int8")])
     return f"OPT-30B shape, fp16, batch 1 x 512, blocks in host RAM (H2D {e['h2d_GBps']:.1f} GB/s pinned):\n\n{big}\n\n" \
-           f"A model that fits (OPT-1.3B shape, fp16, batch 4 x 512):\n\n{fit}"
+           f"A model that fits (OPT-1.3B shape, fp16, batch 4 x 512):\n\n{fit}\n\n" \
+           f"The same model through ZO2 (batch 1 x 512), fp16 vs int8 host copy (offload.host_dtype): bytes " \
+           f"x{q['bytes_ratio']:.3f}, step time x{q['time_ratio']:.2f}, first loss differs by " \
+           f"{q['loss_rel_diff']:.2%}:\n\n{int8}"
 
 
 def _zo_noise(e: dict) -> str:
