@@ -90,8 +90,9 @@ def run_zo2(name, dtype, data, device, config: dict, steps: int):
     t = timed(lambda: engine.step(data), steps, cuda)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     block_gb = max(pk.numel for pk in engine.packed) * torch.empty((), dtype=dtype).element_size() / 2**30
+    up, down = traffic.up / (steps + 1), traffic.down / (steps + 1)  # the timed steps and the warm-up, not close's flush
     engine.close()
-    return t, traffic.up / (steps + 1), traffic.down / (steps + 1), peak, block_gb
+    return t, up, down, peak, block_gb
 
 
 def run_mezo(name, dtype, data, device, steps: int) -> float:
