@@ -132,8 +132,8 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
     way = step_class(recipe, get_spec(recipe.optim.name).zeroth_order)  # how the run steps, decided once
     first_order_offload = way is FirstOrderOffloadStep and not forward_only
     # ZO2: on a GPU its device; on a CPU its step (the host copies and the buffers in the one RSS)
-    offloaded = recipe.offload.enabled and not first_order_offload and (device == "cuda" or way is ZO2Step
-                                                                         and not forward_only)
+    zo2_step = way is ZO2Step and not forward_only
+    offloaded = recipe.offload.enabled and not first_order_offload and (device == "cuda" or zo2_step)
     host: dict[str, int] = {}
     if first_order_offload:
         parts, host, totals = offload_parts(recipe, config, device)

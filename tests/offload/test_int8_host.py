@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowmem.kernels.int8_weights import dequantize_int8, num_blocks, quantize_int8_
-from lowmem.offload.engine import _ROUND_STREAM
+from lowmem.offload.engine import _ROUND_STREAM, ZO2Engine
 from lowmem.optim import create_optimizer
 from lowmem.optim.zo_noise import mix_seed, param_seed, sgd_update_
 from tests.offload.helpers import HP, batches, engine
@@ -105,8 +105,6 @@ def test_frozen_weights_keep_their_stored_bytes(tiny_model):
     model = tiny_model(arch="llama", layers=2)
     for name, p in model.named_parameters():
         p.requires_grad_("mlp" not in name)
-    from lowmem.offload.engine import ZO2Engine
-
     eng = ZO2Engine(model, create_optimizer(model, "mezo", **HP), INT8, device="cpu")
     frozen = [j for j, p in enumerate(eng.packed[0].params) if not p.requires_grad]
     start = [_stored(eng, k) for k in range(2)]
