@@ -90,7 +90,8 @@ def run_zo2(name, dtype, data, device, config: dict, steps: int):
     t = timed(lambda: engine.step(data), steps, cuda)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     block_gb = max(pk.numel for pk in engine.packed) * torch.empty((), dtype=dtype).element_size() / 2**30
-    up, down = traffic.up / (steps + 1), traffic.down / (steps + 1)  # the timed steps and the warm-up, not close's flush
+    # the timed steps and the warm-up, not close's flush
+    up, down = traffic.up / (steps + 1), traffic.down / (steps + 1)
     engine.close()
     return t, up, down, peak, block_gb
 

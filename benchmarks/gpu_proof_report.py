@@ -61,7 +61,8 @@ def _zo2(e: dict) -> str:
     q = e["int8"]
     int8 = markdown_table(["host copy", "GiB moved/step", "step s (median)", "PCIe bound s", "first loss"],
                           [[h, _f(q[h]["GiB_moved_per_step"], ".3f"), _f(q[h]["step_s"], ".3f"),
-                            _f(q[h]["pcie_bound_s"], ".3f"), _f(q[h]["first_loss"], ".4f")] for h in ("float16", "int8")])
+                            _f(q[h]["pcie_bound_s"], ".3f"), _f(q[h]["first_loss"], ".4f")]
+                           for h in ("float16", "int8")])
     return f"OPT-30B shape, fp16, batch 1 x 512, blocks in host RAM (H2D {e['h2d_GBps']:.1f} GB/s pinned):\n\n{big}\n\n" \
            f"A model that fits (OPT-1.3B shape, fp16, batch 4 x 512):\n\n{fit}\n\n" \
            f"The same model through ZO2 (batch 1 x 512), fp16 vs int8 host copy (offload.host_dtype): bytes " \

@@ -90,7 +90,8 @@ def _zo2_int8(s: Shapes, h2d: float) -> dict:
         free(s.device)
     fp16, int8 = out["float16"], out["int8"]
     return {**out, "bytes_ratio": int8["GiB_moved_per_step"] / fp16["GiB_moved_per_step"],
-            "time_ratio": int8["step_s"] / fp16["step_s"], "loss_rel_diff": abs(int8["first_loss"] / fp16["first_loss"] - 1)}
+            "time_ratio": int8["step_s"] / fp16["step_s"],
+            "loss_rel_diff": abs(int8["first_loss"] / fp16["first_loss"] - 1)}
 
 
 def zo2(s: Shapes) -> dict:
