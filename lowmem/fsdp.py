@@ -53,17 +53,24 @@ def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer, mixed_precis
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Free every all-gathered weight of ``model`` (FSDP2 keeps the root group's after a forward), so
+    that the next forward all-gathers the shards again, with whatever changed in them since."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @torch.no_grad()
 def unshard_to_plain(model: nn.Module) -> None:
     """Replace every sharded parameter of ``model`` by a plain one holding the whole tensor (a
     collective: every rank calls it), so that ``save_pretrained`` and ``state_dict`` see a plain model.
     The model is not trained afterwards."""
-    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    for module in model.modules():  # the sharded parameters registered again (the root keeps its
-        if isinstance(module, FSDPModule):  # all-gathered weights after the last forward)
-            module.reshard()
+    reshard(model)  # the sharded parameters registered again (the root keeps its all-gathered weights)
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if isinstance(p, DTensor):
@@ -81,11 +88,7 @@ def bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
     """Parameter and optimizer-state MiB held by each rank (its shards, and whatever it replicates),
     the largest over the ranks, and the state summed over the ranks (a collective). The root group
     keeps its all-gathered weights after a forward; they are resharded first, so the figures are the shards'."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    reshard(model)
     mine = torch.tensor([_local_bytes(model.parameters()),
                          _local_bytes(v for state in optimizer.state.values() for v in state.values())],
                         dtype=torch.float64)

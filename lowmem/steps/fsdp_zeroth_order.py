@@ -1,0 +1,59 @@
+"""The zeroth-order step on a model sharded by FSDP2 (``train.distributed: fsdp2`` with MeZO or
+ZO-AdaMU), equal to the one-process step on the whole batch.
+
+MeZO's step (Malladi et al. 2023, Algorithm 1) on ``N`` processes holding one model between them:
+every rank perturbs its shards with their slices of the one-process ``z``
+(:mod:`lowmem.optim.zo_shard`), each forward all-gathers the perturbed weights block by block
+(FSDP2), and the loss of the step's batch is the mean of the ranks' losses on their ``b`` rows each::
+
+    L(theta +- eps z) = 1/N sum_r L_r(theta +- eps z)      (one all-reduce of a float64 per forward)
+
+-- the loss one process computes on the ``N b`` rows when every row has the same number of
+labelled tokens (packed LM rows; the eval loss is averaged the same way). So every rank gets the
+same projected gradient ``g = (L+ - L-) / 2 eps`` and makes the one-process update of its rows;
+unlike ZO under DDP (one perturbation per process, the scalars exchanged: ``lowmem.optim.mezo``)
+nothing else is sent. Before each forward the model is resharded, because FSDP2 keeps the root
+group's all-gathered weights after a forward and would not see the perturbation of its shards.
+
+The rest (sharding, per-rank bytes, sharded checkpoints, the plain model at the end) is
+:class:`~lowmem.steps.fsdp.FSDP2Step`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem.fsdp import reshard
+from lowmem.steps.base import OneProcess
+from lowmem.steps.fsdp import FSDP2Step
+from lowmem.steps.zeroth_order import ZerothOrderStep, check_zeroth_order
+
+
+class FSDP2ZerothOrderStep(ZerothOrderStep, FSDP2Step):
+    """:class:`ZerothOrderStep`'s ``step`` with :class:`FSDP2Step`'s setup, summary, checkpoints and close."""
+
+    name = "fsdp2_zeroth_order"
+
+    @staticmethod
+    def applies(recipe, zeroth_order: bool) -> bool:
+        return recipe.train.distributed == "fsdp2" and zeroth_order
+
+    @classmethod
+    def check(cls, recipe) -> None:
+        check_zeroth_order(recipe)
+        FSDP2Step.check(recipe)
+
+    def setup(self, model, optimizer):
+        model, optimizer = FSDP2Step.setup(self, model, optimizer)
+        self.sharded = not isinstance(self.accelerator, OneProcess)  # the planner traces one process
+        if self.sharded:
+            optimizer.shard()
+        return model, optimizer
+
+    def forward_loss(self, batch: dict) -> torch.Tensor:
+        """The global batch's loss: every rank's forward of its rows, averaged over the ranks."""
+        if not self.sharded:
+            return super().forward_loss(batch)
+        reshard(self.model)  # the next forward all-gathers the shards as they are now
+        loss = super().forward_loss(batch)
+        return self.accelerator.reduce(loss.detach().double(), "mean")  # float64: g is a small difference
