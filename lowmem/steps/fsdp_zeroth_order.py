@@ -4,12 +4,12 @@ ZO-AdaMU), equal to the one-process step on the whole batch.
 MeZO's step (Malladi et al. 2023, Algorithm 1) on ``N`` processes holding one model between them:
 every rank perturbs its shards with their slices of the one-process ``z``
 (:mod:`lowmem.optim.zo_shard`), each forward all-gathers the perturbed weights block by block
-(FSDP2), and the loss of the step's batch is the mean of the ranks' losses on their ``b`` rows each::
+(FSDP2), and the loss of the step's batch is the ranks' mean losses on their ``b`` rows each,
+weighted by the terms ``n_r`` each averages (predicted tokens; examples for classification)::
 
-    L(theta +- eps z) = 1/N sum_r L_r(theta +- eps z)      (one all-reduce of a float64 per forward)
+    L(theta +- eps z) = sum_r n_r L_r(theta +- eps z) / sum_r n_r     (one all-reduce of 2 float64)
 
--- the loss one process computes on the ``N b`` rows when every row has the same number of
-labelled tokens (packed LM rows; the eval loss is averaged the same way). So every rank gets the
+-- the loss one process computes on the ``N b`` rows. So every rank gets the
 same projected gradient ``g = (L+ - L-) / 2 eps`` and makes the one-process update of its rows;
 unlike ZO under DDP (one perturbation per process, the scalars exchanged: ``lowmem.optim.mezo``)
 nothing else is sent. Before each forward the model is resharded, because FSDP2 keeps the root
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.fsdp import reshard
+from lowmem.objectives import loss_terms
 from lowmem.steps.base import OneProcess
 from lowmem.steps.fsdp import FSDP2Step
 from lowmem.steps.zeroth_order import ZerothOrderStep, check_zeroth_order
@@ -50,10 +51,18 @@ class FSDP2ZerothOrderStep(ZerothOrderStep, FSDP2Step):
             optimizer.shard()
         return model, optimizer
 
+    def evaluate(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.sharded:  # the root group still holds the last step's perturbed (theta - eps z) weights
+            reshard(self.model)
+        return super().evaluate(batch)
+
     def forward_loss(self, batch: dict) -> torch.Tensor:
         """The global batch's loss: every rank's forward of its rows, averaged over the ranks."""
         if not self.sharded:
             return super().forward_loss(batch)
         reshard(self.model)  # the next forward all-gathers the shards as they are now
         loss = super().forward_loss(batch)
-        return self.accelerator.reduce(loss.detach().double(), "mean")  # float64: g is a small difference
+        terms = loss_terms(batch)
+        both = torch.stack([loss.detach().double() * terms, torch.tensor(terms, dtype=torch.float64, device=loss.device)])
+        total, count = self.accelerator.reduce(both, "sum")  # float64: g is a small difference of two
+        return total / count
