@@ -35,8 +35,8 @@ def ensure_process_group(device: torch.device) -> bool:
     return True
 
 
-def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer, mixed_precision=None) -> nn.Module:
-    """``fully_shard`` each decoder block, then the root, and point ``optimizer`` at the sharded
+def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer | None, mixed_precision=None) -> nn.Module:
+    """``fully_shard`` each decoder block, then the root, and point ``optimizer`` (if any) at the sharded
     parameters (``fully_shard`` replaces each parameter by a ``DTensor`` one of the same name)."""
     from torch.distributed.fsdp import fully_shard
 
@@ -48,6 +48,8 @@ def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer, mixed_precis
     for block in found[1]:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    if optimizer is None:
+        return model
     after = dict(model.named_parameters(remove_duplicate=False))
     replace_params(optimizer, {before[name]: after[name] for name in before if after[name] is not before[name]})
     return model

@@ -23,6 +23,19 @@ record, in ``trainer.state.log_history`` and in what later callbacks (the printe
 Zeroth-order optimizers (``mezo``, ``zo_adamu``) use :class:`ZOTrainer`, which overrides only
 ``training_step`` (the Trainer's loop, logging, evaluation and checkpoints stay as they are).
 
+FSDP2 (issue 26): shard the model with :func:`shard_for_trainer` before making the optimizer and the
+Trainer, and launch with ``torchrun`` or ``accelerate launch --multi_gpu``::
+
+    args = TrainingArguments(..., save_only_model=True)
+    model = lowmem.shard_for_trainer(model, args)          # lowmem's fully_shard, per block then the root
+    opt = lowmem.create_optimizer(model, "apollo_mini", lr=1e-3)   # on the DTensor shards
+    Trainer(model, args, train_dataset=ds, optimizers=(opt, None), callbacks=[lowmem.LowMemCallback()]).train()
+
+The Trainer then takes the model as one sharded at load time (``from_pretrained(distributed_config=...)``):
+no DDP wrapper, FSDP2 reduce-scatters the gradients, and its rule for such models holds (no optimizer
+checkpoints: ``save_only_model=True`` or ``save_strategy="no"``). The Trainer's own FSDP option
+(``fsdp=...``, ``fsdp_version: 2``) is accelerate's plugin; on a CPU it trains plain DDP.
+
 Checkpoints: the Trainer saves ``optimizer.state_dict()`` with ``torch.save`` and loads it with
 ``weights_only=True`` through the accelerate wrapper into lowmem's ``load_state_dict``, which
 keeps every state tensor's dtype (fp32 moments of a bf16 model, 8-bit codes).
@@ -46,6 +59,21 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     while not isinstance(optimizer, LayerwiseOptimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def shard_for_trainer(model: torch.nn.Module, args) -> torch.nn.Module:
+    """``model`` sharded by FSDP2 for a ``transformers.Trainer`` with ``args`` (module docstring): placed
+    on ``args.device`` in the launcher's process group (made by ``args``), ``fully_shard`` per decoder
+    block and then the root (:func:`lowmem.fsdp.shard_model`, what ``train.distributed: fsdp2`` does),
+    and marked as sharded at load time so that the Trainer neither wraps it in DDP nor moves it.
+    Make the optimizer afterwards: it then steps the ``DTensor`` shards (:mod:`lowmem.optim.dtensor`)."""
+    from lowmem.fsdp import ensure_process_group, shard_model
+
+    device = args.device  # accelerate starts the launcher's process group here, as the Trainer will use it
+    ensure_process_group(device)  # no launcher: a group of one process
+    model = shard_model(model.to(device), None)
+    model._is_distributed_loading_by_transformers = True  # transformers' flag for a model that owns its sharding
+    return model
 
 
 def _tensor_to_json(t: torch.Tensor) -> dict:
@@ -187,6 +215,9 @@ class ZOTrainer(Trainer):
         if not is_zeroth_order(zo):
             raise ValueError(f"ZOTrainer: {type(zo).__name__} is not a zeroth-order optimizer; "
                              "use transformers.Trainer for first-order optimizers")
+        if any(hasattr(p, "device_mesh") for p in zo.param_groups[0]["params"]):
+            raise ValueError("ZOTrainer: a model sharded by shard_for_trainer (FSDP2) is not supported; run MeZO or "
+                             "ZO-AdaMU under FSDP2 with lowmem-train (train.distributed: fsdp2)")
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("ZOTrainer: set gradient_accumulation_steps=1 (a zeroth-order step takes one batch)")
         inputs = self._prepare_inputs(inputs)

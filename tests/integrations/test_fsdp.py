@@ -25,6 +25,8 @@ from lowmem.checkpoint import CheckpointError
 from lowmem.recipe import load_recipe
 from lowmem.trainer import train
 
+from .helpers import HF_TRAINER, hf_trainer_run
+
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
@@ -101,10 +103,16 @@ CASES.update({
 })
 
 
+# transformers.Trainer + LowMemCallback on a model sharded by lowmem.shard_for_trainer (elementwise and whole-matrix)
+HF_OPTIMIZERS = ("adamw", "apollo_mini")
+
+
 def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
     # the 8-bit steps on the PyTorch path here and in the workers (the Triton interpreter is for the kernel tests)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    runs, expected = [], {}
+    runs = [[HF_TRAINER, {"optimizer": name, "output_dir": str(tmp_path / "hf" / name)}] for name in HF_OPTIMIZERS]
+    hf_expected = {name: hf_trainer_run(name, str(tmp_path / "hf-one" / name)) for name in HF_OPTIMIZERS}
+    expected = {}
     for name, (sections, two, one) in CASES.items():
         recipe = tiny_recipe(f"{name}.yaml", **sections, train={"steps": STEPS, "checkpoint_every": 0})
         runs.append([recipe, [f"output.dir={tmp_path / name / 'two'}", "train.distributed=fsdp2", *two]])
@@ -120,6 +128,12 @@ def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
             assert summary["eval_loss"] != pytest.approx(summary["eval_loss_before"], rel=1e-6), name
         else:
             assert summary["eval_loss"] < summary["eval_loss_before"], name
+    for name in HF_OPTIMIZERS:
+        two = json.loads((tmp_path / "hf" / name / "losses.json").read_text())
+        assert len(two["losses"]) == STEPS and two["losses"] == pytest.approx(hf_expected[name]["losses"], rel=1e-5), name
+    # LowMemCallback logs this rank's optimizer state: half of AdamW's moments
+    half = json.loads((tmp_path / "hf" / "adamw" / "losses.json").read_text())["optimizer_state_mb"]
+    assert 0.49 < half / hf_expected["adamw"]["optimizer_state_mb"] < 0.52
     # the state of an elementwise optimizer is sharded: each rank holds about half (257-row embedding: 129 rows)
     one, two = expected["adamw"], json.loads((tmp_path / "adamw" / "two" / "summary.json").read_text())
     assert two["optimizer_state_mb"] == pytest.approx(one["optimizer_state_mb"], abs=2e-3)  # MiB to 3 places
