@@ -103,6 +103,9 @@ CASES.update({
 })
 
 
+# WTA-CRS samples activation rows on each rank from its own generator (as under DDP): the estimator of
+# b rows per rank, not one process's of 2b rows, so it is checked to train on shards, not to equal one process
+SAMPLED = {"wta_crs": {"optim": ADAMW, "activations": {"wta_crs": {"keep_ratio": 0.3}}}}
 # transformers.Trainer + LowMemCallback on a model sharded by lowmem.shard_for_trainer (elementwise and whole-matrix)
 HF_OPTIMIZERS = ("adamw", "apollo_mini")
 
@@ -117,7 +120,13 @@ def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
         recipe = tiny_recipe(f"{name}.yaml", **sections, train={"steps": STEPS, "checkpoint_every": 0})
         runs.append([recipe, [f"output.dir={tmp_path / name / 'two'}", "train.distributed=fsdp2", *two]])
         expected[name] = train(load_recipe(recipe, [f"output.dir={tmp_path / name / 'one'}", *one]), progress=False)
+    for name, sections in SAMPLED.items():
+        recipe = tiny_recipe(f"{name}.yaml", **sections, train={"steps": STEPS, "checkpoint_every": 0})
+        runs.append([recipe, [f"output.dir={tmp_path / name / 'two'}", "train.distributed=fsdp2"]])
     launch(runs, tmp_path)
+    for name in SAMPLED:
+        summary = json.loads((tmp_path / name / "two" / "summary.json").read_text())
+        assert len(losses(tmp_path / name / "two")) == STEPS and summary["eval_loss"] < summary["eval_loss_before"]
     for name in CASES:
         one, two = losses(tmp_path / name / "one"), losses(tmp_path / name / "two")
         assert len(two) == STEPS, name
@@ -144,7 +153,9 @@ def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
     (["optim.layerwise=true", "optim.max_grad_norm=null"], "optim.layerwise updates inside backward"),
     (["train.loss_chunk_tokens=16"], "train.loss_chunk_tokens runs the body"),
     (["offload.enabled=true", "optim.max_grad_norm=null"], "the offload engines"),
-], ids=["layerwise", "chunked-loss", "offload"])
+    (["optim.name=mezo", "train.grad_accum=1", "offload.enabled=true"], "the offload engines"),  # ZO2
+    (["optim.name=mezo", "train.grad_accum=2"], "zeroth-order optimizers take one batch per step"),
+], ids=["layerwise", "chunked-loss", "offload", "zo2-offload", "zeroth-order-accumulation"])
 def test_unsupported_combinations_are_one_line(tiny_recipe, tmp_path, capsys, overrides, message):
     from lowmem.cli import main
 
