@@ -33,8 +33,10 @@ Trainer, and launch with ``torchrun`` or ``accelerate launch --multi_gpu``::
 
 The Trainer then takes the model as one sharded at load time (``from_pretrained(distributed_config=...)``):
 no DDP wrapper, FSDP2 reduce-scatters the gradients, and its rule for such models holds (no optimizer
-checkpoints: ``save_only_model=True`` or ``save_strategy="no"``). The Trainer's own FSDP option
-(``fsdp=...``, ``fsdp_version: 2``) is accelerate's plugin; on a CPU it trains plain DDP.
+checkpoints: ``save_only_model=True`` or ``save_strategy="no"``). :class:`ZOTrainer` steps such a
+model as ``lowmem-train`` does under FSDP2 (the ranks perturb their rows, the loss is the global
+batch's). The Trainer's own FSDP option (``fsdp=...``, ``fsdp_version: 2``) is accelerate's plugin;
+on a CPU it trains plain DDP.
 
 Checkpoints: the Trainer saves ``optimizer.state_dict()`` with ``torch.save`` and loads it with
 ``weights_only=True`` through the accelerate wrapper into lowmem's ``load_state_dict``, which
@@ -50,7 +52,9 @@ from transformers.trainer_callback import ExportableState
 from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
 from lowmem.steps.layerwise import LayerwiseOptimizer, check_layerwise
 from lowmem.optim.registry import check_hparams, create_optimizer, is_zeroth_order
+from lowmem.optim.dtensor import is_sharded
 from lowmem.steps import ZerothOrderStep
+from lowmem.steps.fsdp_zeroth_order import ShardedZerothOrderStep
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -215,9 +219,6 @@ class ZOTrainer(Trainer):
         if not is_zeroth_order(zo):
             raise ValueError(f"ZOTrainer: {type(zo).__name__} is not a zeroth-order optimizer; "
                              "use transformers.Trainer for first-order optimizers")
-        if any(hasattr(p, "device_mesh") for p in zo.param_groups[0]["params"]):
-            raise ValueError("ZOTrainer: a model sharded by shard_for_trainer (FSDP2) is not supported; run MeZO or "
-                             "ZO-AdaMU under FSDP2 with lowmem-train (train.distributed: fsdp2)")
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("ZOTrainer: set gradient_accumulation_steps=1 (a zeroth-order step takes one batch)")
         inputs = self._prepare_inputs(inputs)
@@ -228,7 +229,11 @@ class ZOTrainer(Trainer):
 
         # the step lowmem-train takes (lowmem.steps): eval mode, fp32 forwards unless the optimizer allows
         # autocast, NaN when the update was skipped (the Trainer's logging_nan_inf_filter leaves it out)
-        stepper = ZerothOrderStep(None, model, zo, self.accelerator, loss_fn, None)
+        sharded = is_sharded(zo.param_groups[0]["params"][0])  # by shard_for_trainer
+        if sharded and not zo.sharded:
+            zo.shard()  # each rank perturbs its rows with its slice of the one-process noise
+        stepper = (ShardedZerothOrderStep if sharded else ZerothOrderStep)(None, model, zo, self.accelerator,
+                                                                          loss_fn, None)
         loss, _ = stepper.step(lambda micro: inputs)
         self.accelerator.gradient_state._set_sync_gradients(False)  # the update is done: no second step
         return torch.tensor(loss, device=self.args.device)

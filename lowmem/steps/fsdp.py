@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lowmem.checkpoint import SHARDED, latest_checkpoint
-from lowmem.fsdp import bytes_per_rank, ensure_process_group, shard_model, teardown, unshard_to_plain
+from lowmem.fsdp import bytes_per_rank, ensure_process_group, reshard, shard_model, teardown, unshard_to_plain
 from lowmem.fsdp_checkpoint import load_sharded, save_sharded, staging_dir
 from lowmem.steps.base import OneProcess
 from lowmem.steps.first_order import FirstOrderStep
@@ -89,6 +89,7 @@ class FSDP2Step(FirstOrderStep):
     # ------------------------------------------------------------ checkpoints (lowmem.fsdp_checkpoint)
     def save_kwargs(self) -> dict:
         """Every rank writes its shards now (a collective); rank 0's checkpoint moves them in."""
+        reshard(self.model)  # an evaluation leaves the root group's whole weights registered: save the shards
         staging = staging_dir(Path(self.recipe.output.dir))
         meta = save_sharded(self.model, self.inner_optimizer, staging)
         return {"weights": {}, "extra": {"fsdp2": meta}, "sharded": staging}

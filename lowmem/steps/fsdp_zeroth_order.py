@@ -12,8 +12,10 @@ weighted by the terms ``n_r`` each averages (predicted tokens; examples for clas
 -- the loss one process computes on the ``N b`` rows. So every rank gets the
 same projected gradient ``g = (L+ - L-) / 2 eps`` and makes the one-process update of its rows;
 unlike ZO under DDP (one perturbation per process, the scalars exchanged: ``lowmem.optim.mezo``)
-nothing else is sent. Before each forward the model is resharded, because FSDP2 keeps the root
-group's all-gathered weights after a forward and would not see the perturbation of its shards.
+nothing else is sent. Before each forward, and after the step and each evaluation, the model is
+resharded: FSDP2 keeps the root group's all-gathered weights after a forward (a backward would free
+them), so the next forward would not see the perturbation of its shards and a checkpoint would save
+the stale whole weights.
 
 The rest (sharding, per-rank bytes, sharded checkpoints, the plain model at the end) is
 :class:`~lowmem.steps.fsdp.FSDP2Step`'s.
@@ -30,7 +32,40 @@ from lowmem.steps.fsdp import FSDP2Step
 from lowmem.steps.zeroth_order import ZerothOrderStep, check_zeroth_order
 
 
-class FSDP2ZerothOrderStep(ZerothOrderStep, FSDP2Step):
+class ShardedZerothOrderStep(ZerothOrderStep):
+    """:class:`ZerothOrderStep` on a model that FSDP2 already shards and whose optimizer was told so
+    (``optimizer.shard()``): the losses of the global batch, the model resharded before each forward.
+    ``ZOTrainer`` steps a model sharded by ``lowmem.shard_for_trainer`` with it."""
+
+    sharded = True
+
+    def step(self, micro_batch):
+        """The zeroth-order step, then the root group's all-gathered weights freed (no backward does it
+        here): between steps every rank holds its shards only, which a checkpoint saves."""
+        out = super().step(micro_batch)
+        if self.sharded:
+            reshard(self.model)
+        return out
+
+    def evaluate(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = super().evaluate(batch)
+        if self.sharded:
+            reshard(self.model)
+        return out
+
+    def forward_loss(self, batch: dict) -> torch.Tensor:
+        """The global batch's loss: every rank's forward of its rows, weighted by its loss terms."""
+        if not self.sharded:
+            return super().forward_loss(batch)
+        reshard(self.model)  # the next forward all-gathers the shards as they are now
+        loss = super().forward_loss(batch)
+        terms = loss_terms(batch)
+        both = torch.stack([loss.detach().double() * terms, torch.tensor(terms, dtype=torch.float64, device=loss.device)])
+        total, count = self.accelerator.reduce(both, "sum")  # float64: g is a small difference of two
+        return total / count
+
+
+class FSDP2ZerothOrderStep(ShardedZerothOrderStep, FSDP2Step):
     """:class:`ZerothOrderStep`'s ``step`` with :class:`FSDP2Step`'s setup, summary, checkpoints and close."""
 
     name = "fsdp2_zeroth_order"
@@ -50,19 +85,3 @@ class FSDP2ZerothOrderStep(ZerothOrderStep, FSDP2Step):
         if self.sharded:
             optimizer.shard()
         return model, optimizer
-
-    def evaluate(self, batch: dict) -> dict[str, torch.Tensor]:
-        if self.sharded:  # the root group still holds the last step's perturbed (theta - eps z) weights
-            reshard(self.model)
-        return super().evaluate(batch)
-
-    def forward_loss(self, batch: dict) -> torch.Tensor:
-        """The global batch's loss: every rank's forward of its rows, averaged over the ranks."""
-        if not self.sharded:
-            return super().forward_loss(batch)
-        reshard(self.model)  # the next forward all-gathers the shards as they are now
-        loss = super().forward_loss(batch)
-        terms = loss_terms(batch)
-        both = torch.stack([loss.detach().double() * terms, torch.tensor(terms, dtype=torch.float64, device=loss.device)])
-        total, count = self.accelerator.reduce(both, "sum")  # float64: g is a small difference of two
-        return total / count

@@ -36,7 +36,8 @@ HF_TRAINER = "hf_trainer"  # a run of the FSDP2 worker's RUNS.json that is hf_tr
 
 
 def hf_trainer_run(optimizer: str, output_dir: str, steps: int = 10) -> dict:
-    """A ``transformers.Trainer`` with a lowmem optimizer and ``LowMemCallback`` on a tiny Llama:
+    """A ``transformers.Trainer`` (``ZOTrainer`` for a zeroth-order optimizer) with a lowmem optimizer and
+    ``LowMemCallback`` on a tiny Llama:
     sharded by :func:`lowmem.shard_for_trainer` with per-process batch 2 when launched by torchrun,
     plain with batch 4 otherwise (the reference). Returns the logged ``losses`` and the last logged
     ``optimizer_state_mb`` (this rank's), also written to ``output_dir/losses.json`` by rank 0."""
@@ -46,6 +47,7 @@ def hf_trainer_run(optimizer: str, output_dir: str, steps: int = 10) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
     import lowmem
+    from lowmem.optim.registry import get_spec
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
@@ -55,9 +57,11 @@ def hf_trainer_run(optimizer: str, output_dir: str, steps: int = 10) -> dict:
     args = trainer_arguments(output_dir, max_steps=steps, per_device_train_batch_size=2 if sharded else 4)
     if sharded:
         model = lowmem.shard_for_trainer(model, args)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=4 * steps),
-                      optimizers=(lowmem.create_optimizer(model, optimizer, lr=1e-2), None),
-                      callbacks=[lowmem.LowMemCallback()])
+    zeroth_order = get_spec(optimizer).zeroth_order  # then ZOTrainer, with a larger eps than MeZO's (fp32 losses)
+    hparams = {"lr": 1e-3, "eps": 0.1} if zeroth_order else {"lr": 1e-2}
+    trainer = (lowmem.ZOTrainer if zeroth_order else Trainer)(
+        model=model, args=args, train_dataset=TokenDataset(n=4 * steps),
+        optimizers=(lowmem.create_optimizer(model, optimizer, **hparams), None), callbacks=[lowmem.LowMemCallback()])
     trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]
     result = {"losses": [r["loss"] for r in logs], "optimizer_state_mb": logs[-1]["optimizer_state_mb"]}

@@ -107,7 +107,7 @@ CASES.update({
 # b rows per rank, not one process's of 2b rows, so it is checked to train on shards, not to equal one process
 SAMPLED = {"wta_crs": {"optim": ADAMW, "activations": {"wta_crs": {"keep_ratio": 0.3}}}}
 # transformers.Trainer + LowMemCallback on a model sharded by lowmem.shard_for_trainer (elementwise and whole-matrix)
-HF_OPTIMIZERS = ("adamw", "apollo_mini")
+HF_OPTIMIZERS = ("adamw", "apollo_mini", "mezo")  # mezo: ZOTrainer
 
 
 def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
@@ -177,6 +177,7 @@ RESUMED = {  # one optimizer per state layout of lowmem.fsdp_checkpoint
     "adamw": {"name": "adamw", "lr": 1e-3},                                        # DTensor moments
     "apollo": {"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 3}},  # replicated + shards
     "adamw8bit": {"name": "adamw8bit", "lr": 1e-3, "args": {"min_8bit_size": 256}},     # per-rank 8-bit blocks
+    "zo_adamu": {"name": "zo_adamu", "lr": 3e-4, "args": {"eps": 0.1, "t1": 0}},  # shard momentum + ZO generator
 }
 
 
