@@ -214,6 +214,14 @@ class ZOTrainer(Trainer):
     the LR scheduler, logging, evaluation and checkpoints run unchanged.
     """
 
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; afterwards accelerate's sync flag is set again: its gradient state is one
+        per process, and a later Accelerator (another Trainer, ``lowmem.train``) would skip its steps."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.accelerator.gradient_state._set_sync_gradients(True)
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         zo = unwrap_optimizer(self.optimizer)
         if not is_zeroth_order(zo):

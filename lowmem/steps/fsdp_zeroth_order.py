@@ -59,8 +59,8 @@ class ShardedZerothOrderStep(ZerothOrderStep):
             return super().forward_loss(batch)
         reshard(self.model)  # the next forward all-gathers the shards as they are now
         loss = super().forward_loss(batch)
-        terms = loss_terms(batch)
-        both = torch.stack([loss.detach().double() * terms, torch.tensor(terms, dtype=torch.float64, device=loss.device)])
+        terms = torch.tensor(loss_terms(batch), dtype=torch.float64, device=loss.device)
+        both = torch.stack([loss.detach().double() * terms, terms])
         total, count = self.accelerator.reduce(both, "sum")  # float64: g is a small difference of two
         return total / count
 
