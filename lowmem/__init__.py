@@ -7,6 +7,7 @@ Public API::
     lowmem.train(recipe)                                     # the lowmem-train loop
     lowmem.LowMemCallback(layerwise=..., wta_crs_keep_ratio=...)  # for transformers.Trainer
     lowmem.ZOTrainer(...)                                    # transformers.Trainer for MeZO / ZO-AdaMU
+    lowmem.shard_for_trainer(model, training_args)           # FSDP2 for transformers.Trainer
 
 Everything but ``create_optimizer`` is imported on first use, so ``import lowmem`` stays light
 (no transformers, no accelerate).
@@ -19,6 +20,7 @@ from lowmem.optim.registry import create_optimizer
 _LAZY = {
     "LowMemCallback": "lowmem.integrations.hf_trainer",
     "ZOTrainer": "lowmem.integrations.hf_trainer",
+    "shard_for_trainer": "lowmem.integrations.hf_trainer",
     "load_recipe": "lowmem.recipe",
     "train": "lowmem.trainer",
 }

@@ -35,8 +35,8 @@ def ensure_process_group(device: torch.device) -> bool:
     return True
 
 
-def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer, mixed_precision=None) -> nn.Module:
-    """``fully_shard`` each decoder block, then the root, and point ``optimizer`` at the sharded
+def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer | None, mixed_precision=None) -> nn.Module:
+    """``fully_shard`` each decoder block, then the root, and point ``optimizer`` (if any) at the sharded
     parameters (``fully_shard`` replaces each parameter by a ``DTensor`` one of the same name)."""
     from torch.distributed.fsdp import fully_shard
 
@@ -48,9 +48,21 @@ def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer, mixed_precis
     for block in found[1]:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    if optimizer is None:
+        return model
     after = dict(model.named_parameters(remove_duplicate=False))
     replace_params(optimizer, {before[name]: after[name] for name in before if after[name] is not before[name]})
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every all-gathered weight of ``model`` (FSDP2 keeps the root group's after a forward), so
+    that the next forward all-gathers the shards again, with whatever changed in them since."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @torch.no_grad()
@@ -58,12 +70,9 @@ def unshard_to_plain(model: nn.Module) -> None:
     """Replace every sharded parameter of ``model`` by a plain one holding the whole tensor (a
     collective: every rank calls it), so that ``save_pretrained`` and ``state_dict`` see a plain model.
     The model is not trained afterwards."""
-    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    for module in model.modules():  # the sharded parameters registered again (the root keeps its
-        if isinstance(module, FSDPModule):  # all-gathered weights after the last forward)
-            module.reshard()
+    reshard(model)  # the sharded parameters registered again (the root keeps its all-gathered weights)
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if isinstance(p, DTensor):
@@ -81,11 +90,7 @@ def bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
     """Parameter and optimizer-state MiB held by each rank (its shards, and whatever it replicates),
     the largest over the ranks, and the state summed over the ranks (a collective). The root group
     keeps its all-gathered weights after a forward; they are resharded first, so the figures are the shards'."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    reshard(model)
     mine = torch.tensor([_local_bytes(model.parameters()),
                          _local_bytes(v for state in optimizer.state.values() for v in state.values())],
                         dtype=torch.float64)

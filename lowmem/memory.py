@@ -26,7 +26,9 @@ import torch
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """Bytes this process holds for ``t``: of a ``DTensor`` (FSDP2), its local shard."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | None = None) -> int:

@@ -49,6 +49,15 @@ IGNORE_INDEX = -100
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 
+def loss_terms(batch: dict) -> int:
+    """How many terms a batch's mean loss averages: the predicted tokens of an LM batch (``labels``
+    ``(B, T)``: positions ``1..T-1`` not ``-100``, the shift of :func:`causal_lm_loss`), the examples of
+    a classification batch (``labels`` ``(B,)``). Weights that make a mean over several batches the
+    mean over their union."""
+    labels = batch["labels"]
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.dim() == 2 else labels.numel()
+
+
 def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> torch.Tensor:
     """Teacher-forced next-token loss of a Hugging Face causal LM (mean over unmasked labels).
 

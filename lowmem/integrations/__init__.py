@@ -8,6 +8,7 @@ from importlib import import_module
 _EXPORTS = {
     "LowMemCallback": "lowmem.integrations.hf_trainer",
     "ZOTrainer": "lowmem.integrations.hf_trainer",
+    "shard_for_trainer": "lowmem.integrations.hf_trainer",
     "trainer_optimizer": "lowmem.integrations.hf_trainer",
     "unwrap_optimizer": "lowmem.integrations.hf_trainer",
     "check_deepspeed_combination": "lowmem.integrations.deepspeed",

@@ -23,6 +23,21 @@ record, in ``trainer.state.log_history`` and in what later callbacks (the printe
 Zeroth-order optimizers (``mezo``, ``zo_adamu``) use :class:`ZOTrainer`, which overrides only
 ``training_step`` (the Trainer's loop, logging, evaluation and checkpoints stay as they are).
 
+FSDP2 (issue 26): shard the model with :func:`shard_for_trainer` before making the optimizer and the
+Trainer, and launch with ``torchrun`` or ``accelerate launch --multi_gpu``::
+
+    args = TrainingArguments(..., save_only_model=True)
+    model = lowmem.shard_for_trainer(model, args)          # lowmem's fully_shard, per block then the root
+    opt = lowmem.create_optimizer(model, "apollo_mini", lr=1e-3)   # on the DTensor shards
+    Trainer(model, args, train_dataset=ds, optimizers=(opt, None), callbacks=[lowmem.LowMemCallback()]).train()
+
+The Trainer then takes the model as one sharded at load time (``from_pretrained(distributed_config=...)``):
+no DDP wrapper, FSDP2 reduce-scatters the gradients, and its rule for such models holds (no optimizer
+checkpoints: ``save_only_model=True`` or ``save_strategy="no"``). :class:`ZOTrainer` steps such a
+model as ``lowmem-train`` does under FSDP2 (the ranks perturb their rows, the loss is the global
+batch's). The Trainer's own FSDP option (``fsdp=...``, ``fsdp_version: 2``) is accelerate's plugin;
+on a CPU it trains plain DDP.
+
 Checkpoints: the Trainer saves ``optimizer.state_dict()`` with ``torch.save`` and loads it with
 ``weights_only=True`` through the accelerate wrapper into lowmem's ``load_state_dict``, which
 keeps every state tensor's dtype (fp32 moments of a bf16 model, 8-bit codes).
@@ -37,7 +52,9 @@ from transformers.trainer_callback import ExportableState
 from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
 from lowmem.steps.layerwise import LayerwiseOptimizer, check_layerwise
 from lowmem.optim.registry import check_hparams, create_optimizer, is_zeroth_order
+from lowmem.optim.dtensor import is_sharded
 from lowmem.steps import ZerothOrderStep
+from lowmem.steps.fsdp_zeroth_order import ShardedZerothOrderStep
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -46,6 +63,21 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     while not isinstance(optimizer, LayerwiseOptimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def shard_for_trainer(model: torch.nn.Module, args) -> torch.nn.Module:
+    """``model`` sharded by FSDP2 for a ``transformers.Trainer`` with ``args`` (module docstring): placed
+    on ``args.device`` in the launcher's process group (made by ``args``), ``fully_shard`` per decoder
+    block and then the root (:func:`lowmem.fsdp.shard_model`, what ``train.distributed: fsdp2`` does),
+    and marked as sharded at load time so that the Trainer neither wraps it in DDP nor moves it.
+    Make the optimizer afterwards: it then steps the ``DTensor`` shards (:mod:`lowmem.optim.dtensor`)."""
+    from lowmem.fsdp import ensure_process_group, shard_model
+
+    device = args.device  # accelerate starts the launcher's process group here, as the Trainer will use it
+    ensure_process_group(device)  # no launcher: a group of one process
+    model = shard_model(model.to(device), None)
+    model._is_distributed_loading_by_transformers = True  # transformers' flag for a model that owns its sharding
+    return model
 
 
 def _tensor_to_json(t: torch.Tensor) -> dict:
@@ -182,6 +214,14 @@ class ZOTrainer(Trainer):
     the LR scheduler, logging, evaluation and checkpoints run unchanged.
     """
 
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; afterwards accelerate's sync flag is set again: its gradient state is one
+        per process, and a later Accelerator (another Trainer, ``lowmem.train``) would skip its steps."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.accelerator.gradient_state._set_sync_gradients(True)
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         zo = unwrap_optimizer(self.optimizer)
         if not is_zeroth_order(zo):
@@ -197,7 +237,11 @@ class ZOTrainer(Trainer):
 
         # the step lowmem-train takes (lowmem.steps): eval mode, fp32 forwards unless the optimizer allows
         # autocast, NaN when the update was skipped (the Trainer's logging_nan_inf_filter leaves it out)
-        stepper = ZerothOrderStep(None, model, zo, self.accelerator, loss_fn, None)
+        sharded = is_sharded(zo.param_groups[0]["params"][0])  # by shard_for_trainer
+        if sharded and not zo.sharded:
+            zo.shard()  # each rank perturbs its rows with its slice of the one-process noise
+        stepper = (ShardedZerothOrderStep if sharded else ZerothOrderStep)(None, model, zo, self.accelerator,
+                                                                          loss_fn, None)
         loss, _ = stepper.step(lambda micro: inputs)
         self.accelerator.gradient_state._set_sync_gradients(False)  # the update is done: no second step
         return torch.tensor(loss, device=self.args.device)

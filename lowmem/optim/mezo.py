@@ -72,6 +72,10 @@ class MeZO(ZerothOrderOptimizer):
         for index, p, _ in self.indexed_params():
             self.noise.add_(p, param_seed(step_seed, stream, index), scale * self.eps)
 
+    def shard(self) -> None:
+        super().shard()
+        self.exchange.one_replica = True
+
     def set_process_group(self, group) -> None:
         """Go on with the processes of ``group`` from the next step, e.g. after a process left.
 
@@ -145,7 +149,7 @@ def apply_updates(opt: MeZO, step_seed: int, samples: list[tuple[int, float]], r
             for k, (seed, g) in enumerate(seeds):
                 sgd_update_(p, seed, lr / n, g, wd * n if k == 0 else 0.0, restore=restore, noise=opt.noise)
             continue
-        state = opt.state[p]
+        state = opt.param_state(p)
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"].mul_(mu)

@@ -55,7 +55,8 @@ values: about a quarter of fp32; :class:`~lowmem.optim.state_store.MomentStore`,
 4096 values stay fp32). The perturbation and the update read the same stored ``m``, so
 rounding it changes the walk, not the estimator's consistency. Temporaries: three tensors the
 size of the parameter being updated (and the noise scratch buffer).
-Single process only (``mezo`` does distributed ZO).
+One process, or several holding one FSDP2-sharded model (:mod:`lowmem.optim.zo_shard`); ``mezo``
+does distributed ZO over replicas.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from lowmem.optim.state_store import MomentStore
 from lowmem.optim.zo_base import NoiseKind, ZerothOrderOptimizer
 from lowmem.optim.zo_distributed import world
 from lowmem.optim.zo_noise import Noise, mix_seed, param_seed
+from lowmem.optim.zo_shard import local_shard
 
 MomentumDtype = Literal[(*get_args(DtypeName), "int8")]  # int8: blockwise-quantized through MomentStore
 _V_EPS = 1e-8  # Algorithm 1's constant under the square root
@@ -113,18 +115,20 @@ class ZOAdaMU(ZerothOrderOptimizer):
         return tuple(anneal(k, self.t1, self.t2, self.t3, f) for f in self.phi)
 
     def _has_m(self, p: torch.Tensor) -> bool:
-        return "m" in self.state[p] or "m_codes" in self.state[p]
+        state = self.param_state(p)
+        return "m" in state or "m_codes" in state
 
     def _previous_m(self, p: torch.Tensor, index: int) -> torch.Tensor | None:
         """``m_{k-1}``: the stored buffer itself when it has ``p``'s dtype, else a fresh tensor (dequantized,
         cast or regenerated); either way the caller may overwrite it with ``m_k``."""
-        if self._store is not None and "m_codes" in self.state[p]:  # dequantized chunk by chunk
+        state = self.param_state(p)
+        if self._store is not None and "m_codes" in state:  # dequantized chunk by chunk
             m = torch.empty_like(p)
             for chunk in self._store.chunks(p.numel()):
-                m.view(-1)[chunk[0]] = self._store.load(self.state[p], "m", p.shape, signed=True, chunk=chunk)
+                m.view(-1)[chunk[0]] = self._store.load(state, "m", p.shape, signed=True, chunk=chunk)
             return m
-        if "m" in self.state[p]:
-            return self.state[p]["m"].to(p.dtype)
+        if "m" in state:
+            return state["m"].to(p.dtype)
         if self._prev_seed < 0:
             return None  # m_0 = 0
         return self.noise.draw(p, param_seed(self._prev_seed, 0, index)).mul_(math.sqrt(self._prev_alpha))
@@ -187,7 +191,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
 
     def _keep_m(self, p: torch.Tensor, m: torch.Tensor, phase_1: bool) -> None:
         """Store ``m_k`` for the next step (none in phase 1: m_k = sqrt(alpha) zdot_k is regenerated)."""
-        state = self.state[p]
+        state = self.param_state(p)
         if phase_1:
             for key in ("m", "m_codes", "m_absmax"):
                 state.pop(key, None)
@@ -205,7 +209,7 @@ class ZOAdaMU(ZerothOrderOptimizer):
     @torch.no_grad()
     def step(self, closure=None) -> torch.Tensor:
         self._require_closure(closure)
-        if world()[1] > 1:
+        if world()[1] > 1 and not self.sharded:
             raise ValueError("optim.name: zo_adamu runs on one process; use mezo for distributed ZO")
         # Algorithm 1: seed, Perturb(+1) L+, Perturb(-2) L-, Perturb(+1), g
         step_seed = self.draw_step_seed()
@@ -224,7 +228,8 @@ class ZOAdaMU(ZerothOrderOptimizer):
     def _load_extra_state(self, zo: dict) -> None:
         self._prev_seed, self._prev_alpha = int(zo["prev_seed"]), float(zo["prev_alpha"])
         for p, state in self.state.items():  # an 8-bit m read as absent (or the reverse) would restart it
-            quantized, expected = "m_codes" in state, self._store is not None and self._store.quantized(p.numel())
+            numel = local_shard(p).numel()  # a sharded parameter's state is laid out on its shard
+            quantized, expected = "m_codes" in state, self._store is not None and self._store.quantized(numel)
             if ("m" in state or quantized) and quantized != expected:
                 raise ValueError("optim.args.momentum_dtype: the checkpoint's ZO-AdaMU momentum was saved with "
                                  "another momentum_dtype (int8 or not); resume with the one it was saved with")

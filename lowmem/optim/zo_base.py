@@ -39,6 +39,7 @@ import torch
 from pydantic import AfterValidator
 
 from lowmem.optim.zo_noise import Noise
+from lowmem.optim.zo_shard import ShardedNoise, local_shard
 
 _SEED_HIGH = 1 << 62
 NoiseKind = Annotated[str, AfterValidator(lambda kind: Noise(kind).kind)]  # optim.args.noise, checked by Noise
@@ -59,6 +60,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.last_step_seed: int | None = None
         self.last_projected_grads: list[float] = []
         self.last_step_skipped = False
+        self.sharded = False  # True once the model is sharded by FSDP2 (shard())
+
+    def shard(self) -> None:
+        """The model is sharded by FSDP2 (:mod:`lowmem.optim.zo_shard`): the processes hold one model
+        between them, so they act as one replica, and each perturbs its shards with their slices of
+        the one-process draws. Called once, after ``fully_shard``, by the FSDP2 step."""
+        self.sharded = True
+        self.noise = ShardedNoise(self.noise)
 
     # ---- seeds -------------------------------------------------------------------
     def draw_step_seed(self) -> int:
@@ -67,12 +76,18 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         return self.last_step_seed
 
     def indexed_params(self) -> Iterator[tuple[int, torch.Tensor, dict]]:
-        """``(index, param, group)`` with ``index`` the flat position used in ``param_seed``."""
+        """``(index, param, group)`` with ``index`` the flat position used in ``param_seed``; a
+        parameter sharded by FSDP2 comes as this rank's shard (:func:`~lowmem.optim.zo_shard.local_shard`,
+        its state under ``sharded_param``)."""
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
-                yield index, p, group
+                yield index, local_shard(p), group
                 index += 1
+
+    def param_state(self, p: torch.Tensor) -> dict:
+        """The state of the parameter ``p`` of :meth:`indexed_params` stands for."""
+        return self.state[getattr(p, "sharded_param", p)]
 
     def finish_step(self, projected_grads: list[float]) -> None:
         """Record a step's projected gradients; count it unless one was non-finite, in which

@@ -74,9 +74,10 @@ class GradExchange:
         self.one_byte, self.levels, self.group = bool(one_byte), levels_per_efold, group
         self.bytes_sent = 0  # totals over the run, this process
         self.bytes_received = 0
+        self.one_replica = False  # True: the processes hold one (FSDP2-sharded) model, nothing to exchange
 
     def rank_world(self) -> tuple[int, int]:
-        return world(self.group)
+        return (0, 1) if self.one_replica else world(self.group)
 
     def __call__(self, local: list[float]) -> list[float]:
         """Local ``[g_{r,0..n-1}]`` -> ``[g_{0,0}, ..., g_{N-1,n-1}]`` as every process applies them."""

@@ -15,10 +15,11 @@ from typing import Callable
 from lowmem.steps.base import OneProcess, Step, eval_mode, finite_on_every_process, unwrap
 from lowmem.steps.first_order import FirstOrderStep, LayerwiseStep
 from lowmem.steps.fsdp import FSDP2Step
+from lowmem.steps.fsdp_zeroth_order import FSDP2ZerothOrderStep
 from lowmem.steps.offload import FirstOrderOffloadStep, ZO2Step
 from lowmem.steps.zeroth_order import ZerothOrderStep
 
-STEPS: list[type[Step]] = [FSDP2Step, ZO2Step, FirstOrderOffloadStep, ZerothOrderStep, LayerwiseStep, FirstOrderStep]
+STEPS: list[type[Step]] = [FSDP2Step, FSDP2ZerothOrderStep, ZO2Step, FirstOrderOffloadStep, ZerothOrderStep, LayerwiseStep, FirstOrderStep]
 
 
 def step_class(recipe, zeroth_order: bool) -> type[Step]:
@@ -37,5 +38,5 @@ def make_step(recipe, model, optimizer, zeroth_order: bool, accelerator, loss_fn
     return step_class(recipe, zeroth_order)(recipe, model, optimizer, accelerator, loss_fn, eval_fn)
 
 
-__all__ = ["STEPS", "FSDP2Step", "FirstOrderOffloadStep", "FirstOrderStep", "LayerwiseStep", "OneProcess", "Step",
+__all__ = ["STEPS", "FSDP2Step", "FSDP2ZerothOrderStep", "FirstOrderOffloadStep", "FirstOrderStep", "LayerwiseStep", "OneProcess", "Step",
            "ZO2Step", "ZerothOrderStep", "eval_mode", "finite_on_every_process", "make_step", "step_class", "unwrap"]

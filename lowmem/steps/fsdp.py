@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from lowmem.checkpoint import SHARDED, latest_checkpoint
-from lowmem.fsdp import bytes_per_rank, ensure_process_group, shard_model, teardown, unshard_to_plain
+from lowmem.fsdp import bytes_per_rank, ensure_process_group, reshard, shard_model, teardown, unshard_to_plain
 from lowmem.fsdp_checkpoint import load_sharded, save_sharded, staging_dir
-from lowmem.optim.registry import get_spec
 from lowmem.steps.base import OneProcess
 from lowmem.steps.first_order import FirstOrderStep
 
@@ -30,19 +29,15 @@ class FSDP2Step(FirstOrderStep):
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
-        return recipe.train.distributed == "fsdp2"
+        return recipe.train.distributed == "fsdp2" and not zeroth_order
 
     @classmethod
     def check(cls, recipe) -> None:
         """One-line ``ValueError`` for what FSDP2 cannot run here (README, "Sharded data parallel")."""
         where = "train.distributed: fsdp2"
-        zeroth_order = get_spec(recipe.optim.name).zeroth_order
         if recipe.offload.enabled:
             raise ValueError(f"{where}: the offload engines (offload.enabled) hold the blocks off the device "
                              f"themselves; use one or the other")
-        if zeroth_order:
-            raise ValueError(f"{where}: zeroth-order optimizers ({recipe.optim.name}) are not sharded yet; "
-                             f"use train.distributed: ddp")
         if recipe.optim.layerwise:
             raise ValueError(f"{where}: optim.layerwise updates inside backward, before FSDP2 has reduced "
                              f"the gradient shard; set optim.layerwise: false")
@@ -94,6 +89,7 @@ class FSDP2Step(FirstOrderStep):
     # ------------------------------------------------------------ checkpoints (lowmem.fsdp_checkpoint)
     def save_kwargs(self) -> dict:
         """Every rank writes its shards now (a collective); rank 0's checkpoint moves them in."""
+        reshard(self.model)  # an evaluation leaves the root group's whole weights registered: save the shards
         staging = staging_dir(Path(self.recipe.output.dir))
         meta = save_sharded(self.model, self.inner_optimizer, staging)
         return {"weights": {}, "extra": {"fsdp2": meta}, "sharded": staging}

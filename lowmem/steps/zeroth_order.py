@@ -44,12 +44,16 @@ class ZerothOrderStep(Step):
     def check(cls, recipe) -> None:
         check_zeroth_order(recipe)
 
+    def forward_loss(self, batch: dict) -> torch.Tensor:
+        """The closure's loss: one no-grad forward of ``batch`` (the finite difference's ``L``)."""
+        with torch.no_grad(), zo_autocast(self):
+            return self.loss_fn(self.model, batch)
+
     def step(self, micro_batch: MicroBatch) -> tuple[float, None]:
         batch = micro_batch(0)
 
         def closure() -> torch.Tensor:
-            with torch.no_grad(), zo_autocast(self):
-                return self.loss_fn(self.model, batch)
+            return self.forward_loss(batch)
 
         self.on_phase("forward")
         with eval_mode(self.model):

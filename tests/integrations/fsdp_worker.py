@@ -2,7 +2,8 @@
 
 ``python fsdp_worker.py RUNS.json [--resume]`` trains each ``[recipe path, [override, ...]]`` of
 ``RUNS.json`` (each with its own ``output.dir``), one after the other in the same process group,
-then ends the group as gloo needs (model gone, barrier, destroy).
+then ends the group as gloo needs (model gone, barrier, destroy). A run ``["hf_trainer", {kwargs}]``
+is a ``transformers.Trainer`` run instead (:func:`helpers.hf_trainer_run`).
 """
 
 import gc
@@ -10,6 +11,7 @@ import json
 import sys
 
 import torch.distributed as dist
+from helpers import HF_TRAINER, hf_trainer_run
 
 from lowmem.recipe import load_recipe
 from lowmem.trainer import Trainer
@@ -17,6 +19,9 @@ from lowmem.trainer import Trainer
 
 def main(argv: list[str]) -> None:
     for recipe, overrides in json.loads(open(argv[0]).read()):
+        if recipe == HF_TRAINER:
+            hf_trainer_run(**overrides)
+            continue
         trainer = Trainer(load_recipe(recipe, overrides), resume="--resume" in argv, progress=False)
         trainer.train()
         del trainer

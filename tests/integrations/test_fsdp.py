@@ -1,13 +1,14 @@
 """FSDP2 (``train.distributed: fsdp2``) on 2 CPU processes (gloo) equals 1 process with the same
-global batch, for every first-order optimizer (issue 26).
+global batch, for every optimizer and the features that change the model (issue 26).
 
 Rank r of N takes micro-batch ``position * N + r`` and FSDP2's reduce-scatter averages the
-gradients, so a 2-process step with per-process batch b sees the micro-batches one process with
-``grad_accum: 2`` accumulates. The reference is that plain one-process run (no sharding); the
-2-process runs share one ``torchrun`` launch (the worker loops over the recipes) and must exit
-cleanly. Over 10 steps the logged training losses (the mean over the ranks under FSDP2) agree to a
-relative 1e-5 in fp32, and so does the final eval loss.
-"""
+gradients, so a 2-process first-order step with per-process batch b sees the micro-batches one
+process with ``grad_accum: 2`` accumulates. A zeroth-order step (MeZO, ZO-AdaMU) takes one batch:
+its reference is one process with batch 2b, and the 2 ranks perturb their shards with slices of the
+one-process noise and average the loss over the global batch. The references are plain one-process
+runs (no sharding); the 2-process runs share one ``torchrun`` launch (the worker loops over the
+recipes) and must exit cleanly. Over 10 steps the logged training losses (the global batch's under
+FSDP2) agree to a relative 1e-5 in fp32, and so does the final eval loss."""
 
 import json
 import os
@@ -23,6 +24,8 @@ from safetensors.torch import load_file
 from lowmem.checkpoint import CheckpointError
 from lowmem.recipe import load_recipe
 from lowmem.trainer import train
+
+from .helpers import HF_TRAINER, hf_trainer_run
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,24 +71,79 @@ OPTIMIZERS = {
 }
 
 
+
+
+def first_order(optim: dict, accum: int = 1, **sections) -> tuple:
+    """A case: the 1-process reference accumulates twice the 2-process run's micro-batches."""
+    return {"optim": optim, **sections}, [f"train.grad_accum={accum}"], [f"train.grad_accum={2 * accum}"]
+
+
+def zeroth_order(optim: dict) -> tuple:
+    """A case: a zeroth-order step takes one batch, so the reference takes batch 2b (4 rows) and one
+    eval batch of 4 rows: the rows the 2 ranks take (2 train rows each; eval batches 0 and 1)."""
+    return {"optim": optim}, [], ["train.batch_size=4", "train.eval_batches=1"]
+
+
+ADAMW = {"name": "adamw", "lr": 1e-3}
+ZEROTH_ORDER = ("mezo", "zo_adamu")
+# name -> (recipe sections, overrides of the 2-process FSDP2 run, overrides of the 1-process reference)
+CASES = {name: first_order(optim, accum) for name, (optim, accum) in OPTIMIZERS.items()}
+CASES.update({
+    # MeZO and ZO-AdaMU on shards: each rank perturbs its rows with its slice of the one-process z
+    "mezo": zeroth_order({"name": "mezo", "lr": 2e-3, "args": {"eps": 0.1}}),
+    "mezo-momentum": zeroth_order({"name": "mezo", "lr": 1e-3, "weight_decay": 0.1,
+                                   "args": {"eps": 0.1, "momentum": 0.9, "n_samples": 2, "noise": "table"}}),
+    # T1 = 0: the annealed phase with a stored momentum (on the shard) from the first step
+    "zo_adamu": zeroth_order({"name": "zo_adamu", "lr": 3e-4, "args": {"eps": 0.1, "t1": 0, "noise": "philox"}}),
+    # the features that change the model or the trained set, with AdamW
+    "lean": first_order(ADAMW, activations={"lean": True}),
+    "checkpointing": first_order(ADAMW, model={"gradient_checkpointing": True}),
+    "lora": first_order(ADAMW, model={"lora": {"r": 4}}),
+    "trainable": first_order(ADAMW, model={"trainable": ["*norm*", "*q_proj*"]}),
+})
+
+
+# WTA-CRS samples activation rows on each rank from its own generator (as under DDP): the estimator of
+# b rows per rank, not one process's of 2b rows, so it is checked to train on shards, not to equal one process
+SAMPLED = {"wta_crs": {"optim": ADAMW, "activations": {"wta_crs": {"keep_ratio": 0.3}}}}
+# transformers.Trainer + LowMemCallback on a model sharded by lowmem.shard_for_trainer (elementwise and whole-matrix)
+HF_OPTIMIZERS = ("adamw", "apollo_mini", "mezo")  # mezo: ZOTrainer
+
+
 def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
     # the 8-bit steps on the PyTorch path here and in the workers (the Triton interpreter is for the kernel tests)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    runs, expected = [], {}
-    for name, (optim, accum) in OPTIMIZERS.items():
-        recipe = tiny_recipe(f"{name}.yaml", optim=optim, train={"steps": STEPS, "checkpoint_every": 0})
-        runs.append([recipe, [f"output.dir={tmp_path / name / 'two'}", "train.distributed=fsdp2",
-                              f"train.grad_accum={accum}"]])
-        expected[name] = train(load_recipe(recipe, [f"output.dir={tmp_path / name / 'one'}",
-                                                    f"train.grad_accum={2 * accum}"]), progress=False)
+    runs = [[HF_TRAINER, {"optimizer": name, "output_dir": str(tmp_path / "hf" / name)}] for name in HF_OPTIMIZERS]
+    hf_expected = {name: hf_trainer_run(name, str(tmp_path / "hf-one" / name)) for name in HF_OPTIMIZERS}
+    expected = {}
+    for name, (sections, two, one) in CASES.items():
+        recipe = tiny_recipe(f"{name}.yaml", **sections, train={"steps": STEPS, "checkpoint_every": 0})
+        runs.append([recipe, [f"output.dir={tmp_path / name / 'two'}", "train.distributed=fsdp2", *two]])
+        expected[name] = train(load_recipe(recipe, [f"output.dir={tmp_path / name / 'one'}", *one]), progress=False)
+    for name, sections in SAMPLED.items():
+        recipe = tiny_recipe(f"{name}.yaml", **sections, train={"steps": STEPS, "checkpoint_every": 0})
+        runs.append([recipe, [f"output.dir={tmp_path / name / 'two'}", "train.distributed=fsdp2"]])
     launch(runs, tmp_path)
-    for name in OPTIMIZERS:
+    for name in SAMPLED:
+        summary = json.loads((tmp_path / name / "two" / "summary.json").read_text())
+        assert len(losses(tmp_path / name / "two")) == STEPS and summary["eval_loss"] < summary["eval_loss_before"]
+    for name in CASES:
         one, two = losses(tmp_path / name / "one"), losses(tmp_path / name / "two")
         assert len(two) == STEPS, name
         assert two == pytest.approx(one, rel=1e-5), name
         summary = json.loads((tmp_path / name / "two" / "summary.json").read_text())
         assert summary["eval_loss"] == pytest.approx(expected[name]["eval_loss"], rel=1e-5), name
-        assert summary["eval_loss"] < summary["eval_loss_before"], name
+        if CASES[name][0]["optim"]["name"] in ZEROTH_ORDER:  # 10 random directions: the weights moved
+            assert summary["eval_loss"] != pytest.approx(summary["eval_loss_before"], rel=1e-6), name
+        else:
+            assert summary["eval_loss"] < summary["eval_loss_before"], name
+    for name in HF_OPTIMIZERS:
+        two = json.loads((tmp_path / "hf" / name / "losses.json").read_text())
+        assert len(two["losses"]) == STEPS, name
+        assert two["losses"] == pytest.approx(hf_expected[name]["losses"], rel=1e-5), name
+    # LowMemCallback logs this rank's optimizer state: half of AdamW's moments
+    half = json.loads((tmp_path / "hf" / "adamw" / "losses.json").read_text())["optimizer_state_mb"]
+    assert 0.49 < half / hf_expected["adamw"]["optimizer_state_mb"] < 0.52
     # the state of an elementwise optimizer is sharded: each rank holds about half (257-row embedding: 129 rows)
     one, two = expected["adamw"], json.loads((tmp_path / "adamw" / "two" / "summary.json").read_text())
     assert two["optimizer_state_mb"] == pytest.approx(one["optimizer_state_mb"], abs=2e-3)  # MiB to 3 places
@@ -93,11 +151,12 @@ def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["optim.name=mezo", "train.grad_accum=1"], "train.distributed: fsdp2: zeroth-order optimizers"),
     (["optim.layerwise=true", "optim.max_grad_norm=null"], "optim.layerwise updates inside backward"),
     (["train.loss_chunk_tokens=16"], "train.loss_chunk_tokens runs the body"),
     (["offload.enabled=true", "optim.max_grad_norm=null"], "the offload engines"),
-], ids=["zeroth-order", "layerwise", "chunked-loss", "offload"])
+    (["optim.name=mezo", "train.grad_accum=1", "offload.enabled=true"], "the offload engines"),  # ZO2
+    (["optim.name=mezo", "train.grad_accum=2"], "zeroth-order optimizers take one batch per step"),
+], ids=["layerwise", "chunked-loss", "offload", "zo2-offload", "zeroth-order-accumulation"])
 def test_unsupported_combinations_are_one_line(tiny_recipe, tmp_path, capsys, overrides, message):
     from lowmem.cli import main
 
@@ -119,6 +178,7 @@ RESUMED = {  # one optimizer per state layout of lowmem.fsdp_checkpoint
     "adamw": {"name": "adamw", "lr": 1e-3},                                        # DTensor moments
     "apollo": {"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 3}},  # replicated + shards
     "adamw8bit": {"name": "adamw8bit", "lr": 1e-3, "args": {"min_8bit_size": 256}},     # per-rank 8-bit blocks
+    "zo_adamu": {"name": "zo_adamu", "lr": 3e-4, "args": {"eps": 0.1, "t1": 0}},  # shard momentum + ZO generator
 }
 
 

@@ -124,6 +124,8 @@ def test_zo_trainer_equals_mezo_loop_and_resumes(tiny_model, token_dataset, trai
     reference = _mezo_by_hand(tiny_model(), batch, steps=4, lr=1e-3, eps=1e-3)
     torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=0, atol=1e-7)
     assert len([r for r in trainer.state.log_history if "loss" in r]) == 4
+    # accelerate's gradient state is one per process: left unsynced, a later Accelerator would skip its steps
+    assert trainer.accelerator.gradient_state.sync_gradients
 
     resumed = tiny_model()
     _train(resumed, args, dataset, lowmem.create_optimizer(resumed, "mezo", lr=1e-3, eps=1e-3), cls=ZOTrainer,

@@ -10,8 +10,8 @@ import pytest
 import lowmem.steps as steps
 from lowmem.optim.registry import get_spec
 from lowmem.recipe import RecipeError, recipe_from_dict
-from lowmem.steps import (FirstOrderOffloadStep, FirstOrderStep, LayerwiseStep, ZerothOrderStep, ZO2Step,
-                          step_class)
+from lowmem.steps import (FirstOrderOffloadStep, FirstOrderStep, FSDP2Step, FSDP2ZerothOrderStep, LayerwiseStep,
+                          ZerothOrderStep, ZO2Step, step_class)
 
 TREE = {"model": {"config": {"model_type": "llama"}, "tokenizer": "bytes"}, "data": {"path": "corpus"},
         "train": {"steps": 1}, "output": {"dir": "run"}}
@@ -28,13 +28,18 @@ EXPECTED = {(False, False, False): FirstOrderStep, (False, True, False): Layerwi
             (True, False, True): ZO2Step, (True, True, True): ZO2Step}
 
 
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("zeroth_order, layerwise, offload", list(itertools.product((False, True), repeat=3)))
-def test_exactly_one_step_class_applies(zeroth_order, layerwise, offload):
+def test_exactly_one_step_class_applies(zeroth_order, layerwise, offload, distributed):
     base = recipe()  # flags set without validation: a refused combination must still find its class
     flagged = base.model_copy(update={"optim": base.optim.model_copy(update={"layerwise": layerwise}),
-                                      "offload": base.offload.model_copy(update={"enabled": offload})})
+                                      "offload": base.offload.model_copy(update={"enabled": offload}),
+                                      "train": base.train.model_copy(update={"distributed": distributed})})
     applying = [cls for cls in steps.STEPS if cls.applies(flagged, zeroth_order)]
-    assert applying == [EXPECTED[zeroth_order, layerwise, offload]]
+    # FSDP2 has one class per kind of optimizer; its check refuses layer-wise mode and offload
+    expected = EXPECTED[zeroth_order, layerwise, offload] if distributed == "ddp" else \
+        (FSDP2ZerothOrderStep if zeroth_order else FSDP2Step)
+    assert applying == [expected]
     assert step_class(flagged, zeroth_order) is applying[0]
 
 
