@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 import plots  # noqa: E402
 from _common import RESULTS_DIR, machine  # noqa: E402
 
-ORDER = ["default", "bos", "packing", "sft_recipe", "quality", "quality_fp32", "quality_val_fp32", "quantized",
+ORDER = ["default", "bos", "packing", "sft_recipe", "quality", "quality_fp32", "quality_val_fp32", "quantized", "quantized_planned",
          "peak_memory", "planner_table",
          "optim_state", "optim_step", "optim_step_interleaved", "optim_step_8bit", "bench_adamw8bit",
          "layerwise_memory", "wta_crs",

@@ -19,6 +19,7 @@ exit with code 2; set ``LOWMEM_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
@@ -49,16 +50,13 @@ def check_memory(recipe, args: argparse.Namespace):
     """The plan, when asked for or when the device memory is known; refuse a run that does not fit."""
     import torch
 
-    from lowmem.planner import LORA_NOT_PLANNED, format_plan, plan, refusal
+    from lowmem.planner import format_plan, plan, refusal
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     capacity = args.device_memory_gb or recipe.train.device_memory_gb
     if capacity is None and device == "cuda" and torch.cuda.is_available():
         capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
     if capacity is None and not args.plan:
-        return None
-    if recipe.model.lora is not None and not args.plan:
-        print(f"lowmem-train: memory check skipped: {LORA_NOT_PLANNED}", file=sys.stderr)
         return None
     if capacity is not None and capacity <= 0:
         raise ValueError(f"--device-memory-gb: must be > 0, got {capacity}")
@@ -79,9 +77,10 @@ def predictor(recipe, args: argparse.Namespace):
     import transformers.modeling_utils  # noqa: F401  (a run imports it: part of the baseline, ~165 MiB)
 
     from lowmem.memory import current_rss_bytes
+    from lowmem.planner import adapter_imports
 
-    if recipe.model.lora is not None:
-        return None
+    for name in adapter_imports(recipe.model):  # the run imports them too: part of the baseline
+        importlib.import_module(name)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = current_rss_bytes()
 

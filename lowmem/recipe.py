@@ -43,7 +43,8 @@ class QuantizeSection(Section):
 
     @model_validator(mode="after")
     def _four_bit_options(self):
-        if self.bits == 8 and ({"type", "double_quant"} & self.model_fields_set):
+        # refused only when changed from their defaults, so a dumped recipe (``model_dump``) loads again
+        if self.bits == 8 and (self.type != "nf4" or self.double_quant):
             raise ValueError("model.quantize: type and double_quant are 4-bit options; drop them with bits: 8")
         return self
 

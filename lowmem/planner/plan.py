@@ -93,22 +93,26 @@ def config_section(recipe: Recipe, config) -> Recipe:
     return recipe.model_copy(update={"model": model})
 
 
+def adapter_imports(section) -> tuple[str, ...]:
+    """The packages a run of ``model`` section imports for adapters and a quantized base (part of its RSS)."""
+    return (("peft",) if section.lora is not None or section.quantize is not None else ()) + \
+        (("bitsandbytes",) if section.quantize is not None else ())
+
+
 @functools.lru_cache(maxsize=None)
-def runtime_baseline_bytes(model_type: str) -> int:
+def runtime_baseline_bytes(model_type: str, imports: tuple[str, ...] = ()) -> int:
     """RSS of a fresh process after it imported what a run imports (torch, transformers,
-    accelerate, the engine and the ``model_type`` modelling code): what a CPU run holds
-    besides its tensors. With :func:`~lowmem.memory.fix_malloc_threshold`, as a run has it,
+    accelerate, the engine, the ``model_type`` modelling code and ``imports``): what a CPU run
+    holds besides its tensors. With :func:`~lowmem.memory.fix_malloc_threshold`, as a run has it,
     freed tensors leave the process, so baseline + live tensors is the model of peak RSS."""
     code = ("import lowmem.memory as m; m.fix_malloc_threshold();"
             "import json, torch, transformers, accelerate, lowmem.build;"
+            + "".join(f"import {name};" for name in imports) +
             "from transformers import AutoConfig, AutoModelForCausalLM;"
             f"AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model({model_type!r}))];"
             "print(json.dumps(m.current_rss_bytes()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
-LORA_NOT_PLANNED = "the memory planner does not model LoRA adapters (peft cannot build them on fake tensors)"
 
 
 def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = None,
@@ -122,11 +126,6 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
         raise ValueError(f"device: must be cpu or cuda, got {device!r}")
     if device_memory_gb is not None and device_memory_gb <= 0:
         raise ValueError(f"train.device_memory_gb: must be > 0, got {device_memory_gb}")
-    if recipe.model.lora is not None:
-        raise ValueError(f"model.lora: {LORA_NOT_PLANNED}")
-    if recipe.model.quantize is not None:
-        raise ValueError("model.quantize: the memory planner does not model a bitsandbytes base (its layers "
-                         "cannot be built on fake tensors)")
     config = model_config(recipe.model)
     recipe = config_section(recipe, config)  # from here on the config alone: no weights, no tokenizer files
     way = step_class(recipe, get_spec(recipe.optim.name).zeroth_order)  # how the run steps, decided once
@@ -143,7 +142,8 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
     if offloaded:
         parts = zo2_parts(recipe, config, parts, device)
     baseline = 0 if device != "cpu" and not host else \
-        runtime_bytes if runtime_bytes is not None else runtime_baseline_bytes(config.model_type)
+        runtime_bytes if runtime_bytes is not None else runtime_baseline_bytes(config.model_type,
+                                                                             adapter_imports(recipe.model))
     parts["runtime"] = baseline if device == "cpu" else 0
     capacity = None if device_memory_gb is None else int(device_memory_gb * 2**30)
     result = Plan(device=device, parts=parts, totals=totals, capacity_bytes=capacity, host_parts=host,

@@ -52,6 +52,7 @@ from lowmem.dtypes import float_dtype
 from lowmem.kernels import adamw8bit_step, blockwise_cpu, dynamic_map, quantize
 from lowmem.memory import tensor_bytes
 from lowmem.models import enable_checkpointing, select_trained
+from lowmem.planner.fake_base import fake_friendly_to, quantization_constants, quantize_base
 from lowmem.recipe import Recipe
 
 PARTS = ("runtime", "weights", "gradients", "optimizer_states", "activations", "step_temporaries",
@@ -132,15 +133,21 @@ class _LiveBytes(TorchDispatchMode):
 
 
 def fake_model(section, config):
-    """The model of ``section`` built from ``config`` (call under ``FakeTensorMode``). As
-    :func:`lowmem.models.load_model`, except the dtype is given to ``from_config``:
-    ``.to(dtype)`` cannot swap a tied fake parameter."""
+    """The model of ``section`` built from ``config`` (call under ``FakeTensorMode``) as
+    :func:`lowmem.models.load_model` builds it: cast to ``model.dtype``, or, with ``model.quantize``, read in
+    that dtype (``from_pretrained``) and its base quantized; then checkpointing, adapters and the trained
+    subset. bitsandbytes' layers and the moves of fake parameters: :mod:`lowmem.planner.fake_base`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(config, dtype=float_dtype(section.dtype))
-    if section.gradient_checkpointing:
-        enable_checkpointing(model)
-    return select_trained(model, section).train()
+    dtype = float_dtype(section.dtype)
+    with fake_friendly_to():
+        if section.quantize is None:
+            model = AutoModelForCausalLM.from_config(config).to(dtype)
+        else:
+            model = quantize_base(AutoModelForCausalLM.from_config(config, dtype=dtype), section.quantize, dtype)
+        if section.gradient_checkpointing:
+            enable_checkpointing(model)
+        return select_trained(model, section).train()
 
 
 def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
@@ -149,7 +156,7 @@ def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
     model = fake_model(recipe.model, config)
     apply_activations(model, recipe.activations, recipe.train.seed)
     params = list({id(p): p for p in model.parameters()}.values())
-    for t in params + list(model.buffers()):
+    for t in params + list(model.buffers()) + quantization_constants(model):
         tracker.add(t, "weights")
     trainable = [p for p in params if p.requires_grad]
 
