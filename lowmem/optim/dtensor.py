@@ -16,11 +16,13 @@ the optimizer chooses per param group (``elementwise(group)``):
   otherwise the absmax of the blocks that straddle differs and the state depends on the layout.
   Whether a tensor is 8-bit (``min_8bit_size``) is decided on the shard's size.
 * **whole matrix** (rules that read the whole gradient: projections, norms, whitening): the
-  gradient and the weight are all-gathered (``full_tensor()``), every rank runs the one-process
-  update on the whole matrix (same state on every rank, replicated, as it is under DDP) and keeps
-  its own rows. Per step and matrix of ``m x n`` elements of ``b`` bytes each rank receives
-  ``2 (N-1)/N m n b`` bytes (gradient and weight). A first correct version: the methods whose
-  exchange can shrink to projected matrices or norms are listed in the README.
+  gradient is all-gathered (``full_tensor()``), every rank runs the one-process update on the whole
+  matrix (same state on every rank, replicated, as it is under DDP) and keeps its own rows. The
+  weight is not gathered: every one of these rules reads it elementwise only (``W -= lr u(G)``,
+  decoupled decay), so a full-size stand-in holding the rank's rows (zeros elsewhere) updates
+  those rows exactly as one process does. Per step and matrix of ``m x n`` elements of ``b`` bytes
+  each rank receives ``(N-1)/N m n b`` bytes (the gradient; counted in
+  ``tests/integrations/test_fsdp_exchange.py``).
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ def plain_param(optimizer: torch.optim.Optimizer, p, whole: bool):
     """A plain leaf tensor standing in for the sharded ``p`` (its ``.grad`` set, ``p``'s optimizer
     state under it) while the optimizer steps it; afterwards the state goes back under ``p`` and,
     for ``whole``, this rank's rows of the updated matrix into ``p``'s shard."""
-    if whole:
-        q, grad = p.full_tensor(), p.grad.full_tensor()
+    if whole:  # the weight enters every update elementwise (W -= lr u(G), decay): the other rows stay 0
+        q, grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device), p.grad.full_tensor()
+        q[local_rows(p)] = p.to_local()
     else:
         q, grad = p.to_local().detach(), p.grad.to_local()  # q shares the shard's storage
     q.grad, q.sharded_param = grad, p

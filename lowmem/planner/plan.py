@@ -53,6 +53,7 @@ class Plan:
     suggestions: list[tuple[str, list[str], int]] = field(default_factory=list)
     host_parts: dict[str, int] = field(default_factory=dict)  # first-order offload: host RAM besides runtime
     host_runtime_bytes: int = 0
+    processes: int = 1  # FSDP2 (lowmem.planner.fsdp): the peak is one rank's of this many
 
     @property
     def host_rss_bytes(self) -> int | None:
@@ -93,13 +94,15 @@ def config_section(recipe: Recipe, config) -> Recipe:
 
 
 @functools.lru_cache(maxsize=None)
-def runtime_baseline_bytes(model_type: str) -> int:
+def runtime_baseline_bytes(model_type: str, imports: str = "") -> int:
     """RSS of a fresh process after it imported what a run imports (torch, transformers,
     accelerate, the engine and the ``model_type`` modelling code): what a CPU run holds
     besides its tensors. With :func:`~lowmem.memory.fix_malloc_threshold`, as a run has it,
-    freed tensors leave the process, so baseline + live tensors is the model of peak RSS."""
+    freed tensors leave the process, so baseline + live tensors is the model of peak RSS. ``imports``:
+    a statement importing what a run of another kind imports besides (FSDP2: :mod:`lowmem.planner.fsdp`)."""
     code = ("import lowmem.memory as m; m.fix_malloc_threshold();"
             "import json, torch, transformers, accelerate, lowmem.build;"
+            + (f"{imports};" if imports else "") +
             "from transformers import AutoConfig, AutoModelForCausalLM;"
             f"AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model({model_type!r}))];"
             "print(json.dumps(m.current_rss_bytes()))")
@@ -205,7 +208,8 @@ def format_plan(p: Plan) -> str:
     """The plan as text: the parts live at the peak (their sum is the peak), the step's totals and why a total
     exceeds its part at the peak, verdict, suggestions."""
     what = "peak RSS" if p.device == "cpu" else "peak CUDA memory"
-    lines = [f"memory plan ({p.device}): predicted {what} {_gib(p.peak_bytes)} of one step = the sum of what is live "
+    where = p.device if p.processes == 1 else f"{p.device}, rank 0 of {p.processes} FSDP2 processes"
+    lines = [f"memory plan ({where}): predicted {what} {_gib(p.peak_bytes)} of one step = the sum of what is live "
              "at its peak:"]
     lines += [f"  {name:<18} {_gib(n):>12}" for name, n in p.parts.items() if n]
     lines.append("  whole step (not all live at once): " + ", ".join(f"{k} {_gib(v)}" for k, v in p.totals.items()))

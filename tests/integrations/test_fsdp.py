@@ -29,13 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
 
 
-def launch(runs: list, tmp_path: Path, *flags: str, processes: int = 2) -> subprocess.CompletedProcess:
-    """One torchrun launch of ``processes`` ranks over ``runs`` ([recipe, overrides] pairs); asserts a clean exit."""
+def launch(runs: list, tmp_path: Path, *flags: str, processes: int = 2,
+           worker: Path = WORKER) -> subprocess.CompletedProcess:
+    """One torchrun launch of ``processes`` ranks of ``worker`` over ``runs`` ([recipe, overrides] pairs); asserts a
+    clean exit."""
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout first
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(WORKER),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(worker),
            str(spec), *flags]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = (done.stdout + done.stderr)[-4000:]
