@@ -4,7 +4,7 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps each parameter and its redu
 ``DTensor`` sharded by rows (``Shard(0)``): rank r holds rows ``[o_r, o_r + n_r)``. The optimizers
 here are written for plain tensors, so :meth:`DenseGradOptimizer.step
 <lowmem.optim.adam_math.DenseGradOptimizer.step>` hands them a plain stand-in, one of two kinds that
-the optimizer chooses per param group (``elementwise(group)``):
+the optimizer chooses per param group (``steps_rows(group)``, by default ``elementwise(group)``):
 
 * **local shard** (elementwise rules: AdamW, the 8-bit AdamW/SGD, the AdamW groups of GaLore,
   APOLLO, FRUGAL, SinkGD, SWAN): the update of an element reads that element alone, so stepping
@@ -15,7 +15,13 @@ the optimizer chooses per param group (``elementwise(group)``):
   is a multiple of ``blocksize`` -- true for every matrix whose row length is a multiple of 256;
   otherwise the absmax of the blocks that straddle differs and the state depends on the layout.
   Whether a tensor is 8-bit (``min_8bit_size``) is decided on the shard's size.
-* **whole matrix** (rules that read the whole gradient: projections, norms, whitening): the
+  Rules whose whole-matrix quantities are sums over the rows step the rows too, with those sums
+  all-reduced (:func:`sum_over_shards`): SGD-SaI's per-tensor g-SNR (``sum g``, ``sum g^2``, then
+  ``sum (g - mean)^2``, first step only), SinkGD's column norms (``n`` values a Sinkhorn round),
+  APOLLO's random projection (``u^T G`` summed over the row shards, or ``G v^T`` put together: the
+  projected Adam state is then the one process's, replicated) and its limiter's norm.
+* **whole matrix** (rules that read the whole gradient: GaLore's and FRUGAL's SVD/random
+  subspaces, APOLLO with ``proj: svd``, SWAN's whitening): the
   gradient is all-gathered (``full_tensor()``), every rank runs the one-process update on the whole
   matrix (same state on every rank, replicated, as it is under DDP) and keeps its own rows. The
   weight is not gathered: every one of these rules reads it elementwise only (``W -= lr u(G)``,
@@ -64,7 +70,7 @@ def plain_param(optimizer: torch.optim.Optimizer, p, whole: bool):
         q[local_rows(p)] = p.to_local()
     else:
         q, grad = p.to_local().detach(), p.grad.to_local()  # q shares the shard's storage
-    q.grad, q.sharded_param = grad, p
+    q.grad, q.sharded_param, q.local_shard = grad, p, not whole
     if p in optimizer.state:
         optimizer.state[q] = optimizer.state.pop(p)
     try:
@@ -75,6 +81,25 @@ def plain_param(optimizer: torch.optim.Optimizer, p, whole: bool):
         if whole:
             p.to_local().copy_(q[local_rows(p)])
         q.grad = None
+
+
+def row_shard(q: torch.Tensor):
+    """The sharded parameter whose rows the local stand-in ``q`` holds; None when ``q`` is whole (a plain
+    parameter, or the stand-in of a matrix stepped whole)."""
+    return getattr(q, "sharded_param", None) if getattr(q, "local_shard", False) else None
+
+
+def sum_over_shards(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``t`` (a partial sum over the rows a stand-in ``q`` holds) summed over the ranks that hold the other
+    rows of its sharded parameter: an all-reduce of ``t`` alone (``t`` itself for a plain parameter). For the
+    rules whose whole-matrix quantities are sums over rows: per-tensor sums, column norms, ``R G``."""
+    p = row_shard(q)
+    if p is None:
+        return t
+    from torch.distributed import _functional_collectives as funcol
+
+    out = funcol.all_reduce(t, "sum", p.device_mesh.get_group())
+    return out.wait() if hasattr(out, "wait") else out
 
 
 def sharded_param(p: torch.Tensor) -> torch.Tensor:

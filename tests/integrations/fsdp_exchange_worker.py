@@ -5,8 +5,8 @@ over the launch (the trainer's step object under accelerate's process group), ta
 counts, during each ``optimizer.step`` only, the payload of every collective the step issues
 (PyTorch's functional collectives, what ``DTensor`` and :mod:`lowmem.optim.dtensor` use, seen by a
 dispatch mode): an all-gather's whole output, an all-reduce's tensor. Rank 0 prints one JSON object:
-per run, the bytes of each step and, for the test's formula, the shape and element size of every
-parameter the optimizer steps whole.
+per run, the bytes of each step and, for the test's formulas, each parameter group's shapes, element
+size, whether it is stepped whole, its Sinkhorn rounds, projection rank and kind.
 """
 
 import json
@@ -56,9 +56,12 @@ def measure(recipe) -> dict:
     batch = sample_batch(recipe, model.config.vocab_size)
     for _ in range(3):
         stepper.step(lambda micro: batch)
-    whole = [[list(p.shape), p.element_size()] for group in optimizer.param_groups
-             if not getattr(optimizer, "elementwise", lambda g: True)(group) for p in group["params"]]
-    return {"steps": counted, "whole": whole}
+    elementwise = getattr(optimizer, "elementwise", lambda group: True)
+    groups = [{"shapes": [list(p.shape) for p in group["params"]], "element_size": group["params"][0].element_size(),
+               "whole": not getattr(optimizer, "steps_rows", elementwise)(group),
+               **{key: group.get(key) for key in ("sinkhorn_iters", "rank", "proj")}}
+              for group in optimizer.param_groups if group["params"]]
+    return {"steps": counted, "groups": groups}
 
 
 def main(argv: list[str]) -> None:
