@@ -164,9 +164,12 @@ def steps_logged(run_dir: Path) -> list[int]:
 
 
 def test_plan_traces_the_whole_model_on_one_process(tiny_recipe, tmp_path, capsys):
-    """``--plan`` under FSDP2 traces the one-process step (an upper bound of a rank's peak; per-rank
-    planning is not done yet): it runs, it does not shard fake tensors."""
+    """``--plan`` under FSDP2 plans one rank (lowmem.planner.fsdp, tested against measured RSS in
+    tests/test_planner_fsdp.py) from the one-process step traced on fake tensors: it runs, it does not
+    shard fake tensors, and ``--processes`` sets the number of ranks."""
     from lowmem.cli import main
 
-    assert main([tiny_recipe(), "train.distributed=fsdp2", f"output.dir={tmp_path / 'run'}", "--plan"]) == 0
-    assert "optimizer_states" in capsys.readouterr().out
+    assert main([tiny_recipe(), "train.distributed=fsdp2", f"output.dir={tmp_path / 'run'}", "--plan",
+                 "--processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 0 of 2 FSDP2 processes" in out and "all_gathered" in out
