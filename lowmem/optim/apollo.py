@@ -70,9 +70,9 @@ class APOLLOAdamW(MomentOptimizer):
         return "rank" not in group  # the AdamW groups; the target groups read the whole matrix
 
     def steps_rows(self, group: dict) -> bool:
-        """Random projections: ``R`` all-reduced, its state replicated (:meth:`_low_rank_adam`), the
-        scaling of a rank's rows and the limiter's norm from sums over the shards; SVD: the whole matrix."""
-        return "rank" not in group or group["proj"] == "random"
+        """``R`` all-reduced, its state replicated (:meth:`_low_rank_adam`; an SVD refresh gathers the
+        gradient), the scaling of a rank's rows and the limiter's norm from sums over the shards."""
+        return True
 
     @typed
     def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-6,

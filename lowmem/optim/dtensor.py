@@ -18,10 +18,11 @@ the optimizer chooses per param group (``steps_rows(group)``, by default ``eleme
   Rules whose whole-matrix quantities are sums over the rows step the rows too, with those sums
   all-reduced (:func:`sum_over_shards`): SGD-SaI's per-tensor g-SNR (``sum g``, ``sum g^2``, then
   ``sum (g - mean)^2``, first step only), SinkGD's column norms (``n`` values a Sinkhorn round),
-  APOLLO's random projection (``u^T G`` summed over the row shards, or ``G v^T`` put together: the
-  projected Adam state is then the one process's, replicated) and its limiter's norm.
-* **whole matrix** (rules that read the whole gradient: GaLore's and FRUGAL's SVD/random
-  subspaces, APOLLO with ``proj: svd``, SWAN's whitening): the
+  GaLore's and APOLLO's projection (``u^T G`` summed over the row shards, or ``G v^T`` put
+  together: the projected Adam state is then the one process's, replicated; an SVD refresh, every
+  ``T`` steps, all-gathers the gradient) and APOLLO's limiter norm.
+* **whole matrix** (rules that read the whole gradient: FRUGAL's SVD/random subspaces, SWAN's
+  whitening): the
   gradient is all-gathered (``full_tensor()``), every rank runs the one-process update on the whole
   matrix (same state on every rank, replicated, as it is under DDP) and keeps its own rows. The
   weight is not gathered: every one of these rules reads it elementwise only (``W -= lr u(G)``,

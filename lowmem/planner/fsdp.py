@@ -17,10 +17,11 @@ with ``W``, ``G`` all weights and gradients, ``x/N`` rank 0's rows of each tenso
 ``T`` the one-process backward-peak activations and the step temporaries, ``G_b`` the gradients one
 process has made at that peak, the root's (``lm_head``'s, made first) whole and the blocks' sharded
 (each block's are reduce-scattered as soon as its backward ends), ``E`` the root's parameters,
-``B_max`` the largest block's, ``M_max`` the largest matrix stepped whole (:mod:`lowmem.optim.dtensor`:
-its gradient all-gathered, its weight in a whole-size stand-in).
+``B_max`` the largest block's, ``M_max`` the largest matrix of a rule that is not elementwise (its
+gradient all-gathered every step, or at an SVD refresh, and a whole-size stand-in or the refresh's
+temporaries: :mod:`lowmem.optim.dtensor`; an upper bound for APOLLO's random projection).
 ``S_rank``: the state of elementwise groups sharded (rank 0's rows), that of the others replicated
-(whole-matrix rules, and APOLLO's random projections, stepped on the rows with the projection
+(whole-matrix rules, and GaLore's and APOLLO's projections, stepped on the rows with the projection
 all-reduced), at the steady state (a later step's backward holds the state the first step made).
 Not counted: the full model each rank builds before ``fully_shard`` (the load's own peak, W) and
 the collectives' buffers inside gloo/NCCL.
@@ -66,7 +67,6 @@ def _layout(recipe: Recipe, config, n: int, device: str) -> dict[str, int]:
     model, optimizer = fake_optimizer_step(recipe, config, device)
     params = list({id(p): p for p in model.parameters()}.values())
     elementwise = getattr(optimizer, "elementwise", lambda group: True)  # torch's own: DTensor natively
-    rows = getattr(optimizer, "steps_rows", elementwise)
     states, whole = 0, 0
     for group in optimizer.param_groups:
         local = elementwise(group)
@@ -74,7 +74,7 @@ def _layout(recipe: Recipe, config, n: int, device: str) -> dict[str, int]:
             tensors = [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
             s = sum(_nbytes(v) for v in tensors if v.dim())
             states += (_rank0(s, p, n) if local else s) + sum(_nbytes(v) for v in tensors if not v.dim())  # counters
-            whole = whole if rows(group) else max(whole, _nbytes(p))
+            whole = whole if local else max(whole, _nbytes(p))  # gathered every step, or at an SVD refresh
     in_blocks = {id(p) for b in block_container(model)[1] for p in b.parameters()}
     blocks = [sum(_nbytes(p) for p in {id(q): q for q in b.parameters()}.values()) for b in block_container(model)[1]]
     return {"weights": sum(_rank0(_nbytes(p), p, n) for p in params) + sum(_nbytes(b) for b in model.buffers()),

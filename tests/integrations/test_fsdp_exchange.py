@@ -4,7 +4,8 @@ Two gloo processes, 3 steps each, on the tiny model (``fsdp_exchange_worker.py``
 every collective issued inside ``optimizer.step``: an all-gather's whole output, an all-reduce's
 tensor). Elementwise rules send nothing; SGD-SaI sends 4 scalars per tensor at its first step, SinkGD
 the column sums of squares of each Sinkhorn round, APOLLO(-Mini) its random projection (the smaller
-side, ``r max(m, n)`` values) and the norm-growth limiter's sum of squares; a matrix stepped whole
+side, ``r max(m, n)`` values) and the norm-growth limiter's sum of squares, GaLore its projection and
+the whole gradient at an SVD refresh; a matrix stepped whole
 all-gathers its gradient alone (``m n b`` gathered, of which a rank receives ``(N-1)/N``), never its weight.
 """
 
@@ -14,12 +15,12 @@ import math
 from tests.integrations.test_fsdp import OPTIMIZERS, launch
 
 WORKER = __import__("pathlib").Path(__file__).with_name("fsdp_exchange_worker.py")
-WHOLE = ("galore", "frugal-svd", "swan")  # the gradient gathered every step
+WHOLE = ("frugal-svd", "swan")  # the gradient gathered every step
 
 
 def test_bytes_each_optimizer_sends(tiny_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    names = ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini", *WHOLE)
+    names = ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini", "galore", *WHOLE)
     runs = [[name, tiny_recipe(f"{name}.yaml", optim=OPTIMIZERS[name][0]), ["train.distributed=fsdp2"]]
             for name in names]
     done = launch(runs, tmp_path, worker=WORKER)
@@ -36,7 +37,12 @@ def test_bytes_each_optimizer_sends(tiny_recipe, tmp_path, monkeypatch):
         projected = sum(4 * group["rank"] * max(shape) + 4 for group in found[name]["groups"]  # smaller side;
                         if group["rank"] for shape in group["shapes"])  # and the limiter's sum of squares
         assert projected > 0 and found[name]["steps"] == [projected] * 3, (name, found[name]["steps"])
-    for name in ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini"):
+    # GaLore (T = 3): the projection as APOLLO's, no limiter; the whole gradient at its SVD refresh (step 1)
+    targets = [(shape, group) for group in found["galore"]["groups"] if group["rank"] for shape in group["shapes"]]
+    projected = sum(4 * group["rank"] * max(shape) for shape, group in targets)
+    gathered = sum(math.prod(shape) * group["element_size"] for shape, group in targets)
+    assert found["galore"]["steps"] == [gathered + projected, projected, projected]
+    for name in ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini", "galore"):
         assert not any(group["whole"] for group in found[name]["groups"]), name
     for name in WHOLE:  # the gradient gathered whole (m n b), never the weight
         gathered = sum(math.prod(shape) * group["element_size"] for group in found[name]["groups"] if group["whole"]
