@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--four", action="store_true", help="also 4 processes")
     args = parser.parse_args()
     counts = [1, 2, 4] if args.four else [1, 2]
-    rows = []
+    rows, start = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for optimizer in args.optimizers:
             for processes in counts:
@@ -64,10 +64,11 @@ def main() -> None:
                             "peak RSS GiB (rank 0)", "s/step", "eval loss"], rows)
     load = os.getloadavg()[0]
     write_result("fsdp", "FSDP2 against DDP: per-rank bytes and step time (CPU, gloo)", table,
-                 f"Load average at the end: {load:.1f} (2 shared cores: the step times are only comparable "
-                 f"within this run). Under DDP every rank holds all parameters (\"all\") and the whole "
-                 f"optimizer state. Under FSDP2 the per-rank figures are the local shards plus what a rank "
-                 f"replicates (APOLLO-Mini's projected state of the whole-matrix path).")
+                 f"Load average at the start / end: {start:.1f} / {load:.1f} (2 shared cores: the step times are "
+                 f"only comparable within this run; with 4 processes on 2 cores, ranks wait for each other). "
+                 f"Under DDP every rank holds all parameters (\"all\") and the whole optimizer state. Under "
+                 f"FSDP2 the per-rank figures are the local shards plus what a rank replicates (APOLLO-Mini's "
+                 f"projected state: its random projection is all-reduced, lowmem/optim/dtensor.py).")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume | --overwrite] [--plan] [--device-memory-gb G] [--force]``;
+"""``lowmem-train RECIPE.yaml [key.sub=value ...] [--resume | --overwrite] [--plan] [--processes N]
+[--device-memory-gb G] [--force]``;
 ``lowmem-train --env``: the environment report for a bug report (:mod:`lowmem.env`).
 
 Run directory (:mod:`lowmem.run_dir`): an ``output.dir`` that already holds a run is refused unless
@@ -8,7 +9,8 @@ the ``--resume`` command (exit 130).
 
 Memory plan (:mod:`lowmem.planner`): ``--plan`` prints the predicted peak and exits. Before
 a run whose device memory is known (``--device-memory-gb``, ``train.device_memory_gb``,
-or the GPU's own size), the plan is printed on stderr and a run predicted not to fit is
+or the GPU's own size), the plan is printed on stderr (``train.distributed: fsdp2``: one rank's, of
+``--processes`` or the launcher's ``WORLD_SIZE``) and a run predicted not to fit is
 refused with a one-line reason, unless ``--force``.
 
 Expected errors (a bad recipe, a missing file, an unknown optimizer, a
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="device to plan for (default: cuda if present)")
     parser.add_argument("--device-memory-gb", type=float, help="device memory in GiB (default: "
                         "train.device_memory_gb, else the GPU's)")
+    parser.add_argument("--processes", type=int, help="train.distributed: fsdp2: plan one rank of this many "
+                        "processes (default: the launcher's WORLD_SIZE, else 1)")
     parser.add_argument("--force", action="store_true", help="start a run the planner predicts will not fit")
     parser.add_argument("--env", action="store_true", help="print the environment report (for a bug report) and exit")
     args = parser.parse_intermixed_args(argv)  # flags may come before the overrides
@@ -50,7 +54,7 @@ def check_memory(recipe, args: argparse.Namespace):
     """The plan, when asked for or when the device memory is known; refuse a run that does not fit."""
     import torch
 
-    from lowmem.planner import format_plan, plan, refusal
+    from lowmem.planner import format_plan, plan, plan_fsdp2, refusal
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     capacity = args.device_memory_gb or recipe.train.device_memory_gb
@@ -60,7 +64,10 @@ def check_memory(recipe, args: argparse.Namespace):
         return None
     if capacity is not None and capacity <= 0:
         raise ValueError(f"--device-memory-gb: must be > 0, got {capacity}")
-    predicted = plan(recipe, device, capacity)
+    if recipe.train.distributed == "fsdp2":  # one rank's peak (lowmem.planner.fsdp)
+        predicted = plan_fsdp2(recipe, args.processes, device, capacity)
+    else:
+        predicted = plan(recipe, device, capacity)
     print(format_plan(predicted), file=sys.stdout if args.plan else sys.stderr)
     if not (args.plan or predicted.fits or args.force):
         raise ValueError(refusal(predicted))
@@ -85,9 +92,12 @@ def predictor(recipe, args: argparse.Namespace):
     runtime = current_rss_bytes()
 
     def predict(config) -> int | None:
-        from lowmem.planner import config_section, plan
+        from lowmem.planner import config_section, plan, plan_fsdp2
 
         try:
+            if recipe.train.distributed == "fsdp2":
+                return plan_fsdp2(config_section(recipe, config), args.processes, device,
+                                  runtime_bytes=runtime).peak_bytes
             return plan(config_section(recipe, config), device, suggest=False, runtime_bytes=runtime).peak_bytes
         except Exception as err:  # a finished run must not fail on its prediction: say so, in one line
             print(f"lowmem-train: predicted_peak_gb: not predicted ({type(err).__name__}: "

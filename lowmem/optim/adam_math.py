@@ -27,8 +27,8 @@ from collections.abc import Iterator
 
 import torch
 
-from lowmem.optim.dtensor import is_sharded, plain_param
-from lowmem.optim.projection import current_factors, project
+from lowmem.optim.dtensor import is_sharded, local_rows, plain_param, row_shard, sum_over_shards
+from lowmem.optim.projection import current_factors, project, project_back, refresh_due
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -117,7 +117,7 @@ class DenseGradOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise self._sparse_error(name)
                 if is_sharded(p):  # FSDP2: a plain stand-in (lowmem.optim.dtensor)
-                    with plain_param(self, p, whole=not self.elementwise(group)) as local:
+                    with plain_param(self, p, whole=not self.steps_rows(group)) as local:
                         self._step_param(local, group, name)
                     continue
                 self._step_param(p, group, name)
@@ -127,6 +127,12 @@ class DenseGradOptimizer(torch.optim.Optimizer):
         """Whether ``group``'s update of an element reads that element alone (then an FSDP2 rank
         steps its own shard; otherwise it steps the all-gathered matrix: :mod:`lowmem.optim.dtensor`)."""
         return False
+
+    def steps_rows(self, group: dict) -> bool:
+        """Whether an FSDP2 rank steps ``group``'s parameters on its own rows: the elementwise rules, and
+        rules whose whole-matrix quantities are sums over the rows, all-reduced
+        (:func:`lowmem.optim.dtensor.sum_over_shards`) into state every rank holds alike."""
+        return self.elementwise(group)
 
     def _sparse_error(self, name: str | None) -> Exception:
         return RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -167,15 +173,40 @@ class MomentOptimizer(DenseGradOptimizer):
 
     def _low_rank_adam(self, p: torch.Tensor, group: dict, state: dict, random: bool):
         """The prologue GaLore and APOLLO share: project ``G`` (refreshing ``P`` when due), count
-        the step, run Adam on the projection. Returns ``(G, R, N, step_size, u, v)`` in fp32."""
+        the step, run Adam on the projection. Returns ``(G, R, N, step_size, u, v)`` in fp32. For the
+        rows of an FSDP2 shard (``steps_rows``) ``G`` is those rows, ``R`` (all-reduced: ``r n`` or ``m r``
+        values) and so ``N`` and the Adam state are the whole projection, as one process has them, and
+        ``u``/``v`` the whole factors; an SVD refresh (every ``T`` steps) all-gathers the whole gradient."""
         g = p.grad.float()
-        u, v = current_factors(state, g, group["rank"], group["proj_type"], group["update_proj_gap"],
-                               random=random, dtype=p.dtype)
-        low = project(g, u, v)
+        shard = row_shard(p)  # FSDP2: g holds this rank's rows
+        source = g
+        if shard is not None and not random and refresh_due(state["step"], "proj_u" in state or "proj_v" in state,
+                                                            group["update_proj_gap"]):
+            source = shard.grad.full_tensor().float()  # the SVD reads the whole gradient
+        u, v = current_factors(state, source, group["rank"], group["proj_type"], group["update_proj_gap"],
+                               random=random, dtype=p.dtype, shape=None if shard is None else shard.shape)
+        if shard is None:
+            low = project(g, u, v)
+        elif u is not None:  # u^T G (v^T): a sum over the row shards
+            low = sum_over_shards(project(g, u[local_rows(shard)[0]], v), p)
+        else:  # G v^T: this rank's rows of it, put together (zeros elsewhere, summed)
+            low = torch.zeros(shard.shape[0], v.shape[0], dtype=g.dtype, device=g.device)
+            low[local_rows(shard)[0]] = project(g, None, v)
+            low = sum_over_shards(low, p)
         state["step"] += 1
         normalized, step_size = adam_normalized(state, self.store, low, group["lr"], group["betas"], group["eps"],
                                                 state["step"], correct_bias=group["correct_bias"])
         return g, low, normalized, step_size, u, v
+
+    @staticmethod
+    def _project_back(normalized: torch.Tensor, u, v, p: torch.Tensor) -> torch.Tensor:
+        """``u N v`` (:func:`~lowmem.optim.projection.project_back`), or its rows held by the stand-in ``p``
+        of an FSDP2 shard: ``u``'s rows times ``N v``, or ``N``'s rows times ``v``."""
+        shard = row_shard(p)
+        if shard is None:
+            return project_back(normalized, u, v)
+        rows = local_rows(shard)[0]
+        return project_back(normalized, u[rows], v) if u is not None else project_back(normalized[rows], None, v)
 
     def _adamw_update(self, p: torch.Tensor, group: dict, state: dict) -> None:
         """Plain HF-style AdamW for a parameter outside the low-rank groups (often the largest:

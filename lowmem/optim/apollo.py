@@ -31,6 +31,7 @@ from pydantic import model_validator
 
 from lowmem.optim.adam_math import MomentOptimizer, decoupled_weight_decay
 from lowmem.optim.args import Betas, Count, GroupArgs, NonNegative, Positive, StateBits, typed
+from lowmem.optim.dtensor import local_rows, row_shard, sum_over_shards
 from lowmem.optim.projection import ProjType, assign_seeds, check_projected_group
 from lowmem.optim.registry import OptimizerSpec, register
 
@@ -68,6 +69,11 @@ class APOLLOAdamW(MomentOptimizer):
     def elementwise(self, group: dict) -> bool:
         return "rank" not in group  # the AdamW groups; the target groups read the whole matrix
 
+    def steps_rows(self, group: dict) -> bool:
+        """``R`` all-reduced, its state replicated (:meth:`_low_rank_adam`; an SVD refresh gathers the
+        gradient), the scaling of a rank's rows and the limiter's norm from sums over the shards."""
+        return True
+
     @typed
     def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-6,
                  weight_decay: NonNegative = 0.0, correct_bias: bool = True, scale_front: bool = False,
@@ -86,11 +92,13 @@ class APOLLOAdamW(MomentOptimizer):
         # Step 1: project the gradient (redraw P every T steps); Step 2: low-rank Adam moments
         g, low, normalized, step_size, u, v = self._low_rank_adam(p, group, state, random=group["proj"] == "random")
         # Steps 3-4: scale the raw gradient channel- or tensor-wise
-        scaled = g * _scaling_factor(normalized, low, group["scale_type"], right=v is not None)
+        factor = _scaling_factor(normalized, low, group["scale_type"], right=v is not None)
+        shard = row_shard(p)  # FSDP2: g holds this rank's rows; a per-row factor is cut to them
+        scaled = g * (factor[local_rows(shard)[0]] if shard is not None and factor.dim() == 2 else factor)
         if self.scale_front:
             scaled *= math.sqrt(group["scale"])
         if not self.disable_nl:
-            scaled = _limit_growth(state, scaled)
+            scaled = _limit_growth(state, scaled, p)
         if not self.scale_front:
             scaled *= math.sqrt(group["scale"])
         p.add_(scaled.to(p.dtype), alpha=-step_size)
@@ -106,9 +114,10 @@ def _scaling_factor(normalized: torch.Tensor, low: torch.Tensor, scale_type: str
     return torch.norm(normalized, dim=0) / (torch.norm(low, dim=0) + 1e-8)  # R is (r, n): per column
 
 
-def _limit_growth(state: dict, scaled: torch.Tensor) -> torch.Tensor:
-    """Fira's norm-growth limiter: ||S_t|| <= 1.01 ||S_{t-1}||; stores the norm after limiting."""
-    norm = torch.norm(scaled)
+def _limit_growth(state: dict, scaled: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Fira's norm-growth limiter: ||S_t|| <= 1.01 ||S_{t-1}||; stores the norm after limiting. ``scaled``:
+    ``p``'s, or the rows of the FSDP2 shard ``p`` stands for (its norm from the shards' sums of squares)."""
+    norm = torch.norm(scaled) if row_shard(p) is None else sum_over_shards(scaled.square().sum(), p).sqrt()
     if "scaled_grad" in state:
         limiter = torch.clamp(norm / (state["scaled_grad"] + 1e-8), min=GROWTH_LIMIT) / GROWTH_LIMIT
         scaled = scaled / limiter

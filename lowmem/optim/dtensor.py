@@ -4,7 +4,7 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps each parameter and its redu
 ``DTensor`` sharded by rows (``Shard(0)``): rank r holds rows ``[o_r, o_r + n_r)``. The optimizers
 here are written for plain tensors, so :meth:`DenseGradOptimizer.step
 <lowmem.optim.adam_math.DenseGradOptimizer.step>` hands them a plain stand-in, one of two kinds that
-the optimizer chooses per param group (``elementwise(group)``):
+the optimizer chooses per param group (``steps_rows(group)``, by default ``elementwise(group)``):
 
 * **local shard** (elementwise rules: AdamW, the 8-bit AdamW/SGD, the AdamW groups of GaLore,
   APOLLO, FRUGAL, SinkGD, SWAN): the update of an element reads that element alone, so stepping
@@ -15,12 +15,21 @@ the optimizer chooses per param group (``elementwise(group)``):
   is a multiple of ``blocksize`` -- true for every matrix whose row length is a multiple of 256;
   otherwise the absmax of the blocks that straddle differs and the state depends on the layout.
   Whether a tensor is 8-bit (``min_8bit_size``) is decided on the shard's size.
-* **whole matrix** (rules that read the whole gradient: projections, norms, whitening): the
-  gradient and the weight are all-gathered (``full_tensor()``), every rank runs the one-process
-  update on the whole matrix (same state on every rank, replicated, as it is under DDP) and keeps
-  its own rows. Per step and matrix of ``m x n`` elements of ``b`` bytes each rank receives
-  ``2 (N-1)/N m n b`` bytes (gradient and weight). A first correct version: the methods whose
-  exchange can shrink to projected matrices or norms are listed in the README.
+  Rules whose whole-matrix quantities are sums over the rows step the rows too, with those sums
+  all-reduced (:func:`sum_over_shards`): SGD-SaI's per-tensor g-SNR (``sum g``, ``sum g^2``, then
+  ``sum (g - mean)^2``, first step only), SinkGD's column norms (``n`` values a Sinkhorn round),
+  GaLore's and APOLLO's projection (``u^T G`` summed over the row shards, or ``G v^T`` put
+  together: the projected Adam state is then the one process's, replicated; an SVD refresh, every
+  ``T`` steps, all-gathers the gradient) and APOLLO's limiter norm.
+* **whole matrix** (rules that read the whole gradient: FRUGAL's SVD/random subspaces, SWAN's
+  whitening): the
+  gradient is all-gathered (``full_tensor()``), every rank runs the one-process update on the whole
+  matrix (same state on every rank, replicated, as it is under DDP) and keeps its own rows. The
+  weight is not gathered: every one of these rules reads it elementwise only (``W -= lr u(G)``,
+  decoupled decay), so a full-size stand-in holding the rank's rows (zeros elsewhere) updates
+  those rows exactly as one process does. Per step and matrix of ``m x n`` elements of ``b`` bytes
+  each rank receives ``(N-1)/N m n b`` bytes (the gradient; counted in
+  ``tests/integrations/test_fsdp_exchange.py``).
 """
 
 from __future__ import annotations
@@ -57,11 +66,12 @@ def plain_param(optimizer: torch.optim.Optimizer, p, whole: bool):
     """A plain leaf tensor standing in for the sharded ``p`` (its ``.grad`` set, ``p``'s optimizer
     state under it) while the optimizer steps it; afterwards the state goes back under ``p`` and,
     for ``whole``, this rank's rows of the updated matrix into ``p``'s shard."""
-    if whole:
-        q, grad = p.full_tensor(), p.grad.full_tensor()
+    if whole:  # the weight enters every update elementwise (W -= lr u(G), decay): the other rows stay 0
+        q, grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device), p.grad.full_tensor()
+        q[local_rows(p)] = p.to_local()
     else:
         q, grad = p.to_local().detach(), p.grad.to_local()  # q shares the shard's storage
-    q.grad, q.sharded_param = grad, p
+    q.grad, q.sharded_param, q.local_shard = grad, p, not whole
     if p in optimizer.state:
         optimizer.state[q] = optimizer.state.pop(p)
     try:
@@ -72,6 +82,25 @@ def plain_param(optimizer: torch.optim.Optimizer, p, whole: bool):
         if whole:
             p.to_local().copy_(q[local_rows(p)])
         q.grad = None
+
+
+def row_shard(q: torch.Tensor):
+    """The sharded parameter whose rows the local stand-in ``q`` holds; None when ``q`` is whole (a plain
+    parameter, or the stand-in of a matrix stepped whole)."""
+    return getattr(q, "sharded_param", None) if getattr(q, "local_shard", False) else None
+
+
+def sum_over_shards(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``t`` (a partial sum over the rows a stand-in ``q`` holds) summed over the ranks that hold the other
+    rows of its sharded parameter: an all-reduce of ``t`` alone (``t`` itself for a plain parameter). For the
+    rules whose whole-matrix quantities are sums over rows: per-tensor sums, column norms, ``R G``."""
+    p = row_shard(q)
+    if p is None:
+        return t
+    from torch.distributed import _functional_collectives as funcol
+
+    out = funcol.all_reduce(t, "sum", p.device_mesh.get_group())
+    return out.wait() if hasattr(out, "wait") else out
 
 
 def sharded_param(p: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from lowmem.optim.adam_math import MomentOptimizer, decoupled_weight_decay
 from lowmem.optim.args import Betas, Count, GroupArgs, NonNegative, Positive, StateBits, typed
-from lowmem.optim.projection import ProjType, check_projected_group, project_back
+from lowmem.optim.projection import ProjType, check_projected_group
 from lowmem.optim.registry import OptimizerSpec, register
 
 
@@ -38,6 +38,9 @@ class GaLoreAdamW(MomentOptimizer):
     def elementwise(self, group: dict) -> bool:
         return "rank" not in group  # the AdamW groups; the target groups read the whole matrix
 
+    def steps_rows(self, group: dict) -> bool:
+        return True  # R = P^T G from sums over the shards; the whole gradient only at an SVD refresh
+
     @typed
     def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-6,
                  weight_decay: NonNegative = 0.0, correct_bias: bool = True, state_bits: StateBits = 32):
@@ -53,7 +56,7 @@ class GaLoreAdamW(MomentOptimizer):
         # 1. refresh P from the SVD of this gradient when k % T == 0; 2. project; 3. Adam on R
         _, _, normalized, step_size, u, v = self._low_rank_adam(p, group, state, random=False)
         # 4. project the normalized update back, times alpha
-        update = project_back(normalized, u, v) * group["scale"]
+        update = self._project_back(normalized, u, v, p) * group["scale"]
         p.add_(update.to(p.dtype), alpha=-step_size)
         # 5. decoupled weight decay
         decoupled_weight_decay(p, group["lr"], group["weight_decay"])

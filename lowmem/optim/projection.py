@@ -121,19 +121,21 @@ def refresh_due(step: int, has_projector: bool, gap: int) -> bool:
 
 
 def current_factors(state: dict, g: torch.Tensor, rank: int, proj_type: str, gap: int, random: bool,
-                    dtype: torch.dtype):
+                    dtype: torch.dtype, shape: torch.Size | None = None):
     """The projector ``(u, v)`` for this step (fp32, like ``g``), refreshed when due.
 
     SVD factors are kept in ``state["proj_u"]`` / ``state["proj_v"]`` (in ``dtype``, the
     parameter's). A Gaussian projector is never stored: ``state["proj_seed"]`` is the seed it
-    was drawn from, ``state["seed"]`` the next seed of the chain (APOLLO's ``random`` mode).
+    was drawn from, ``state["seed"]`` the next seed of the chain (APOLLO's ``random`` mode). ``shape``: the
+    whole matrix's when ``g`` holds some of its rows (FSDP2; random factors only).
     """
-    left, right = sides(g.shape, proj_type)
+    shape = g.shape if shape is None else shape
+    left, right = sides(shape, proj_type)
     if random:
         if refresh_due(state["step"], "proj_seed" in state, gap):
             state["proj_seed"] = state["seed"]
             state["seed"] = next_seed(state["seed"])
-        return gaussian_factors(g.shape, rank, left, right, state["proj_seed"], g.device, g.dtype)
+        return gaussian_factors(shape, rank, left, right, state["proj_seed"], g.device, g.dtype)
     if refresh_due(state["step"], "proj_u" in state or "proj_v" in state, gap):
         for key, factor in zip(("proj_u", "proj_v"), svd_factors(g, rank, left, right)):
             if factor is None:

@@ -30,17 +30,33 @@ import torch
 
 from lowmem.optim.adam_math import DenseGradOptimizer
 from lowmem.optim.args import Fraction, NonNegative, StateBits, typed
+from lowmem.optim.dtensor import row_shard, sum_over_shards
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.stateless import compute_dtype
 
 BUF = "momentum_buffer"
 
 
-def gradient_snr(g: torch.Tensor, eps: float) -> torch.Tensor:
-    """``||g|| / (std(g) + eps)`` (unbiased std, NaN -> 0); 1 for a 1-element tensor."""
-    if g.numel() == 1:
+def gradient_snr(g: torch.Tensor, eps: float, q: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``||g|| / (std(g) + eps)`` (unbiased std, NaN -> 0); 1 for a 1-element tensor; None for an all-zero
+    ``g``. ``g``: the gradient of ``q``, or of the rows of the FSDP2 shard ``q`` stands for
+    (:mod:`lowmem.optim.dtensor`): then from sums all-reduced over the shards, two passes as ``std``
+    (``[sum g, sum g^2, nonzeros]``, then ``sum (g - mean)^2``): 16 bytes sent, at the first step only."""
+    shard = None if q is None else row_shard(q)
+    if shard is None:
+        if not g.any():
+            return None
+        if g.numel() == 1:
+            return torch.ones((), dtype=g.dtype, device=g.device)
+        return g.norm() / (g.std().nan_to_num() + eps)
+    n = shard.numel()
+    sums = sum_over_shards(torch.stack([g.sum(), g.square().sum(), g.ne(0).sum().to(g.dtype)]), q)
+    if sums[2] == 0:
+        return None
+    if n == 1:
         return torch.ones((), dtype=g.dtype, device=g.device)
-    return g.norm() / (g.std().nan_to_num() + eps)
+    spread = sum_over_shards((g - sums[0] / n).square().sum(), q)
+    return sums[1].sqrt() / ((spread / (n - 1)).sqrt().nan_to_num() + eps)
 
 
 class SGDSaI(DenseGradOptimizer):
@@ -55,15 +71,19 @@ class SGDSaI(DenseGradOptimizer):
         self.state_bits = state_bits
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay))
 
+    def elementwise(self, group: dict) -> bool:
+        return True  # an element's update reads it and the per-tensor g-SNR (sums over the shards)
+
     def _step_param(self, p: torch.Tensor, group: dict, name: str | None) -> None:
         g = p.grad.to(compute_dtype(p.grad))
         state = self.state[p]
         if "gsnr" not in state:
-            if not g.any():  # no signal yet: wait for the first non-zero gradient
+            gsnr = gradient_snr(g, group["eps"], p)
+            if gsnr is None:  # no signal yet: wait for the first non-zero gradient
                 if not state:
                     del self.state[p]
                 return
-            state["gsnr"] = gradient_snr(g, group["eps"])
+            state["gsnr"] = gsnr
         step_size = group["lr"] * float(state["gsnr"])
         p.mul_(1.0 - group["weight_decay"] * group["lr"])
         if group["momentum"] == 0.0:

@@ -30,6 +30,7 @@ import math
 import torch
 
 from lowmem.optim.args import Count, GroupArgs, NonNegative
+from lowmem.optim.dtensor import row_shard, sum_over_shards
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.stateless import StatelessMatrixOptimizer
 
@@ -42,13 +43,23 @@ class SinkGDGroup(GroupArgs):
     norm_eps: NonNegative = 1e-8
 
 
-def sinkhorn_direction(g: torch.Tensor, iters: int = 5, eps: float = 1e-8) -> torch.Tensor:
-    """``iters`` rounds of row- then column-l2 normalisation to norms ``sqrt(n)`` and ``sqrt(m)``."""
-    m, n = g.shape
+def _column_norms(x: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+    if q is None or row_shard(q) is None:
+        return x.norm(dim=0, keepdim=True)
+    return sum_over_shards(x.square().sum(dim=0, keepdim=True), q).sqrt()  # the squares of every shard's rows
+
+
+def sinkhorn_direction(g: torch.Tensor, iters: int = 5, eps: float = 1e-8,
+                       q: torch.Tensor | None = None) -> torch.Tensor:
+    """``iters`` rounds of row- then column-l2 normalisation to norms ``sqrt(n)`` and ``sqrt(m)``. ``g``: the
+    gradient of ``q``, or the rows of the FSDP2 shard ``q`` stands for (:mod:`lowmem.optim.dtensor`): a
+    row's norm is the rank's own; a column's sums its squares over the shards (an all-reduce of ``n``
+    values a round)."""
+    m, n = g.shape if q is None or row_shard(q) is None else row_shard(q).shape
     x = g
     for _ in range(iters):
         x = x * (math.sqrt(n) / x.norm(dim=1, keepdim=True).clamp_min(eps))
-        x = x * (math.sqrt(m) / x.norm(dim=0, keepdim=True).clamp_min(eps))
+        x = x * (math.sqrt(m) / _column_norms(x, q).clamp_min(eps))
     return x
 
 
@@ -58,8 +69,11 @@ class SinkGD(StatelessMatrixOptimizer):
     MARKER = "sinkhorn_iters"
     GROUP = SinkGDGroup
 
-    def _direction(self, g: torch.Tensor, group: dict) -> torch.Tensor:
-        return sinkhorn_direction(g, group["sinkhorn_iters"], group["norm_eps"])
+    def elementwise(self, group: dict) -> bool:
+        return True  # rows are the rank's own; column norms are summed over the shards (sinkhorn_direction)
+
+    def _direction(self, g: torch.Tensor, group: dict, p: torch.Tensor) -> torch.Tensor:
+        return sinkhorn_direction(g, group["sinkhorn_iters"], group["norm_eps"], p)
 
 
 register(OptimizerSpec(name="sinkgd", cls=SinkGD, group=SinkGDGroup))

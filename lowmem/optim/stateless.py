@@ -46,7 +46,7 @@ class StatelessMatrixOptimizer(MomentOptimizer):
     without ``MARKER``; ``W -= lr*lr_scale*direction(G)`` with no state for groups with it.
 
     Subclasses set ``MARKER``, ``GROUP`` (the typed target-group keys) and implement
-    ``_direction(g, group)``.
+    ``_direction(g, group, p)``.
     """
 
     MARKER = ""
@@ -73,7 +73,7 @@ class StatelessMatrixOptimizer(MomentOptimizer):
             super()._step_param(p, group, name)  # AdamW, state in self.state[p]
             return
         g = p.grad.to(compute_dtype(p.grad))  # never touches self.state: no entry is created
-        update = self._direction(g, group)
+        update = self._direction(g, group, p)
         lr = group["lr"] * group["lr_scale"]
         if group["weight_decay"] > 0.0:
             p.mul_(1.0 - lr * group["weight_decay"])
@@ -82,5 +82,6 @@ class StatelessMatrixOptimizer(MomentOptimizer):
     def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
         self._adamw_update(p, group, state)
 
-    def _direction(self, g: torch.Tensor, group: dict) -> torch.Tensor:
+    def _direction(self, g: torch.Tensor, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """The update of ``p`` (a plain tensor, or the stand-in of an FSDP2 shard) from its gradient ``g``."""
         raise NotImplementedError

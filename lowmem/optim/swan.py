@@ -86,7 +86,7 @@ class SWAN(StatelessMatrixOptimizer):
     MARKER = "ns_steps"
     GROUP = SwanGroup
 
-    def _direction(self, g: torch.Tensor, group: dict) -> torch.Tensor:
+    def _direction(self, g: torch.Tensor, group: dict, p: torch.Tensor) -> torch.Tensor:
         return swan_direction(g, group["ns_steps"], bool(group["orient"]), bool(group["center"]), group["norm_eps"])
 
 

@@ -54,6 +54,7 @@ class Plan:
     suggestions: list[tuple[str, list[str], int]] = field(default_factory=list)
     host_parts: dict[str, int] = field(default_factory=dict)  # first-order offload: host RAM besides runtime
     host_runtime_bytes: int = 0
+    processes: int = 1  # FSDP2 (lowmem.planner.fsdp): the peak is one rank's of this many
 
     @property
     def host_rss_bytes(self) -> int | None:
@@ -208,7 +209,8 @@ def format_plan(p: Plan) -> str:
     """The plan as text: the parts live at the peak (their sum is the peak), the step's totals and why a total
     exceeds its part at the peak, verdict, suggestions."""
     what = "peak RSS" if p.device == "cpu" else "peak CUDA memory"
-    lines = [f"memory plan ({p.device}): predicted {what} {_gib(p.peak_bytes)} of one step = the sum of what is live "
+    where = p.device if p.processes == 1 else f"{p.device}, rank 0 of {p.processes} FSDP2 processes"
+    lines = [f"memory plan ({where}): predicted {what} {_gib(p.peak_bytes)} of one step = the sum of what is live "
              "at its peak:"]
     lines += [f"  {name:<18} {_gib(n):>12}" for name, n in p.parts.items() if n]
     lines.append("  whole step (not all live at once): " + ", ".join(f"{k} {_gib(v)}" for k, v in p.totals.items()))

@@ -32,13 +32,15 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
 
 
-def launch(runs: list, tmp_path: Path, *flags: str, processes: int = 2) -> subprocess.CompletedProcess:
-    """One torchrun launch of ``processes`` ranks over ``runs`` ([recipe, overrides] pairs); asserts a clean exit."""
+def launch(runs: list, tmp_path: Path, *flags: str, processes: int = 2,
+           worker: Path = WORKER) -> subprocess.CompletedProcess:
+    """One torchrun launch of ``processes`` ranks of ``worker`` over ``runs`` ([recipe, overrides] pairs); asserts a
+    clean exit."""
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout first
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(WORKER),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(worker),
            str(spec), *flags]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = (done.stdout + done.stderr)[-4000:]
@@ -222,9 +224,12 @@ def steps_logged(run_dir: Path) -> list[int]:
 
 
 def test_plan_traces_the_whole_model_on_one_process(tiny_recipe, tmp_path, capsys):
-    """``--plan`` under FSDP2 traces the one-process step (an upper bound of a rank's peak; per-rank
-    planning is not done yet): it runs, it does not shard fake tensors."""
+    """``--plan`` under FSDP2 plans one rank (lowmem.planner.fsdp, tested against measured RSS in
+    tests/test_planner_fsdp.py) from the one-process step traced on fake tensors: it runs, it does not
+    shard fake tensors, and ``--processes`` sets the number of ranks."""
     from lowmem.cli import main
 
-    assert main([tiny_recipe(), "train.distributed=fsdp2", f"output.dir={tmp_path / 'run'}", "--plan"]) == 0
-    assert "optimizer_states" in capsys.readouterr().out
+    assert main([tiny_recipe(), "train.distributed=fsdp2", f"output.dir={tmp_path / 'run'}", "--plan",
+                 "--processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 0 of 2 FSDP2 processes" in out and "all_gathered" in out

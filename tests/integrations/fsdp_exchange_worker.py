@@ -1,0 +1,78 @@
+"""Processes of the FSDP2 exchange test (started by torchrun): the bytes each optimizer's step sends.
+
+``python fsdp_exchange_worker.py RUNS.json`` builds each ``[recipe path, [override, ...]]`` sharded
+over the launch (the trainer's step object under accelerate's process group), takes 3 steps and
+counts, during each ``optimizer.step`` only, the payload of every collective the step issues
+(PyTorch's functional collectives, what ``DTensor`` and :mod:`lowmem.optim.dtensor` use, seen by a
+dispatch mode): an all-gather's whole output, an all-reduce's tensor. Rank 0 prints one JSON object:
+per run, the bytes of each step and, for the test's formulas, each parameter group's shapes, element
+size, whether it is stepped whole, its Sinkhorn rounds, projection rank and kind.
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lowmem.build import build_step, sample_batch
+from lowmem.models import load_model
+from lowmem.recipe import load_recipe
+
+
+class CollectiveBytes(TorchDispatchMode):
+    """Sums the payload bytes of the functional collectives dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name
+        if name.startswith("_c10d_functional::all_gather"):
+            self.bytes += out.numel() * out.element_size()
+        elif name.startswith("_c10d_functional::all_reduce") or name.startswith("_c10d_functional::reduce_scatter"):
+            self.bytes += args[0].numel() * args[0].element_size()
+        return out
+
+
+def measure(recipe) -> dict:
+    from accelerate import Accelerator
+
+    model = load_model(recipe.model)
+    stepper = build_step(recipe, model, Accelerator())
+    optimizer = stepper.inner_optimizer
+    counted, inner_step = [], optimizer.step
+
+    def counting_step(*args, **kwargs):
+        with CollectiveBytes() as mode:
+            result = inner_step(*args, **kwargs)
+        counted.append(mode.bytes)
+        return result
+
+    optimizer.step = counting_step
+    batch = sample_batch(recipe, model.config.vocab_size)
+    for _ in range(3):
+        stepper.step(lambda micro: batch)
+    elementwise = getattr(optimizer, "elementwise", lambda group: True)
+    groups = [{"shapes": [list(p.shape) for p in group["params"]], "element_size": group["params"][0].element_size(),
+               "whole": not getattr(optimizer, "steps_rows", elementwise)(group),
+               **{key: group.get(key) for key in ("sinkhorn_iters", "rank", "proj")}}
+              for group in optimizer.param_groups if group["params"]]
+    return {"steps": counted, "groups": groups}
+
+
+def main(argv: list[str]) -> None:
+    found = {}
+    for name, recipe, overrides in json.loads(open(argv[0]).read()):
+        found[name] = measure(load_recipe(recipe, overrides))
+    if dist.get_rank() == 0:
+        print(json.dumps(found))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,50 @@
+"""What each optimizer's step sends under FSDP2 (issue 26), counted, against the README's formulas.
+
+Two gloo processes, 3 steps each, on the tiny model (``fsdp_exchange_worker.py`` counts the payload of
+every collective issued inside ``optimizer.step``: an all-gather's whole output, an all-reduce's
+tensor). Elementwise rules send nothing; SGD-SaI sends 4 scalars per tensor at its first step, SinkGD
+the column sums of squares of each Sinkhorn round, APOLLO(-Mini) its random projection (the smaller
+side, ``r max(m, n)`` values) and the norm-growth limiter's sum of squares, GaLore its projection and
+the whole gradient at an SVD refresh; a matrix stepped whole
+all-gathers its gradient alone (``m n b`` gathered, of which a rank receives ``(N-1)/N``), never its weight.
+"""
+
+import json
+import math
+
+from tests.integrations.test_fsdp import OPTIMIZERS, launch
+
+WORKER = __import__("pathlib").Path(__file__).with_name("fsdp_exchange_worker.py")
+WHOLE = ("frugal-svd", "swan")  # the gradient gathered every step
+
+
+def test_bytes_each_optimizer_sends(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    names = ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini", "galore", *WHOLE)
+    runs = [[name, tiny_recipe(f"{name}.yaml", optim=OPTIMIZERS[name][0]), ["train.distributed=fsdp2"]]
+            for name in names]
+    done = launch(runs, tmp_path, worker=WORKER)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["adamw8bit"]["steps"] == [0, 0, 0]
+    # SGD-SaI: each tensor's g-SNR from [sum g, sum g^2, nonzeros] and sum (g - mean)^2 (fp32), first step only
+    tensors = sum(len(group["shapes"]) for group in found["sgd_sai"]["groups"])
+    assert found["sgd_sai"]["steps"] == [16 * tensors, 0, 0]
+    # SinkGD: n fp32 column sums of squares per round and target matrix; its AdamW groups send nothing
+    rounds = sum(group["sinkhorn_iters"] * shape[1] * 4 for group in found["sinkgd"]["groups"]
+                 if group["sinkhorn_iters"] for shape in group["shapes"])
+    assert rounds > 0 and found["sinkgd"]["steps"] == [rounds] * 3
+    for name in ("apollo", "apollo_mini"):  # R = u^T G (r x n) or G v^T (m x r) all-reduced, fp32, on the
+        projected = sum(4 * group["rank"] * max(shape) + 4 for group in found[name]["groups"]  # smaller side;
+                        if group["rank"] for shape in group["shapes"])  # and the limiter's sum of squares
+        assert projected > 0 and found[name]["steps"] == [projected] * 3, (name, found[name]["steps"])
+    # GaLore (T = 3): the projection as APOLLO's, no limiter; the whole gradient at its SVD refresh (step 1)
+    targets = [(shape, group) for group in found["galore"]["groups"] if group["rank"] for shape in group["shapes"]]
+    projected = sum(4 * group["rank"] * max(shape) for shape, group in targets)
+    gathered = sum(math.prod(shape) * group["element_size"] for shape, group in targets)
+    assert found["galore"]["steps"] == [gathered + projected, projected, projected]
+    for name in ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini", "galore"):
+        assert not any(group["whole"] for group in found[name]["groups"]), name
+    for name in WHOLE:  # the gradient gathered whole (m n b), never the weight
+        gathered = sum(math.prod(shape) * group["element_size"] for group in found[name]["groups"] if group["whole"]
+                       for shape in group["shapes"])
+        assert gathered > 0 and found[name]["steps"] == [gathered] * 3, (name, found[name]["steps"])
