@@ -47,8 +47,11 @@ class BlockFiller:
         self.names = {id(m): name for name, m in model.named_modules()}
 
     def fill(self, block: nn.Module) -> None:
-        """Give the parameters of ``block`` and its submodules their values (see :meth:`fill_modules`)."""
-        self.fill_modules(list(block.modules()))
+        """Give the parameters of ``block`` and its submodules that are still on ``meta`` their values (see
+        :meth:`fill_modules`); a block filled before is left as it is."""
+        waiting = [m for m in block.modules() if any(p.is_meta for p in m.parameters(recurse=False))]
+        if waiting:
+            self.fill_modules(waiting)
 
     def fill_modules(self, modules: list[nn.Module]) -> None:
         """Give the own parameters of ``modules`` (on ``meta``) their values on the CPU in ``self.dtype``, in
