@@ -68,10 +68,10 @@ def block_filler(model: nn.Module) -> BlockFiller | None:
     return getattr(model, _FILLER, None)
 
 
-def materialise(p: nn.Parameter, dtype: torch.dtype) -> None:
-    """Make the ``meta`` parameter ``p`` an empty CPU tensor of ``dtype``, as the same Python object
-    (``set_data`` cannot cross from ``meta``; the objects' contents are swapped instead)."""
-    torch.utils.swap_tensors(p, nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=p.requires_grad))
+def materialise_as(p: nn.Parameter, value: torch.Tensor) -> None:
+    """Make the ``meta`` parameter ``p`` hold ``value`` (CPU), as the same Python object (``set_data`` cannot
+    cross from ``meta``; the objects' contents are swapped instead)."""
+    torch.utils.swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
 
 
 class ScratchDraws(TorchDispatchMode):
@@ -106,7 +106,7 @@ class InitReplay(BlockFiller):
     def fill_modules(self, modules: list[nn.Module]) -> None:
         params = list({id(p): p for m in modules for p in m.parameters(recurse=False) if p.is_meta}.values())
         for p in params:
-            materialise(p, self.init_dtypes[id(p)])
+            materialise_as(p, torch.empty(p.shape, dtype=self.init_dtypes[id(p)]))
         self.replay(modules)
         for p in params:
             p.data = p.data.to(self.dtype)
@@ -170,12 +170,12 @@ def build_streamed(config, seed: int, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"model.config: {type(model).__name__} initialises its weights its own way; "
                          "build it in memory (offload.enabled: false)")
     filler = InitReplay(model, dtype, calls, {id(p): p.dtype for p in model.parameters()})
-    _fill_units(model, filler)
+    fill_units(model, filler)
     attach_filler(model, filler)
     return model.to(dtype)
 
 
-def _fill_units(model: nn.Module, filler: BlockFiller) -> None:
+def fill_units(model: nn.Module, filler: BlockFiller) -> None:
     """Fill every module outside the decoder blocks (they stay resident), then re-tie the tied weights."""
     found = block_container(model)
     blocks = {id(m) for b in (found[1] if found else []) for m in b.modules()}

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from lowmem.block_loading import load_streamed
 from lowmem.block_source import build_streamed
 from lowmem.dtypes import float_dtype
 from lowmem.int8_weights import quantize_block_linears
@@ -206,6 +207,9 @@ def load_model(section: ModelSection, streamed: bool = False):
         return _prepared(load_quantized(model_source(section.path, "model.path"), section.quantize, dtype), section)
     else:
         source = model_source(section.path, "model.path")
+        model = load_streamed(source, dtype) if streamed and not section.gguf_file else None
+        if model is not None:
+            return _prepared(model, section)
         kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
         if section.gguf_file and not Path(source, section.gguf_file).is_file():
             raise ValueError(f"model.gguf_file: {Path(source, section.gguf_file)} does not exist")

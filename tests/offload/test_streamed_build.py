@@ -7,9 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lowmem.block_source import block_filler, build_streamed
+from lowmem.models import load_model
 from lowmem.offload.engine import ZO2Engine
 from lowmem.offload.firstorder import FirstOrderEngine
 from lowmem.optim import create_optimizer
+from lowmem.recipe import ModelSection
 from lowmem.structure import block_container
 from tests.offload.helpers import HP, assert_same_weights, batches
 
@@ -63,3 +65,19 @@ def test_engine_on_streamed_build_equals_in_memory_build(tiny_config, tmp_path, 
     assert_same_weights(s_before, before)
     assert all(torch.equal(a, b) for a, b in zip(losses, s_losses))
     assert_same_weights(s_after, after)
+
+
+@pytest.mark.parametrize("arch,tied", ARCHS[1:])
+@pytest.mark.parametrize("shards", ["single", "sharded"])
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_streamed_load_equals_from_pretrained(tiny_model, tmp_path, arch, tied, shards, tier):
+    """A saved checkpoint read tensor by tensor into the engine's tiers equals ``from_pretrained`` (bf16 run
+    from an fp32 file: each tensor cast as it is read)."""
+    saved = tmp_path / "saved"
+    tiny_model(arch, tied, layers=3, seed=4).save_pretrained(saved, **({"max_shard_size": "20KB"} if shards == "sharded" else {}))
+    assert (saved / "model.safetensors.index.json").is_file() == (shards == "sharded")
+    ref = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)
+    model = load_model(ModelSection(path=str(saved), dtype="bfloat16", tokenizer="bytes"), streamed=True)
+    assert all(p.is_meta for p in block_container(model)[1].parameters())
+    eng = ENGINES["zo2"](model, TIERS[tier](tmp_path / "tier"))
+    assert_same_weights(eng.model_state_dict(), ref)
