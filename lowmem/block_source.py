@@ -76,23 +76,34 @@ def materialise_as(p: nn.Parameter, value: torch.Tensor) -> None:
 
 class ScratchDraws(TorchDispatchMode):
     """Runs each seeded random op (``torch.Tag.nondeterministic_seeded``: ``normal_``, ``uniform_``,
-    ``randn``, ...) that touches a ``meta`` tensor once more on scratch CPU tensors, so the CPU generator
-    advances as if the meta tensors were real; the meta op itself runs as usual."""
+    ``randn``, ...) that touches a ``meta`` tensor once more on scratch CPU tensors of the same shape,
+    strides and dtype, so the CPU generator advances as if the meta tensors were real; the meta op itself
+    runs as usual. The scratch tensors share one reused buffer (the largest tensor's bytes): freeing and
+    allocating one per parameter would leave the host heap holding them (glibc keeps freed chunks below its
+    mmap threshold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffer = torch.empty(0, dtype=torch.uint8)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.Tag.nondeterministic_seeded in func.tags:
             leaves = pytree.tree_leaves((args, kwargs))
             if any(isinstance(a, torch.Tensor) and a.is_meta for a in leaves) or kwargs.get("device") == torch.device("meta"):
-                real_args, real_kwargs = pytree.tree_map(_scratch, (args, kwargs))
+                real_args, real_kwargs = pytree.tree_map(self._scratch, (args, kwargs))
                 if "device" in real_kwargs:
                     real_kwargs["device"] = torch.device("cpu")
                 func(*real_args, **real_kwargs)
         return func(*args, **kwargs)
 
-
-def _scratch(a):
-    return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype) if isinstance(a, torch.Tensor) and a.is_meta else a
+    def _scratch(self, a):
+        if not (isinstance(a, torch.Tensor) and a.is_meta):
+            return a
+        needed = a.untyped_storage().nbytes()
+        if self.buffer.numel() < needed:
+            self.buffer = torch.empty(needed, dtype=torch.uint8)
+        return torch.empty(0, dtype=a.dtype).set_(self.buffer.untyped_storage(), a.storage_offset(), a.shape, a.stride())
 
 
 class InitReplay(BlockFiller):
