@@ -77,13 +77,16 @@ def checkpoint_dir(source: str) -> Path | None:
     return None if config is None else Path(config).parent
 
 
-def load_streamed(source: str, dtype: torch.dtype, field: str = "model.path") -> nn.Module | None:
-    """The model of the safetensors checkpoint at ``source`` (:func:`checkpoint_dir`) with its units read and
-    its blocks left on ``meta`` (filled one by one by the offload engine); None when no such checkpoint is
-    here (the caller reads it in memory)."""
+def load_streamed(source: str, dtype: torch.dtype, gguf_file: str | None = None,
+                  field: str = "model.path") -> nn.Module | None:
+    """The model of the checkpoint at ``source`` (:func:`checkpoint_dir`; its ``gguf_file`` when given, else
+    its safetensors) with its units read and its blocks left on ``meta`` (filled one by one by the offload
+    engine); None when no such checkpoint is here or its format needs the whole file (read in memory)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    if gguf_file:
+        return load_streamed_gguf(source, gguf_file, dtype)
     directory = checkpoint_dir(source)
     files = None if directory is None else checkpoint_files(directory)
     if files is None:
@@ -97,4 +100,64 @@ def load_streamed(source: str, dtype: torch.dtype, field: str = "model.path") ->
     attach_filler(model, filler)
     if (Path(directory) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.eval()
+
+
+class GgufFiller(BlockFiller):
+    """Fills a streamed model's modules from a GGUF file, one tensor at a time: ``gguf.GGUFReader`` maps the
+    file; each tensor is de-quantized alone (``gguf.dequantize``), put back in Hugging Face layout by
+    transformers' tensor processor of the architecture (Llama: q/k rows un-permuted), and cast to the run's
+    dtype, as transformers' ``load_gguf_checkpoint`` does for the whole file at once."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, reader, processor, field: str):
+        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+        super().__init__(model, dtype)
+        self.processor, self.field = processor, field
+        hf_names = get_gguf_hf_weights_map(model, processor)  # GGUF name -> parameter name
+        self.tensors = {hf_names[t.name]: t for t in reader.tensors if t.name in hf_names}
+        self.tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+
+    def fill_modules(self, modules: list[nn.Module]) -> None:
+        import numpy as np
+        from gguf import dequantize
+
+        for module in modules:
+            name = self.names[id(module)]
+            for key, p in module.named_parameters(recurse=False):
+                full = f"{name}.{key}" if name else key
+                if not p.is_meta or full in self.tied:
+                    continue
+                if full not in self.tensors:
+                    raise ValueError(f"{self.field}: the GGUF file has no tensor for {full!r}")
+                t = self.tensors[full]
+                weights = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name).weights
+                materialise_as(p, torch.from_numpy(np.copy(weights)).to(self.dtype))
+
+
+PER_TENSOR = {"TensorProcessor", "LlamaTensorProcessor"}  # transformers' processors that map each tensor alone
+
+
+def load_streamed_gguf(directory: str, gguf_file: str, dtype: torch.dtype,
+                       field: str = "model.gguf_file") -> nn.Module | None:
+    """The model of the GGUF file ``directory/gguf_file`` with its units read and its blocks left on ``meta``;
+    None for an architecture whose tensors transformers converts together (read in memory)."""
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint, read_field
+
+    path = Path(directory) / gguf_file
+    reader = GGUFReader(path)
+    processor_class = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)
+    if processor_class.__name__ not in PER_TENSOR:
+        return None
+    processor = processor_class(config=load_gguf_checkpoint(path, return_tensors=False)["config"])
+    config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+    config.dtype = dtype
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    filler = GgufFiller(model, dtype, reader, processor, field)
+    fill_units(model, filler)
+    attach_filler(model, filler)
     return model.eval()

@@ -207,12 +207,12 @@ def load_model(section: ModelSection, streamed: bool = False):
         return _prepared(load_quantized(model_source(section.path, "model.path"), section.quantize, dtype), section)
     else:
         source = model_source(section.path, "model.path")
-        model = load_streamed(source, dtype) if streamed and not section.gguf_file else None
+        if section.gguf_file and not Path(source, section.gguf_file).is_file():
+            raise ValueError(f"model.gguf_file: {Path(source, section.gguf_file)} does not exist")
+        model = load_streamed(source, dtype, section.gguf_file) if streamed else None
         if model is not None:
             return _prepared(model, section)
         kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
-        if section.gguf_file and not Path(source, section.gguf_file).is_file():
-            raise ValueError(f"model.gguf_file: {Path(source, section.gguf_file)} does not exist")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         if section.gguf_file:
             model = _plain_copy(model)

@@ -113,3 +113,49 @@ def test_host_peak_of_streamed_build_and_load_stays_near_one_block(tmp_path):
     assert runs["streamed"]["peak"] <= budget, runs
     assert runs["load_streamed"]["peak"] <= budget, runs
     assert runs["in_memory"]["peak"] > budget + 2 * sizes["block"], runs
+
+
+def write_tiny_gguf(path: Path, layers: int = 2, hidden: int = 64, inter: int = 128, heads: int = 4, kv: int = 2,
+                    vocab: int = 96) -> None:
+    """A Llama GGUF file of random tensors: the block Linear weights in Q8_0, the rest in F16."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [(w.add_context_length, 128), (w.add_embedding_length, hidden), (w.add_block_count, layers),
+                       (w.add_feed_forward_length, inter), (w.add_head_count, heads), (w.add_head_count_kv, kv),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 1e4), (w.add_vocab_size, vocab)]:
+        add(value)
+
+    def tensor(name: str, shape: tuple, quantized: bool) -> None:
+        a = rng.standard_normal(shape).astype(np.float32)
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        w.add_tensor(name, gguf.quants.quantize(a, q8), raw_dtype=q8) if quantized else w.add_tensor(name, a.astype(np.float16))
+
+    tensor("token_embd.weight", (vocab, hidden), False)
+    for i in range(layers):
+        for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (hidden // heads * kv, hidden)),
+                            ("attn_v", (hidden // heads * kv, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (inter, hidden)), ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))]:
+            tensor(f"blk.{i}.{name}.weight", shape, True)
+        tensor(f"blk.{i}.attn_norm.weight", (hidden,), False)
+        tensor(f"blk.{i}.ffn_norm.weight", (hidden,), False)
+    tensor("output_norm.weight", (hidden,), False)
+    tensor("output.weight", (vocab, hidden), True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_streamed_gguf_load_equals_the_in_memory_load(tmp_path):
+    """A GGUF file de-quantized tensor by tensor into the blocks as the engine stores them equals lowmem's
+    in-memory GGUF load (transformers' whole-file loader, then a plain copy), bf16."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    section = ModelSection(path=str(tmp_path), gguf_file="tiny.gguf", tokenizer="bytes", dtype="bfloat16")
+    ref = load_model(section)
+    model = load_model(section, streamed=True)
+    assert all(p.is_meta for p in block_container(model)[1].parameters())
+    eng = ENGINES["zo2"](model, TIERS["nvme"](tmp_path / "tier"))
+    assert_same_weights(eng.model_state_dict(), ref)
