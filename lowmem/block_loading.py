@@ -145,7 +145,8 @@ def load_streamed_gguf(directory: str, gguf_file: str, dtype: torch.dtype,
     from accelerate import init_empty_weights
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint, read_field
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint,
+                                                          read_field)
 
     path = Path(directory) / gguf_file
     reader = GGUFReader(path)

@@ -90,7 +90,8 @@ class ScratchDraws(TorchDispatchMode):
         kwargs = kwargs or {}
         if torch.Tag.nondeterministic_seeded in func.tags:
             leaves = pytree.tree_leaves((args, kwargs))
-            if any(isinstance(a, torch.Tensor) and a.is_meta for a in leaves) or kwargs.get("device") == torch.device("meta"):
+            on_meta = any(isinstance(a, torch.Tensor) and a.is_meta for a in leaves)
+            if on_meta or kwargs.get("device") == torch.device("meta"):
                 real_args, real_kwargs = pytree.tree_map(self._scratch, (args, kwargs))
                 if "device" in real_kwargs:
                     real_kwargs["device"] = torch.device("cpu")
@@ -103,13 +104,15 @@ class ScratchDraws(TorchDispatchMode):
         needed = a.untyped_storage().nbytes()
         if self.buffer.numel() < needed:
             self.buffer = torch.empty(needed, dtype=torch.uint8)
-        return torch.empty(0, dtype=a.dtype).set_(self.buffer.untyped_storage(), a.storage_offset(), a.shape, a.stride())
+        view = torch.empty(0, dtype=a.dtype)
+        return view.set_(self.buffer.untyped_storage(), a.storage_offset(), a.shape, a.stride())
 
 
 class InitReplay(BlockFiller):
     """The filler of a config-built model: replays each module's recorded ``_init_weights`` call."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, calls: dict[int, tuple], init_dtypes: dict[int, torch.dtype]):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, calls: dict[int, tuple],
+                 init_dtypes: dict[int, torch.dtype]):
         super().__init__(model, dtype)
         self.calls, self.init_dtypes = calls, init_dtypes  # id(module) -> (order, rng state, owner); id(p) -> dtype
         self.tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # targets: values of their source

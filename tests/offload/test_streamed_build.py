@@ -80,7 +80,8 @@ def test_streamed_load_equals_from_pretrained(tiny_model, tmp_path, arch, tied, 
     """A saved checkpoint read tensor by tensor into the engine's tiers equals ``from_pretrained`` (bf16 run
     from an fp32 file: each tensor cast as it is read)."""
     saved = tmp_path / "saved"
-    tiny_model(arch, tied, layers=3, seed=4).save_pretrained(saved, **({"max_shard_size": "20KB"} if shards == "sharded" else {}))
+    shard = {"max_shard_size": "20KB"} if shards == "sharded" else {}
+    tiny_model(arch, tied, layers=3, seed=4).save_pretrained(saved, **shard)
     assert (saved / "model.safetensors.index.json").is_file() == (shards == "sharded")
     ref = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)
     model = load_model(ModelSection(path=str(saved), dtype="bfloat16", tokenizer="bytes"), streamed=True)
@@ -130,7 +131,10 @@ def write_tiny_gguf(path: Path, layers: int = 2, hidden: int = 64, inter: int = 
     def tensor(name: str, shape: tuple, quantized: bool) -> None:
         a = rng.standard_normal(shape).astype(np.float32)
         q8 = gguf.GGMLQuantizationType.Q8_0
-        w.add_tensor(name, gguf.quants.quantize(a, q8), raw_dtype=q8) if quantized else w.add_tensor(name, a.astype(np.float16))
+        if quantized:
+            w.add_tensor(name, gguf.quants.quantize(a, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(name, a.astype(np.float16))
 
     tensor("token_embd.weight", (vocab, hidden), False)
     for i in range(layers):
