@@ -63,14 +63,16 @@ def loss_curves(run_dirs: list[Path], out: Path) -> Path | None:
 
 
 def make_all(run_dirs: list[Path]) -> list[Path]:
-    """Every figure whose inputs exist; returns the PNG paths written."""
+    """Every figure whose inputs exist (the loss curves: drawn from ``run_dirs``, else kept); returns their paths."""
     made = []
     peak = RESULTS / "peak_memory.json"
     if peak.exists():
         made.append(memory_by_method(json.loads(peak.read_text()), RESULTS / "memory_by_method.png"))
     runs = [d for d in run_dirs if (d / "metrics.jsonl").exists()]
-    curves = loss_curves(runs, RESULTS / "loss_curves.png") if runs else None
-    return made + ([curves] if curves else [])
+    curves = RESULTS / "loss_curves.png"
+    if runs:
+        loss_curves(runs, curves)
+    return made + ([curves] if curves.exists() else [])  # without runs: the figure of the last ones
 
 
 if __name__ == "__main__":

@@ -294,7 +294,7 @@ def no_grad_forward(recipe: Recipe, model: torch.nn.Module, batch: dict[str, tor
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     tokenizer = load_tokenizer(recipe.model)
     train_batches, eval_batches, counts = build_data(recipe, tokenizer)
-    model = load_model(recipe.model)
+    model = load_model(recipe.model, streamed=recipe.offload.enabled)  # offloaded: blocks built into their tiers
     keep_documents_apart(model, train_batches, eval_batches)
     generators: dict[str, torch.Generator] = {}
     sampler = apply_activations(model, recipe.activations, recipe.train.seed + accelerator.process_index)

@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from lowmem.block_loading import load_streamed
+from lowmem.block_source import build_streamed
 from lowmem.dtypes import float_dtype
 from lowmem.int8_weights import quantize_block_linears
 from lowmem.quantized_base import load_quantized, quantize_model, quantized_names
@@ -179,24 +181,38 @@ def _plain_copy(model):
     return plain
 
 
-def load_model(section: ModelSection):
+def streamable(section: ModelSection) -> bool:
+    """Whether ``section``'s model can be built streamed (:mod:`lowmem.block_source`): its plain weights,
+    no adapters or quantized base wrapped around them."""
+    return section.lora is None and section.quantize is None and section.dtype != "int8"
+
+
+def load_model(section: ModelSection, streamed: bool = False):
     """Return the model (in train mode, weights in ``section.dtype``; int8: built in fp32, then the block
-    Linear layers quantized by :func:`select_trained`)."""
+    Linear layers quantized by :func:`select_trained`). ``streamed`` (an offloaded run, where
+    :func:`streamable`): the decoder blocks are left on ``meta`` and get their values, the same ones,
+    when the offload engine stores them one by one (:mod:`lowmem.block_source`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = float_dtype(section.dtype)
+    streamed = streamed and streamable(section)
     if section.config is not None:
         cfg = dict(section.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        if streamed:
+            return _prepared(build_streamed(config, section.seed, dtype), section)
         torch.manual_seed(section.seed)
         model = AutoModelForCausalLM.from_config(config).to(dtype)
     elif section.quantize is not None and not section.gguf_file:  # quantized as the weights are read
         return _prepared(load_quantized(model_source(section.path, "model.path"), section.quantize, dtype), section)
     else:
         source = model_source(section.path, "model.path")
-        kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
         if section.gguf_file and not Path(source, section.gguf_file).is_file():
             raise ValueError(f"model.gguf_file: {Path(source, section.gguf_file)} does not exist")
+        model = load_streamed(source, dtype, section.gguf_file) if streamed else None
+        if model is not None:
+            return _prepared(model, section)
+        kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         if section.gguf_file:
             model = _plain_copy(model)

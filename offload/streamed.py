@@ -7,7 +7,9 @@ buffer per block (:class:`~lowmem.offload.transfer.Packed`) and kept in a
 checksummed NVMe files beyond it); a :class:`~lowmem.offload.transfer.BlockMover` uploads them
 into a few device slots ahead of use; the modules outside the blocks (embeddings, final norm,
 ``lm_head``: the *units* of :func:`model_units`) stay on the device. While a block is not resident
-its parameters point at empty placeholders, so the model object itself never holds the blocks.
+its parameters point at empty placeholders, so the model object itself never holds the blocks. A
+streamed model (:mod:`lowmem.block_source`: blocks still on ``meta``) has each block filled just before
+it is stored, so the whole model is never in host RAM.
 
 :class:`StreamedModel` does that set-up and the model-state I/O (the full state dict read from the
 store, loading one into it, handing the blocks back to the model on close); each engine adds its
@@ -21,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowmem.block_source import block_filler
 from lowmem.offload.host_format import host_format
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import BlockMover, Packed
@@ -84,7 +87,10 @@ class StreamedModel:
                                 prefetch_depth=config.prefetch_depth)
         self.mover = BlockMover(self.packed, self.store, device, self.format, config.prefetch_depth,
                                 write_back=write_back)
+        filler = block_filler(model)  # a streamed model: its blocks get their values here, one at a time
         for i, (block, pk) in enumerate(zip(blocks, self.packed)):  # one block at a time into the store
+            if filler is not None:
+                filler.fill(block)
             self.store.put(i, self._stored(i, [p.detach() for p in pk.params]))
             self.mover.unbind(i)
             for buf in block.buffers():

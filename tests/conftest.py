@@ -67,6 +67,12 @@ def tiny_model():
 
 
 @pytest.fixture
+def tiny_config():
+    """Factory: ``tiny_config(arch, tied=False, layers=2, vocab=128, hidden=32)`` -> the config ``tiny_model`` builds."""
+    return _tiny_config
+
+
+@pytest.fixture
 def tiny_batch():
     """Factory: ``tiny_batch(batch=2, seq=16, vocab=128, seed=0)`` -> dict(input_ids, labels)."""
 

@@ -19,7 +19,7 @@ LAYERS = [
     ("kernels", ["lowmem.kernels"]),
     ("foundations", ["lowmem.dtypes", "lowmem.settings", "lowmem.memory", "lowmem.structure"]),
     ("optimizers, models, data", ["lowmem.optim", "lowmem.activations", "lowmem.models", "lowmem.data",
-                                  "lowmem.objectives", "lowmem.state_encoding", "lowmem.checkpoint",
+                                  "lowmem.objectives", "lowmem.state_encoding", "lowmem.block_source", "lowmem.block_loading", "lowmem.checkpoint",
                                   "lowmem.run_dir", "lowmem.sft",
                                   "lowmem.fsdp", "lowmem.fsdp_checkpoint", "lowmem.int8_weights",
                                   "lowmem.quantized_base"]),

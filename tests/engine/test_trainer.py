@@ -205,3 +205,17 @@ def test_zeroth_order_steps_run_without_dropout(tiny_recipe, tmp_path):
     zo2 = _trainer(tiny_recipe("zo2.yaml", **sections, offload=offload), f"output.dir={tmp_path / 'zo2'}").train()
     assert _losses(tmp_path / "memory") == _losses(tmp_path / "zo2")
     assert memory["eval_loss"] == zo2["eval_loss"]
+
+
+def test_offloaded_run_builds_its_model_streamed(tiny_recipe, tmp_path):
+    """With ``offload.enabled`` the run's model is built streamed (lowmem.block_source: blocks filled one by
+    one as the engine stores them) and the engine holds the in-memory build's weights."""
+    from lowmem.block_source import block_filler
+
+    mezo = {"name": "mezo", "lr": 1e-3, "args": {"eps": 1e-3}}
+    offload = {"enabled": True, "host_memory_budget_gb": 0, "nvme_dir": str(tmp_path / "nvme")}
+    streamed = _trainer(tiny_recipe("zo2.yaml", optim=mezo, offload=offload), f"output.dir={tmp_path / 'a'}").run
+    memory = _trainer(tiny_recipe(optim=mezo), f"output.dir={tmp_path / 'b'}").run
+    assert block_filler(streamed.model) is not None and block_filler(memory.model) is None
+    stored, expected = streamed.stepper.engine.model_state_dict(), memory.model.state_dict()
+    assert stored.keys() == expected.keys() and all(torch.equal(stored[k], expected[k]) for k in expected)
