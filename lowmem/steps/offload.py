@@ -83,6 +83,12 @@ class _Offloaded(Step):
         if recipe.model.lora is not None:
             raise ValueError("model.lora: the offload engines (offload.enabled) train the model's own weights "
                              "(all, or with ZO2 the model.trainable subset); set it to null")
+        if recipe.model.dtype == "int8":  # lowmem.int8_weights: dequantized per layer in memory
+            raise ValueError("model.dtype: int8 weights are trained in memory; the offload engines keep their own "
+                             "copies; set offload.enabled to false")
+        if recipe.model.quantize is not None:
+            raise ValueError("model.quantize: the offload engines stream the model's own weights, not a frozen "
+                             "bitsandbytes base; set it to null")
 
     @classmethod
     def check_engine(cls, recipe) -> None:
@@ -124,6 +130,7 @@ class _Offloaded(Step):
 class ZO2Step(_Offloaded):
     name = "zo2"
     zeroth_order = True
+    memory_plan = "zo2"
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
@@ -168,6 +175,7 @@ class ZO2Step(_Offloaded):
 
 class FirstOrderOffloadStep(_Offloaded):
     name = "first_order_offload"
+    memory_plan = "first_order_offload"
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
