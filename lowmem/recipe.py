@@ -238,35 +238,12 @@ class Recipe(Section):
         if self.train.loss_chunk_tokens is not None and self.data.task == "classification":
             raise ValueError("train.loss_chunk_tokens: applies to the LM objective only (data.task: lm or sft); "
                              "set it to null")
-        if self.train.loss_chunk_tokens is not None and self.offload.enabled:
-            raise ValueError("train.loss_chunk_tokens: not supported with the offload engines (offload.enabled); "
-                             "set it to null")
         return self
 
     @model_validator(mode="after")
     def _step_rules(self):
         """What the way this recipe steps refuses, stated once by its step class (lowmem.steps)."""
         step_class(self, get_spec(self.optim.name).zeroth_order).check(self)
-        return self
-
-    @model_validator(mode="after")
-    def _int8_weights(self):
-        """Trainable int8 weights are stepped by first-order optimizers in memory (lowmem.int8_weights)."""
-        if self.model.dtype != "int8":
-            return self
-        if self.offload.enabled:
-            raise ValueError("model.dtype: int8 weights are trained in memory; the offload engines keep their own "
-                             "copies; set offload.enabled to false")
-        if get_spec(self.optim.name).zeroth_order:
-            raise ValueError(f"model.dtype: int8 weights take first-order updates; {self.optim.name} is zeroth "
-                             "order")
-        return self
-
-    @model_validator(mode="after")
-    def _offload_full_precision_base(self):
-        if self.offload.enabled and self.model.quantize is not None:
-            raise ValueError("model.quantize: the offload engines stream the model's own weights, not a frozen "
-                             "bitsandbytes base; set it to null")
         return self
 
 

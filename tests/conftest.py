@@ -1,9 +1,17 @@
 """Shared test set-up.
 
-TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined,
-so it is set here, at collection time, before lowmem.kernels is imported -- and only
-without CUDA: with a GPU the ``gpu`` tests must run the compiled kernels (the
+Without CUDA the Triton kernels are defined for the interpreter: TRITON_INTERPRET must be set when a
+``@triton.jit`` function is defined, so it is set here, at collection time, while lowmem's kernel modules
+are imported. With a GPU it is left alone: the ``gpu`` tests must run the compiled kernels (the
 interpreter's fp32 -> bf16 cast truncates where the compiled kernel rounds).
+
+Which path a call takes is read at call time (:func:`lowmem.kernels.quantize.use_triton`): once the kernels
+are defined the variable is removed again, so every test that is not about the kernels runs the 8-bit
+steps on the C CPU kernels (:mod:`lowmem.kernels.blockwise_cpu`, bit-identical to the references) and the
+perturbations on the PyTorch reference, not in the interpreter (seconds per call); so do the processes the
+tests start. The kernel tests set it back (fixture ``triton_interpreter``, autouse in tests/kernels) and
+compare the interpreted Triton kernels with the references; a few others ask for it where the kernel
+inside an optimizer or engine is what they test.
 """
 
 import os
@@ -22,14 +30,26 @@ import pytest  # noqa: E402
 import torch  # noqa: E402  (importing torch defines no Triton kernel)
 
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+_SET_HERE = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ  # (kernel tests only)
+if _SET_HERE:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 try:  # define the kernels now, while TRITON_INTERPRET decides how: a later import (the planner's fake-tensor
     import lowmem.kernels.adamw8bit_step_triton  # noqa: E402,F401  trace pulls in torch parts that reset
-    import lowmem.kernels.perturb_triton  # noqa: E402,F401
-except ImportError:  # Triton's interpret knob) would define them compiled, and every interpreted call fails
+    import lowmem.kernels.perturb_triton  # noqa: E402,F401  Triton's interpret knob) would define them
+    import lowmem.kernels.quantize_triton  # noqa: E402,F401  compiled, and every interpreted call fails
+except ImportError:
     pass
+if _SET_HERE:  # calls outside the kernel tests take the C kernels and the references
+    del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """The Triton kernels for this test's CPU tensors: in the interpreter they were defined for (without
+    CUDA; with a GPU nothing changes: CPU tensors take the C kernels, CUDA ones the compiled kernels)."""
+    if _SET_HERE:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _tiny_config(arch: str = "llama", tied: bool = False, layers: int = 2, vocab: int = 128, hidden: int = 32):

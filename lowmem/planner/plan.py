@@ -22,6 +22,9 @@ gradients, optimizer states, activations, step temporaries) and the whole-run to
   not traced itself: its streams and pinned host buffers have no fake-tensor counterpart, and its
   computation is the in-memory step's (ZO2 equals MeZO bit for bit, tests/offload).
 
+Which of these applies is declared by the recipe's step class (``Step.memory_plan``, looked up in
+:data:`MEMORY_MODELS`): the planner never branches on the class itself.
+
 With a capacity, a plan that does not fit comes with :func:`suggestions`: the changes of
 :data:`CHANGES` that apply, each with its own predicted peak.
 """
@@ -39,7 +42,7 @@ from lowmem.planner.first_order import offload_parts
 from lowmem.planner.trace import trace_step
 from lowmem.planner.zo2 import zo2_parts
 from lowmem.recipe import Recipe, with_overrides
-from lowmem.steps import FirstOrderOffloadStep, ZO2Step, step_class
+from lowmem.steps import step_class
 
 
 @dataclass
@@ -116,6 +119,35 @@ def runtime_baseline_bytes(model_type: str, imports: tuple[str, ...] = ()) -> in
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def in_memory_parts(recipe: Recipe, config, device: str, forward_only: bool):
+    """(device parts, host parts, totals) of the step object traced on fake tensors (:func:`trace_step`)."""
+    parts, totals = trace_step(recipe, config, 1, forward_only, device)
+    return parts, {}, totals
+
+
+def zo2_step_parts(recipe: Recipe, config, device: str, forward_only: bool):
+    """ZO2: the in-memory zeroth-order step traced on the doubled batch (the dual forward), the blocks'
+    weights replaced by the engine's buffers (:func:`zo2_parts`): on a GPU its device; on a CPU its step
+    (host copies and buffers in the one RSS). A CPU no-grad forward is the in-memory one."""
+    if device != "cuda" and forward_only:
+        return in_memory_parts(recipe, config, device, forward_only)
+    parts, totals = trace_step(recipe, config, 2, forward_only, device)
+    return zo2_parts(recipe, config, parts, device), {}, totals
+
+
+def first_order_offload_parts(recipe: Recipe, config, device: str, forward_only: bool):
+    """A first-order offloaded step (:func:`offload_parts`, Fuyou): device and host parts (on a CPU device
+    both in the peak); a no-grad forward is planned as the in-memory one."""
+    if forward_only:
+        return in_memory_parts(recipe, config, device, forward_only)
+    parts, host, totals = offload_parts(recipe, config, device)
+    return ({**parts, **host} if device == "cpu" else parts), host, totals
+
+
+# Step.memory_plan -> (recipe, config, device, forward_only) -> (device parts, host parts, totals)
+MEMORY_MODELS = {"in_memory": in_memory_parts, "zo2": zo2_step_parts, "first_order_offload": first_order_offload_parts}
+
+
 def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = None,
          suggest: bool = True, forward_only: bool = False, runtime_bytes: int | None = None) -> Plan:
     """Predict the peak of one training step of ``recipe`` on ``device`` ("cpu": peak RSS,
@@ -130,18 +162,7 @@ def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = N
     config = model_config(recipe.model)
     recipe = config_section(recipe, config)  # from here on the config alone: no weights, no tokenizer files
     way = step_class(recipe, get_spec(recipe.optim.name).zeroth_order)  # how the run steps, decided once
-    first_order_offload = way is FirstOrderOffloadStep and not forward_only
-    # ZO2: on a GPU its device; on a CPU its step (the host copies and the buffers in the one RSS)
-    zo2_step = way is ZO2Step and not forward_only
-    offloaded = recipe.offload.enabled and not first_order_offload and (device == "cuda" or zo2_step)
-    host: dict[str, int] = {}
-    if first_order_offload:
-        parts, host, totals = offload_parts(recipe, config, device)
-        parts = {**parts, **host} if device == "cpu" else parts
-    else:
-        parts, totals = trace_step(recipe, config, 2 if offloaded else 1, forward_only, device)
-    if offloaded:
-        parts = zo2_parts(recipe, config, parts, device)
+    parts, host, totals = MEMORY_MODELS[way.memory_plan](recipe, config, device, forward_only)
     baseline = 0 if device != "cpu" and not host else \
         runtime_bytes if runtime_bytes is not None else runtime_baseline_bytes(config.model_type,
                                                                              adapter_imports(recipe.model))

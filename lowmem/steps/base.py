@@ -106,10 +106,15 @@ class OneProcess:
 
 class Step:
     """One way a training step runs. Subclasses set ``name``, :meth:`applies` and :meth:`step`, and
-    override :meth:`check`, :meth:`prepare_optimizer`, :meth:`setup` and the checkpoint methods where
+    override ``memory_plan``, :meth:`check`, :meth:`prepare_optimizer`, :meth:`setup` and the checkpoint methods where
     they differ from an in-memory model."""
 
     name: ClassVar[str]
+    # which of the planner's memory models (lowmem.planner.plan.MEMORY_MODELS) predicts this step's peak:
+    # "in_memory" (the step object traced on fake tensors), "zo2" (the traced zeroth-order step on the doubled
+    # batch, the blocks' weights replaced by the engine's device buffers), "first_order_offload" (Fuyou's
+    # device and host parts). A new way of stepping names the one its memory follows.
+    memory_plan: ClassVar[str] = "in_memory"
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:

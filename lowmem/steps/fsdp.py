@@ -51,16 +51,8 @@ class FSDP2Step(FirstOrderStep):
             raise ValueError(f"{where}: FRUGAL's coordinate subspaces (optim.args.proj_type) are not sharded "
                              f"yet; use block, svd or random")
 
-    @staticmethod
-    def check_processes(recipe, processes: int) -> None:
-        """What depends on the number of processes, known once the run starts."""
-        if recipe.train.eval_batches % processes:
-            raise ValueError(f"train.eval_batches: {recipe.train.eval_batches} does not split over {processes} "
-                             f"processes (every rank runs each sharded eval forward); use a multiple of {processes}")
-
     def setup(self, model, optimizer):
         acc = self.accelerator
-        self.check_processes(self.recipe, acc.num_processes)
         self.started_group = False
         if isinstance(acc, OneProcess):  # the planner's trace and the measurement: the whole model on
             return super().setup(model, optimizer)  # one process, an upper bound of a rank's peak

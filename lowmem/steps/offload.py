@@ -9,6 +9,11 @@ NVMe and are streamed through the device.
   state may sit on NVMe: it is brought back while a checkpoint is written or read.
 
 Checkpoints hold the trainable weights read from the engine's block store.
+
+The ZO2 engine's step is its optimizer's step (it draws the step seed and applies the update itself, without
+calling ``optimizer.step``). :class:`EngineStepped` makes that visible: its ``step(closure)`` runs the
+engine's step, so the LR scheduler built on it sees an optimizer step before its own (torch warns otherwise,
+pytorch/pytorch#20124, and the warning would be false here).
 """
 
 from __future__ import annotations
@@ -40,6 +45,32 @@ def build_engine(recipe, model, optimizer, zeroth_order: bool, accelerator, loss
     return FirstOrderEngine(model, optimizer, recipe.offload, device_budget_gb=recipe.train.device_memory_gb)
 
 
+class EngineStepped(torch.optim.Optimizer):
+    """``optimizer`` as stepped by an engine: ``step(closure)`` runs ``closure`` (the engine's step) and
+    returns its result. The parameter groups, the state and the state dict are read through to
+    ``optimizer`` at every access (the engine reloads it on resume), so a scheduler built on this object
+    drives the LR the engine reads. ``Optimizer.__init__`` is not run: it would copy the groups."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    param_groups = property(lambda self: self.optimizer.param_groups)
+    state = property(lambda self: self.optimizer.state)
+    defaults = property(lambda self: self.optimizer.defaults)
+
+    def step(self, closure):
+        return closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+
 class _Offloaded(Step):
     zeroth_order = False
 
@@ -52,6 +83,12 @@ class _Offloaded(Step):
         if recipe.model.lora is not None:
             raise ValueError("model.lora: the offload engines (offload.enabled) train the model's own weights "
                              "(all, or with ZO2 the model.trainable subset); set it to null")
+        if recipe.model.dtype == "int8":  # lowmem.int8_weights: dequantized per layer in memory
+            raise ValueError("model.dtype: int8 weights are trained in memory; the offload engines keep their own "
+                             "copies; set offload.enabled to false")
+        if recipe.model.quantize is not None:
+            raise ValueError("model.quantize: the offload engines stream the model's own weights, not a frozen "
+                             "bitsandbytes base; set it to null")
 
     @classmethod
     def check_engine(cls, recipe) -> None:
@@ -96,6 +133,7 @@ HOST_BLOCK = "zo2.host_block."  # checkpoint key prefix of the int8 host copies
 class ZO2Step(_Offloaded):
     name = "zo2"
     zeroth_order = True
+    memory_plan = "zo2"
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
@@ -117,13 +155,17 @@ class ZO2Step(_Offloaded):
             raise ValueError(f"offload.host_dtype: {host} is not coarser than the training dtype "
                              f"{compute} (model.dtype); use it or a 16-bit type below fp32")
 
+    def prepare_optimizer(self, model, optimizer):
+        return EngineStepped(optimizer)  # what the checkpoint saves and the scheduler drives
+
+    def setup(self, model, optimizer):
+        return super().setup(model, optimizer.optimizer)  # the engine and the step use MeZO itself
+
     def step(self, micro_batch: MicroBatch) -> tuple[float, None]:
+        batch = micro_batch(0)
         with eval_mode(self.model):  # as the in-memory zeroth-order step: no dropout in the difference
-            loss = self.engine.step(micro_batch(0))
-        # the engine's step is the optimizer's step (it never calls optimizer.step()): say so to torch's
-        # LR scheduler, which checks this flag before its first step (pytorch/pytorch#20124)
-        self.inner_optimizer._opt_called = True
-        return (math.nan if self.inner_optimizer.last_step_skipped else float(loss)), None
+            loss = self.inner_optimizer.step(lambda: self.engine.step(batch))
+        return (math.nan if self.optimizer.last_step_skipped else float(loss)), None
 
     def flush(self) -> None:
         self.engine.flush()
@@ -145,11 +187,12 @@ class ZO2Step(_Offloaded):
         self.engine.load_host_blocks([t for _, t in blocks])
 
     def restore(self, extra: dict) -> None:
-        self.engine.load_state_dict({**extra["zo2"], "optimizer": self.inner_optimizer.state_dict()})
+        self.engine.load_state_dict({**extra["zo2"], "optimizer": self.optimizer.state_dict()})
 
 
 class FirstOrderOffloadStep(_Offloaded):
     name = "first_order_offload"
+    memory_plan = "first_order_offload"
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:

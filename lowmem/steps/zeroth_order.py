@@ -21,11 +21,15 @@ from lowmem.steps.layerwise import check_layerwise
 
 def check_zeroth_order(recipe) -> None:
     """What every zeroth-order step (in memory or ZO2) refuses: several micro-batches per step (the
-    finite difference is taken on one batch) and layer-wise hooks (there is no backward)."""
+    finite difference is taken on one batch), layer-wise hooks (there is no backward) and trainable int8
+    weights (:mod:`lowmem.int8_weights` rounds a first-order optimizer's update)."""
     if recipe.train.grad_accum != 1:
         raise ValueError("train.grad_accum: zeroth-order optimizers take one batch per step (set it to 1)")
     if recipe.optim.layerwise:
         check_layerwise("optim.layerwise", zeroth_order=True)
+    if recipe.model.dtype == "int8":
+        raise ValueError(f"model.dtype: int8 weights take first-order updates; {recipe.optim.name} is zeroth "
+                         "order")
 
 
 def zo_autocast(step: Step):

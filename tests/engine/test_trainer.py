@@ -39,16 +39,29 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+RESUME_THEN_WHOLE = """
+import sys
+from lowmem.cli import main
+
+recipe, broken, whole = sys.argv[1:]
+for args in ([f"output.dir={broken}", "--resume"], [f"output.dir={whole}"]):
+    if main([recipe, *args, "--quiet"]):
+        sys.exit(f"lowmem-train {' '.join(args)} failed")
+"""
+
+
 def whole_and_resumed(recipe: str, tmp_path: Path) -> tuple[Path, Path]:
-    """The run directories of ``recipe`` run whole, and run in a process killed during step 5
-    (:data:`CRASH_AFTER`) then resumed with ``--resume`` in a new one."""
+    """The run directories of ``recipe`` run in a process killed during step 5 (:data:`CRASH_AFTER`) then
+    resumed with ``--resume`` in a new one, and run whole. The whole run follows the resume in that new
+    process (one interpreter start less; the resume still finds a fresh process)."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    _cli(recipe, f"output.dir={whole}")
     crash = subprocess.run([sys.executable, "-c", CRASH_AFTER, recipe, f"output.dir={broken}"],
                            capture_output=True, text=True)
     assert crash.returncode == 17, crash.stderr[-2000:]
     assert max(_losses(broken)) == 4  # it really died after step 4, past the checkpoint at step 3
-    _cli(recipe, f"output.dir={broken}", "--resume")
+    done = subprocess.run([sys.executable, "-c", RESUME_THEN_WHOLE, recipe, str(broken), str(whole)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
     return whole, broken
 
 

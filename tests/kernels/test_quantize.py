@@ -12,7 +12,9 @@ from lowmem.kernels.quantize_triton import dequantize_blockwise_triton, quantize
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 
-SHAPES = [(1,), (255,), (257,), (4097,), pytest.param((1823, 781), marks=pytest.mark.slow)]
+# 2-D, several programs, a partial last block: what the interpreter checks does not grow with the size (the
+# compiled kernels are compared on (1823, 781) in test_gpu.py; chunked references: test_adamw8bit_step.py)
+SHAPES = [(1,), (255,), (257,), (4097,), (97, 131)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -95,8 +97,6 @@ def test_zero_block_and_exact_values():
 @pytest.mark.parametrize("signed", [True, False])
 def test_triton_equals_reference(shape, dtype, signed):
     """Loads upcast exactly and all maths is fp32 in both, so codes/absmax/values are bit-identical."""
-    if shape == (1823, 781) and dtype != torch.float32 and not signed:
-        pytest.skip("one large case per dtype is enough (interpreter time)")
     code = dynamic_map(signed)
     x = sample(shape, dtype, signed, seed=3)
     codes, absmax = quantize_blockwise_triton(x, code, 256)

@@ -118,7 +118,9 @@ def test_moments_have_algorithm_1_distribution(alpha, b1):
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "philox"])  # philox in fp32: the kernel (interpreted on CPU)
-def test_phase_1_perturbs_like_mezo_and_updates_by_normalised_zdot(noise):
+def test_phase_1_perturbs_like_mezo_and_updates_by_normalised_zdot(noise, request):
+    if noise == "philox":
+        request.getfixturevalue("triton_interpreter")
     model, twin = Quadratic(dtype=torch.float32), Quadratic(dtype=torch.float32)
     adamu = ZOAdaMU(model.parameters(), lr=1e-2, eps=1e-3, seed=9, t1=100, total_steps=1000, noise=noise)
     mezo = MeZO(twin.parameters(), lr=0.0, eps=1e-3, seed=9, noise=noise)

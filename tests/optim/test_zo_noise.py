@@ -82,6 +82,7 @@ def test_unknown_kind_is_a_one_line_error(tiny_model):
 
 # ---- philox (issue #17): the kernel in place (interpreted here), its reference elsewhere ----------------
 
+@pytest.mark.usefixtures("triton_interpreter")
 def test_philox_z_is_the_reference_counter_based_normal():
     from lowmem.kernels.perturb import philox_normal
 
@@ -104,6 +105,7 @@ def _mezo_run(tiny_model, tiny_batch, steps, **kw):
     return model, opt, before, log
 
 
+@pytest.mark.usefixtures("triton_interpreter")
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_philox_same_z_for_plus_minus_and_update(tiny_model, tiny_batch, momentum):
     """The fused step (restore inside the update's launch) equals +eps, -2 eps, +eps and a separate
@@ -126,6 +128,7 @@ def test_philox_same_z_for_plus_minus_and_update(tiny_model, tiny_batch, momentu
         torch.testing.assert_close(p.detach(), ideal, rtol=0, atol=4e-7 * (1 + p0.abs().max().item()))
 
 
+@pytest.mark.usefixtures("triton_interpreter")
 def test_philox_with_lr_0_returns_theta_within_the_rounding_bound(tiny_model, tiny_batch):
     """lr 0: +eps z, -2 eps z, +eps z (and -0 z): |theta - theta0| <= 2^-24 (3 |theta0| + 6 eps |z|)
     per step (tests/kernels/test_perturb.py derives the bound); over 3 steps three times that."""

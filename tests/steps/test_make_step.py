@@ -74,3 +74,11 @@ def test_the_refusal_is_the_step_classes_own():
     cls = step_class(unchecked, get_spec("mezo").zeroth_order)
     with pytest.raises(ValueError, match="^train.grad_accum: zeroth-order optimizers take one batch"):
         cls.check(unchecked)
+
+
+def test_every_step_class_names_a_memory_model_of_the_planner():
+    """The planner predicts a step's peak with the model its class declares (``Step.memory_plan``), so a new
+    way of stepping is one class: it must name a model the planner has."""
+    from lowmem.planner.plan import MEMORY_MODELS
+
+    assert {cls.memory_plan for cls in steps.STEPS} <= MEMORY_MODELS.keys()
