@@ -53,7 +53,8 @@ class Trainer:
         self.predicted_peak_bytes = predicted_peak_bytes  # lowmem.planner's prediction, shown in the summary
         self.predict = predict  # or: the model's config -> predicted peak bytes, asked once the run is measured
         self.out = Path(recipe.output.dir)
-        check_run_dir(self.out, resume=resume, overwrite=overwrite, steps=recipe.train.steps)  # before any work
+        check_run_dir(self.out, resume=resume, overwrite=overwrite, steps=recipe.train.steps,
+                      save_model=recipe.output.save_model)  # before any work
         AcceleratorState._reset_state()  # a second run in one process may use another precision
         self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())
@@ -235,13 +236,26 @@ class Trainer:
         if summary["predicted_peak_gb"] is None and self.predict is not None and self.accelerator.is_main_process:
             predicted = self.predict(unwrap(self.run.model).config)  # after the measurement
             summary["predicted_peak_gb"] = None if predicted is None else round(predicted / 2**30, 3)
-        self.run.stepper.close()  # the last deferred update flushed, offloaded blocks back into the model
-        if self.accelerator.is_main_process:
-            if self.recipe.output.save_model:
-                self.run.save_model(unwrap(self.run.model), self.out / "model")
+        if self.accelerator.is_main_process:  # first: a kill during the save still leaves the summary
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.save_model()
         self.accelerator.wait_for_everyone()
         return summary
+
+    def save_model(self) -> None:
+        """``output.dir/model``: in memory after closing the step, or streamed block by block from the
+        offload tiers (the blocks never all come back into RAM), then the step is released."""
+        stepper = self.run.stepper
+        if not (self.recipe.output.save_model and self.accelerator.is_main_process):
+            stepper.release()
+            return
+        parts = stepper.model_parts()
+        if parts is None:
+            stepper.close()  # the last deferred update flushed, offloaded blocks back into the model
+            self.run.save_model(unwrap(self.run.model), self.out / "model")
+            return
+        self.run.save_model(unwrap(self.run.model), self.out / "model", parts)
+        stepper.release()
 
 
 def rate(tokens_per_s: float) -> str:

@@ -109,8 +109,15 @@ class StreamedEngine:
         self.barrier()
         self.streamed.load_model_state_dict(state, self.steps)
 
-    def close(self) -> None:
-        """Flush, give the blocks' parameters back to the model (CPU, training dtype), remove the overrides."""
+    def export_parts(self) -> list:
+        """The model's weights of every completed step, as ``save_pretrained`` writes them, one part per
+        block read from the store when written (:meth:`StreamedModel.parts`)."""
         self.flush()
-        self.streamed.close()
+        return self.streamed.parts()
+
+    def close(self, restore: bool = True) -> None:
+        """Flush, give the blocks' parameters back to the model (CPU, training dtype), remove the overrides.
+        ``restore=False``: the blocks are not brought back (the model is left unusable; a run's end)."""
+        self.flush()
+        self.streamed.close(restore)
         self.driver.remove()

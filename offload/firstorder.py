@@ -269,10 +269,10 @@ class FirstOrderEngine(StreamedEngine):
             names = {id(t): n for n, t in self.model.state_dict(keep_vars=True).items()}
             self.big.load([state[names[id(p)]] for p in self.big_params], self.steps)
 
-    def close(self) -> None:
-        """Wait for the last step, give the blocks' weights back to the model (CPU, training dtype),
-        remove the overrides. The NVMe tier's optimizer state is not read back."""
-        super().close()
+    def close(self, restore: bool = True) -> None:
+        """Wait for the last step, give the blocks' weights back to the model (CPU, training dtype; not with
+        ``restore=False``), remove the overrides. The NVMe tier's optimizer state is not read back."""
+        super().close(restore)
         self.host.close()
         if self.big is not None:
             self.big.close()

@@ -21,8 +21,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowmem.model_save import saved_state
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import BlockMover, Packed
+from lowmem.safetensors_stream import Part
 from lowmem.structure import block_container
 from lowmem.offload.settings import OffloadSection
 
@@ -106,6 +108,38 @@ class StreamedModel:
                 out[name] = t.detach().to("cpu", copy=True)
         return out
 
+    def parts(self) -> list[Part]:
+        """The model's weights as ``save_pretrained`` writes them (names, tied weights once, training
+        dtype), one :class:`~lowmem.safetensors_stream.Part` per block -- read from the store when
+        written, cast as :meth:`close` casts it -- and per run of tensors outside the blocks, in
+        ``state_dict`` order. Host memory holds one block's tensors at a time."""
+        slots = self.slots_of()
+        block_of = {id(b): i for i, block in enumerate(self.blocks) for b in block.buffers()}
+        block_of.update({key: i for key, (i, _) in slots.items()})
+        state = self.model.state_dict(keep_vars=True)
+        outside = saved_state(self.model, {n: t.detach() for n, t in state.items() if id(t) not in block_of})
+        runs: list[tuple[int | None, list[str]]] = []  # (block or None, names) in state_dict order
+        for name, t in state.items():
+            if id(t) not in block_of and name not in outside:
+                continue  # a tied alias
+            key = block_of.get(id(t))
+            if not runs or runs[-1][0] != key:
+                runs.append((key, []))
+            runs[-1][1].append(name)
+        return [self._block_part(i, names, state) if i is not None else Part.of({n: outside[n] for n in names})
+                for i, names in runs]
+
+    def _block_part(self, i: int, names: list[str], state: dict) -> Part:
+        slots, pk = self.slots_of(), self.packed[i]
+        layout = [(n, tuple(pk.shapes[slots[id(state[n])][1]]) if id(state[n]) in slots else tuple(state[n].shape),
+                   self.compute_dtype if id(state[n]) in slots else state[n].dtype) for n in names]
+
+        def read() -> dict[str, torch.Tensor]:
+            views = pk.views(self.store.get(i))
+            return {n: views[slots[id(state[n])][1]].to(self.compute_dtype) if id(state[n]) in slots
+                    else state[n].detach() for n in names}
+        return Part(layout, read)
+
     def load_model_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
         """Load a full state (as :meth:`model_state_dict` gives it): blocks go to the store."""
         slots = self.slots_of()
@@ -122,10 +156,11 @@ class StreamedModel:
         for i, tensors in blocks.items():
             self.store.put(i, self.packed[i].pack(tensors, self.store.dtype), version=version)
 
-    def close(self) -> None:
+    def close(self, restore: bool = True) -> None:
         """Give the blocks' parameters back to the model (CPU, training dtype) and close the store,
-        block by block: the store frees each one as it is handed back (no second copy)."""
-        for i, pk in enumerate(self.packed):
+        block by block: the store frees each one as it is handed back (no second copy).
+        ``restore=False``: close the store only (the model keeps its placeholders; after a streamed save)."""
+        for i, pk in enumerate(self.packed if restore else []):
             for p, view in zip(pk.params, pk.views(self.store.take(i))):
                 p.data = view.to(self.compute_dtype)  # same dtype: a view of the unpinned host block
         self.store.close()

@@ -68,6 +68,12 @@ class _Offloaded(Step):
     def close(self) -> None:
         self.engine.close()  # flush, blocks back into the model
 
+    def model_parts(self):
+        return self.engine.export_parts()  # flushed; one block read at a time when written
+
+    def release(self) -> None:
+        self.engine.close(restore=False)
+
     def save_kwargs(self) -> dict:
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         weights = {n: t for n, t in self.engine.model_state_dict().items() if n in trainable}
