@@ -52,6 +52,7 @@ from torch import nn
 
 from lowmem.dtypes import MASTER_DTYPE
 from lowmem.offload.base import StreamedEngine
+from lowmem.offload.fo_checkpoint import StreamedState
 from lowmem.offload.fo_driver import BlockDriver
 from lowmem.offload.fo_host import CpuOptimizer, HostStepper
 from lowmem.offload.fo_resident import ResidentTier, offloaded_params
@@ -104,6 +105,7 @@ class FirstOrderEngine(StreamedEngine):
                                  len(self.packed)) if big else None)
         self.states = StateTier(optimizer, [pk.params for pk in self.packed] + ([big] if big else []),
                                 self._state_budget(), config.nvme_dir)
+        self.checkpoint_state = StreamedState(optimizer, self.states)  # a checkpoint's state, block by block
         self.cpu = CpuOptimizer(optimizer, self.group_of, self.states)
         self.host = HostStepper(self.packed, self.store, self.mover.lanes, self.cpu, config.prefetch_depth,
                                 pin=self.device.type == "cuda")
@@ -240,7 +242,7 @@ class FirstOrderEngine(StreamedEngine):
         self.barrier()
         with self._params_on_host():
             yield self.optimizer
-        self.states.reset(self._state_budget(), self.steps)
+        self.states.reset(self._state_budget(), self.steps, fill=self.checkpoint_state.fill)
 
     def _optimizer_state(self) -> dict:
         """A copy of the optimizer's full state (blocks' states read from NVMe)."""
@@ -253,18 +255,21 @@ class FirstOrderEngine(StreamedEngine):
         with self.loading_state():
             self.optimizer.load_state_dict(state)
 
+    def _masters(self) -> dict:
+        return self.big.masters() if self.big is not None else {}
+
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state on the CPU; block (and offloaded embedding) weights are the fp32 masters."""
         out = super().model_state_dict()
-        masters = self.big.masters() if self.big is not None else {}
+        masters = self._masters()
         for name, t in self.model.state_dict(keep_vars=True).items():
             if id(t) in masters:
                 out[name] = masters[id(t)].clone()
         return out
 
-    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load weights saved by :meth:`model_state_dict` (blocks go to the store as masters)."""
-        super().load_model_state_dict(state)
+    def load_model_state_dict(self, state, partial: bool = False) -> None:
+        """Load weights saved by :meth:`model_state_dict` (blocks go to the store as masters, one at a time)."""
+        super().load_model_state_dict(state, partial)
         if self.big is not None:
             names = {id(t): n for n, t in self.model.state_dict(keep_vars=True).items()}
             self.big.load([state[names[id(p)]] for p in self.big_params], self.steps)

@@ -16,12 +16,12 @@ schedule on top (:mod:`lowmem.offload.engine`: ZO2; :mod:`lowmem.offload.firstor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
 
-from lowmem.model_save import saved_state
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import BlockMover, Packed
 from lowmem.safetensors_stream import Part
@@ -108,53 +108,66 @@ class StreamedModel:
                 out[name] = t.detach().to("cpu", copy=True)
         return out
 
-    def parts(self) -> list[Part]:
-        """The model's weights as ``save_pretrained`` writes them (names, tied weights once, training
-        dtype), one :class:`~lowmem.safetensors_stream.Part` per block -- read from the store when
-        written, cast as :meth:`close` casts it -- and per run of tensors outside the blocks, in
-        ``state_dict`` order. Host memory holds one block's tensors at a time."""
+    def parts(self, dtype: torch.dtype, keep_outside: Callable[[dict], dict],
+              keep_block: Callable[[str], bool] = lambda name: True, masters: dict | None = None) -> list[Part]:
+        """The model's ``state_dict`` as :class:`~lowmem.safetensors_stream.Part` s, in its order: one per
+        block -- its tensors read from the store when written, in ``dtype`` -- and one per run of tensors
+        outside the blocks. ``keep_outside(state) -> state`` chooses among the tensors outside the blocks
+        (tied aliases dropped there), ``keep_block(name)`` among the blocks'; ``masters``: id(parameter) ->
+        the tensor to write for it instead (the first-order engine's fp32 masters of offloaded embeddings).
+        Host memory holds one block's tensors at a time."""
         slots = self.slots_of()
         block_of = {id(b): i for i, block in enumerate(self.blocks) for b in block.buffers()}
         block_of.update({key: i for key, (i, _) in slots.items()})
         state = self.model.state_dict(keep_vars=True)
-        outside = saved_state(self.model, {n: t.detach() for n, t in state.items() if id(t) not in block_of})
+        outside = keep_outside({n: (masters or {}).get(id(t), t).detach() for n, t in state.items()
+                                if id(t) not in block_of})
         runs: list[tuple[int | None, list[str]]] = []  # (block or None, names) in state_dict order
         for name, t in state.items():
-            if id(t) not in block_of and name not in outside:
-                continue  # a tied alias
             key = block_of.get(id(t))
+            if name not in outside if key is None else not keep_block(name):
+                continue
             if not runs or runs[-1][0] != key:
                 runs.append((key, []))
             runs[-1][1].append(name)
-        return [self._block_part(i, names, state) if i is not None else Part.of({n: outside[n] for n in names})
+        return [self._block_part(i, names, state, dtype) if i is not None else Part.of({n: outside[n] for n in names})
                 for i, names in runs]
 
-    def _block_part(self, i: int, names: list[str], state: dict) -> Part:
+    def _block_part(self, i: int, names: list[str], state: dict, dtype: torch.dtype) -> Part:
         slots, pk = self.slots_of(), self.packed[i]
-        layout = [(n, tuple(pk.shapes[slots[id(state[n])][1]]) if id(state[n]) in slots else tuple(state[n].shape),
-                   self.compute_dtype if id(state[n]) in slots else state[n].dtype) for n in names]
+        at = {n: slots[id(state[n])][1] for n in names if id(state[n]) in slots}  # a buffer: not in the store
+        layout = [(n, tuple(pk.shapes[at[n]]), dtype) if n in at else (n, tuple(state[n].shape), state[n].dtype)
+                  for n in names]
 
         def read() -> dict[str, torch.Tensor]:
             views = pk.views(self.store.get(i))
-            return {n: views[slots[id(state[n])][1]].to(self.compute_dtype) if id(state[n]) in slots
-                    else state[n].detach() for n in names}
+            return {n: views[at[n]].to(dtype) if n in at else state[n].detach() for n in names}
         return Part(layout, read)
 
-    def load_model_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Load a full state (as :meth:`model_state_dict` gives it): blocks go to the store."""
+    def load_model_state_dict(self, state: Mapping, version: int, partial: bool = False) -> None:
+        """Load a state (as :meth:`model_state_dict` gives it), block by block into the store: a lazy
+        ``state`` (a file read tensor by tensor) is read one block at a time. ``partial``: a name not in
+        ``state`` keeps its value (else it is an error)."""
         slots = self.slots_of()
-        blocks: dict[int, list] = {i: [None] * len(pk.params) for i, pk in enumerate(self.packed)}
+        names: dict[int, list] = {i: [None] * len(pk.params) for i, pk in enumerate(self.packed)}
         for name, t in self.model.state_dict(keep_vars=True).items():
             if name not in state:
+                if partial:
+                    continue
                 raise ValueError(f"state_dict: missing {name!r}")
             if id(t) in slots:
                 i, j = slots[id(t)]
-                blocks[i][j] = state[name]
+                names[i][j] = name
             else:
                 with torch.no_grad():
                     t.copy_(state[name])
-        for i, tensors in blocks.items():
-            self.store.put(i, self.packed[i].pack(tensors, self.store.dtype), version=version)
+        for i, pk in enumerate(self.packed):
+            if all(n is None for n in names[i]):
+                continue
+            kept = pk.views(self.store.get(i)) if None in names[i] else None
+            tensors = [state[n] if n is not None else kept[j] for j, n in enumerate(names[i])]
+            self.store.put(i, pk.pack(tensors, self.store.dtype), version=version)
+            del tensors, kept
 
     def close(self, restore: bool = True) -> None:
         """Give the blocks' parameters back to the model (CPU, training dtype) and close the store,

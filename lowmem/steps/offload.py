@@ -14,6 +14,7 @@ Checkpoints hold the trainable weights read from the engine's block store.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -38,6 +39,22 @@ def build_engine(recipe, model, optimizer, zeroth_order: bool, accelerator, loss
         raise ValueError("offload.enabled: the first-order offload engine trains the LM objective only "
                          "(data.task: lm or sft)")
     return FirstOrderEngine(model, optimizer, recipe.offload, device_budget_gb=recipe.train.device_memory_gb)
+
+
+class Renamed(Mapping):
+    """``tensors`` under other names: ``names[new] = old``; read only when asked for."""
+
+    def __init__(self, tensors: Mapping, names: dict[str, str]):
+        self.tensors, self.names = tensors, names
+
+    def __getitem__(self, name: str):
+        return self.tensors[self.names[name]]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class _Offloaded(Step):
@@ -75,22 +92,22 @@ class _Offloaded(Step):
         self.engine.close(restore=False)
 
     def save_kwargs(self) -> dict:
+        """The trainable weights as parts read from the engine's tiers one block at a time when written."""
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        weights = {n: t for n, t in self.engine.model_state_dict().items() if n in trainable}
-        return {"weights": weights, "extra": self.engine_extra()}
+        return {"weights": self.engine.checkpoint_parts(trainable), "extra": self.engine_extra()}
 
     def load_kwargs(self) -> dict:
         return {"load_weights": self._load_weights}
 
-    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Full engine state with the checkpoint's trainable tensors, tied aliases included."""
-        state = self.engine.model_state_dict()
-        first = {}
+    def _load_weights(self, weights: Mapping) -> None:
+        """The checkpoint's trainable tensors (a lazy mapping: read one block at a time), tied aliases
+        included; the weights it does not hold (frozen ones) keep their values."""
+        first, alias = {}, {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             first.setdefault(id(p), name)
             if first[id(p)] in weights:
-                state[name] = weights[first[id(p)]]
-        self.engine.load_model_state_dict(state)
+                alias[name] = first[id(p)]
+        self.engine.load_model_state_dict(Renamed(weights, alias), partial=True)
 
     def engine_extra(self) -> dict:
         raise NotImplementedError
@@ -168,8 +185,16 @@ class FirstOrderOffloadStep(_Offloaded):
     def engine_extra(self) -> dict:
         return {"offload": {"steps": self.engine.steps}}
 
+    def save_kwargs(self) -> dict:
+        """The weights and the blocks' optimizer state written one block at a time (lowmem.offload.fo_checkpoint)."""
+        return {**super().save_kwargs(), "optimizer_parts": self.engine.checkpoint_state.parts}
+
     def saving(self):
-        return self.engine.full_state()
+        self.engine.barrier()
+        return self.engine.checkpoint_state.placeholders()
+
+    def load_kwargs(self) -> dict:
+        return {**super().load_kwargs(), "load_optimizer": self.engine.checkpoint_state.load}
 
     def loading(self):
         return self.engine.loading_state()
