@@ -1,6 +1,8 @@
 """Host memory while the final model is saved from the offload tiers: the streamed save (one block read at a time)
-stays within ~2 blocks + the modules outside the blocks + a little overhead above the RSS before it; today's
+stays within ~2 blocks + the modules outside the blocks + a little overhead above the RSS before it; the old
 path (every block back into the model, then save_pretrained) needs all the blocks at once and exceeds that.
+The same for a checkpoint of the first-order engine (weights and AdamW moments on NVMe), against the old path
+that brought every block's weights and state into memory (``full_state`` + ``model_state_dict``).
 
 Measured in a fresh process (its allocator is this test's alone): the peak RSS (VmHWM of /proc/self/status,
 reset through /proc/self/clear_refs before each phase) against the RSS just before (psutil)."""
@@ -18,6 +20,7 @@ _CHILD = textwrap.dedent("""
     import json, sys, psutil, torch
     from pathlib import Path
     from transformers import AutoConfig, AutoModelForCausalLM
+    from lowmem import checkpoint as ckpt
     from lowmem.model_save import save_atomically, save_streamed
     from lowmem.models import save_pretrained
     from lowmem.offload.firstorder import FirstOrderEngine
@@ -44,6 +47,20 @@ _CHILD = textwrap.dedent("""
     outside = sum(p.numel() * 4 for n, p in model.named_parameters() if ".layers." not in n)
     eng = FirstOrderEngine(model, create_optimizer(model, "adamw", lr=1e-3),
                            dict(nvme_dir=str(out / "nvme"), host_memory_budget_gb=0.0), device="cpu")
+    ids = torch.randint(0, 128, (1, 8))
+    eng.step(lambda: model(input_ids=ids, labels=ids).loss)  # AdamW's moments: 2 blocks' worth per block, on NVMe
+    names = {n for n, _ in model.named_parameters()}
+
+    def checkpoint_streamed():
+        with eng.checkpoint_state.placeholders():
+            ckpt.save_checkpoint(out / "new", 1, optimizer=eng.optimizer, weights=eng.checkpoint_parts(names),
+                                 optimizer_parts=eng.checkpoint_state.parts)
+
+    def checkpoint_old():
+        with eng.full_state():
+            ckpt.save_checkpoint(out / "old", 1, optimizer=eng.optimizer,
+                                 weights={n: t for n, t in eng.model_state_dict().items() if n in names})
+    ckpt_streamed, ckpt_old = peak_above_rss(checkpoint_streamed), peak_above_rss(checkpoint_old)
     tok = _char_tokenizer(bos=True)
     streamed = peak_above_rss(lambda: save_atomically(out / "streamed", lambda d: save_streamed(
         model, tok, d, eng.export_parts())))
@@ -52,7 +69,7 @@ _CHILD = textwrap.dedent("""
         eng.close()
         save_atomically(out / "memory", lambda d: save_pretrained(model, tok, d))
     print(json.dumps({"block": block, "outside": outside, "blocks": 8, "streamed": streamed,
-                      "old": peak_above_rss(old)}))
+                      "old": peak_above_rss(old), "checkpoint_streamed": ckpt_streamed, "checkpoint_old": ckpt_old}))
 """)
 
 
@@ -66,3 +83,7 @@ def test_streamed_save_holds_about_one_block(tmp_path):
     budget = 2 * got["block"] + got["outside"] + 16 * 2**20  # 16 MiB: allocator and safetensors overhead
     assert got["streamed"] < budget, got
     assert got["old"] > budget and got["old"] > got["blocks"] * got["block"], got
+    # a checkpoint: a block's weights, then its two AdamW moments (the largest part: 2 blocks), one part at a time
+    budget = 2 * 2 * got["block"] + 3 * got["outside"] + 16 * 2**20
+    assert got["checkpoint_streamed"] < budget, got
+    assert got["checkpoint_old"] > budget and got["checkpoint_old"] > 3 * got["blocks"] * got["block"], got

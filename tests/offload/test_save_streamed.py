@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from lowmem import checkpoint as ckpt
 from lowmem.model_save import save_atomically, save_streamed, saved_tensors
 from lowmem.models import save_pretrained
 from tests.offload import fo_helpers
@@ -68,3 +70,36 @@ def test_atomic_save_keeps_the_previous_model(tmp_path):
         save_atomically(tmp_path / "model", dies)
     assert (tmp_path / "model" / "config.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.mark.parametrize("budget", [0.0, None])  # every block and its state on NVMe / in host RAM
+def test_streamed_checkpoint_equals_the_in_memory_one_and_resumes_exactly(tiny_model, tmp_path, budget):
+    config = {"nvme_dir": str(tmp_path / "nvme"), "host_memory_budget_gb": budget}
+    model, eng = fo_helpers.engine(tiny_model, "adamw8bit", config, layers=3)
+    for b in batches(2):
+        fo_helpers.eng_step(eng, b)
+    names = {n for n, _ in model.named_parameters()}
+    with eng.full_state():  # the old path: every weight and every block's state in memory at once
+        ckpt.save_checkpoint(tmp_path / "old", eng.steps, optimizer=eng.optimizer,
+                             weights={n: t for n, t in eng.model_state_dict().items() if n in names})
+    with eng.checkpoint_state.placeholders():
+        new = ckpt.save_checkpoint(tmp_path / "new", eng.steps, optimizer=eng.optimizer,
+                                   weights=eng.checkpoint_parts(names), optimizer_parts=eng.checkpoint_state.parts)
+    old = ckpt.latest_checkpoint(tmp_path / "old")
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(old / name)), load_file(str(new / name))
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), name
+    assert any(t.dtype == torch.uint8 for t in load_file(str(new / "optimizer.safetensors")).values())
+    meta = [json.loads((d / "trainer.json").read_text())["optimizer"] for d in (old, new)]
+    assert meta[0] == meta[1]
+
+    model2, eng2 = fo_helpers.engine(tiny_model, "adamw8bit", {**config, "nvme_dir": str(tmp_path / "nvme2")},
+                                     layers=3, seed=1)
+    with eng2.loading_state():
+        ckpt.load_checkpoint(new, optimizer=eng2.optimizer, load_weights=eng2.load_model_state_dict,
+                             load_optimizer=eng2.checkpoint_state.load)
+    eng2.steps = eng.steps
+    for b in batches(4)[2:]:
+        assert torch.equal(fo_helpers.eng_step(eng, b), fo_helpers.eng_step(eng2, b))
+    a, b = eng.model_state_dict(), eng2.model_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
