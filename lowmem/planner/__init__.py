@@ -6,17 +6,20 @@ One package, one public interface (this module): :func:`plan` and its :class:`Pl
 * :mod:`lowmem.planner.trace`: the trainer's own step traced on fake tensors (bytes by part);
 * :mod:`lowmem.planner.plan`: the plan of a recipe (runtime baseline, suggestions, the text);
 * :mod:`lowmem.planner.first_order`: a first-order offloaded run (Fuyou), device and host;
-* :mod:`lowmem.planner.zo2`: the ZO2 engine's device buffers.
+* :mod:`lowmem.planner.zo2`: the ZO2 engine's device buffers;
+* :mod:`lowmem.planner.phases`: the host's peak in each phase of a run (build, step, eval, save).
 
 It sits above build/trainer (it builds the run's step object) and below the CLI and the tools.
 """
 
 from lowmem.planner.plan import (CHANGES, LORA_NOT_PLANNED, Plan, config_section, format_plan, model_config, plan,
                                  refusal, runtime_baseline_bytes, suggestions)
+from lowmem.planner.phases import PHASES, format_phases, host_memory, host_phases, host_refusal, weight_bytes
 from lowmem.planner.trace import fake_model, trace_phases, trace_step
 from lowmem.planner.zo2 import zo2_device_buffers
 from lowmem.recipe import with_overrides
 
-__all__ = ["CHANGES", "LORA_NOT_PLANNED", "Plan", "config_section", "fake_model", "format_plan", "model_config",
+__all__ = ["CHANGES", "LORA_NOT_PLANNED", "PHASES", "Plan", "format_phases", "host_memory", "host_phases",
+           "host_refusal", "weight_bytes", "config_section", "fake_model", "format_plan", "model_config",
            "plan", "refusal", "runtime_baseline_bytes", "suggestions", "trace_phases", "trace_step",
            "with_overrides", "zo2_device_buffers"]
