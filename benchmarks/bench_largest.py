@@ -9,7 +9,7 @@ Reported per run: the outcome, the process's peak RSS and its peak per phase (``
 ``peak_rss_by_phase_gb``), the disk the run left (run directory + NVMe files) and seconds per step.
 
     python benchmarks/bench_largest.py [--shapes 0.5B,1B] [--ways adamw,zo2_nvme] [--dtype bfloat16]
-                                       [--seq-len 32] [--timeout-min 60] [--workdir DIR]
+                                       [--seq-len 32] [--timeout-min 60] [--workdir DIR] [--quick]
 
 Each run's files are removed after it is measured. Runs only on a quiet machine (its ``uptime`` load is
 in the notes); the whole ladder to 13B needs the streamed build (issue #25's ingest side): until it is
@@ -126,8 +126,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--timeout-min", type=float, default=60)
+    parser.add_argument("--quick", action="store_true", help="the first rung only (run_all.py --quick)")
     parser.add_argument("--workdir", default=None, help="where runs and NVMe files go (default: the temp dir)")
     args = parser.parse_args()
+    if args.quick:
+        args.shapes = args.shapes.split(",")[0]
     load = os.getloadavg()[0]
     rows = []
     for way in args.ways.split(","):
