@@ -72,9 +72,10 @@ def test_atomic_save_keeps_the_previous_model(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-@pytest.mark.parametrize("budget", [0.0, None])  # every block and its state on NVMe / in host RAM
-def test_streamed_checkpoint_equals_the_in_memory_one_and_resumes_exactly(tiny_model, tmp_path, budget):
-    config = {"nvme_dir": str(tmp_path / "nvme"), "host_memory_budget_gb": budget}
+# every block and its state on NVMe / in host RAM; the embeddings' masters and state placed as the blocks'
+@pytest.mark.parametrize("budget,embeddings", [(0.0, "off"), (None, "off"), (0.0, "on")])
+def test_streamed_checkpoint_equals_the_in_memory_one_and_resumes_exactly(tiny_model, tmp_path, budget, embeddings):
+    config = {"nvme_dir": str(tmp_path / "nvme"), "host_memory_budget_gb": budget, "offload_embeddings": embeddings}
     model, eng = fo_helpers.engine(tiny_model, "adamw8bit", config, layers=3)
     for b in batches(2):
         fo_helpers.eng_step(eng, b)
