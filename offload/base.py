@@ -107,11 +107,12 @@ class StreamedEngine:
         self.barrier()
         return self.streamed.model_state_dict()
 
-    def load_model_state_dict(self, state: Mapping, partial: bool = False) -> None:
+    def load_model_state_dict(self, state: Mapping, partial: bool = False, skip: set[int] = frozenset()) -> None:
         """Load weights saved by :meth:`model_state_dict` (blocks go to the store, one at a time: a lazy
-        ``state`` streams); ``partial``: a name not in ``state`` keeps its value."""
+        ``state`` streams); ``partial``: a name not in ``state`` keeps its value; ``skip``: ids of parameters
+        outside the blocks that the subclass loads itself."""
         self.barrier()
-        self.streamed.load_model_state_dict(state, self.steps, partial)
+        self.streamed.load_model_state_dict(state, self.steps, partial, skip)
 
     def export_parts(self) -> list:
         """The model's weights of every completed step, as ``save_pretrained`` writes them, one part per

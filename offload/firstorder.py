@@ -110,6 +110,7 @@ class FirstOrderEngine(StreamedEngine):
         self.host = HostStepper(self.packed, self.store, self.mover.lanes, self.cpu, config.prefetch_depth,
                                 pin=self.device.type == "cuda")
         self.profile: Profile | None = None
+        self._held: dict[int, torch.Tensor] = {}  # while loading_state: the offloaded embeddings' own data
 
     def _state_budget(self) -> float | None:
         """The host budget left for optimizer states after the masters on the host."""
@@ -212,7 +213,7 @@ class FirstOrderEngine(StreamedEngine):
     def _params_on_host(self):
         """Parameters whose state lives on the host point at empty CPU fp32 tensors meanwhile, so that
         loading the optimizer puts their state there (torch moves state to its parameter's device)."""
-        big = [(p, p.data) for p in self.big_params]
+        self._held = {id(p): p.data for p in self.big_params}  # their weights, for a load meanwhile
         for p in [p for pk in self.packed for p in pk.params] + self.big_params:
             p.data = torch.empty(0, dtype=MASTER_DTYPE)
         try:
@@ -220,8 +221,9 @@ class FirstOrderEngine(StreamedEngine):
         finally:
             for i in range(len(self.packed)):
                 self.mover.unbind(i)
-            for p, data in big:
-                p.data = data
+            for p in self.big_params:
+                p.data = self._held[id(p)]
+            self._held = {}
 
     @contextlib.contextmanager
     def full_state(self):
@@ -269,10 +271,17 @@ class FirstOrderEngine(StreamedEngine):
 
     def load_model_state_dict(self, state, partial: bool = False) -> None:
         """Load weights saved by :meth:`model_state_dict` (blocks go to the store as masters, one at a time)."""
-        super().load_model_state_dict(state, partial)
-        if self.big is not None:
+        super().load_model_state_dict(state, partial, skip={id(p) for p in self.big_params})
+        if self.big is not None:  # their masters, and their device copies (their own data, even while loading)
             names = {id(t): n for n, t in self.model.state_dict(keep_vars=True).items()}
-            self.big.load([state[names[id(p)]] for p in self.big_params], self.steps)
+            held = [(p, p.data) for p in self.big_params if id(p) in self._held]
+            for p, _ in held:
+                p.data = self._held[id(p)]
+            try:
+                self.big.load([state[names[id(p)]] for p in self.big_params], self.steps)
+            finally:
+                for p, data in held:
+                    p.data = data
 
     def close(self, restore: bool = True) -> None:
         """Wait for the last step, give the blocks' weights back to the model (CPU, training dtype; not with

@@ -144,10 +144,12 @@ class StreamedModel:
             return {n: views[at[n]].to(dtype) if n in at else state[n].detach() for n in names}
         return Part(layout, read)
 
-    def load_model_state_dict(self, state: Mapping, version: int, partial: bool = False) -> None:
+    def load_model_state_dict(self, state: Mapping, version: int, partial: bool = False,
+                              skip: set[int] = frozenset()) -> None:
         """Load a state (as :meth:`model_state_dict` gives it), block by block into the store: a lazy
         ``state`` (a file read tensor by tensor) is read one block at a time. ``partial``: a name not in
-        ``state`` keeps its value (else it is an error)."""
+        ``state`` keeps its value (else it is an error); ``skip``: ids of tensors outside the blocks loaded
+        elsewhere (the first-order engine's offloaded embeddings)."""
         slots = self.slots_of()
         names: dict[int, list] = {i: [None] * len(pk.params) for i, pk in enumerate(self.packed)}
         for name, t in self.model.state_dict(keep_vars=True).items():
@@ -158,7 +160,7 @@ class StreamedModel:
             if id(t) in slots:
                 i, j = slots[id(t)]
                 names[i][j] = name
-            else:
+            elif id(t) not in skip:
                 with torch.no_grad():
                     t.copy_(state[name])
         for i, pk in enumerate(self.packed):
