@@ -86,6 +86,10 @@ class Trainer:
     def phase_peaks_gb(self) -> dict[str, float]:
         return {k: round(v / 2**30, 3) for k, v in self.phase_peaks.items()}
 
+    def peak_rss_gb(self) -> float:
+        """The run's peak RSS: resetting ``VmHWM`` also resets ``ru_maxrss`` (Linux), so the phases' peaks count."""
+        return round(max(peak_rss_bytes(), *self.phase_peaks.values()) / 2**30, 3)
+
     # ---------------------------------------------------------------- data
     def micro_batch(self, micro: int) -> dict[str, torch.Tensor]:
         acc, tr = self.accelerator, self.recipe.train
@@ -245,7 +249,7 @@ class Trainer:
             "steps": self.step, "skipped_steps": self.bad_total, "wall_time_s": round(wall_s, 2),
             **{f"{k}_before": v for k, v in first.items() if k.startswith("eval_")}, **final,
             "eval_perplexity": math.exp(min(final["eval_loss"], 50.0)),
-            "peak_rss_gb": round(peak_rss_bytes() / 2**30, 3),
+            "peak_rss_gb": self.peak_rss_gb(),
             "peak_cuda_gb": None if cuda_peak_bytes() is None else round(cuda_peak_bytes() / 2**30, 3),
             "predicted_peak_gb": None if self.predicted_peak_bytes is None
             else round(self.predicted_peak_bytes / 2**30, 3),
@@ -261,7 +265,7 @@ class Trainer:
         self.write_summary(summary)  # first: a kill during the save still leaves the summary
         with self.phase("save"):
             self.save_model()
-        summary["peak_rss_by_phase_gb"] = self.phase_peaks_gb()
+        summary.update(peak_rss_by_phase_gb=self.phase_peaks_gb(), peak_rss_gb=self.peak_rss_gb())
         self.write_summary(summary)
         self.accelerator.wait_for_everyone()
         return summary
