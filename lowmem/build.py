@@ -19,6 +19,7 @@ from lowmem.activations import apply_activations
 from lowmem.data import (CandidateBatches, PackedBatches, PaddedBatches, block_diagonal_mask, held_out_batches,
                          label_examples, lm_examples, lm_rows, pack_examples, pack_tokens, split_documents)
 from lowmem.int8_weights import Int8Updates
+from lowmem.model_save import save_atomically, save_streamed
 from lowmem.models import load_model, load_tokenizer, save_pretrained
 from lowmem.objectives import CandidateCollator, causal_lm_loss, classification_loss, lm_body_and_head
 from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
@@ -61,9 +62,14 @@ class Run:
         """What a checkpoint saves and the scheduler drives."""
         return self.stepper.inner_optimizer
 
-    def save_model(self, model: torch.nn.Module, directory: Path) -> None:
+    def save_model(self, model: torch.nn.Module, directory: Path, parts=None) -> None:
+        """``save_pretrained``'s files into ``directory``, atomically; from ``parts`` (the blocks in the
+        offload tiers, streamed, :func:`lowmem.model_save.save_streamed`) when given."""
         model.config.use_cache = True  # off for training (lowmem.models.load_model); generation wants it
-        save_pretrained(model, self.tokenizer, directory)
+        if parts is None:
+            save_atomically(directory, lambda tmp: save_pretrained(model, self.tokenizer, tmp))
+        else:
+            save_atomically(directory, lambda tmp: save_streamed(model, self.tokenizer, tmp, parts))
 
 
 def lr_factor(i: int, kind: str, warm: int, total: int, floor: float) -> float:

@@ -36,6 +36,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -43,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowmem.safetensors_stream import LazyTensors, Part, write_file
 from lowmem.state_encoding import (CheckpointError, decode, encode, optimizer_state_from_tensors,
                                    optimizer_state_to_tensors)
 
@@ -183,15 +185,22 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 # ---------------------------------------------------------------- save
-def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
-                 scheduler, generator_states: dict[str, list[torch.Tensor]], extra: dict | None) -> None:
+def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor] | list[Part], optimizer: torch.optim.Optimizer | None,
+                 scheduler, generator_states: dict[str, list[torch.Tensor]], extra: dict | None,
+                 optimizer_parts: Callable[[dict], list[Part]] | None = None) -> None:
     opt_tensors, opt_meta = ({}, None) if optimizer is None else optimizer_state_to_tensors(optimizer.state_dict())
     rng_tensors, rng_meta = _rng_state(generator_states)
     trainer = {"step": step, "extra": encode(extra or {}, "extra", None), "optimizer": opt_meta,
                "scheduler": None if scheduler is None else encode(scheduler.state_dict(), "scheduler", None),
                "rng": rng_meta}
-    _save_tensors(weights, tmp / "model.safetensors")
-    _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+    if isinstance(weights, dict):
+        _save_tensors(weights, tmp / "model.safetensors")
+    else:  # parts (an offload engine's blocks), each read when written
+        write_file(tmp / "model.safetensors", weights)
+    if optimizer_parts is None:
+        _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+    else:  # an offload engine's: its blocks' state read one block at a time when written
+        write_file(tmp / "optimizer.safetensors", optimizer_parts(opt_tensors))
     _save_tensors(rng_tensors, tmp / "rng.safetensors")
     _write_json(trainer, tmp / "trainer.json")
     files = {}
@@ -212,15 +221,18 @@ def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer, scheduler=None,
                     generator_states: dict[str, list[torch.Tensor]] | None = None, extra: dict | None = None,
-                    keep_last: int = 2, weights: dict[str, torch.Tensor] | None = None,
-                    sharded: Path | None = None) -> Path:
+                    keep_last: int = 2, weights: dict[str, torch.Tensor] | list[Part] | None = None,
+                    sharded: Path | None = None,
+                    optimizer_parts: Callable[[dict], list[Part]] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step:08d}`` atomically; keep the newest ``keep_last``.
 
     The weights are ``model``'s trainable parameters, or ``weights`` when the model's
-    parameters live elsewhere (the ZO2 engine's offloaded blocks). ``generator_states`` maps a private
+    parameters live elsewhere (the offload engines' blocks: a list of
+    :class:`~lowmem.safetensors_stream.Part`, each read from the tiers when written). ``generator_states`` maps a private
     generator's name to the ``get_state()`` of every process, in rank order (one process: a
     list of one). ``sharded``: a directory every rank wrote (FSDP2, :mod:`lowmem.fsdp_checkpoint`) with
-    the weights and optimizer state, moved in as ``sharded/``; ``optimizer`` is then not written."""
+    the weights and optimizer state, moved in as ``sharded/``; ``optimizer`` is then not written.
+    ``optimizer_parts(tensors)``: the encoded optimizer tensors as parts (an offload engine's state)."""
     if (model is None) == (weights is None):
         raise ValueError("save_checkpoint: give exactly one of model and weights")
     weights = trainable_weights(model) if weights is None else weights
@@ -240,7 +252,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | None =
         if sharded is not None:
             os.rename(sharded, tmp / SHARDED)
         _write_files(tmp, step, weights, None if sharded is not None else optimizer, scheduler,
-                     generator_states or {}, extra)
+                     generator_states or {}, extra, optimizer_parts)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -291,8 +303,8 @@ def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path)
             p.copy_(tensors[name])
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, where: Path) -> None:
-    state_dict = optimizer_state_from_tensors(tensors, meta)
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, where: Path) -> None:
+    """``optimizer.load_state_dict(state_dict)``, keeping the saved dtypes of its state tensors."""
     try:
         optimizer.load_state_dict(state_dict)
     except (ValueError, KeyError) as err:
@@ -307,11 +319,14 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict,
                 live[key] = value.to(live[key].device)
 
 
-def _read(path: Path) -> tuple[dict, dict, dict, dict]:
+def _read(path: Path, lazy: tuple[str, ...]) -> tuple[Mapping, Mapping, dict, dict]:
+    """The checkpoint's tensors and ``trainer.json``; the files named in ``lazy`` as mappings that read each
+    tensor from the file when asked for (an offload engine loads them one block at a time)."""
     loaded = {}
     for name in TENSOR_FILES:
         try:
-            loaded[name] = load_file(str(path / name))
+            lazy_file = name in lazy
+            loaded[name] = LazyTensors(path / name) if lazy_file else load_file(str(path / name))
         except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
             raise _error(path / name, f"unreadable safetensors file ({err})") from None
     try:
@@ -324,16 +339,19 @@ def _read(path: Path) -> tuple[dict, dict, dict, dict]:
 def load_checkpoint(path: str | Path, *, model: nn.Module | None = None, optimizer: torch.optim.Optimizer,
                     scheduler=None, generators: dict[str, torch.Generator] | None = None,
                     load_weights: Callable[[dict[str, torch.Tensor]], None] | None = None,
-                    rank: int = 0, world_size: int = 1) -> dict:
+                    rank: int = 0, world_size: int = 1,
+                    load_optimizer: Callable[[Mapping, dict, Path], None] | None = None) -> dict:
     """Verify every checksum, then restore weights (into ``model``, or by calling
-    ``load_weights``), optimizer, scheduler, RNG states and this process's ``generators``
+    ``load_weights``, given a mapping that reads each tensor when asked for), optimizer, scheduler, RNG states and this process's ``generators``
     (rank ``rank`` of ``world_size``, which must be the saved number of processes) in place;
+    ``load_optimizer(tensors, meta, where)``: loads the optimizer's state instead, from the file read lazily;
     return ``{"step": step, **extra}``."""
     if (model is None) == (load_weights is None):
         raise ValueError("load_checkpoint: give exactly one of model and load_weights")
     path = Path(path)
     _verify(path)
-    weights, opt_tensors, rng_tensors, trainer = _read(path)
+    lazy = ("model.safetensors",) * (load_weights is not None) + ("optimizer.safetensors",) * (load_optimizer is not None)
+    weights, opt_tensors, rng_tensors, trainer = _read(path, lazy)
     rng_file = path / "rng.safetensors"  # a refused world size is found before anything is restored
     if generators:
         _check_world_size(trainer["rng"], world_size, rng_file)
@@ -342,7 +360,11 @@ def load_checkpoint(path: str | Path, *, model: nn.Module | None = None, optimiz
     else:
         load_weights(weights)
     if trainer["optimizer"] is not None:  # None: in sharded/ (FSDP2), read by lowmem.fsdp_checkpoint
-        _load_optimizer(optimizer, opt_tensors, trainer["optimizer"], path / "optimizer.safetensors")
+        where = path / "optimizer.safetensors"
+        if load_optimizer is not None:
+            load_optimizer(opt_tensors, trainer["optimizer"], where)
+        else:
+            load_optimizer_state(optimizer, optimizer_state_from_tensors(opt_tensors, trainer["optimizer"]), where)
     if scheduler is not None:
         if trainer["scheduler"] is None:
             raise _error(path / "trainer.json", "checkpoint has no scheduler state")

@@ -74,6 +74,38 @@ def check_memory(recipe, args: argparse.Namespace):
     return predicted
 
 
+def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
+    """The host's predicted peak RSS in each phase (build, step, eval, save) against the RAM available now:
+    printed with ``--plan`` or when the model is large enough to matter (its weights more than a quarter of
+    the available RAM); a run that does not fit is refused in one line, unless ``--force``."""
+    import torch
+
+    from lowmem.planner import (format_phases, host_memory, host_phases, host_refusal, model_config, plan,
+                                runtime_baseline_bytes, weight_bytes)
+
+    if recipe.model.lora is not None or recipe.model.quantize is not None:
+        return  # not planned (LORA_NOT_PLANNED; bitsandbytes layers on fake tensors)
+    available, total = host_memory()
+    try:
+        config = model_config(recipe.model)
+        small = 4 * weight_bytes(recipe, config)[0] < available
+    except Exception:  # noqa: BLE001 - a model the planner cannot read: the run itself says why, in one line
+        if args.plan:
+            raise
+        return
+    if small and not args.plan:
+        return
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    step = predicted if predicted is not None and predicted.device == device else plan(recipe, device, suggest=False)
+    forward = plan(recipe, device, suggest=False, forward_only=True) \
+        if device == "cpu" and not recipe.offload.enabled else None
+    phases = host_phases(recipe, config, step, runtime_baseline_bytes(config.model_type), forward)
+    print(format_phases(phases), file=sys.stdout if args.plan else sys.stderr)
+    refused = host_refusal(phases, available, total)
+    if refused and not (args.plan or args.force):
+        raise ValueError(refused)
+
+
 def predictor(recipe, args: argparse.Namespace):
     """``predict(model_config) -> bytes | None`` for the summary of a run the CLI did not plan beforehand: the plan
     of the loaded model's config (no second read of its files). On CPU the runtime baseline is this process's RSS
@@ -127,6 +159,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     predicted = check_memory(recipe, args)
+    check_host(recipe, args, predicted)
     if args.plan:
         return None
     try:

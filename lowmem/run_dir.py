@@ -5,8 +5,9 @@ A directory already holds a run when any of :data:`RUN_FILES` is there. Before a
 * no ``--resume``: a directory holding a run is refused (one line: ``--resume``, ``--overwrite`` or another
   ``output.dir``), so a rerun never mixes its metrics and checkpoints with the previous run's;
   ``--overwrite`` removes the previous run's :data:`RUN_FILES` (and says so), nothing else there;
-* ``--resume`` on a finished run (``summary.json`` with ``steps >= train.steps``): :class:`RunComplete`, and
-  nothing is touched (a larger ``train.steps`` continues it from its last checkpoint);
+* ``--resume`` on a finished run (``summary.json`` with ``steps >= train.steps``, and ``model/`` when the run
+  saves one: the summary is written first, so a run killed while saving its model is resumed and saves it
+  again): :class:`RunComplete`, and nothing is touched (a larger ``train.steps`` continues it from its last checkpoint);
 * ``--resume`` with no complete checkpoint: refused, instead of silently starting over.
 """
 
@@ -37,13 +38,14 @@ def finished_steps(out: Path) -> int | None:
         return None
 
 
-def check_run_dir(out: Path, *, resume: bool, overwrite: bool, steps: int) -> None:
-    """Refuse what would mix or lose runs in ``out`` (see the module docstring); changes nothing."""
+def check_run_dir(out: Path, *, resume: bool, overwrite: bool, steps: int, save_model: bool = False) -> None:
+    """Refuse what would mix or lose runs in ``out`` (see the module docstring); changes nothing.
+    ``save_model``: the run writes ``model/`` (after ``summary.json``): a run killed in between is not complete."""
     if resume and overwrite:
         raise RunDirError("--resume continues the run in output.dir, --overwrite replaces it: give one of them")
     if resume:
         done = finished_steps(out)
-        if done is not None and done >= steps:
+        if done is not None and done >= steps and (not save_model or (out / "model").is_dir()):
             raise RunComplete(f"{out}: the run is already complete ({done} steps, train.steps={steps}); nothing "
                               f"changed (raise train.steps to continue it from its last checkpoint)")
         if latest_checkpoint(out) is None:

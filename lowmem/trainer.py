@@ -13,6 +13,7 @@ with finite gradients already).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from lowmem import checkpoint as ckpt
 from lowmem.build import build_run
 from lowmem.integrations.deepspeed import refuse_deepspeed_launch
-from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, state_bytes
+from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, reset_peak_rss, state_bytes, window_peak_rss_bytes
 from lowmem.recipe import Recipe
 from lowmem.run_dir import check_run_dir, clear_run
 from lowmem.steps import eval_mode, unwrap
@@ -53,7 +54,8 @@ class Trainer:
         self.predicted_peak_bytes = predicted_peak_bytes  # lowmem.planner's prediction, shown in the summary
         self.predict = predict  # or: the model's config -> predicted peak bytes, asked once the run is measured
         self.out = Path(recipe.output.dir)
-        check_run_dir(self.out, resume=resume, overwrite=overwrite, steps=recipe.train.steps)  # before any work
+        check_run_dir(self.out, resume=resume, overwrite=overwrite, steps=recipe.train.steps,
+                      save_model=recipe.output.save_model)  # before any work
         AcceleratorState._reset_state()  # a second run in one process may use another precision
         self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())
@@ -64,11 +66,29 @@ class Trainer:
                 note(f"--overwrite: removed the previous run's {', '.join(removed)} from {self.out}")
         self.accelerator.wait_for_everyone()
         set_seed(recipe.train.seed)
-        self.run = build_run(recipe, self.accelerator)
+        self.phase_peaks: dict[str, int] = {}  # measured peak RSS of each phase (lowmem.planner.phases)
+        with self.phase("build"):
+            self.run = build_run(recipe, self.accelerator)
         self.step = 0          # optimizer steps taken
         self.attempt = 0       # step attempts (taken or skipped): the data position
         self.bad_in_row = 0
         self.bad_total = 0
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Measure the peak RSS inside (``VmHWM`` reset on entry) into ``phase_peaks[name]`` (the max over visits)."""
+        reset_peak_rss()
+        try:
+            yield
+        finally:
+            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), window_peak_rss_bytes())
+
+    def phase_peaks_gb(self) -> dict[str, float]:
+        return {k: round(v / 2**30, 3) for k, v in self.phase_peaks.items()}
+
+    def peak_rss_gb(self) -> float:
+        """The run's peak RSS: resetting ``VmHWM`` also resets ``ru_maxrss`` (Linux), so the phases' peaks count."""
+        return round(max(peak_rss_bytes(), *self.phase_peaks.values()) / 2**30, 3)
 
     # ---------------------------------------------------------------- data
     def micro_batch(self, micro: int) -> dict[str, torch.Tensor]:
@@ -80,7 +100,8 @@ class Trainer:
     def train_step(self) -> dict:
         """One step attempt of the run's step object (lowmem.steps); a NaN loss means it was skipped."""
         t0 = time.perf_counter()
-        loss, norm = self.run.stepper.step(self.micro_batch)
+        with self.phase("step"):
+            loss, norm = self.run.stepper.step(self.micro_batch)
         self.attempt += 1
         record = {"step": self.step + 1, "loss": loss, "lr": self.run.inner_optimizer.param_groups[0]["lr"]}
         if math.isnan(loss):
@@ -97,8 +118,13 @@ class Trainer:
         return record
 
     # ---------------------------------------------------------------- eval
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """:meth:`evaluate_all`, its peak RSS measured as the eval phase."""
+        with self.phase("eval"):
+            return self.evaluate_all()
+
+    @torch.no_grad()
+    def evaluate_all(self) -> dict[str, float]:
         """Mean of each eval metric over the eval batches, split across processes: rank r takes batches
         r, r + N, ... Every rank runs the same number of forwards (DDP's forward broadcasts buffers, a
         collective): a rank past the last batch repeats batch 0 with weight 0. The mean is one process's."""
@@ -129,7 +155,7 @@ class Trainer:
         where["extra"].update(attempt=self.attempt, bad_total=self.bad_total)
         generator_states = self._generator_states()  # a collective: before the rank-0-only write
         if self.accelerator.is_main_process:
-            with stepper.saving():
+            with stepper.saving(), self.phase("save"):
                 ckpt.save_checkpoint(self.out, self.step, optimizer=stepper.inner_optimizer,
                                      scheduler=self.run.scheduler,
                                      generator_states=generator_states,
@@ -223,25 +249,47 @@ class Trainer:
             "steps": self.step, "skipped_steps": self.bad_total, "wall_time_s": round(wall_s, 2),
             **{f"{k}_before": v for k, v in first.items() if k.startswith("eval_")}, **final,
             "eval_perplexity": math.exp(min(final["eval_loss"], 50.0)),
-            "peak_rss_gb": round(peak_rss_bytes() / 2**30, 3),
+            "peak_rss_gb": self.peak_rss_gb(),
             "peak_cuda_gb": None if cuda_peak_bytes() is None else round(cuda_peak_bytes() / 2**30, 3),
             "predicted_peak_gb": None if self.predicted_peak_bytes is None
             else round(self.predicted_peak_bytes / 2**30, 3),
             "optimizer_state_mb": round(state_bytes(self.run.inner_optimizer) / 2**20, 3),
             "optimizer": self.recipe.optim.name,
+            "peak_rss_by_phase_gb": self.phase_peaks_gb(),  # save: added once the model is saved
             "data": self.run.data_counts,
             **self.run.stepper.summary(),  # the step's own figures (FSDP2: per-rank bytes)
         }
         if summary["predicted_peak_gb"] is None and self.predict is not None and self.accelerator.is_main_process:
             predicted = self.predict(unwrap(self.run.model).config)  # after the measurement
             summary["predicted_peak_gb"] = None if predicted is None else round(predicted / 2**30, 3)
-        self.run.stepper.close()  # the last deferred update flushed, offloaded blocks back into the model
-        if self.accelerator.is_main_process:
-            if self.recipe.output.save_model:
-                self.run.save_model(unwrap(self.run.model), self.out / "model")
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.write_summary(summary)  # first: a kill during the save still leaves the summary
+        with self.phase("save"):
+            self.save_model()
+        summary.update(peak_rss_by_phase_gb=self.phase_peaks_gb(), peak_rss_gb=self.peak_rss_gb())
+        self.write_summary(summary)
         self.accelerator.wait_for_everyone()
         return summary
+
+    def write_summary(self, summary: dict) -> None:
+        if self.accelerator.is_main_process:  # atomically: a kill leaves the previous one
+            tmp = self.out / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.replace(self.out / "summary.json")
+
+    def save_model(self) -> None:
+        """``output.dir/model``: in memory after closing the step, or streamed block by block from the
+        offload tiers (the blocks never all come back into RAM), then the step is released."""
+        stepper = self.run.stepper
+        if not (self.recipe.output.save_model and self.accelerator.is_main_process):
+            stepper.release()
+            return
+        parts = stepper.model_parts()
+        if parts is None:
+            stepper.close()  # the last deferred update flushed, offloaded blocks back into the model
+            self.run.save_model(unwrap(self.run.model), self.out / "model")
+            return
+        self.run.save_model(unwrap(self.run.model), self.out / "model", parts)
+        stepper.release()
 
 
 def rate(tokens_per_s: float) -> str:

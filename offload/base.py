@@ -20,11 +20,14 @@ Public methods of both engines: ``step`` (their own), ``evaluate``, ``eval_loss`
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
 
+from lowmem.model_save import saved_state
 from lowmem.offload.settings import OffloadSection, offload_section
 from lowmem.offload.streamed import StreamedModel, check_blocks, model_units
 
@@ -105,13 +108,34 @@ class StreamedEngine:
         self.barrier()
         return self.streamed.model_state_dict()
 
-    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load weights saved by :meth:`model_state_dict` (blocks go to the store)."""
+    def load_model_state_dict(self, state: Mapping, partial: bool = False, skip: set[int] = frozenset()) -> None:
+        """Load weights saved by :meth:`model_state_dict` (blocks go to the store, one at a time: a lazy
+        ``state`` streams); ``partial``: a name not in ``state`` keeps its value; ``skip``: ids of parameters
+        outside the blocks that the subclass loads itself."""
         self.barrier()
-        self.streamed.load_model_state_dict(state, self.steps)
+        self.streamed.load_model_state_dict(state, self.steps, partial, skip)
 
-    def close(self) -> None:
-        """Flush, give the blocks' parameters back to the model (CPU, training dtype), remove the overrides."""
+    def export_parts(self) -> list:
+        """The model's weights of every completed step, as ``save_pretrained`` writes them, one part per
+        block read from the store when written (:meth:`StreamedModel.parts`)."""
         self.flush()
-        self.streamed.close()
+        return self.streamed.parts(self.compute_dtype, functools.partial(saved_state, self.model))
+
+    def checkpoint_parts(self, names: set[str]) -> list:
+        """The weights a checkpoint stores (``names``: the trainable parameters, tied ones once), as stored:
+        blocks in the packing dtype (ZO2's training dtype, the first-order fp32 masters), one block read at
+        a time when written. A deferred update stays pending (the checkpoint's ``extra`` holds it)."""
+        self.barrier()
+        return self.streamed.parts(self.streamed.pack_dtype, lambda state: {n: t for n, t in state.items() if n in names},
+                                   lambda name: name in names, self._masters())
+
+    def _masters(self) -> dict:
+        """id(parameter outside the blocks) -> its stored value where that is not the parameter itself."""
+        return {}
+
+    def close(self, restore: bool = True) -> None:
+        """Flush, give the blocks' parameters back to the model (CPU, training dtype), remove the overrides.
+        ``restore=False``: the blocks are not brought back (the model is left unusable; a run's end)."""
+        self.flush()
+        self.streamed.close(restore)
         self.driver.remove()

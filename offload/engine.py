@@ -54,6 +54,7 @@ from lowmem.offload.objective import DualCall
 from lowmem.offload.resident import Indexed, ResidentPerturber, perturbed_pair
 from lowmem.offload.settings import OffloadSection
 from lowmem.optim.zo_noise import mix_seed, param_seed, sgd_update_
+from lowmem.safetensors_stream import Part
 
 _ROUND_STREAM = 1 << 40  # seeds of the stochastic rounding, apart from the perturbation streams
 
@@ -238,12 +239,23 @@ class ZO2Engine(StreamedEngine):
             return []
         return [self.store.get(i) for i in range(len(self.packed))]
 
+    def host_block_parts(self, prefix: str) -> list[Part]:
+        """:meth:`host_blocks` as checkpoint parts named ``<prefix><i>``, each read from the store when written."""
+        if not self.streamed.format.lossy_roundtrip:
+            return []
+        return [Part([(f"{prefix}{i}", (n,), self.store.dtype)], lambda i=i: {f"{prefix}{i}": self.store.get(i)})
+                for i, n in enumerate(self.store.numels)]
+
     def load_host_blocks(self, blocks: list[torch.Tensor]) -> None:
         """Put back what :meth:`host_blocks` gave (after :meth:`load_model_state_dict`, which they override)."""
         if blocks and len(blocks) != len(self.packed):
             raise ValueError(f"checkpoint: {len(blocks)} host blocks for a model of {len(self.packed)} blocks")
         for i, t in enumerate(blocks):
-            if t.dtype != self.store.dtype or t.numel() != self.store.numels[i]:
-                raise ValueError(f"checkpoint: host block {i} is {t.numel()} {t.dtype}, the engine's "
-                                 f"{self.store.numels[i]} {self.store.dtype} (another offload.host_dtype?)")
-            self.store.put(i, t.reshape(-1), version=self.steps)
+            self.load_host_block(i, t)
+
+    def load_host_block(self, i: int, t: torch.Tensor) -> None:
+        """Block ``i``'s stored copy, as :meth:`host_blocks` gave it."""
+        if t.dtype != self.store.dtype or t.numel() != self.store.numels[i]:
+            raise ValueError(f"checkpoint: host block {i} is {t.numel()} {t.dtype}, the engine's "
+                             f"{self.store.numels[i]} {self.store.dtype} (another offload.host_dtype?)")
+        self.store.put(i, t.reshape(-1), version=self.steps)

@@ -52,6 +52,7 @@ from torch import nn
 
 from lowmem.dtypes import MASTER_DTYPE
 from lowmem.offload.base import StreamedEngine
+from lowmem.offload.fo_checkpoint import StreamedState
 from lowmem.offload.fo_driver import BlockDriver
 from lowmem.offload.fo_host import CpuOptimizer, HostStepper
 from lowmem.offload.fo_resident import ResidentTier, offloaded_params
@@ -104,10 +105,12 @@ class FirstOrderEngine(StreamedEngine):
                                  len(self.packed)) if big else None)
         self.states = StateTier(optimizer, [pk.params for pk in self.packed] + ([big] if big else []),
                                 self._state_budget(), config.nvme_dir)
+        self.checkpoint_state = StreamedState(optimizer, self.states)  # a checkpoint's state, block by block
         self.cpu = CpuOptimizer(optimizer, self.group_of, self.states)
         self.host = HostStepper(self.packed, self.store, self.mover.lanes, self.cpu, config.prefetch_depth,
                                 pin=self.device.type == "cuda")
         self.profile: Profile | None = None
+        self._held: dict[int, torch.Tensor] = {}  # while loading_state: the offloaded embeddings' own data
 
     def _state_budget(self) -> float | None:
         """The host budget left for optimizer states after the masters on the host."""
@@ -210,7 +213,7 @@ class FirstOrderEngine(StreamedEngine):
     def _params_on_host(self):
         """Parameters whose state lives on the host point at empty CPU fp32 tensors meanwhile, so that
         loading the optimizer puts their state there (torch moves state to its parameter's device)."""
-        big = [(p, p.data) for p in self.big_params]
+        self._held = {id(p): p.data for p in self.big_params}  # their weights, for a load meanwhile
         for p in [p for pk in self.packed for p in pk.params] + self.big_params:
             p.data = torch.empty(0, dtype=MASTER_DTYPE)
         try:
@@ -218,8 +221,9 @@ class FirstOrderEngine(StreamedEngine):
         finally:
             for i in range(len(self.packed)):
                 self.mover.unbind(i)
-            for p, data in big:
-                p.data = data
+            for p in self.big_params:
+                p.data = self._held[id(p)]
+            self._held = {}
 
     @contextlib.contextmanager
     def full_state(self):
@@ -240,7 +244,7 @@ class FirstOrderEngine(StreamedEngine):
         self.barrier()
         with self._params_on_host():
             yield self.optimizer
-        self.states.reset(self._state_budget(), self.steps)
+        self.states.reset(self._state_budget(), self.steps, fill=self.checkpoint_state.fill)
 
     def _optimizer_state(self) -> dict:
         """A copy of the optimizer's full state (blocks' states read from NVMe)."""
@@ -253,26 +257,36 @@ class FirstOrderEngine(StreamedEngine):
         with self.loading_state():
             self.optimizer.load_state_dict(state)
 
+    def _masters(self) -> dict:
+        return self.big.masters() if self.big is not None else {}
+
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state on the CPU; block (and offloaded embedding) weights are the fp32 masters."""
         out = super().model_state_dict()
-        masters = self.big.masters() if self.big is not None else {}
+        masters = self._masters()
         for name, t in self.model.state_dict(keep_vars=True).items():
             if id(t) in masters:
                 out[name] = masters[id(t)].clone()
         return out
 
-    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load weights saved by :meth:`model_state_dict` (blocks go to the store as masters)."""
-        super().load_model_state_dict(state)
-        if self.big is not None:
+    def load_model_state_dict(self, state, partial: bool = False) -> None:
+        """Load weights saved by :meth:`model_state_dict` (blocks go to the store as masters, one at a time)."""
+        super().load_model_state_dict(state, partial, skip={id(p) for p in self.big_params})
+        if self.big is not None:  # their masters, and their device copies (their own data, even while loading)
             names = {id(t): n for n, t in self.model.state_dict(keep_vars=True).items()}
-            self.big.load([state[names[id(p)]] for p in self.big_params], self.steps)
+            held = [(p, p.data) for p in self.big_params if id(p) in self._held]
+            for p, _ in held:
+                p.data = self._held[id(p)]
+            try:
+                self.big.load([state[names[id(p)]] for p in self.big_params], self.steps)
+            finally:
+                for p, data in held:
+                    p.data = data
 
-    def close(self) -> None:
-        """Wait for the last step, give the blocks' weights back to the model (CPU, training dtype),
-        remove the overrides. The NVMe tier's optimizer state is not read back."""
-        super().close()
+    def close(self, restore: bool = True) -> None:
+        """Wait for the last step, give the blocks' weights back to the model (CPU, training dtype; not with
+        ``restore=False``), remove the overrides. The NVMe tier's optimizer state is not read back."""
+        super().close(restore)
         self.host.close()
         if self.big is not None:
             self.big.close()

@@ -167,9 +167,11 @@ class StateTier:
             self.optimizer.state[self.params[k][e.param]].pop(e.key, None)
         self.loaded.discard(k)
 
-    def reset(self, host_bytes: float | None, version: int) -> None:
-        """Place every block again from the state now in ``optimizer.state`` (after loading a checkpoint)."""
+    def reset(self, host_bytes: float | None, version: int, fill=lambda k: None) -> None:
+        """Place every block again from the state now in ``optimizer.state`` (after loading a checkpoint);
+        ``fill(k)`` puts block ``k``'s state there first (a checkpoint read block by block)."""
         self._reset(host_bytes)
         for k in range(len(self.params)):
+            fill(k)
             if self._layout(k):
                 self.save(k, version)

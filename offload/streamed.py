@@ -18,6 +18,7 @@ schedule on top (:mod:`lowmem.offload.engine`: ZO2; :mod:`lowmem.offload.firstor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -27,6 +28,7 @@ from lowmem.block_source import block_filler
 from lowmem.offload.host_format import host_format
 from lowmem.offload.store import BlockStore
 from lowmem.offload.transfer import BlockMover, Packed
+from lowmem.safetensors_stream import Part
 from lowmem.structure import block_container
 from lowmem.offload.settings import OffloadSection
 
@@ -110,36 +112,88 @@ class StreamedModel:
             if id(t) in slots:
                 i, j = slots[id(t)]
                 if i not in cache:
-                    cache[i] = self.packed[i].views(self.format.restored(i, self.store.get(i), self.pack_dtype))
+                    cache[i] = self.packed[i].views(self._flat(i))
                 out[name] = cache[i][j].to(self.pack_dtype, copy=True)
             else:
                 out[name] = t.detach().to("cpu", copy=True)
         return out
 
-    def load_model_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Load a full state (as :meth:`model_state_dict` gives it): blocks go to the store."""
+    def parts(self, dtype: torch.dtype, keep_outside: Callable[[dict], dict],
+              keep_block: Callable[[str], bool] = lambda name: True, masters: dict | None = None) -> list[Part]:
+        """The model's ``state_dict`` as :class:`~lowmem.safetensors_stream.Part` s, in its order: one per
+        block -- its tensors read from the store when written, in ``dtype`` -- and one per run of tensors
+        outside the blocks. ``keep_outside(state) -> state`` chooses among the tensors outside the blocks
+        (tied aliases dropped there), ``keep_block(name)`` among the blocks'; ``masters``: id(parameter) ->
+        the tensor to write for it instead (the first-order engine's fp32 masters of offloaded embeddings).
+        Host memory holds one block's tensors at a time."""
         slots = self.slots_of()
-        blocks: dict[int, list] = {i: [None] * len(pk.params) for i, pk in enumerate(self.packed)}
+        block_of = {id(b): i for i, block in enumerate(self.blocks) for b in block.buffers()}
+        block_of.update({key: i for key, (i, _) in slots.items()})
+        state = self.model.state_dict(keep_vars=True)
+        outside = keep_outside({n: (masters or {}).get(id(t), t).detach() for n, t in state.items()
+                                if id(t) not in block_of})
+        runs: list[tuple[int | None, list[str]]] = []  # (block or None, names) in state_dict order
+        for name, t in state.items():
+            key = block_of.get(id(t))
+            if name not in outside if key is None else not keep_block(name):
+                continue
+            if not runs or runs[-1][0] != key:
+                runs.append((key, []))
+            runs[-1][1].append(name)
+        return [self._block_part(i, names, state, dtype) if i is not None else Part.of({n: outside[n] for n in names})
+                for i, names in runs]
+
+    def _block_part(self, i: int, names: list[str], state: dict, dtype: torch.dtype) -> Part:
+        slots, pk = self.slots_of(), self.packed[i]
+        at = {n: slots[id(state[n])][1] for n in names if id(state[n]) in slots}  # a buffer: not in the store
+        layout = [(n, tuple(pk.shapes[at[n]]), dtype) if n in at else (n, tuple(state[n].shape), state[n].dtype)
+                  for n in names]
+
+        def read() -> dict[str, torch.Tensor]:
+            views = pk.views(self._flat(i))
+            return {n: views[at[n]].to(dtype) if n in at else state[n].detach() for n in names}
+        return Part(layout, read)
+
+    def load_model_state_dict(self, state: Mapping, version: int, partial: bool = False,
+                              skip: set[int] = frozenset()) -> None:
+        """Load a state (as :meth:`model_state_dict` gives it), block by block into the store: a lazy
+        ``state`` (a file read tensor by tensor) is read one block at a time. ``partial``: a name not in
+        ``state`` keeps its value (else it is an error); ``skip``: ids of tensors outside the blocks loaded
+        elsewhere (the first-order engine's offloaded embeddings)."""
+        slots = self.slots_of()
+        names: dict[int, list] = {i: [None] * len(pk.params) for i, pk in enumerate(self.packed)}
         for name, t in self.model.state_dict(keep_vars=True).items():
             if name not in state:
+                if partial:
+                    continue
                 raise ValueError(f"state_dict: missing {name!r}")
             if id(t) in slots:
                 i, j = slots[id(t)]
-                blocks[i][j] = state[name]
-            else:
+                names[i][j] = name
+            elif id(t) not in skip:
                 with torch.no_grad():
                     t.copy_(state[name])
-        for i, tensors in blocks.items():
+        for i, pk in enumerate(self.packed):
+            if all(n is None for n in names[i]):
+                continue
+            kept = pk.views(self._flat(i)) if None in names[i] else None
+            tensors = [state[n] if n is not None else kept[j] for j, n in enumerate(names[i])]
             self.store.put(i, self._stored(i, tensors), version=version)
+            del tensors, kept
+
+    def _flat(self, i: int) -> torch.Tensor:
+        """Block ``i``'s parameters packed in the packing dtype, read (and decoded) from the store."""
+        return self.format.restored(i, self.store.get(i), self.pack_dtype)
 
     def _stored(self, i: int, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Block ``i``'s host copy of ``tensors`` (its parameters in order), rounded to nearest."""
         return self.format.stored(i, self.packed[i].pack(tensors, self.pack_dtype))
 
-    def close(self) -> None:
+    def close(self, restore: bool = True) -> None:
         """Give the blocks' parameters back to the model (CPU, training dtype) and close the store,
-        block by block: the store frees each one as it is handed back (no second copy)."""
-        for i, pk in enumerate(self.packed):
+        block by block: the store frees each one as it is handed back (no second copy).
+        ``restore=False``: close the store only (the model keeps its placeholders; after a streamed save)."""
+        for i, pk in enumerate(self.packed if restore else []):
             flat = self.store.take(i)
             if flat.dtype != self.compute_dtype:
                 flat = self.format.restored(i, flat, self.compute_dtype)

@@ -160,6 +160,15 @@ class Step:
     def close(self) -> None:
         self.flush()
 
+    def model_parts(self):
+        """The trained weights as parts to save streamed (:mod:`lowmem.model_save`), or None: the model
+        holds them in memory (closed first, then saved by ``save_pretrained``)."""
+        return None
+
+    def release(self) -> None:
+        """End the run after a streamed save, without bringing the weights back into the model."""
+        self.close()
+
     def summary(self) -> dict:
         """Entries this way of stepping adds to the run's ``summary.json`` (every rank calls it)."""
         return {}

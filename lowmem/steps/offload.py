@@ -19,6 +19,7 @@ pytorch/pytorch#20124, and the warning would be false here).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -71,6 +72,22 @@ class EngineStepped(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict)
 
 
+class Renamed(Mapping):
+    """``tensors`` under other names: ``names[new] = old``; read only when asked for."""
+
+    def __init__(self, tensors: Mapping, names: dict[str, str]):
+        self.tensors, self.names = tensors, names
+
+    def __getitem__(self, name: str):
+        return self.tensors[self.names[name]]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 class _Offloaded(Step):
     zeroth_order = False
 
@@ -105,23 +122,29 @@ class _Offloaded(Step):
     def close(self) -> None:
         self.engine.close()  # flush, blocks back into the model
 
+    def model_parts(self):
+        return self.engine.export_parts()  # flushed; one block read at a time when written
+
+    def release(self) -> None:
+        self.engine.close(restore=False)
+
     def save_kwargs(self) -> dict:
+        """The trainable weights as parts read from the engine's tiers one block at a time when written."""
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        weights = {n: t for n, t in self.engine.model_state_dict().items() if n in trainable}
-        return {"weights": weights, "extra": self.engine_extra()}
+        return {"weights": self.engine.checkpoint_parts(trainable), "extra": self.engine_extra()}
 
     def load_kwargs(self) -> dict:
         return {"load_weights": self._load_weights}
 
-    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Full engine state with the checkpoint's trainable tensors, tied aliases included."""
-        state = self.engine.model_state_dict()
-        first = {}
+    def _load_weights(self, weights: Mapping) -> None:
+        """The checkpoint's trainable tensors (a lazy mapping: read one block at a time), tied aliases
+        included; the weights it does not hold (frozen ones) keep their values."""
+        first, alias = {}, {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             first.setdefault(id(p), name)
             if first[id(p)] in weights:
-                state[name] = weights[first[id(p)]]
-        self.engine.load_model_state_dict(state)
+                alias[name] = first[id(p)]
+        self.engine.load_model_state_dict(Renamed(weights, alias), partial=True)
 
     def engine_extra(self) -> dict:
         raise NotImplementedError
@@ -176,15 +199,19 @@ class ZO2Step(_Offloaded):
 
     def save_kwargs(self) -> dict:
         """The trainable weights and, with an int8 host copy, the stored blocks themselves (payload and
-        scales: a resume requantizing dequantized weights would not be exact), as ``zo2.host_block.<i>``."""
+        scales: a resume requantizing dequantized weights would not be exact), as ``zo2.host_block.<i>``,
+        each read from the store when written."""
         kwargs = super().save_kwargs()
-        kwargs["weights"].update({f"{HOST_BLOCK}{i}": t for i, t in enumerate(self.engine.host_blocks())})
+        kwargs["weights"] = [*kwargs["weights"], *self.engine.host_block_parts(HOST_BLOCK)]
         return kwargs
 
-    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        blocks = sorted((int(k[len(HOST_BLOCK):]), t) for k, t in weights.items() if k.startswith(HOST_BLOCK))
-        super()._load_weights({k: t for k, t in weights.items() if not k.startswith(HOST_BLOCK)})
-        self.engine.load_host_blocks([t for _, t in blocks])
+    def _load_weights(self, weights: Mapping) -> None:
+        super()._load_weights(weights)  # reads the parameters' names only
+        count = sum(1 for k in weights if k.startswith(HOST_BLOCK))
+        if count not in (0, len(self.engine.packed)):
+            raise ValueError(f"checkpoint: {count} host blocks for a model of {len(self.engine.packed)} blocks")
+        for i in range(count):  # one block read at a time
+            self.engine.load_host_block(i, weights[f"{HOST_BLOCK}{i}"])
 
     def restore(self, extra: dict) -> None:
         self.engine.load_state_dict({**extra["zo2"], "optimizer": self.optimizer.state_dict()})
@@ -222,8 +249,16 @@ class FirstOrderOffloadStep(_Offloaded):
     def engine_extra(self) -> dict:
         return {"offload": {"steps": self.engine.steps}}
 
+    def save_kwargs(self) -> dict:
+        """The weights and the blocks' optimizer state written one block at a time (lowmem.offload.fo_checkpoint)."""
+        return {**super().save_kwargs(), "optimizer_parts": self.engine.checkpoint_state.parts}
+
     def saving(self):
-        return self.engine.full_state()
+        self.engine.barrier()
+        return self.engine.checkpoint_state.placeholders()
+
+    def load_kwargs(self) -> dict:
+        return {**super().load_kwargs(), "load_optimizer": self.engine.checkpoint_state.load}
 
     def loading(self):
         return self.engine.loading_state()

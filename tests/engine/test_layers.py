@@ -22,7 +22,7 @@ LAYERS = [
                                   "lowmem.objectives", "lowmem.state_encoding", "lowmem.block_source", "lowmem.block_loading", "lowmem.checkpoint",
                                   "lowmem.run_dir", "lowmem.sft",
                                   "lowmem.fsdp", "lowmem.fsdp_checkpoint", "lowmem.int8_weights",
-                                  "lowmem.quantized_base"]),
+                                  "lowmem.quantized_base", "lowmem.safetensors_stream", "lowmem.model_save"]),
     ("offload", ["lowmem.offload"]),
     ("steps", ["lowmem.steps"]),
     ("recipe", ["lowmem.recipe"]),

