@@ -80,11 +80,12 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
     the available RAM); a run that does not fit is refused in one line, unless ``--force``."""
     import torch
 
+    from lowmem.models import model_source
     from lowmem.planner import (format_phases, host_memory, host_phases, host_refusal, model_config, plan,
                                 runtime_baseline_bytes, weight_bytes)
 
     if recipe.model.lora is not None or recipe.model.quantize is not None:
-        return  # not planned (LORA_NOT_PLANNED; bitsandbytes layers on fake tensors)
+        return  # the phases model the model's own weights, not adapters or a quantized base
     available, total = host_memory()
     try:
         config = model_config(recipe.model)
@@ -95,6 +96,8 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
         return
     if small and not args.plan:
         return
+    if recipe.model.path is not None and not args.plan:
+        model_source(recipe.model.path, "model.path")  # an unreachable model is said first, in its own line
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     step = predicted if predicted is not None and predicted.device == device else plan(recipe, device, suggest=False)
     forward = plan(recipe, device, suggest=False, forward_only=True) \

@@ -82,7 +82,7 @@ def test_streamed_save_holds_about_one_block(tmp_path):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     budget = 2 * got["block"] + got["outside"] + 16 * 2**20  # 16 MiB: allocator and safetensors overhead
     assert got["streamed"] < budget, got
-    assert got["old"] > budget and got["old"] > got["blocks"] * got["block"], got
+    assert got["old"] > 1.5 * budget, got  # the old path holds the blocks together: the budget can fail
     # a checkpoint: a block's weights, then its two AdamW moments (the largest part: 2 blocks), one part at a time
     budget = 2 * 2 * got["block"] + 3 * got["outside"] + 16 * 2**20
     assert got["checkpoint_streamed"] < budget, got
