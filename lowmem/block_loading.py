@@ -37,13 +37,12 @@ def checkpoint_files(directory: Path) -> dict[str, Path] | None:
     return None
 
 
-class SafetensorsFiller(BlockFiller):
-    """Fills a streamed model's modules from a safetensors checkpoint, one tensor at a time."""
+class FileFiller(BlockFiller):
+    """Fills each parameter still on ``meta`` (a tied alias aside: the tie gives it its value) of the modules
+    asked for with :meth:`read` of its name, cast to the run's dtype: one tensor in memory at a time."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, files: dict[str, Path], field: str):
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
         super().__init__(model, dtype)
-        self.files, self.field = files, field
-        self.prefix = getattr(model, "base_model_prefix", "")
         self.tied = set(getattr(model, "all_tied_weights_keys", None) or {})
 
     def fill_modules(self, modules: list[nn.Module]) -> None:
@@ -53,6 +52,18 @@ class SafetensorsFiller(BlockFiller):
                 full = f"{name}.{key}" if name else key
                 if p.is_meta and full not in self.tied:
                     materialise_as(p, self.read(full).to(self.dtype))
+
+    def read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SafetensorsFiller(FileFiller):
+    """Fills a streamed model's modules from a safetensors checkpoint, one tensor at a time."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, files: dict[str, Path], field: str):
+        super().__init__(model, dtype)
+        self.files, self.field = files, field
+        self.prefix = getattr(model, "base_model_prefix", "")
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor ``name`` of the checkpoint (also found without the base model's prefix, as transformers
@@ -103,7 +114,7 @@ def load_streamed(source: str, dtype: torch.dtype, gguf_file: str | None = None,
     return model.eval()
 
 
-class GgufFiller(BlockFiller):
+class GgufFiller(FileFiller):
     """Fills a streamed model's modules from a GGUF file, one tensor at a time: ``gguf.GGUFReader`` maps the
     file; each tensor is de-quantized alone (``gguf.dequantize``), put back in Hugging Face layout by
     transformers' tensor processor of the architecture (Llama: q/k rows un-permuted), and cast to the run's
@@ -116,23 +127,16 @@ class GgufFiller(BlockFiller):
         self.processor, self.field = processor, field
         hf_names = get_gguf_hf_weights_map(model, processor)  # GGUF name -> parameter name
         self.tensors = {hf_names[t.name]: t for t in reader.tensors if t.name in hf_names}
-        self.tied = set(getattr(model, "all_tied_weights_keys", None) or {})
 
-    def fill_modules(self, modules: list[nn.Module]) -> None:
+    def read(self, name: str) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
-        for module in modules:
-            name = self.names[id(module)]
-            for key, p in module.named_parameters(recurse=False):
-                full = f"{name}.{key}" if name else key
-                if not p.is_meta or full in self.tied:
-                    continue
-                if full not in self.tensors:
-                    raise ValueError(f"{self.field}: the GGUF file has no tensor for {full!r}")
-                t = self.tensors[full]
-                weights = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name).weights
-                materialise_as(p, torch.from_numpy(np.copy(weights)).to(self.dtype))
+        if name not in self.tensors:
+            raise ValueError(f"{self.field}: the GGUF file has no tensor for {name!r}")
+        t = self.tensors[name]
+        weights = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name).weights
+        return torch.from_numpy(np.copy(weights))
 
 
 PER_TENSOR = {"TensorProcessor", "LlamaTensorProcessor"}  # transformers' processors that map each tensor alone

@@ -173,6 +173,17 @@ def _scratch(like: torch.Tensor) -> torch.Tensor:
     return buf[: like.numel()]
 
 
+@torch.no_grad()
+def restore_decay_step_(tensor: torch.Tensor, z: torch.Tensor, restore: float, decay: float, alpha: float) -> None:
+    """``tensor += restore z`` (its own add, so the restored value rounds as the perturbation did),
+    ``tensor *= decay``, ``tensor += alpha z``: the rule of :meth:`Noise.update_`, for any ``z``."""
+    if restore:
+        tensor.add_(z, alpha=restore)
+    if decay != 1.0:
+        tensor.mul_(decay)
+    tensor.add_(z, alpha=alpha)
+
+
 class Noise:
     """The perturbation ``z(seed)`` of one kind, shaped like a given tensor (``Noise("philox")`` is a
     :class:`PhiloxNoise`)."""
@@ -234,12 +245,7 @@ class Noise:
     @torch.no_grad()
     def update_(self, tensor: torch.Tensor, seed: int, restore: float, decay: float, alpha: float) -> None:
         """In place, ``z`` drawn once: ``tensor += restore z`` (its own add), ``tensor *= decay``, ``tensor += alpha z``."""
-        z = self.view(tensor, seed)
-        if restore:
-            tensor.add_(z, alpha=restore)
-        if decay != 1.0:
-            tensor.mul_(decay)
-        tensor.add_(z, alpha=alpha)
+        restore_decay_step_(tensor, self.view(tensor, seed), restore, decay, alpha)
 
 
 class PhiloxNoise(Noise):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.optim.dtensor import is_sharded, local_rows
-from lowmem.optim.zo_noise import Noise
+from lowmem.optim.zo_noise import Noise, restore_decay_step_
 
 
 def local_shard(p: torch.Tensor) -> torch.Tensor:
@@ -90,9 +90,4 @@ class ShardedNoise:
         """:meth:`Noise.update_` (the rule of :func:`~lowmem.optim.zo_noise.sgd_update_`) on the slice."""
         if getattr(tensor, "sharded_param", None) is None:
             return self.noise.update_(tensor, seed, restore, decay, alpha)
-        z = self.view(tensor, seed)
-        if restore:
-            tensor.add_(z, alpha=restore)
-        if decay != 1.0:
-            tensor.mul_(decay)
-        tensor.add_(z, alpha=alpha)
+        restore_decay_step_(tensor, self.view(tensor, seed), restore, decay, alpha)

@@ -104,6 +104,22 @@ class OneProcess:
         return unwrap(model)
 
 
+class WrappingOptimizer(torch.optim.Optimizer):
+    """An optimizer object around ``self.optimizer`` (the layer-wise wrapper, an engine's): gradients are zeroed
+    and the state dict saved and loaded on the wrapped one."""
+
+    optimizer: torch.optim.Optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+
 class Step:
     """One way a training step runs. Subclasses set ``name``, :meth:`applies` and :meth:`step`, and
     override ``memory_plan``, :meth:`check`, :meth:`prepare_optimizer`, :meth:`setup` and the checkpoint methods where

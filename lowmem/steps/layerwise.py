@@ -39,6 +39,7 @@ import torch
 
 from lowmem.optim.registry import is_zeroth_order
 from lowmem.optim.step_one import all_finite, step_one
+from lowmem.steps.base import WrappingOptimizer
 from lowmem.steps.tied_lookup import install_row_gradients
 
 
@@ -62,7 +63,7 @@ def check_layerwise(where: str, *, zeroth_order: bool = False, max_grad_norm: fl
         raise ValueError(f"{where}: not supported with fp16 mixed precision (loss scaling); use bf16")
 
 
-class LayerwiseOptimizer(torch.optim.Optimizer):
+class LayerwiseOptimizer(WrappingOptimizer):
     steps_in_backward = True  # what the first-order offload engine refuses to wrap (it is layer-wise itself)
 
     def __init__(self, optimizer: torch.optim.Optimizer, grad_accum_steps: int = 1,
@@ -123,14 +124,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         found, self._nonfinite = self._nonfinite, False
         return found
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
     def load_state_dict(self, state_dict: dict) -> None:
-        self.optimizer.load_state_dict(state_dict)
+        super().load_state_dict(state_dict)
         self._share_inner()
 
     def remove(self) -> None:

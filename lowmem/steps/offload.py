@@ -25,7 +25,7 @@ import torch
 
 from lowmem.dtypes import DTYPES
 from lowmem.offload.rounding import is_lower_precision
-from lowmem.steps.base import MicroBatch, Step, eval_mode
+from lowmem.steps.base import MicroBatch, Step, WrappingOptimizer, eval_mode
 from lowmem.steps.zeroth_order import check_zeroth_order
 
 
@@ -46,7 +46,7 @@ def build_engine(recipe, model, optimizer, zeroth_order: bool, accelerator, loss
     return FirstOrderEngine(model, optimizer, recipe.offload, device_budget_gb=recipe.train.device_memory_gb)
 
 
-class EngineStepped(torch.optim.Optimizer):
+class EngineStepped(WrappingOptimizer):
     """``optimizer`` as stepped by an engine: ``step(closure)`` runs ``closure`` (the engine's step) and
     returns its result. The parameter groups, the state and the state dict are read through to
     ``optimizer`` at every access (the engine reloads it on resume), so a scheduler built on this object
@@ -61,15 +61,6 @@ class EngineStepped(torch.optim.Optimizer):
 
     def step(self, closure):
         return closure()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.optimizer.load_state_dict(state_dict)
 
 
 class Renamed(Mapping):
