@@ -54,7 +54,7 @@ def check_memory(recipe, args: argparse.Namespace):
     """The plan, when asked for or when the device memory is known; refuse a run that does not fit."""
     import torch
 
-    from lowmem.planner import format_plan, plan, plan_fsdp2, refusal
+    from lowmem.planner import format_plan, plan_run, refusal
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     capacity = args.device_memory_gb or recipe.train.device_memory_gb
@@ -64,10 +64,7 @@ def check_memory(recipe, args: argparse.Namespace):
         return None
     if capacity is not None and capacity <= 0:
         raise ValueError(f"--device-memory-gb: must be > 0, got {capacity}")
-    if recipe.train.distributed == "fsdp2":  # one rank's peak (lowmem.planner.fsdp)
-        predicted = plan_fsdp2(recipe, args.processes, device, capacity)
-    else:
-        predicted = plan(recipe, device, capacity)
+    predicted = plan_run(recipe, device, capacity, args.processes)  # FSDP2: one rank's peak
     print(format_plan(predicted), file=sys.stdout if args.plan else sys.stderr)
     if not (args.plan or predicted.fits or args.force):
         raise ValueError(refusal(predicted))
@@ -127,13 +124,11 @@ def predictor(recipe, args: argparse.Namespace):
     runtime = current_rss_bytes()
 
     def predict(config) -> int | None:
-        from lowmem.planner import config_section, plan, plan_fsdp2
+        from lowmem.planner import config_section, plan_run
 
         try:
-            if recipe.train.distributed == "fsdp2":
-                return plan_fsdp2(config_section(recipe, config), args.processes, device,
-                                  runtime_bytes=runtime).peak_bytes
-            return plan(config_section(recipe, config), device, suggest=False, runtime_bytes=runtime).peak_bytes
+            return plan_run(config_section(recipe, config), device, processes=args.processes, suggest=False,
+                            runtime_bytes=runtime).peak_bytes
         except Exception as err:  # a finished run must not fail on its prediction: say so, in one line
             print(f"lowmem-train: predicted_peak_gb: not predicted ({type(err).__name__}: "
                   f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})", file=sys.stderr)

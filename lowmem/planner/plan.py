@@ -144,8 +144,10 @@ def first_order_offload_parts(recipe: Recipe, config, device: str, forward_only:
     return ({**parts, **host} if device == "cpu" else parts), host, totals
 
 
-# Step.memory_plan -> (recipe, config, device, forward_only) -> (device parts, host parts, totals)
-MEMORY_MODELS = {"in_memory": in_memory_parts, "zo2": zo2_step_parts, "first_order_offload": first_order_offload_parts}
+# Step.memory_plan -> (recipe, config, device, forward_only) -> (device parts, host parts, totals); "fsdp2": here
+# the whole model on one process (an upper bound of a rank's), one rank's in lowmem.planner.run.plan_run
+MEMORY_MODELS = {"in_memory": in_memory_parts, "zo2": zo2_step_parts, "first_order_offload": first_order_offload_parts,
+                 "fsdp2": in_memory_parts}
 
 
 def plan(recipe: Recipe, device: str = "cpu", device_memory_gb: float | None = None,

@@ -129,7 +129,8 @@ class Step:
     # which of the planner's memory models (lowmem.planner.plan.MEMORY_MODELS) predicts this step's peak:
     # "in_memory" (the step object traced on fake tensors), "zo2" (the traced zeroth-order step on the doubled
     # batch, the blocks' weights replaced by the engine's device buffers), "first_order_offload" (Fuyou's
-    # device and host parts). A new way of stepping names the one its memory follows.
+    # device and host parts), "fsdp2" (one rank's shards and gathers, lowmem.planner.run.plan_run). A new way of
+    # stepping names the one its memory follows.
     memory_plan: ClassVar[str] = "in_memory"
 
     @staticmethod

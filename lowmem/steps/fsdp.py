@@ -26,6 +26,7 @@ from lowmem.steps.first_order import FirstOrderStep
 
 class FSDP2Step(FirstOrderStep):
     name = "fsdp2"
+    memory_plan = "fsdp2"  # one rank's shards and gathers (lowmem.planner.fsdp)
 
     @staticmethod
     def applies(recipe, zeroth_order: bool) -> bool:
