@@ -10,10 +10,11 @@ Reported per run: the outcome, the process's peak RSS and its peak per phase (``
 
     python benchmarks/bench_largest.py [--shapes 0.5B,1B] [--ways adamw,zo2_nvme] [--dtype bfloat16]
                                        [--seq-len 32] [--timeout-min 60] [--workdir DIR] [--quick]
+                                       [--section largest]
 
 Each run's files are removed after it is measured. Runs only on a quiet machine (its ``uptime`` load is
-in the notes); the whole ladder to 13B needs the streamed build (issue #25's ingest side): until it is
-merged a model's weights are built in RAM first, which caps every way at what fits there.
+in the notes). An offloaded run builds its model streamed (lowmem.block_source), so its weights need not
+fit in RAM; an in-memory run builds it whole.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ def main() -> None:
     parser.add_argument("--timeout-min", type=float, default=60)
     parser.add_argument("--quick", action="store_true", help="the first rung only (run_all.py --quick)")
     parser.add_argument("--workdir", default=None, help="where runs and NVMe files go (default: the temp dir)")
+    parser.add_argument("--section", default="largest",
+                        help="results/<SECTION>.md to write (another name keeps the ladder's table beside it)")
     args = parser.parse_args()
     if args.quick:
         args.shapes = args.shapes.split(",")[0]
@@ -150,7 +153,9 @@ def main() -> None:
              f"2 steps, 1 eval batch, then the model saved; offloaded runs with a 2 GiB host budget, the rest of "
              f"the blocks (and first-order states) on NVMe. Largest completed shape: "
              + "; ".join(f"{k}: {v}" for k, v in largest.items()) + ".")
-    write_result("largest", "Largest model per way of training (bench_largest.py)", table, notes)
+    title = "Largest model per way of training (bench_largest.py)" + \
+        ("" if args.section == "largest" else f": {args.shapes} for {args.ways}")
+    write_result(args.section, title, table, notes)
 
 
 if __name__ == "__main__":
