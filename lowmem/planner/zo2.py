@@ -15,6 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lowmem.dtypes import DTYPES
 from lowmem.offload.hooks import model_units
 from lowmem.offload.host_format import host_format
+from lowmem.offload.tiers import Placement
 from lowmem.offload.transfer import Packed, device_buffer_bytes
 from lowmem.planner.trace import fake_model
 from lowmem.recipe import Recipe
@@ -25,7 +26,8 @@ def zo2_device_buffers(recipe: Recipe, config) -> dict[str, int]:
     ``slots`` and ``staging`` (:func:`lowmem.offload.transfer.device_buffer_bytes`, the engine's own
     sizes), the copy of each tied resident weight held during the dual forward (``tied_copy``,
     :class:`lowmem.offload.resident.ResidentPerturber`), the blocks' weight bytes in the training dtype
-    (``in_blocks``) and their host copies (``host_blocks``)."""
+    (``in_blocks``) and their host copies held in RAM (``host_blocks``: placed by the engine's own rule,
+    :class:`lowmem.offload.tiers.Placement`; beyond ``offload.host_memory_budget_gb`` they are NVMe files)."""
     compute = DTYPES[recipe.model.dtype]
     host = recipe.offload.host_dtype
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -39,7 +41,10 @@ def zo2_device_buffers(recipe: Recipe, config) -> dict[str, int]:
         tied = sum(ps[0].numel() * ps[0].element_size() for ps in owners.values()
                    if len(ps) > 1 and ps[0].requires_grad)
         in_blocks = sum(p.numel() * p.element_size() for p in blocks.parameters())
-    host_blocks = sum(fmt.numel(i) for i in range(len(fmt.packed))) * fmt.store_dtype.itemsize
+    sizes = [fmt.numel(i) * fmt.store_dtype.itemsize for i in range(len(fmt.packed))]
+    budget = recipe.offload.host_memory_budget_gb
+    placed = Placement(None if budget is None else budget * 2**30, recipe.offload.nvme_dir).place_all(sizes, "blocks")
+    host_blocks = sum(n for n, tier in zip(sizes, placed) if tier.in_ram)  # the rest are NVMe files
     return {**device_buffer_bytes(fmt, recipe.offload.prefetch_depth), "tied_copy": tied,
             "in_blocks": in_blocks, "host_blocks": host_blocks}
 
