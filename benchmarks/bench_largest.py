@@ -10,18 +10,21 @@ Reported per run: the outcome, the process's peak RSS and its peak per phase (``
 
     python benchmarks/bench_largest.py [--shapes 0.5B,1B] [--ways adamw,zo2_nvme] [--dtype bfloat16]
                                        [--seq-len 32] [--timeout-min 60] [--workdir DIR] [--quick]
-                                       [--section largest]
 
-Each run's files are removed after it is measured. Runs only on a quiet machine (its ``uptime`` load is
-in the notes). An offloaded run builds its model streamed (lowmem.block_source), so its weights need not
+Each run's files are removed after it is measured. Each run's row (with the load, date and command it ran
+under) is kept in ``results/largest_rows.json``, replacing an earlier row of the same way and shape, so the
+ladder can be measured in parts; the table (``results/largest.md``) and the figure (``results/largest.png``,
+:func:`plots.largest_ladder`) are drawn from all kept rows. An offloaded run builds its model streamed (lowmem.block_source), so its weights need not
 fit in RAM; an in-memory run builds it whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,9 +35,11 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_result  # noqa: E402
+import plots  # noqa: E402
+from _common import RESULTS_DIR, markdown_table, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+ROWS = RESULTS_DIR / "largest_rows.json"
 
 _LLAMA = dict(model_type="llama", rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=500000.0)
 # standard shapes: a 0.5B Llama-3 style ladder rung, Llama-3.2-1B, Llama-3.2-3B, Llama-3-8B, Llama-2-13B
@@ -93,7 +98,7 @@ def run_one(shape: str, way: str, args) -> dict:
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(shape, way, work, args.dtype, args.seq_len)))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]
     try:
         done = subprocess.run([sys.executable, "-m", "lowmem.cli", str(path), "--quiet"], capture_output=True,
                               text=True, env=env, cwd=ROOT, timeout=args.timeout_min * 60)
@@ -101,7 +106,9 @@ def run_one(shape: str, way: str, args) -> dict:
     except subprocess.TimeoutExpired:
         code, err = None, ""
     row = {"shape": shape, "way": way, "params_b": round(params_of(SHAPES[shape]) / 1e9, 2),
-           "wall_s": round(time.perf_counter() - t0, 1), "disk_gb": round(disk_bytes(work) / 1e9, 2)}
+           "wall_s": round(time.perf_counter() - t0, 1), "disk_gb": round(disk_bytes(work) / 1e9, 2),
+           "load": round(load, 1), "date": datetime.date.today().isoformat(), "dtype": args.dtype,
+           "command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
     summary = work / "run" / "summary.json"
     if code == 0 and summary.exists() and (work / "run" / "model").is_dir():
         s = json.loads(summary.read_text())
@@ -129,34 +136,50 @@ def main() -> None:
     parser.add_argument("--timeout-min", type=float, default=60)
     parser.add_argument("--quick", action="store_true", help="the first rung only (run_all.py --quick)")
     parser.add_argument("--workdir", default=None, help="where runs and NVMe files go (default: the temp dir)")
-    parser.add_argument("--section", default="largest",
-                        help="results/<SECTION>.md to write (another name keeps the ladder's table beside it)")
     args = parser.parse_args()
     if args.quick:
         args.shapes = args.shapes.split(",")[0]
-    load = os.getloadavg()[0]
-    rows = []
+    measured = []
     for way in args.ways.split(","):
         for shape in args.shapes.split(","):
             row = run_one(shape, way, args)
-            rows.append(row)
+            measured.append(row)
             if row["outcome"] != "ok":
                 break  # the next rung is larger
+    rows = merge_rows(json.loads(ROWS.read_text()) if ROWS.exists() else [], measured)
+    ROWS.write_text(json.dumps(rows, indent=1) + "\n")
+    plots.largest_ladder(rows, RESULTS_DIR / "largest.png", ram_gib=host_ram_gib())
+    write_table(rows)
+
+
+def merge_rows(kept: list[dict], measured: list[dict]) -> list[dict]:
+    """``kept`` with each (way, shape) just ``measured`` replaced, in ladder order."""
+    fresh = {(r["way"], r["shape"]): r for r in measured}
+    rows = [r for r in kept if (r["way"], r["shape"]) not in fresh] + measured
+    return sorted(rows, key=lambda r: (list(WAYS).index(r["way"]), list(SHAPES).index(r["shape"])))
+
+
+def host_ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def write_table(rows: list[dict]) -> None:
     table = markdown_table(
-        ["way", "shape", "params (B)", "outcome", "peak RSS (GiB)", "peak RSS by phase (GiB)", "disk (GB)", "s/step"],
+        ["way", "shape", "params (B)", "outcome", "peak RSS (GiB)", "peak RSS by phase (GiB)", "disk (GB)", "s/step",
+         "load", "run"],
         [[WAYS[r["way"]][0], r["shape"], r["params_b"], r["outcome"], r.get("peak_rss_gb", "-"),
           ", ".join(f"{k} {v}" for k, v in r.get("phases", {}).items()) or "-", r["disk_gb"],
-          r.get("s_per_step", "-")] for r in rows])
+          r.get("s_per_step", "-"), r["load"], f"{r['date']}, {r['dtype']}: `{r['command']}`"] for r in rows])
     largest = {WAYS[w][0]: max((r["shape"] for r in rows if r["way"] == w and r["outcome"] == "ok"),
-                               key=list(SHAPES).index, default="none") for w in args.ways.split(",")}
-    notes = (f"Load average at the start: {load:.1f} (`uptime`). Model dtype {args.dtype}, batch 1 x {args.seq_len}, "
-             f"2 steps, 1 eval batch, then the model saved; offloaded runs with a 2 GiB host budget, the rest of "
-             f"the blocks (and first-order states) on NVMe. Largest completed shape: "
+                               key=list(SHAPES).index, default="none") for w in WAYS}
+    notes = (f"![largest model per way of training](results/largest.png)\n\n"
+             f"Each row is one run in a fresh process (`load`: `uptime`'s 1-minute load at its start; `run`: its "
+             f"date, model dtype and command; rows of later runs replace earlier ones, kept in "
+             f"`results/largest_rows.json`). Batch 1 x 32 tokens, 2 steps, 1 eval batch, then the model saved; "
+             f"offloaded runs with a 2 GiB host budget, the rest of the blocks (and first-order states) on NVMe. "
+             f"RAM: {host_ram_gib():.1f} GiB. Largest completed shape: "
              + "; ".join(f"{k}: {v}" for k, v in largest.items()) + ".")
-    title = "Largest model per way of training (bench_largest.py)" + \
-        ("" if args.section == "largest" else f": {args.shapes} for {args.ways}")
-    write_result(args.section, title, table, notes)
-
+    write_result("largest", "Largest model per way of training (bench_largest.py)", table, notes)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,9 @@
 * ``memory_by_method.png``: one-step peak RSS per method, measured and predicted
   (from ``results/peak_memory.json``, written by bench_peak_memory.py);
 * ``loss_curves.png``: training loss against step of every run directory given
-  (each holding the trainer's ``metrics.jsonl``).
+  (each holding the trainer's ``metrics.jsonl``);
+* ``largest.png``: peak RSS against model size per way of training, and where each way stopped
+  (drawn by bench_largest.py from its kept rows).
 
 Usage: python benchmarks/plots.py [RUN_DIR ...]
 """
@@ -60,6 +62,23 @@ def loss_curves(run_dirs: list[Path], out: Path) -> Path | None:
         plt.close(fig)
         return None
     return _save(fig, ax, out, xlabel="step", ylabel="training loss")
+
+
+def largest_ladder(rows: list[dict], out: Path, ram_gib: float) -> Path:
+    """Peak RSS (GiB) against parameters (B) per way of training; a rung that did not complete is an
+    ``x`` on the RAM line."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for way in dict.fromkeys(r["way"] for r in rows):
+        done = [(r["params_b"], r["peak_rss_gb"]) for r in rows if r["way"] == way and r["outcome"] == "ok"]
+        line = ax.plot(*zip(*done), marker="o", label=way)[0] if done else None
+        stopped = [r["params_b"] for r in rows if r["way"] == way and r["outcome"] != "ok"]
+        if stopped:
+            ax.plot(stopped, [ram_gib] * len(stopped), "x", markersize=10,
+                    color=line.get_color() if line else None, label=None if line else f"{way} (stopped)")
+    ax.axhline(ram_gib, color="gray", linestyle="--", label=f"RAM {ram_gib:.1f} GiB")
+    ax.set_xscale("log")
+    ax.set_title("Build, 2 steps, eval, save: peak RSS by model size (x: did not complete)")
+    return _save(fig, ax, out, xlabel="parameters (billions)", ylabel="peak RSS (GiB)")
 
 
 def make_all(run_dirs: list[Path]) -> list[Path]:
