@@ -164,22 +164,28 @@ def host_ram_gib() -> float:
 
 
 def write_table(rows: list[dict]) -> None:
+    def run_of(r: dict) -> str:
+        return f"{r['date']}, {r['dtype']}: `{r['command']}`"
+
+    runs = list(dict.fromkeys(run_of(r) for r in rows))
     table = markdown_table(
         ["way", "shape", "params (B)", "outcome", "peak RSS (GiB)", "peak RSS by phase (GiB)", "disk (GB)", "s/step",
          "load", "run"],
         [[WAYS[r["way"]][0], r["shape"], r["params_b"], r["outcome"], r.get("peak_rss_gb", "-"),
           ", ".join(f"{k} {v}" for k, v in r.get("phases", {}).items()) or "-", r["disk_gb"],
-          r.get("s_per_step", "-"), r["load"], f"{r['date']}, {r['dtype']}: `{r['command']}`"] for r in rows])
+          r.get("s_per_step", "-"), r["load"], f"[{runs.index(run_of(r)) + 1}]"] for r in rows])
     largest = {WAYS[w][0]: max((r["shape"] for r in rows if r["way"] == w and r["outcome"] == "ok"),
                                key=list(SHAPES).index, default="none") for w in WAYS}
-    notes = (f"![largest model per way of training](results/largest.png)\n\n"
-             f"Each row is one run in a fresh process (`load`: `uptime`'s 1-minute load at its start; `run`: its "
-             f"date, model dtype and command; rows of later runs replace earlier ones, kept in "
-             f"`results/largest_rows.json`). Batch 1 x 32 tokens, 2 steps, 1 eval batch, then the model saved; "
-             f"offloaded runs with a 2 GiB host budget, the rest of the blocks (and first-order states) on NVMe. "
+    notes = ("![largest model per way of training](results/largest.png)\n\n"
+             + "\n".join(f"- [{i + 1}] {run}" for i, run in enumerate(runs)) + "\n\n"
+             "Each row is one run in a fresh process (`load`: `uptime`'s 1-minute load at its start; `run`: its date, "
+             "model dtype and command, above; rows of later runs replace earlier ones, kept in "
+             "`results/largest_rows.json`). Batch 1 x 32 tokens, 2 steps, 1 eval batch, then the model saved; "
+             "offloaded runs with a 2 GiB host budget, the rest of the blocks (and first-order states) on NVMe. "
              f"RAM: {host_ram_gib():.1f} GiB. Largest completed shape: "
              + "; ".join(f"{k}: {v}" for k, v in largest.items()) + ".")
     write_result("largest", "Largest model per way of training (bench_largest.py)", table, notes)
+
 
 if __name__ == "__main__":
     main()

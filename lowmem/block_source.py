@@ -189,6 +189,26 @@ def build_streamed(config, seed: int, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
+def build_in_memory(config, seed: int, dtype: torch.dtype) -> nn.Module:
+    """``torch.manual_seed(seed); AutoModelForCausalLM.from_config(config).to(dtype)``, bit for bit. In a
+    dtype narrower than fp32 it is built streamed and its blocks filled one after another, so the host holds
+    the weights in ``dtype`` and one block in fp32, never every weight in fp32 first (twice the bf16
+    model); a model that initialises its weights its own way is built as written."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import PreTrainedModel
+
+    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    if dtype.itemsize >= 4 or cls._initialize_weights is not PreTrainedModel._initialize_weights:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config).to(dtype)
+    model = build_streamed(config, seed, dtype)
+    found = block_container(model)
+    for block in found[1] if found else []:
+        block_filler(model).fill(block)
+    object.__delattr__(model, _FILLER)
+    return model
+
+
 def fill_units(model: nn.Module, filler: BlockFiller) -> None:
     """Fill every module outside the decoder blocks (they stay resident), then re-tie the tied weights."""
     found = block_container(model)

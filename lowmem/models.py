@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 import torch
 
 from lowmem.block_loading import load_streamed
-from lowmem.block_source import build_streamed
+from lowmem.block_source import build_in_memory, build_streamed
 from lowmem.dtypes import float_dtype
 from lowmem.int8_weights import quantize_block_linears
 from lowmem.quantized_base import load_quantized, quantize_model, quantized_names
@@ -201,8 +201,7 @@ def load_model(section: ModelSection, streamed: bool = False):
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         if streamed:
             return _prepared(build_streamed(config, section.seed, dtype), section)
-        torch.manual_seed(section.seed)
-        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        model = build_in_memory(config, section.seed, dtype)
     elif section.quantize is not None and not section.gguf_file:  # quantized as the weights are read
         return _prepared(load_quantized(model_source(section.path, "model.path"), section.quantize, dtype), section)
     else:

@@ -6,14 +6,17 @@ while saving). With ``W`` the model's weights (training dtype), ``B`` one decode
 optimizer state, ``R`` the runtime (torch, transformers: :func:`runtime_baseline_bytes`) and ``H`` what
 an offloaded run keeps in host RAM between steps (masters and states on the host tier, or ZO2's blocks)::
 
-    build : in memory: R + W; offloaded (streamed, lowmem.block_source): R + (W - L B) + 2 B + T, the
-            modules outside the L blocks, a block filled and its packed copy, and the scratch buffer of
-            the largest tensor T that a config build draws its skipped initialisation into
+    build : offloaded (streamed, lowmem.block_source): R + (W - L B) + 2 B + T32, the modules outside the
+            L blocks, a block filled and its packed copy, and the fp32 scratch buffer of the largest
+            tensor T that a config build draws its skipped initialisation into; in memory: R + W (a config
+            in a 16-bit dtype is built the same way, then its blocks filled one by one from an fp32 block:
+            the larger of that and R + W + B32)
     step  : the step's plan on the CPU; on a GPU: R + H (+ the engines' host buffers)
     eval  : in memory on the CPU: the no-grad forward's plan + S; offloaded: as the step (an upper bound)
-    save  : in memory: what stays (R + W + S on the CPU, R on a GPU) + W (safetensors serializes the
-            weights before writing); offloaded (streamed, lowmem.model_save): R + H + 2 x the largest
-            part written (a checkpoint's block with its fp32 master and state; else a block)
+    save  : in memory: what stays (R + W + S on the CPU, R on a GPU) + T (safetensors 0.8 writes each
+            tensor from its own memory: at most one is copied, to make it contiguous); offloaded
+            (streamed, lowmem.model_save): R + H + 2 x the largest part written (a checkpoint's block
+            with its fp32 master and state; else a block)
 """
 
 from __future__ import annotations
@@ -29,13 +32,19 @@ from lowmem.structure import block_container
 PHASES = ("build", "step", "eval", "save")
 
 
-def weight_bytes(recipe: Recipe, config) -> tuple[int, int]:
-    """(all weights, one block's weights) in bytes of the training dtype."""
-    return _sizes(config, DTYPES[recipe.model.dtype] if recipe.model.dtype != "int8" else torch.float32)
+def weight_bytes(recipe: Recipe, config) -> tuple[int, int, int]:
+    """(all weights, one block's weights, the largest tensor) in bytes of the training dtype."""
+    return _sizes(config, _weight_dtype(recipe))
 
 
-def _sizes(config, dtype: torch.dtype) -> tuple[int, int]:
-    """(all weights, one block's weights) in bytes of ``dtype``, from a model built on the meta device."""
+def _weight_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype the weights are built in (int8 weights: fp32, then quantized)."""
+    return DTYPES[recipe.model.dtype] if recipe.model.dtype != "int8" else torch.float32
+
+
+def _sizes(config, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(all weights, one block's weights, the largest tensor) in bytes of ``dtype``, from a model built on
+    the meta device."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -44,14 +53,14 @@ def _sizes(config, dtype: torch.dtype) -> tuple[int, int]:
     weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * size
     found = block_container(model)
     block = 0 if found is None else sum(p.numel() for p in found[1][0].parameters()) * size
-    return weights, block
+    return weights, block, max(p.numel() for p in model.parameters()) * size
 
 
 def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=None) -> dict[str, int]:
     """Predicted host peak RSS (bytes) of each of :data:`PHASES`; ``step_plan``: the run's step plan on its
     device, ``forward_plan``: the no-grad forward's (used in memory on the CPU), ``runtime``: ``R``."""
     cpu, offload = step_plan.device == "cpu", recipe.offload.enabled
-    weights, block = weight_bytes(recipe, config)
+    weights, block, largest = weight_bytes(recipe, config)
     state = step_plan.totals.get("optimizer_states", 0)
     host = step_plan.host_parts
     if offload and host:  # first order: masters and states on the host tier, and the outside on a CPU device
@@ -72,20 +81,18 @@ def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=No
         evaluation = step
     else:
         resident = runtime + (weights + state if cpu else 0)
-        save = resident + weights
+        save = resident + largest
         evaluation = (forward_plan.peak_bytes + state) if cpu and forward_plan is not None else resident
     outside = weights - block * config.num_hidden_layers
-    build = runtime + (outside + 2 * block + _largest(config) if offload and streamable(recipe.model) else weights)
+    widen = 4 // _weight_dtype(recipe).itemsize  # initialisation draws in fp32
+    streamed = runtime + outside + 2 * block + largest * widen
+    if offload and streamable(recipe.model):
+        build = streamed
+    elif recipe.model.config is not None and widen > 1:  # in memory, filled block by block
+        build = max(streamed, runtime + weights + block * widen)
+    else:
+        build = runtime + weights
     return {"build": build, "step": step, "eval": evaluation, "save": save}
-
-
-def _largest(config) -> int:
-    """Bytes of the model's largest tensor in fp32 (the streamed build's scratch buffer)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return max(p.numel() for p in model.parameters()) * 4
 
 
 def host_memory() -> tuple[int, int]:

@@ -162,3 +162,27 @@ def test_streamed_gguf_load_equals_the_in_memory_load(tmp_path):
     assert all(p.is_meta for p in block_container(model)[1].parameters())
     eng = ENGINES["zo2"](model, TIERS["nvme"](tmp_path / "tier"))
     assert_same_weights(eng.model_state_dict(), ref)
+
+
+@pytest.mark.parametrize("arch,tied", ARCHS)
+def test_a_bf16_config_model_is_built_in_memory_without_an_fp32_copy_yet_equal(tiny_config, arch, tied,
+                                                                                  monkeypatch):
+    """load_model's in-memory build of a config in bf16 fills block after block (build_in_memory): the same
+    weights, buffers and generator afterwards as from_config in fp32 then .to(bf16)."""
+    import lowmem.block_source as block_source
+
+    streamed = []
+    monkeypatch.setattr(block_source, "build_streamed",
+                        lambda *a: streamed.append(a) or build_streamed(*a))  # the block-by-block path is taken
+    config = tiny_config(arch, tied, layers=3)
+    ref = in_memory(config, 5, torch.bfloat16)
+    after_ref = torch.get_rng_state()
+    section = ModelSection(config={"model_type": config.model_type, **config.to_diff_dict()}, tokenizer="bytes",
+                           dtype="bfloat16", seed=5)
+    model = load_model(section)
+    assert len(streamed) == 1 and torch.equal(torch.get_rng_state(), after_ref)
+    assert block_filler(model) is None and not any(p.is_meta for p in model.parameters())
+    assert_same_weights(model.state_dict(), ref)
+    assert all(torch.equal(b, dict(ref.named_buffers())[n]) for n, b in model.named_buffers())
+    if tied:
+        assert model.lm_head.weight is model.get_input_embeddings().weight
