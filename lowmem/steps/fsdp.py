@@ -47,10 +47,6 @@ class FSDP2Step(FirstOrderStep):
                              f"sharded model's forward; set it to null")
         if recipe.train.mixed_precision == "fp16":
             raise ValueError(f"{where}: fp16 needs a loss scaler over sharded gradients; use bf16")
-        if recipe.optim.name == "frugal" and recipe.optim.args.get("proj_type", "block") not in ("block", "svd",
-                                                                                                 "random"):
-            raise ValueError(f"{where}: FRUGAL's coordinate subspaces (optim.args.proj_type) are not sharded "
-                             f"yet; use block, svd or random")
 
     def setup(self, model, optimizer):
         acc = self.accelerator

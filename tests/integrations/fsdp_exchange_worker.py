@@ -6,7 +6,8 @@ counts, during each ``optimizer.step`` only, the payload of every collective the
 (PyTorch's functional collectives, what ``DTensor`` and :mod:`lowmem.optim.dtensor` use, seen by a
 dispatch mode): an all-gather's whole output, an all-reduce's tensor. Rank 0 prints one JSON object:
 per run, the bytes of each step and, for the test's formulas, each parameter group's shapes, element
-size, whether it is stepped whole, its Sinkhorn rounds, projection rank and kind.
+size, whether each parameter is stepped whole, its Sinkhorn rounds, projection rank and kind, FRUGAL's
+density and subspace kind, SWAN's centring.
 """
 
 import json
@@ -56,10 +57,10 @@ def measure(recipe) -> dict:
     batch = sample_batch(recipe, model.config.vocab_size)
     for _ in range(3):
         stepper.step(lambda micro: batch)
-    elementwise = getattr(optimizer, "elementwise", lambda group: True)
+    rows = getattr(optimizer, "steps_rows", lambda group, p: True)
     groups = [{"shapes": [list(p.shape) for p in group["params"]], "element_size": group["params"][0].element_size(),
-               "whole": not getattr(optimizer, "steps_rows", elementwise)(group),
-               **{key: group.get(key) for key in ("sinkhorn_iters", "rank", "proj")}}
+               "whole": [not rows(group, p) for p in group["params"]],
+               **{key: group.get(key) for key in ("sinkhorn_iters", "rank", "proj", "density", "proj_type", "center")}}
               for group in optimizer.param_groups if group["params"]]
     return {"steps": counted, "groups": groups}
 

@@ -57,7 +57,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 # name -> (optim section, per-process grad_accum under FSDP2); the one-process reference accumulates 2x.
-# Elementwise rules step the local shard; the others step the all-gathered matrix (lowmem.optim.dtensor).
+# Each steps its local rows (sums over the shards all-reduced) or the all-gathered matrix (lowmem.optim.dtensor).
 OPTIMIZERS = {
     "adamw": ({"name": "adamw", "lr": 1e-3, "max_grad_norm": 0.05}, 2),  # clipped, accumulating
     # 8-bit from 256 elements: every 2-D shard of the tiny model is 8-bit, in 256-element blocks
@@ -68,6 +68,8 @@ OPTIMIZERS = {
     "apollo_mini": ({"name": "apollo_mini", "lr": 1e-3}, 1),
     "frugal-block": ({"name": "frugal", "lr": 1e-3, "args": {"update_proj_gap": 3}}, 1),
     "frugal-svd": ({"name": "frugal", "lr": 1e-3, "args": {"update_proj_gap": 3, "proj_type": "svd"}}, 1),
+    **{f"frugal-{kind}": ({"name": "frugal", "lr": 1e-3, "args": {"update_proj_gap": 3, "proj_type": kind}}, 1)
+       for kind in ("columns", "rows", "randk")},  # coordinate subspaces: chosen columns cross every shard
     "sgd_sai": ({"name": "sgd_sai", "lr": 1e-3}, 1),
     "sinkgd": ({"name": "sinkgd", "lr": 1e-3}, 1),
     "swan": ({"name": "swan", "lr": 1e-3, "args": {"lr_scale": 1.0}}, 1),
