@@ -42,6 +42,7 @@ def test_bytes_each_optimizer_sends(tiny_recipe, tmp_path, monkeypatch):
             for name in names]
     done = launch(runs, tmp_path, worker=WORKER)
     found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(found[name]["replicated_state_agrees"] for name in names), found
     assert found["adamw8bit"]["steps"] == [0, 0, 0]
     # SGD-SaI: each tensor's g-SNR from [sum g, sum g^2, nonzeros] and sum (g - mean)^2 (fp32), first step only
     tensors = sum(len(group["shapes"]) for group in found["sgd_sai"]["groups"])
