@@ -17,7 +17,7 @@ import math
 from tests.integrations.test_fsdp import OPTIMIZERS, launch
 
 WORKER = __import__("pathlib").Path(__file__).with_name("fsdp_exchange_worker.py")
-FRUGAL = ("frugal-svd", "frugal-columns", "frugal-rows", "frugal-randk")
+FRUGAL = ("frugal-svd", "frugal-random", "frugal-columns", "frugal-rows", "frugal-randk")
 
 
 def frugal_bytes(shape: list, group: dict) -> int:
