@@ -16,6 +16,10 @@ import math
 
 from tests.integrations.test_fsdp import OPTIMIZERS, launch
 
+# FRUGAL's orthonormal random subspace steps as the SVD one does (its factor drawn for the whole shape): counted here
+OPTIMIZERS = {**OPTIMIZERS, "frugal-random": ({"name": "frugal", "lr": 1e-3,
+                                               "args": {"update_proj_gap": 3, "proj_type": "random"}}, 1)}
+
 WORKER = __import__("pathlib").Path(__file__).with_name("fsdp_exchange_worker.py")
 FRUGAL = ("frugal-svd", "frugal-random", "frugal-columns", "frugal-rows", "frugal-randk")
 
