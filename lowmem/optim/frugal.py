@@ -24,6 +24,7 @@ together from the shards (all-reduced, about ``rho m n`` fp32 values), so the st
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -195,7 +196,7 @@ def _shard_selection(view: torch.Tensor, idx: torch.Tensor, dim: int, flat: bool
     if dim == 1:
         own, where, shape = rows, idx, (shard.shape[0], idx.numel())
     else:
-        start = rows.start * (shard.shape[1] if flat else 1)
+        start = rows.start * (math.prod(shard.shape[1:]) if flat else 1)  # randk: any number of dims
         own = (idx >= start) & (idx < start + view.shape[0])
         where, shape = idx[own] - start, (idx.numel(), *view.shape[1:])
     low = view.new_zeros(shape)
