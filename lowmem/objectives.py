@@ -74,7 +74,11 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> torch
     backward recomputes one chunk's logits at a time, so at most ``chunk_tokens * V`` logits
     exist at once. Under ``no_grad`` (zeroth-order closures, evaluation) nothing is kept and the
     chunks just bound the peak. ``h`` comes from ``model``'s own forward (see
-    :func:`final_hidden_states`), so a DDP-wrapped ``model`` synchronises the gradients.
+    :func:`final_hidden_states`), so a DDP-wrapped ``model`` synchronises the gradients. Under FSDP2
+    (:mod:`lowmem.fsdp`) the head belongs to the root's group, which FSDP2 does not reshard after the
+    root's forward: the chunks (and their recomputation in backward) call it on the all-gathered
+    weight (the embedding's, when tied), and the root's post-backward callback, which runs when the
+    whole backward is done, reduce-scatters its gradient.
     """
     if chunk_tokens is None:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}

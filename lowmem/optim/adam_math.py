@@ -117,7 +117,7 @@ class DenseGradOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise self._sparse_error(name)
                 if is_sharded(p):  # FSDP2: a plain stand-in (lowmem.optim.dtensor)
-                    with plain_param(self, p, whole=not self.steps_rows(group)) as local:
+                    with plain_param(self, p, whole=not self.steps_rows(group, p)) as local:
                         self._step_param(local, group, name)
                     continue
                 self._step_param(p, group, name)
@@ -128,9 +128,9 @@ class DenseGradOptimizer(torch.optim.Optimizer):
         steps its own shard; otherwise it steps the all-gathered matrix: :mod:`lowmem.optim.dtensor`)."""
         return False
 
-    def steps_rows(self, group: dict) -> bool:
-        """Whether an FSDP2 rank steps ``group``'s parameters on its own rows: the elementwise rules, and
-        rules whose whole-matrix quantities are sums over the rows, all-reduced
+    def steps_rows(self, group: dict, p: torch.Tensor) -> bool:
+        """Whether an FSDP2 rank steps ``p`` (a sharded parameter of ``group``) on its own rows: the
+        elementwise rules, and rules whose whole-matrix quantities are sums over the rows, all-reduced
         (:func:`lowmem.optim.dtensor.sum_over_shards`) into state every rank holds alike."""
         return self.elementwise(group)
 
@@ -185,18 +185,26 @@ class MomentOptimizer(DenseGradOptimizer):
             source = shard.grad.full_tensor().float()  # the SVD reads the whole gradient
         u, v = current_factors(state, source, group["rank"], group["proj_type"], group["update_proj_gap"],
                                random=random, dtype=p.dtype, shape=None if shard is None else shard.shape)
-        if shard is None:
-            low = project(g, u, v)
-        elif u is not None:  # u^T G (v^T): a sum over the row shards
-            low = sum_over_shards(project(g, u[local_rows(shard)[0]], v), p)
-        else:  # G v^T: this rank's rows of it, put together (zeros elsewhere, summed)
-            low = torch.zeros(shard.shape[0], v.shape[0], dtype=g.dtype, device=g.device)
-            low[local_rows(shard)[0]] = project(g, None, v)
-            low = sum_over_shards(low, p)
+        low = self._project(g, u, v, p)
         state["step"] += 1
         normalized, step_size = adam_normalized(state, self.store, low, group["lr"], group["betas"], group["eps"],
                                                 state["step"], correct_bias=group["correct_bias"])
         return g, low, normalized, step_size, u, v
+
+    @staticmethod
+    def _project(g: torch.Tensor, u, v, p: torch.Tensor) -> torch.Tensor:
+        """``R = u^T G v^T`` (:func:`~lowmem.optim.projection.project`); for the rows ``g`` of the FSDP2 shard the
+        stand-in ``p`` holds, the whole ``R``: ``u^T G (v^T)`` is a sum over the row shards (``r n`` values
+        all-reduced), ``G v^T`` this rank's rows of it put together (zeros elsewhere; ``m r`` values)."""
+        shard = row_shard(p)
+        if shard is None:
+            return project(g, u, v)
+        rows = local_rows(shard)[0]
+        if u is not None:
+            return sum_over_shards(project(g, u[rows], v), p)
+        low = torch.zeros(shard.shape[0], v.shape[0], dtype=g.dtype, device=g.device)
+        low[rows] = project(g, None, v)
+        return sum_over_shards(low, p)
 
     @staticmethod
     def _project_back(normalized: torch.Tensor, u, v, p: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ class APOLLOAdamW(MomentOptimizer):
     def elementwise(self, group: dict) -> bool:
         return "rank" not in group  # the AdamW groups; the target groups read the whole matrix
 
-    def steps_rows(self, group: dict) -> bool:
+    def steps_rows(self, group: dict, p) -> bool:
         """``R`` all-reduced, its state replicated (:meth:`_low_rank_adam`; an SVD refresh gathers the
         gradient), the scaling of a rank's rows and the limiter's norm from sums over the shards."""
         return True

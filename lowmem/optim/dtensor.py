@@ -4,7 +4,7 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps each parameter and its redu
 ``DTensor`` sharded by rows (``Shard(0)``): rank r holds rows ``[o_r, o_r + n_r)``. The optimizers
 here are written for plain tensors, so :meth:`DenseGradOptimizer.step
 <lowmem.optim.adam_math.DenseGradOptimizer.step>` hands them a plain stand-in, one of two kinds that
-the optimizer chooses per param group (``steps_rows(group)``, by default ``elementwise(group)``):
+the optimizer chooses per parameter (``steps_rows(group, p)``, by default ``elementwise(group)``):
 
 * **local shard** (elementwise rules: AdamW, the 8-bit AdamW/SGD, the AdamW groups of GaLore,
   APOLLO, FRUGAL, SinkGD, SWAN): the update of an element reads that element alone, so stepping
@@ -18,13 +18,14 @@ the optimizer chooses per param group (``steps_rows(group)``, by default ``eleme
   Rules whose whole-matrix quantities are sums over the rows step the rows too, with those sums
   all-reduced (:func:`sum_over_shards`): SGD-SaI's per-tensor g-SNR (``sum g``, ``sum g^2``, then
   ``sum (g - mean)^2``, first step only), SinkGD's column norms (``n`` values a Sinkhorn round),
-  GaLore's and APOLLO's projection (``u^T G`` summed over the row shards, or ``G v^T`` put
+  GaLore's, APOLLO's and FRUGAL's projection (``u^T G`` summed over the row shards, or ``G v^T`` put
   together: the projected Adam state is then the one process's, replicated; an SVD refresh, every
-  ``T`` steps, all-gathers the gradient) and APOLLO's limiter norm.
-* **whole matrix** (rules that read the whole gradient: FRUGAL's SVD/random subspaces, SWAN's
-  whitening): the
-  gradient is all-gathered (``full_tensor()``), every rank runs the one-process update on the whole
-  matrix (same state on every rank, replicated, as it is under DDP) and keeps its own rows. The
+  ``T`` steps, all-gathers the gradient), FRUGAL's chosen columns, rows or entries (put together),
+  APOLLO's limiter norm, and SWAN's column statistics and Gram matrix ``G^T G`` of a tall matrix.
+* **whole matrix** (SWAN's whitening of a wide or square matrix, whose ``G G^T`` pairs every two
+  rows): the gradient is all-gathered (``full_tensor()``), every rank runs the one-process update
+  on the whole matrix (same state on every rank, replicated, as it is under DDP) and keeps its own
+  rows. The
   weight is not gathered: every one of these rules reads it elementwise only (``W -= lr u(G)``,
   decoupled decay), so a full-size stand-in holding the rank's rows (zeros elsewhere) updates
   those rows exactly as one process does. Per step and matrix of ``m x n`` elements of ``b`` bytes

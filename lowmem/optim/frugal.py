@@ -18,10 +18,13 @@ descending, wrapping around). Every random choice comes from a generator seeded 
 of seeds kept in the optimizer state (per tensor) or derived from ``seed`` and the switch
 number (blocks), never from the global RNG, so data-parallel ranks choose the same subspace.
 Params outside groups with ``density`` get plain (torch-style) AdamW.
+Under FSDP2 a rank steps its rows of every matrix (:meth:`FRUGAL.steps_rows`): ``down_S(G)`` is put
+together from the shards (all-reduced, about ``rho m n`` fp32 values), so the state is one process's.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -29,9 +32,8 @@ from pydantic import Field
 
 from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, clear_moments
 from lowmem.optim.args import Betas, Count, GroupArgs, NonNegative, NonNegativeInt, StateBits, check_group, typed
-from lowmem.optim.dtensor import sharded_param
-from lowmem.optim.projection import (assign_seeds, next_seed, orthonormal_factor, project, project_back, sides,
-                                     svd_factors)
+from lowmem.optim.dtensor import local_rows, row_shard, sharded_param, sum_over_shards
+from lowmem.optim.projection import assign_seeds, next_seed, orthonormal_factor, sides, svd_factors
 from lowmem.optim.registry import OptimizerSpec, register
 
 _COORD_DIM = {"columns": 1, "rows": 0, "randk": 0}  # randk gathers from the flattened gradient
@@ -54,6 +56,12 @@ class FRUGAL(MomentOptimizer):
     def elementwise(self, group: dict) -> bool:
         # the AdamW groups, and block mode (a whole tensor is active or not: Adam or sign-SGD per element)
         return "density" not in group or group["proj_type"] == "block"
+
+    def steps_rows(self, group: dict, p) -> bool:
+        """Every group steps an FSDP2 rank's rows: the subspace part ``down_S(G)`` is put together from the
+        shards (all-reduced, :func:`_coordinate_split` and :meth:`_project`), so its Adam state is one
+        process's (replicated); an SVD switch all-gathers the gradient (every ``T`` steps)."""
+        return True
 
     def replace_params(self, mapping: dict) -> None:
         """Re-key the block positions to new parameter objects (FSDP2: :mod:`lowmem.optim.dtensor`)."""
@@ -102,24 +110,26 @@ class FRUGAL(MomentOptimizer):
         p.add_(up(normalized).to(p.dtype), alpha=-step_size)
 
     def _switch(self, p, group, state, g) -> None:
-        """Choose the next subspace; reset the moments (and Adam's step) when asked."""
-        kind = group["proj_type"]
+        """Choose the next subspace; reset the moments (and Adam's step) when asked. ``g``: ``p``'s
+        gradient, or the rows of the FSDP2 shard ``p`` stands for (the SVD then gathers the whole)."""
+        kind, shard = group["proj_type"], row_shard(p)
+        shape = g.shape if shard is None else shard.shape
         if kind == "block" or group["reset_statistics"]:  # inactive blocks keep no state at all
             clear_moments(state)
             state["adam_step"] = 0
         draw_seed = state["seed"]
         state["seed"] = next_seed(draw_seed)
         if kind in _COORD_DIM:
-            size = g.numel() if kind == "randk" else g.shape[_COORD_DIM[kind]]
+            size = shape.numel() if kind == "randk" else shape[_COORD_DIM[kind]]
             gen = torch.Generator().manual_seed(draw_seed)
             keep = int(size * group["density"])
             state["idx"] = torch.randperm(size, generator=gen)[:keep].sort().values.to(g.device)
         elif kind in ("svd", "random"):
-            left, right = sides(g.shape, group["proj_side"])
-            dim = g.shape[0] if left else g.shape[1]
+            left, right = sides(shape, group["proj_side"])
+            dim = shape[0] if left else shape[1]
             rank = round(dim * group["density"])
             if kind == "svd":
-                u, v = svd_factors(g, rank, left, right)
+                u, v = svd_factors(g if shard is None else shard.grad.full_tensor().float(), rank, left, right)
             else:
                 f = orthonormal_factor(dim, rank, draw_seed, g.device, g.dtype)  # (rank, dim)
                 u, v = (f.t(), None) if left else (None, f)
@@ -128,21 +138,25 @@ class FRUGAL(MomentOptimizer):
             state.update({k: f.to(p.dtype) for k, f in (("proj_u", u), ("proj_v", v)) if f is not None})
 
     def _split(self, p, group, state, g):
-        """``(down(G), up, G - up(down(G)))``; ``None`` parts are empty."""
+        """``(down(G), up, G - up(down(G)))``; ``None`` parts are empty. For the rows ``g`` of an FSDP2 shard:
+        the whole ``down(G)``, and this rank's rows of ``up`` and of the residual."""
         kind = group["proj_type"]
         if kind == "block":
             active = self._block_active(p, group, state["step"] - 1)
             return (g, (lambda n: n), None) if active else (None, None, g)
         if kind in _COORD_DIM:
-            return _coordinate_split(g, state["idx"], _COORD_DIM[kind], flat=kind == "randk")
+            return _coordinate_split(g, state["idx"], _COORD_DIM[kind], kind == "randk", p)
         u, v = state.get("proj_u"), state.get("proj_v")
         u, v = (None if u is None else u.float()), (None if v is None else v.float())
         rank, dim = (u.shape[1], u.shape[0]) if u is not None else (v.shape[0], v.shape[1])
         if rank == 0:
             return None, None, g
-        low = project(g, u, v)
-        residual = None if rank == dim else g - project_back(low, u, v)  # full rank: the residual is 0
-        return low, (lambda n: project_back(n, u, v)), residual
+        low = self._project(g, u, v, p)
+
+        def up(n: torch.Tensor) -> torch.Tensor:
+            return self._project_back(n, u, v, p)
+
+        return low, up, None if rank == dim else g - up(low)  # full rank: the residual is 0
 
     def _block_active(self, p, group, k: int) -> bool:
         position, count = self._blocks[id(sharded_param(p))]
@@ -156,16 +170,38 @@ class FRUGAL(MomentOptimizer):
         return (count - 1 - position if order == "descending" else position) in chosen
 
 
-def _coordinate_split(g: torch.Tensor, idx: torch.Tensor, dim: int, flat: bool):
-    """Gather the chosen columns / rows / flat entries; scatter back into zeros; zero them in the residual."""
+def _coordinate_split(g: torch.Tensor, idx: torch.Tensor, dim: int, flat: bool, q: torch.Tensor):
+    """Gather the chosen columns / rows / flat entries; scatter back into zeros; zero them in the residual.
+    ``g``: the gradient of ``q``, or the rows of the FSDP2 shard ``q`` stands for (:func:`_shard_selection`)."""
     view = g.reshape(-1) if flat else g
-    low = view.index_select(dim, idx)
+    shard = row_shard(q)
+    if shard is None:
+        low, own, where = view.index_select(dim, idx), slice(None), idx
+    else:
+        low, own, where = _shard_selection(view, idx, dim, flat, shard, q)
 
     def up(n: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(view).index_copy_(dim, idx, n).view_as(g)
+        return torch.zeros_like(view).index_copy_(dim, where, n[own]).view_as(g)
 
-    residual = view.index_fill(dim, idx, 0.0).view_as(g)
+    residual = view.index_fill(dim, where, 0.0).view_as(g)
     return low, up, residual
+
+
+def _shard_selection(view: torch.Tensor, idx: torch.Tensor, dim: int, flat: bool, shard, q: torch.Tensor):
+    """``(low, own, where)`` for this rank's rows ``view`` (flattened when ``flat``) of ``shard``: the whole
+    selection ``low`` (each rank's part in place, zeros elsewhere, all-reduced: ``m k`` values for columns,
+    ``k n`` for rows, ``k`` for flat entries), the part of ``low`` that is this rank's, and where its
+    entries lie in ``view``. Chosen columns cross every rank's rows; chosen rows and entries lie in one."""
+    rows = local_rows(shard)[0]
+    if dim == 1:
+        own, where, shape = rows, idx, (shard.shape[0], idx.numel())
+    else:
+        start = rows.start * (math.prod(shard.shape[1:]) if flat else 1)  # randk: any number of dims
+        own = (idx >= start) & (idx < start + view.shape[0])
+        where, shape = idx[own] - start, (idx.numel(), *view.shape[1:])
+    low = view.new_zeros(shape)
+    low[own] = view.index_select(dim, where)
+    return sum_over_shards(low, q), own, where
 
 
 def _check_group(group: dict) -> None:

@@ -38,7 +38,7 @@ class GaLoreAdamW(MomentOptimizer):
     def elementwise(self, group: dict) -> bool:
         return "rank" not in group  # the AdamW groups; the target groups read the whole matrix
 
-    def steps_rows(self, group: dict) -> bool:
+    def steps_rows(self, group: dict, p) -> bool:
         return True  # R = P^T G from sums over the shards; the whole gradient only at an SVD refresh
 
     @typed

@@ -21,7 +21,9 @@ the ``sqrt(pq)`` rescaling and ``lr_scale=0.05`` (as third-party SWAN/SinkGD cod
 decay by default. A centred square gradient is singular (rows sum to 0), so NS converges
 slowly there; the result is still a bounded, whitened-as-far-as-k-allows direction.
 Embeddings, norms and ``lm_head`` get AdamW (GaLore's LLaMA benchmark split, §1 of the paper).
-Group keys: ``ns_steps, lr_scale, orient, center, norm_eps``.
+Group keys: ``ns_steps, lr_scale, orient, center, norm_eps``. Under FSDP2 a tall matrix is stepped
+on the rank's rows with sums over the shards (:func:`sharded_direction`), a wide or square one whole
+(:meth:`SWAN.steps_rows`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.optim.args import GroupArgs, NonNegative, NonNegativeInt
+from lowmem.optim.dtensor import row_shard, sum_over_shards
 from lowmem.optim.registry import OptimizerSpec, register
 from lowmem.optim.stateless import StatelessMatrixOptimizer, oriented
 
@@ -80,13 +83,43 @@ def swan_direction(g: torch.Tensor, ns_steps: int = 10, orient: bool = True, cen
     return oriented(direction, g, orient)
 
 
+def sharded_direction(g: torch.Tensor, q: torch.Tensor, ns_steps: int, center: bool, eps: float) -> torch.Tensor:
+    """:func:`swan_direction` (oriented) of a tall ``m x n`` matrix (``m > n``) from the rows ``g`` of the FSDP2
+    shard that the stand-in ``q`` holds. The whitened side is ``G^T``, whose rows are ``G``'s columns, so
+    GradNorm's column means and stds, the Gram matrix ``G~^T G~`` (``n x n``) and ``||D||_F^2`` are sums over
+    the row shards: all-reduces of ``n`` (when ``center``), ``n``, ``n (n + 1) / 2`` (the Gram's upper
+    triangle) and 1 fp32 values; ``Z`` is then one process's, and this rank's rows of ``D`` are ``G~ Z^T``."""
+    m, n = row_shard(q).shape
+    if center:
+        g = g - sum_over_shards(g.sum(dim=0), q) / m
+    x = g / ((sum_over_shards(g.pow(2).sum(dim=0), q) / m).sqrt() + eps)
+    upper = torch.triu_indices(n, n, device=g.device)
+    part = sum_over_shards((x.t() @ x)[upper[0], upper[1]], q)
+    gram = x.new_zeros(n, n).index_put_((upper[0], upper[1]), part).index_put_((upper[1], upper[0]), part)
+    d = (newton_schulz_inv_sqrt(gram, ns_steps) @ x.t()).t()
+    norm = sum_over_shards(d.square().sum(), q).sqrt().clamp_min(torch.finfo(d.dtype).tiny)
+    return d / norm * float(m * n) ** 0.5
+
+
 class SWAN(StatelessMatrixOptimizer):
     """SWAN on groups with ``ns_steps``; AdamW elsewhere (see the module docstring)."""
 
     MARKER = "ns_steps"
     GROUP = SwanGroup
 
+    def steps_rows(self, group: dict, p) -> bool:
+        """The AdamW groups, and a tall target matrix (``m > n``, oriented) whose sums over the rows
+        (:func:`sharded_direction`) cost less than gathering it: an all-reduce of ``n (n + 1) / 2`` fp32
+        values moves about ``4 n (n + 1)`` bytes per rank (twice its size, in a ring), a gather ``m n b``.
+        A wide or square matrix whitens its rows, whose Gram matrix needs every pair of rows: gathered."""
+        if self.MARKER not in group:
+            return True
+        m, n = p.shape
+        return bool(group["orient"]) and m > n and 4 * (n + 1) < m * p.dtype.itemsize
+
     def _direction(self, g: torch.Tensor, group: dict, p: torch.Tensor) -> torch.Tensor:
+        if row_shard(p) is not None:
+            return sharded_direction(g, p, group["ns_steps"], bool(group["center"]), group["norm_eps"])
         return swan_direction(g, group["ns_steps"], bool(group["orient"]), bool(group["center"]), group["norm_eps"])
 
 

@@ -42,15 +42,8 @@ class FSDP2Step(FirstOrderStep):
         if recipe.optim.layerwise:
             raise ValueError(f"{where}: optim.layerwise updates inside backward, before FSDP2 has reduced "
                              f"the gradient shard; set optim.layerwise: false")
-        if recipe.train.loss_chunk_tokens is not None:
-            raise ValueError(f"{where}: train.loss_chunk_tokens runs the body and lm_head outside the "
-                             f"sharded model's forward; set it to null")
         if recipe.train.mixed_precision == "fp16":
             raise ValueError(f"{where}: fp16 needs a loss scaler over sharded gradients; use bf16")
-        if recipe.optim.name == "frugal" and recipe.optim.args.get("proj_type", "block") not in ("block", "svd",
-                                                                                                 "random"):
-            raise ValueError(f"{where}: FRUGAL's coordinate subspaces (optim.args.proj_type) are not sharded "
-                             f"yet; use block, svd or random")
 
     def setup(self, model, optimizer):
         acc = self.accelerator

@@ -4,9 +4,11 @@
 over the launch (the trainer's step object under accelerate's process group), takes 3 steps and
 counts, during each ``optimizer.step`` only, the payload of every collective the step issues
 (PyTorch's functional collectives, what ``DTensor`` and :mod:`lowmem.optim.dtensor` use, seen by a
-dispatch mode): an all-gather's whole output, an all-reduce's tensor. Rank 0 prints one JSON object:
+dispatch mode): an all-gather's whole output, an all-reduce's tensor; and whether the ranks then hold the
+same replicated optimizer state. Rank 0 prints one JSON object:
 per run, the bytes of each step and, for the test's formulas, each parameter group's shapes, element
-size, whether it is stepped whole, its Sinkhorn rounds, projection rank and kind.
+size, whether each parameter is stepped whole, its Sinkhorn rounds, projection rank and kind, FRUGAL's
+density and subspace kind, SWAN's centring.
 """
 
 import json
@@ -38,6 +40,19 @@ class CollectiveBytes(TorchDispatchMode):
         return out
 
 
+def replicated_state_agrees(optimizer) -> bool:
+    """Whether the ranks hold the same state for the groups whose state is replicated (not stepped elementwise):
+    the exchanges keep it one process's. (A rank's own update of an elementwise Adam over FRUGAL's chosen
+    entries, or over ``G v^T``, needs only its rows; the all-reduce is what makes the saved state whole.)"""
+    elementwise = getattr(optimizer, "elementwise", lambda group: True)
+    mine = [v.double().flatten() for group in optimizer.param_groups if not elementwise(group)
+            for p in group["params"] for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    flat = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.float64)
+    every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, flat)
+    return all(torch.equal(every[0], t) for t in every)
+
+
 def measure(recipe) -> dict:
     from accelerate import Accelerator
 
@@ -56,12 +71,12 @@ def measure(recipe) -> dict:
     batch = sample_batch(recipe, model.config.vocab_size)
     for _ in range(3):
         stepper.step(lambda micro: batch)
-    elementwise = getattr(optimizer, "elementwise", lambda group: True)
+    rows = getattr(optimizer, "steps_rows", lambda group, p: True)
     groups = [{"shapes": [list(p.shape) for p in group["params"]], "element_size": group["params"][0].element_size(),
-               "whole": not getattr(optimizer, "steps_rows", elementwise)(group),
-               **{key: group.get(key) for key in ("sinkhorn_iters", "rank", "proj")}}
+               "whole": [not rows(group, p) for p in group["params"]],
+               **{key: group.get(key) for key in ("sinkhorn_iters", "rank", "proj", "density", "proj_type", "center")}}
               for group in optimizer.param_groups if group["params"]]
-    return {"steps": counted, "groups": groups}
+    return {"steps": counted, "groups": groups, "replicated_state_agrees": replicated_state_agrees(optimizer)}
 
 
 def main(argv: list[str]) -> None:

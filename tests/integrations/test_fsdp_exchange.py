@@ -5,8 +5,10 @@ every collective issued inside ``optimizer.step``: an all-gather's whole output,
 tensor). Elementwise rules send nothing; SGD-SaI sends 4 scalars per tensor at its first step, SinkGD
 the column sums of squares of each Sinkhorn round, APOLLO(-Mini) its random projection (the smaller
 side, ``r max(m, n)`` values) and the norm-growth limiter's sum of squares, GaLore its projection and
-the whole gradient at an SVD refresh; a matrix stepped whole
-all-gathers its gradient alone (``m n b`` gathered, of which a rank receives ``(N-1)/N``), never its weight.
+the whole gradient at an SVD refresh; FRUGAL its subspace part (a projection as GaLore's, the chosen
+columns, rows or entries) and the gradient at an SVD switch; SWAN a tall matrix's column sums, Gram
+triangle and norm, and a wide or square one's gradient (``m n b`` gathered, of which a rank receives
+``(N-1)/N``), never the weight.
 """
 
 import json
@@ -14,17 +16,37 @@ import math
 
 from tests.integrations.test_fsdp import OPTIMIZERS, launch
 
+# FRUGAL's orthonormal random subspace steps as the SVD one does (its factor drawn for the whole shape): counted here
+OPTIMIZERS = {**OPTIMIZERS, "frugal-random": ({"name": "frugal", "lr": 1e-3,
+                                               "args": {"update_proj_gap": 3, "proj_type": "random"}}, 1)}
+
 WORKER = __import__("pathlib").Path(__file__).with_name("fsdp_exchange_worker.py")
-WHOLE = ("frugal-svd", "swan")  # the gradient gathered every step
+FRUGAL = ("frugal-svd", "frugal-random", "frugal-columns", "frugal-rows", "frugal-randk")
+
+
+def frugal_bytes(shape: list, group: dict) -> int:
+    """FRUGAL's fp32 ``down_S(G)`` put together: ``R`` (``std``: the smaller side projected) or the selection."""
+    m, n = shape
+    kind, rho = group["proj_type"], group["density"]
+    if kind in ("svd", "random"):
+        return 4 * round(min(m, n) * rho) * max(m, n)
+    return 4 * {"columns": m * int(rho * n), "rows": int(rho * m) * n, "randk": int(rho * m * n)}[kind]
+
+
+def swan_bytes(shape: list, group: dict, whole: bool) -> int:
+    """SWAN's: the gradient gathered, or the column sums, the Gram matrix's upper triangle and the norm (fp32)."""
+    m, n = shape
+    return m * n * group["element_size"] if whole else 4 * ((2 if group["center"] else 1) * n + n * (n + 1) // 2 + 1)
 
 
 def test_bytes_each_optimizer_sends(tiny_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    names = ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini", "galore", *WHOLE)
+    names = ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini", "galore", *FRUGAL, "swan")
     runs = [[name, tiny_recipe(f"{name}.yaml", optim=OPTIMIZERS[name][0]), ["train.distributed=fsdp2"]]
             for name in names]
     done = launch(runs, tmp_path, worker=WORKER)
     found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(found[name]["replicated_state_agrees"] for name in names), found
     assert found["adamw8bit"]["steps"] == [0, 0, 0]
     # SGD-SaI: each tensor's g-SNR from [sum g, sum g^2, nonzeros] and sum (g - mean)^2 (fp32), first step only
     tensors = sum(len(group["shapes"]) for group in found["sgd_sai"]["groups"])
@@ -42,9 +64,16 @@ def test_bytes_each_optimizer_sends(tiny_recipe, tmp_path, monkeypatch):
     projected = sum(4 * group["rank"] * max(shape) for shape, group in targets)
     gathered = sum(math.prod(shape) * group["element_size"] for shape, group in targets)
     assert found["galore"]["steps"] == [gathered + projected, projected, projected]
-    for name in ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini", "galore"):
-        assert not any(group["whole"] for group in found[name]["groups"]), name
-    for name in WHOLE:  # the gradient gathered whole (m n b), never the weight
-        gathered = sum(math.prod(shape) * group["element_size"] for group in found[name]["groups"] if group["whole"]
-                       for shape in group["shapes"])
-        assert gathered > 0 and found[name]["steps"] == [gathered] * 3, (name, found[name]["steps"])
+    for name in ("adamw8bit", "sgd_sai", "sinkgd", "apollo", "apollo_mini", "galore", *FRUGAL):
+        assert not any(any(group["whole"]) for group in found[name]["groups"]), name
+    for name in FRUGAL:  # T = 3: an SVD switch at step 1 gathers the gradient
+        targets = [(shape, group) for group in found[name]["groups"] if group["density"] for shape in group["shapes"]]
+        selected = sum(frugal_bytes(shape, group) for shape, group in targets)
+        gathered = sum(math.prod(shape) * group["element_size"] for shape, group in targets) * (name == "frugal-svd")
+        assert selected > 0 and found[name]["steps"] == [gathered + selected, selected, selected], name
+    # SWAN: tall matrices (the tiny model's gate/up, 64 x 32) by sums over the rows; the others gathered whole
+    swan = [(shape, group, whole) for group in found["swan"]["groups"] if group["center"] is not None
+            for shape, whole in zip(group["shapes"], group["whole"])]
+    assert {whole for shape, _, whole in swan if shape[0] > shape[1]} == {False}
+    assert {whole for shape, _, whole in swan if shape[0] <= shape[1]} == {True}
+    assert found["swan"]["steps"] == [sum(swan_bytes(*case) for case in swan)] * 3
