@@ -1,31 +1,58 @@
 """Processes of the FSDP2 tests (started by torchrun): several recipe runs in one launch.
 
-``python fsdp_worker.py RUNS.json [--resume]`` trains each ``[recipe path, [override, ...]]`` of
-``RUNS.json`` (each with its own ``output.dir``), one after the other in the same process group,
-then ends the group as gloo needs (model gone, barrier, destroy). A run ``["hf_trainer", {kwargs}]``
-is a ``transformers.Trainer`` run instead (:func:`helpers.hf_trainer_run`).
+``python fsdp_worker.py RUNS.json [--resume]`` runs each ``[recipe path, [override, ...]]`` (or
+``[recipe path, [override, ...], mode]``) of ``RUNS.json`` (each with its own ``output.dir``), one
+after the other in the same process group, then ends the group as gloo needs (model gone, barrier,
+destroy). ``mode`` (default ``resume`` with ``--resume``, else ``train``):
+
+* ``train`` / ``resume``: train to the end, from step 0 or from the newest checkpoint;
+* ``resave``: load the newest checkpoint and save it again at the same step, on this launch's
+  number of processes (what a resume on another world size loaded, written back out);
+* ``refused``: the resume must fail with a ``CheckpointError``; rank 0 writes its message to
+  ``output.dir/refused.txt``.
+
+A run ``["hf_trainer", {kwargs}]`` is a ``transformers.Trainer`` run instead (:func:`helpers.hf_trainer_run`).
 """
 
 import gc
 import json
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 from helpers import HF_TRAINER, hf_trainer_run
 
+from lowmem.checkpoint import CheckpointError
 from lowmem.recipe import load_recipe
 from lowmem.trainer import Trainer
 
 
+def run(recipe: str, overrides: list[str], mode: str) -> None:
+    trainer = Trainer(load_recipe(recipe, overrides), resume=mode != "train", progress=False)
+    if mode in ("train", "resume"):
+        trainer.train()
+    elif mode == "resave":
+        trainer.restore()
+        trainer.save()
+    else:
+        try:
+            trainer.restore()
+        except CheckpointError as err:
+            if dist.get_rank() == 0:
+                (Path(trainer.out) / "refused.txt").write_text(str(err))
+        else:
+            raise AssertionError(f"{recipe}: the resume was not refused")
+    del trainer
+    gc.collect()
+
+
 def main(argv: list[str]) -> None:
-    for recipe, overrides in json.loads(open(argv[0]).read()):
+    default = "resume" if "--resume" in argv else "train"
+    for recipe, overrides, *mode in json.loads(open(argv[0]).read()):
         if recipe == HF_TRAINER:
             hf_trainer_run(**overrides)
-            continue
-        trainer = Trainer(load_recipe(recipe, overrides), resume="--resume" in argv, progress=False)
-        trainer.train()
-        del trainer
-        gc.collect()
+        else:
+            run(recipe, overrides, mode[0] if mode else default)
     dist.barrier()
     dist.destroy_process_group()
 
