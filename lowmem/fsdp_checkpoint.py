@@ -14,8 +14,13 @@ scheduler, RNG states and step. Each optimizer tensor is saved as one of four la
   absmax of a shard): saved per rank.
 
 DCP reshards the first three on load, so a checkpoint resumes on another number of processes
-exactly (the weights and fp32 state are the same numbers, cut differently); a ``rank`` tensor
-resumes only on the same number of processes, and another is refused with one line.
+with the same numbers, cut differently (the weights, fp32 state, a zeroth-order optimizer's shard
+momentum and seed generator; tested saved on 2 and loaded on 1 and on 4, where a save right after
+the load writes back the same tensors bit for bit). A ``rank`` tensor resumes only on the same
+number of processes, and another is refused with one line: the 8-bit blocks are cut on each shard
+(:mod:`lowmem.optim.dtensor`). Where every shard starts on a block boundary at both numbers of
+processes (row lengths that are multiples of the block size, as in most LLM matrices) the blocks
+are the one-process blocks and could be re-dealt exactly; that is not done yet.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Processes of the FSDP2 tests (started by torchrun): several recipe runs in one launch.
 
 ``python fsdp_worker.py RUNS.json [--resume]`` runs each ``[recipe path, [override, ...]]`` (or
-``[recipe path, [override, ...], mode]``) of ``RUNS.json`` (each with its own ``output.dir``), one
-after the other in the same process group, then ends the group as gloo needs (model gone, barrier,
-destroy). ``mode`` (default ``resume`` with ``--resume``, else ``train``):
+``[recipe path, [override, ...], mode]``, or ``[..., mode, checkpoint]``: rank 0 first copies the
+checkpoint directory ``checkpoint`` alone into the run's, as if the run had been killed after it)
+of ``RUNS.json`` (each with its own ``output.dir``), one after the other in the same process group,
+then ends the group as gloo needs (model gone, barrier, destroy). ``mode`` (default ``resume`` with
+``--resume``, else ``train``):
 
 * ``train`` / ``resume``: train to the end, from step 0 or from the newest checkpoint;
 * ``resave``: load the newest checkpoint and save it again at the same step, on this launch's
@@ -16,6 +18,7 @@ A run ``["hf_trainer", {kwargs}]`` is a ``transformers.Trainer`` run instead (:f
 
 import gc
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,8 +30,12 @@ from lowmem.recipe import load_recipe
 from lowmem.trainer import Trainer
 
 
-def run(recipe: str, overrides: list[str], mode: str) -> None:
-    trainer = Trainer(load_recipe(recipe, overrides), resume=mode != "train", progress=False)
+def run(recipe: str, overrides: list[str], mode: str, checkpoint: str | None = None) -> None:
+    recipe = load_recipe(recipe, overrides)
+    if checkpoint is not None and dist.get_rank() == 0:
+        shutil.copytree(checkpoint, Path(recipe.output.dir) / "checkpoints" / Path(checkpoint).name)
+    dist.barrier()
+    trainer = Trainer(recipe, resume=mode != "train", progress=False)
     if mode in ("train", "resume"):
         trainer.train()
     elif mode == "resave":
@@ -48,11 +55,11 @@ def run(recipe: str, overrides: list[str], mode: str) -> None:
 
 def main(argv: list[str]) -> None:
     default = "resume" if "--resume" in argv else "train"
-    for recipe, overrides, *mode in json.loads(open(argv[0]).read()):
+    for recipe, overrides, *rest in json.loads(open(argv[0]).read()):
         if recipe == HF_TRAINER:
             hf_trainer_run(**overrides)
         else:
-            run(recipe, overrides, mode[0] if mode else default)
+            run(recipe, overrides, *(rest or [default]))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -173,8 +173,9 @@ RESUMED = {  # one optimizer per state layout of lowmem.fsdp_checkpoint
     "apollo": {"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 3}},  # replicated + shards
     "adamw8bit": {"name": "adamw8bit", "lr": 1e-3, "args": {"min_8bit_size": 256}},     # per-rank 8-bit blocks
     "zo_adamu": {"name": "zo_adamu", "lr": 3e-4, "args": {"eps": 0.1, "t1": 0}},  # shard momentum + ZO generator
+    "mezo": {"name": "mezo", "lr": 1e-3, "args": {"eps": 0.1, "momentum": 0.9}},  # MeZO's own momentum, likewise
 }
-RESHARDED = ("adamw", "apollo", "zo_adamu")  # the layouts DCP reshards (8-bit blocks are per rank)
+RESHARDED = ("adamw", "apollo", "zo_adamu", "mezo")  # the layouts DCP reshards (8-bit blocks are per rank)
 # the 2-process run's global batch (2 rows per rank) on 1 and 4 processes; a zeroth-order step takes one batch
 GLOBAL_BATCH = {1: (["train.grad_accum=2"], ["train.batch_size=4"]),
                 4: (["train.batch_size=1"], ["train.batch_size=1"])}
@@ -208,25 +209,24 @@ def test_resume_exact_and_on_another_world_size(tiny_recipe, tmp_path, monkeypat
     recipes = {name: tiny_recipe(f"{name}.yaml", optim=optim, train={"steps": STEPS, "checkpoint_every": 5,
                                                                         "distributed": "fsdp2"})
                for name, optim in RESUMED.items()}
-    launch([[r, [f"output.dir={tmp_path / n / 'full'}"]] for n, r in recipes.items()], tmp_path)
     step5 = Path("checkpoints") / "step-00000005"
+    cut = {name: str(tmp_path / name / "full" / step5) for name in RESUMED}  # copied alone, as if killed after it
+    launch([[r, [f"output.dir={tmp_path / n / 'full'}"]] for n, r in recipes.items()]
+           + [[r, [f"output.dir={tmp_path / n / 'cut'}"], "resume", cut[n]] for n, r in recipes.items()], tmp_path)
     for name in RESUMED:
-        for cut in ("cut", "one", "four", "resaved"):
-            shutil.copytree(tmp_path / name / "full" / step5, tmp_path / name / cut / step5)
         assert sorted(os.listdir(tmp_path / name / "full" / "checkpoints")) == ["step-00000005", "step-00000010"]
-    launch([[r, [f"output.dir={tmp_path / n / 'cut'}"]] for n, r in recipes.items()], tmp_path, "--resume")
-    for name in RESUMED:
         assert steps_logged(tmp_path / name / "cut") == [6, 7, 8, 9, 10]  # it resumed, it did not start over
         full = load_file(tmp_path / name / "full" / "model" / "model.safetensors")
         resumed = load_file(tmp_path / name / "cut" / "model" / "model.safetensors")
         for key in full:
             assert torch.equal(resumed[key], full[key]), (name, key)
-    four = [[recipes[n], [f"output.dir={tmp_path / n / 'four'}", *global_batch(n, 4)], "resume"] for n in RESHARDED]
-    four += [[recipes[n], [f"output.dir={tmp_path / n / 'resaved'}", *global_batch(n, 4)], "resave"]
-             for n in RESHARDED]
+    four = [[recipes[n], [f"output.dir={tmp_path / n / run}", *global_batch(n, 4)], mode, cut[n]]
+            for n in RESHARDED for run, mode in (("four", "resume"), ("resaved", "resave"))]
     four.append([recipes["adamw8bit"], [f"output.dir={tmp_path / 'adamw8bit' / 'four'}", "train.batch_size=1"],
-                 "refused"])
+                 "refused", cut["adamw8bit"]])
     launch(four, tmp_path, processes=4)
+    for name in RESUMED:
+        shutil.copytree(cut[name], tmp_path / name / "one" / step5)
     for name in RESHARDED:
         train(load_recipe(recipes[name], [f"output.dir={tmp_path / name / 'one'}", *global_batch(name, 1)]),
               resume=True, progress=False)
