@@ -18,8 +18,10 @@ A run ``["hf_trainer", {kwargs}]`` is a ``transformers.Trainer`` run instead (:f
 
 import gc
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -30,11 +32,21 @@ from lowmem.recipe import load_recipe
 from lowmem.trainer import Trainer
 
 
+def copy_alone(checkpoint: Path, into: Path) -> None:
+    """Rank 0 copies ``checkpoint`` into ``into`` and renames it in place; the others wait for the name
+    (the process group may not exist yet: the first trainer's accelerator starts it)."""
+    final = into / checkpoint.name
+    if int(os.environ["RANK"]) == 0:
+        shutil.copytree(checkpoint, into / f"copying-{checkpoint.name}")
+        os.rename(into / f"copying-{checkpoint.name}", final)
+    while not final.exists():
+        time.sleep(0.05)
+
+
 def run(recipe: str, overrides: list[str], mode: str, checkpoint: str | None = None) -> None:
     recipe = load_recipe(recipe, overrides)
-    if checkpoint is not None and dist.get_rank() == 0:
-        shutil.copytree(checkpoint, Path(recipe.output.dir) / "checkpoints" / Path(checkpoint).name)
-    dist.barrier()
+    if checkpoint is not None:
+        copy_alone(Path(checkpoint), Path(recipe.output.dir) / "checkpoints")
     trainer = Trainer(recipe, resume=mode != "train", progress=False)
     if mode in ("train", "resume"):
         trainer.train()
