@@ -2,15 +2,17 @@
 machine, against DDP and against one process with the same global batch.
 
 Three runs of one recipe (a Llama shape of 0.5 B parameters built from its config, fp32, AdamW,
-batch 4 x 512 per process, a generated text corpus; no checkpoints, no saved model), each the
-command a user types (:func:`commands`)::
+batch 4 x 512 per process, gradient checkpointing, a generated text corpus; no checkpoints, no saved
+model), each the command a user types (:func:`commands`)::
 
     python -m lowmem.cli RECIPE train.grad_accum=N                      # one process, N micro-batches
     torchrun --nproc_per_node N -m lowmem.cli RECIPE train.distributed=ddp
     torchrun --nproc_per_node N -m lowmem.cli RECIPE train.distributed=fsdp2
 
 From each run's ``summary.json`` and ``metrics.jsonl`` (:func:`read_run`): rank 0's peak CUDA memory
-(``torch.cuda.max_memory_allocated``; the ranks hold equal shares), its parameter and optimizer-state
+(``torch.cuda.max_memory_allocated``; the ranks hold equal shares) beside the planner's prediction
+(``lowmem-train RECIPE --plan --processes 2 --device cuda`` predicts 8.06 GiB for one process or a DDP
+rank, 5.15 GiB for an FSDP2 rank of 2, 3.54 of 4), its parameter and optimizer-state
 MiB (FSDP2: the local shards), the median tokens/s after the first step, and what must equal the
 one-process run: the gradient norms, the final eval loss, and under FSDP2 the logged losses.
 :func:`compare` checks them against the one-process run (relative ``LOSS_RTOL``: the ranks sum the
@@ -56,7 +58,8 @@ def write_recipe(out: Path, cpu: bool, steps: int = 6) -> Path:
     corpus.mkdir(parents=True, exist_ok=True)
     for i in range(200):
         (corpus / f"{i:03d}.txt").write_text(" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(400)))
-    tree = {"model": {"config": CPU_MODEL if cpu else GPU_MODEL, "tokenizer": "bytes", "dtype": "float32"},
+    tree = {"model": {"config": CPU_MODEL if cpu else GPU_MODEL, "tokenizer": "bytes", "dtype": "float32",
+                      "gradient_checkpointing": True},  # few activations: the states make the peak
             "data": {"path": str(corpus), "eval_fraction": 0.05},
             "optim": {"name": "adamw", "lr": 1e-4, "max_grad_norm": 1.0},
             "train": {"steps": steps, "batch_size": 2 if cpu else 4, "seq_len": 32 if cpu else 512,
@@ -86,6 +89,7 @@ def read_run(run_dir: Path) -> dict:
     return {"losses": [r["loss"] for r in steps], "grad_norms": [r["grad_norm"] for r in steps],
             "eval_loss": summary["eval_loss"], "tokens_per_s": statistics.median(rates),
             "peak_cuda_GiB": summary.get("peak_cuda_gb"), "peak_rss_GiB": summary["peak_rss_gb"],
+            "predicted_GiB": summary.get("predicted_peak_gb"),  # the run's (rank's) plan, lowmem.planner
             "parameter_MiB_per_rank": summary.get("parameter_mb_per_rank"),
             "optimizer_state_MiB_per_rank": summary.get("optimizer_state_mb_per_rank", summary["optimizer_state_mb"])}
 
@@ -118,6 +122,8 @@ def run_all(out: Path, cpu: bool, processes: int, timeout: float) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     env.setdefault("OMP_NUM_THREADS", "1")
+    if cpu:  # gloo on the CPU even where GPUs are present
+        env["CUDA_VISIBLE_DEVICES"] = ""
     recipe = write_recipe(out, cpu)
     runs = {}
     for name, cmd in commands(recipe, processes, out / "runs").items():

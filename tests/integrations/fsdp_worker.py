@@ -1,11 +1,10 @@
 """Processes of the FSDP2 tests (started by torchrun): several recipe runs in one launch.
 
-``python fsdp_worker.py RUNS.json [--resume]`` runs each ``[recipe path, [override, ...]]`` (or
-``[recipe path, [override, ...], mode]``, or ``[..., mode, checkpoint]``: rank 0 first copies the
-checkpoint directory ``checkpoint`` alone into the run's, as if the run had been killed after it)
-of ``RUNS.json`` (each with its own ``output.dir``), one after the other in the same process group,
-then ends the group as gloo needs (model gone, barrier, destroy). ``mode`` (default ``resume`` with
-``--resume``, else ``train``):
+``python fsdp_worker.py RUNS.json`` runs each ``[recipe path, [override, ...]]`` (or ``[recipe path,
+[override, ...], mode]``, or ``[..., mode, checkpoint]``: the checkpoint directory ``checkpoint`` is
+first copied alone into the run's, as if the run had been killed after it) of ``RUNS.json`` (each
+with its own ``output.dir``), one after the other in the same process group, then ends the group as
+gloo needs (model gone, barrier, destroy). ``mode`` (default ``train``):
 
 * ``train`` / ``resume``: train to the end, from step 0 or from the newest checkpoint;
 * ``resave``: load the newest checkpoint and save it again at the same step, on this launch's
@@ -43,8 +42,8 @@ def copy_alone(checkpoint: Path, into: Path) -> None:
         time.sleep(0.05)
 
 
-def run(recipe: str, overrides: list[str], mode: str, checkpoint: str | None = None) -> None:
-    recipe = load_recipe(recipe, overrides)
+def run(path: str, overrides: list[str], mode: str = "train", checkpoint: str | None = None) -> None:
+    recipe = load_recipe(path, overrides)
     if checkpoint is not None:
         copy_alone(Path(checkpoint), Path(recipe.output.dir) / "checkpoints")
     trainer = Trainer(recipe, resume=mode != "train", progress=False)
@@ -60,18 +59,17 @@ def run(recipe: str, overrides: list[str], mode: str, checkpoint: str | None = N
             if dist.get_rank() == 0:
                 (Path(trainer.out) / "refused.txt").write_text(str(err))
         else:
-            raise AssertionError(f"{recipe}: the resume was not refused")
+            raise AssertionError(f"{path}: the resume was not refused")
     del trainer
     gc.collect()
 
 
 def main(argv: list[str]) -> None:
-    default = "resume" if "--resume" in argv else "train"
     for recipe, overrides, *rest in json.loads(open(argv[0]).read()):
         if recipe == HF_TRAINER:
             hf_trainer_run(**overrides)
         else:
-            run(recipe, overrides, *(rest or [default]))
+            run(recipe, overrides, *rest)
     dist.barrier()
     dist.destroy_process_group()
 

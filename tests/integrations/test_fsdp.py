@@ -34,16 +34,15 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
 
 
-def launch(runs: list, tmp_path: Path, *flags: str, processes: int = 2,
-           worker: Path = WORKER) -> subprocess.CompletedProcess:
-    """One torchrun launch of ``processes`` ranks of ``worker`` over ``runs`` ([recipe, overrides] pairs); asserts a
-    clean exit."""
+def launch(runs: list, tmp_path: Path, processes: int = 2, worker: Path = WORKER) -> subprocess.CompletedProcess:
+    """One torchrun launch of ``processes`` ranks of ``worker`` over ``runs`` ([recipe, overrides] pairs, or
+    more: fsdp_worker.py); asserts a clean exit."""
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout first
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(worker),
-           str(spec), *flags]
+           str(spec)]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 0, log
@@ -175,7 +174,8 @@ RESUMED = {  # one optimizer per state layout of lowmem.fsdp_checkpoint
     "zo_adamu": {"name": "zo_adamu", "lr": 3e-4, "args": {"eps": 0.1, "t1": 0}},  # shard momentum + ZO generator
     "mezo": {"name": "mezo", "lr": 1e-3, "args": {"eps": 0.1, "momentum": 0.9}},  # MeZO's own momentum, likewise
 }
-RESHARDED = ("adamw", "apollo", "zo_adamu", "mezo")  # the layouts DCP reshards (8-bit blocks are per rank)
+RESHARDED = ("adamw", "apollo", "zo_adamu", "mezo")  # the layouts DCP reshards, resumed on 1 process
+ON_FOUR = ("adamw", "apollo", "zo_adamu")  # and on 4 (MeZO's layouts are ZO-AdaMU's: one 4-process launch is costly)  # the layouts DCP reshards (8-bit blocks are per rank)
 # the 2-process run's global batch (2 rows per rank) on 1 and 4 processes; a zeroth-order step takes one batch
 GLOBAL_BATCH = {1: (["train.grad_accum=2"], ["train.batch_size=4"]),
                 4: (["train.batch_size=1"], ["train.batch_size=1"])}
@@ -201,10 +201,11 @@ def global_batch(name: str, processes: int) -> list[str]:
 
 def test_resume_exact_and_on_another_world_size(tiny_recipe, tmp_path, monkeypatch):
     """Stopped after step 5 (its checkpoint copied alone, as if killed), resumed on 2 processes: the
-    same final weights bit for bit. Resumed on 1 and on 4 processes (the same global batch): the fp32
-    layouts and the ZO state load resharded bit for bit (the step-5 checkpoint loaded on 4 processes and
-    saved again holds the same numbers) and the run goes on as the uninterrupted one, to rounding (the
-    gradient or the loss is summed in another order). 8-bit shards are refused in one line."""
+    same final weights bit for bit. Resumed on 1 and on 4 processes (the same global batch; MeZO on 1):
+    the fp32 layouts and the ZO state (shard momentum, seed generator) load resharded bit for bit (the
+    step-5 checkpoint loaded on 4 processes and saved again holds the same numbers) and the run goes on
+    as the uninterrupted one, to rounding (the gradient or the loss is summed in another order). 8-bit
+    shards are refused in one line on 1 and on 4."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     recipes = {name: tiny_recipe(f"{name}.yaml", optim=optim, train={"steps": STEPS, "checkpoint_every": 5,
                                                                         "distributed": "fsdp2"})
@@ -221,7 +222,7 @@ def test_resume_exact_and_on_another_world_size(tiny_recipe, tmp_path, monkeypat
         for key in full:
             assert torch.equal(resumed[key], full[key]), (name, key)
     four = [[recipes[n], [f"output.dir={tmp_path / n / run}", *global_batch(n, 4)], mode, cut[n]]
-            for n in RESHARDED for run, mode in (("four", "resume"), ("resaved", "resave"))]
+            for n in ON_FOUR for run, mode in (("four", "resume"), ("resaved", "resave"))]
     four.append([recipes["adamw8bit"], [f"output.dir={tmp_path / 'adamw8bit' / 'four'}", "train.batch_size=1"],
                  "refused", cut["adamw8bit"]])
     launch(four, tmp_path, processes=4)
@@ -230,26 +231,34 @@ def test_resume_exact_and_on_another_world_size(tiny_recipe, tmp_path, monkeypat
     for name in RESHARDED:
         train(load_recipe(recipes[name], [f"output.dir={tmp_path / name / 'one'}", *global_batch(name, 1)]),
               resume=True, progress=False)
+    for name in ON_FOUR:  # what 4 processes loaded, saved again: the 2-process checkpoint's numbers
         saved, resaved = (dcp_tensors(tmp_path / name / run / step5 / SHARDED) for run in ("full", "resaved"))
         assert sorted(resaved) == sorted(saved), name
         for key in saved:
             assert torch.equal(resaved[key], saved[key]), (name, key)
-        for processes in ("one", "four"):
-            assert steps_logged(tmp_path / name / processes) == [6, 7, 8, 9, 10], (name, processes)
-            full, other = losses(tmp_path / name / "full")[5:], losses(tmp_path / name / processes)
-            assert other[0] == pytest.approx(full[0], rel=1e-6), (name, processes)  # the loaded weights' loss
-            rel, atol = resumed_tolerance(name, processes)
-            assert other == pytest.approx(full, rel=rel), (name, processes)
-            full = load_file(tmp_path / name / "full" / "model" / "model.safetensors")
-            other = load_file(tmp_path / name / processes / "model" / "model.safetensors")
-            for key in full:
-                torch.testing.assert_close(other[key], full[key], rtol=rel, atol=atol,
-                                           msg=f"{name} on {processes} {key}")
+    for name in RESHARDED:
+        for processes in ("one", "four") if name in ON_FOUR else ("one",):
+            assert_follows_uninterrupted(tmp_path / name, processes)
     refused = "8-bit optimizer state laid out on 2 shards; resume with 2"
     assert refused in (tmp_path / "adamw8bit" / "four" / "refused.txt").read_text()
     with pytest.raises(CheckpointError, match=refused):
         train(load_recipe(recipes["adamw8bit"], [f"output.dir={tmp_path / 'adamw8bit' / 'one'}",
                                                  "train.grad_accum=2"]), resume=True, progress=False)
+
+
+def assert_follows_uninterrupted(runs: Path, processes: str) -> None:
+    """The run resumed in ``runs / processes`` logs steps 6 to 10, its first loss is the uninterrupted
+    run's (the loaded weights), and its losses and final weights follow that run (resumed_tolerance)."""
+    name = runs.name
+    assert steps_logged(runs / processes) == [6, 7, 8, 9, 10], (name, processes)
+    full, other = losses(runs / "full")[5:], losses(runs / processes)
+    assert other[0] == pytest.approx(full[0], rel=1e-6), (name, processes)
+    rel, atol = resumed_tolerance(name, processes)
+    assert other == pytest.approx(full, rel=rel), (name, processes)
+    full = load_file(runs / "full" / "model" / "model.safetensors")
+    other = load_file(runs / processes / "model" / "model.safetensors")
+    for key in full:
+        torch.testing.assert_close(other[key], full[key], rtol=rel, atol=atol, msg=f"{name} on {processes} {key}")
 
 
 def dcp_tensors(directory: Path) -> dict[str, torch.Tensor]:
