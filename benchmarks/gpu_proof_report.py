@@ -101,14 +101,14 @@ def _quantized(e: dict) -> str:
 
 
 def _fsdp2(e: dict) -> str:
-    peak = "peak_cuda_GiB" if e["device"] == "cuda" else "peak_rss_GiB"
-    rows = [[name, 1 if name == "one" else e["processes"], _f(r[peak]), _f(r.get("predicted_GiB")),
-             _f(r["parameter_MiB_per_rank"], ".0f"),
+    cuda = e["device"] == "cuda"
+    rows = [[name, 1 if name == "one" else e["processes"], _f(r["peak_cuda_GiB" if cuda else "peak_rss_GiB"]),
+             _f(r.get("predicted_GiB")), _f(r["parameter_MiB_per_rank"], ".0f"),
              _f(r["optimizer_state_MiB_per_rank"], ".0f"), _f(r["tokens_per_s"], ".0f"),
              "-" if name == "one" else _f(e[name]["rel_diff"], ".1e")] for name, r in e["runs"].items()]
-    return (f"`{e['command']}`\n\n" + markdown_table(
-        ["run", "processes", f"{peak.split('_GiB')[0].replace('_', ' ')} GiB (rank 0)", "planned GiB", "params MiB/rank",
-         "opt. state MiB/rank", "tokens/s (median)", "rel. diff vs one (grad norms, eval loss)"], rows))
+    header = ["run", "processes", f"peak {'CUDA' if cuda else 'RSS'} GiB (rank 0)", "planned GiB", "params MiB/rank",
+              "opt. state MiB/rank", "tokens/s (median)", "rel. diff vs one (grad norms, eval loss)"]
+    return f"`{e['command']}`\n\n" + markdown_table(header, rows)
 
 
 SECTIONS = {"kernels": ("Triton kernels vs PyTorch references", _kernels),

@@ -63,6 +63,7 @@ def test_fsdp2_step_commands_and_reading(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu_proof_fsdp as proof
+        from gpu_proof_report import SECTIONS
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     from lowmem.cli import main
@@ -85,4 +86,7 @@ def test_fsdp2_step_commands_and_reading(tmp_path):
     assert same["fsdp2"]["rel_diff"] == 0 and same["fsdp2_peak_over_ddp"] == 1 and same["ok"]  # no CUDA peak
     other = {**run, "grad_norms": [g * (1 + 2 * proof.LOSS_RTOL) for g in run["grad_norms"]]}
     assert not proof.compare({"one": run, "ddp": other, "fsdp2": run})["ok"]
+    runs = {"one": run, "ddp": run, "fsdp2": run}
+    table = SECTIONS["fsdp2"][1]({"device": "cpu", "processes": 2, "command": "cmd", "runs": runs, **same})
+    assert "peak RSS GiB (rank 0)" in table and len(table.splitlines()) == 2 + 2 + 3  # command, blank, header and rule, 3 runs
     assert proof.too_few(1).startswith("1 CUDA device(s)") and proof.too_few(2) is None
