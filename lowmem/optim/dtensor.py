@@ -61,6 +61,12 @@ def local_rows(p) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for s, o in zip(shape, offset))
 
 
+def flat_start(p) -> int:
+    """The flat position in the whole parameter of the first element of this rank's row shard of ``p``."""
+    row_elements = p.numel() // p.shape[0] if p.dim() and p.shape[0] else 0
+    return local_rows(p)[0].start * row_elements
+
+
 @contextlib.contextmanager
 def plain_param(optimizer: torch.optim.Optimizer, p, whole: bool):
     """A plain leaf tensor standing in for the sharded ``p`` (its ``.grad`` set, ``p``'s optimizer
