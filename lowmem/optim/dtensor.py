@@ -13,7 +13,8 @@ the optimizer chooses per param group (``steps_rows(group)``, by default ``eleme
   shard boundary; the blocks coincide with the one-process blocks (state bit-identical, whatever N)
   when each shard starts at a multiple of the block size, i.e. when ``rows_per_shard * columns``
   is a multiple of ``blocksize`` -- true for every matrix whose row length is a multiple of 256;
-  otherwise the absmax of the blocks that straddle differs and the state depends on the layout.
+  otherwise the absmax of the blocks that straddle differs and the state depends on the layout
+  (a sharded checkpoint reshards the aligned case exactly and refuses the other: lowmem.fsdp_checkpoint).
   Whether a tensor is 8-bit (``min_8bit_size``) is decided on the shard's size.
   Rules whose whole-matrix quantities are sums over the rows step the rows too, with those sums
   all-reduced (:func:`sum_over_shards`): SGD-SaI's per-tensor g-SNR (``sum g``, ``sum g^2``, then
