@@ -8,7 +8,8 @@ gloo needs (model gone, barrier, destroy). ``mode`` (default ``train``):
 
 * ``train`` / ``resume``: train to the end, from step 0 or from the newest checkpoint;
 * ``resave``: load the newest checkpoint and save it again at the same step, on this launch's
-  number of processes (what a resume on another world size loaded, written back out);
+  number of processes (what a resume on another world size loaded, written back out), then resume
+  from that checkpoint and train to the end;
 * ``refused``: the resume must fail with a ``CheckpointError``; rank 0 writes its message to
   ``output.dir/refused.txt``.
 
@@ -47,11 +48,11 @@ def run(path: str, overrides: list[str], mode: str = "train", checkpoint: str | 
     if checkpoint is not None:
         copy_alone(Path(checkpoint), Path(recipe.output.dir) / "checkpoints")
     trainer = Trainer(recipe, resume=mode != "train", progress=False)
-    if mode in ("train", "resume"):
-        trainer.train()
-    elif mode == "resave":
+    if mode == "resave":
         trainer.restore()
         trainer.save()
+    if mode != "refused":
+        trainer.train()
     else:
         try:
             trainer.restore()

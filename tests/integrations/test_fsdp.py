@@ -230,8 +230,8 @@ def test_resume_exact_and_on_another_world_size(tiny_recipe, tmp_path, monkeypat
         resumed = load_file(tmp_path / name / "cut" / "model" / "model.safetensors")
         for key in full:
             assert torch.equal(resumed[key], full[key]), (name, key)
-    four = [[recipes[n], [f"output.dir={tmp_path / n / run}", *global_batch(n, 4)], mode, cut[n]]
-            for n in ON_FOUR for run, mode in (("four", "resume"), ("resaved", "resave"))]
+    four = [[recipes[n], [f"output.dir={tmp_path / n / 'four'}", *global_batch(n, 4)], "resave", cut[n]]
+            for n in ON_FOUR]  # the step-5 checkpoint loaded, saved again on 4 processes, then resumed
     four.append([recipes["adamw8bit"], [f"output.dir={tmp_path / 'adamw8bit' / 'four'}", "train.batch_size=1"],
                  "refused", cut["adamw8bit"]])
     launch(four, tmp_path, processes=4)
@@ -242,7 +242,7 @@ def test_resume_exact_and_on_another_world_size(tiny_recipe, tmp_path, monkeypat
               resume=True, progress=False)
     for name in ON_FOUR:  # what 4 processes loaded, saved again: the 2-process checkpoint's numbers
         saved, resaved = (end_to_end(dcp_tensors(tmp_path / name / run / step5 / SHARDED))
-                          for run in ("full", "resaved"))
+                          for run in ("full", "four"))
         assert sorted(resaved) == sorted(saved), name
         for key in saved:
             assert torch.equal(resaved[key], saved[key]), (name, key)
