@@ -24,6 +24,9 @@ than it needs (``ESTIMATE_S``); a failing step is recorded and the next one runs
    planner, tokens/s (the full 8B comparison with ZeRO-Infinity: ``bench_fuyou.py --gpu``).
 8. ``quantized``: the Llama-3-8B-shape step with int8 trainable weights (against the planner) and LoRA on a
    frozen NF4 base (issue 27): :mod:`gpu_proof_quant`.
+9. ``fsdp2``: ``torchrun --nproc_per_node N -m lowmem.cli`` with ``train.distributed: fsdp2`` on every GPU
+   against DDP and one process (per-rank peak CUDA memory, step time, losses equal; issue 26):
+   :mod:`gpu_proof_fsdp`. Skipped with one line below 2 CUDA devices (and in the dry run).
 
 Everything goes to ``OUT_DIR/gpu_proof.json`` (written after every step, so a cut run keeps what it
 measured), ``OUT_DIR/gpu_proof.md`` (the RESULTS.md section with the measured columns: copy it to
@@ -65,9 +68,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "zo_noise", "fuyou", "quantized"]
+STEPS = ["pytest_gpu", "kernels", "adamw8bit", "llama_step", "zo2", "zo_noise", "fuyou", "quantized", "fsdp2"]
 ESTIMATE_S = {"pytest_gpu": 60, "kernels": 45, "adamw8bit": 30, "llama_step": 60, "zo2": 200, "zo_noise": 40,
-              "fuyou": 90, "quantized": 150}
+              "fuyou": 90, "quantized": 150, "fsdp2": 180}
 
 
 def gpu_test_files() -> list[str]:
@@ -122,6 +125,9 @@ class Proof:
         started = time.perf_counter()
         try:
             figures = fn()
+            if "not_run" in figures:  # the step found nothing to run on (one line: why)
+                self.record(name, {"status": "skipped", "reason": figures["not_run"]})
+                return
             status = "ok" if figures.get("ok", True) else "failed"
             entry = {"status": status, **figures}
         except Exception as err:  # noqa: BLE001 -- one step failing must not stop the others
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     import gpu_proof_zo
     import gpu_proof_quant
     import gpu_proof_zo2
+    import gpu_proof_fsdp
     from gpu_proof_common import Shapes
     from gpu_proof_report import write_markdown
 
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
              "kernels": lambda: steps.kernels(shapes), "adamw8bit": lambda: steps.adamw8bit(shapes),
              "llama_step": lambda: steps.llama_step(shapes), "zo2": lambda: gpu_proof_zo2.zo2(shapes),
              "zo_noise": lambda: gpu_proof_zo.zo_noise(shapes),
-             "fuyou": lambda: steps.fuyou(shapes), "quantized": lambda: gpu_proof_quant.quantized(shapes)}
+             "fuyou": lambda: steps.fuyou(shapes), "quantized": lambda: gpu_proof_quant.quantized(shapes),
+             "fsdp2": lambda: gpu_proof_fsdp.fsdp2(shapes, args.out_dir, max(proof.left(), 60))}
     for name in STEPS:
         if name in args.only:
             proof.run(name, calls[name])

@@ -100,13 +100,25 @@ def _quantized(e: dict) -> str:
                            "planner GiB", "planner error", "step s"], rows)
 
 
+def _fsdp2(e: dict) -> str:
+    cuda = e["device"] == "cuda"
+    rows = [[name, 1 if name == "one" else e["processes"], _f(r["peak_cuda_GiB" if cuda else "peak_rss_GiB"]),
+             _f(r.get("predicted_GiB")), _f(r["parameter_MiB_per_rank"], ".0f"),
+             _f(r["optimizer_state_MiB_per_rank"], ".0f"), _f(r["tokens_per_s"], ".0f"),
+             "-" if name == "one" else _f(e[name]["rel_diff"], ".1e")] for name, r in e["runs"].items()]
+    header = ["run", "processes", f"peak {'CUDA' if cuda else 'RSS'} GiB (rank 0)", "planned GiB", "params MiB/rank",
+              "opt. state MiB/rank", "tokens/s (median)", "rel. diff vs one (grad norms, eval loss)"]
+    return f"`{e['command']}`\n\n" + markdown_table(header, rows)
+
+
 SECTIONS = {"kernels": ("Triton kernels vs PyTorch references", _kernels),
             "adamw8bit": ("8-bit AdamW step, 1B bf16 parameters", _adamw),
             "llama_step": ("Llama-3-8B shape, bf16, 1 x 1024, APOLLO-Mini layer-wise + checkpointing", _llama),
             "zo2": ("ZO2 offload", _zo2),
             "zo_noise": ("Zeroth-order step per noise kind (Philox kernel, issue #17)", _zo_noise),
             "fuyou": ("First-order offload (Fuyou), Llama-3-8B shape blocks, AdamW, bf16, 1 x 1024", _fuyou),
-            "quantized": ("Quantized weights (issue 27), Llama-3-8B shape", _quantized)}
+            "quantized": ("Quantized weights (issue 27), Llama-3-8B shape", _quantized),
+            "fsdp2": ("FSDP2 against DDP and one process (issue 26), Llama 0.5B shape, fp32 AdamW", _fsdp2)}
 
 
 def write_markdown(report: dict, path: Path) -> None:

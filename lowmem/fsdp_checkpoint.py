@@ -14,13 +14,21 @@ scheduler, RNG states and step. Each optimizer tensor is saved as one of four la
   absmax of a shard): saved per rank.
 
 DCP reshards the first three on load, so a checkpoint resumes on another number of processes
-exactly (the weights and fp32 state are the same numbers, cut differently); a ``rank`` tensor
-resumes only on the same number of processes, and another is refused with one line.
+with the same numbers, cut differently (the weights, fp32 state, a zeroth-order optimizer's shard
+momentum and seed generator; tested saved on 2 and loaded on 1 and on 4, where a save right after
+the load writes back the same tensors bit for bit). The ``rank`` tensors are 8-bit codes (one per
+element) and block absmax (one per ``blocksize`` elements), cut on each shard
+(:mod:`lowmem.optim.dtensor`). When every non-empty shard starts on a block boundary, in the saved
+layout and in this run's (row lengths that are multiples of the block size: most LLM matrices),
+the shards' blocks are the one-process blocks: the saved ranks' codes and absmax put end to end are
+the one-process state, and each rank takes its slice of them (:func:`_redealt`), exactly. Otherwise
+the state depends on the layout, and another number of processes is refused with one line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from pathlib import Path
 
@@ -29,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowmem.state_encoding import CheckpointError, optimizer_state_from_tensors, optimizer_state_to_tensors
-from lowmem.optim.dtensor import is_sharded
+from lowmem.optim.dtensor import flat_start, is_sharded
 
 
 def staging_dir(run_dir: Path) -> Path:
@@ -99,7 +107,48 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     dcp.save(state, checkpoint_id=str(directory))
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, {"optimizer": json.dumps(opt_meta), "layout": json.dumps(layout)})
-    return {"processes": len(ranks), "ranks": ranks}
+    return {"processes": len(ranks), "ranks": ranks, "blocksize": getattr(optimizer, "state_blocksize", None)}
+
+
+def _starts_on_blocks(sizes: list[int], blocksize: int) -> bool:
+    """Whether each non-empty shard of ``sizes`` elements, end to end in rank order, starts on a block."""
+    start = 0
+    for n in sizes:
+        if n and start % blocksize:
+            return False
+        start += n
+    return True
+
+
+def _saved_blocks(layouts: list[dict], params: list, meta: dict, directory: Path) -> dict[str, list]:
+    """For a resume on another number of processes: ``{name: [its shape on saved rank r, ...]}`` of the
+    ``rank`` tensors, when their blocks are the one-process blocks in both layouts (module doc); else
+    a one-line ``CheckpointError``."""
+    processes, blocksize = meta["processes"], meta.get("blocksize")
+    refusal = f"{directory}: 8-bit optimizer state laid out on {processes} shards; resume with {processes} processes"
+    names = [sorted(n for n, (kind, _, _) in layout.items() if kind == "rank") for layout in layouts]
+    if not names[0]:
+        return {}
+    if blocksize is None or any(n != names[0] for n in names):
+        raise CheckpointError(refusal)
+    for name in names[0]:
+        codes = name if name.endswith("_codes") else name.removesuffix("_absmax") + "_codes"
+        p = params[int(name.split(".")[1])]
+        sizes = [math.prod(layout[codes][2]) if codes in layout else -1 for layout in layouts]
+        if not name.endswith(("_codes", "_absmax")) or -1 in sizes:
+            raise CheckpointError(refusal)
+        if not (_starts_on_blocks(sizes, blocksize) and flat_start(p) % blocksize == 0):
+            raise CheckpointError(f"{refusal} (a shard starts inside a block of {blocksize} elements: "
+                                  f"the state depends on the layout)")
+    return {name: [layout[name][2] for layout in layouts] for name in names[0]}
+
+
+def _redealt(name: str, pieces: list[torch.Tensor], p, blocksize: int) -> torch.Tensor:
+    """This rank's slice of the one-process codes or block absmax that ``pieces`` (the saved ranks') make."""
+    whole, start, n = torch.cat([t.reshape(-1) for t in pieces]), flat_start(p), p.to_local().numel()
+    if name.endswith("_codes"):
+        return whole[start:start + n].clone()
+    return whole[start // blocksize:-(-(start + n) // blocksize)].clone()
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, directory: Path) -> None:
@@ -109,16 +158,16 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
 
     rank, world = dist.get_rank(), dist.get_world_size()
     same = meta["processes"] == world
-    layouts = [json.loads(r["layout"]) for r in meta["ranks"]]
-    if not same and any(kind == "rank" for layout in layouts for kind, _, _ in layout.values()):
-        raise CheckpointError(f"{directory}: 8-bit optimizer state laid out on {meta['processes']} shards; "
-                              f"resume with {meta['processes']} processes")
+    layouts, params = [json.loads(r["layout"]) for r in meta["ranks"]], _params(optimizer)
+    blocks = {} if same else _saved_blocks(layouts, params, meta, directory)  # 8-bit state re-dealt
     mine = meta["ranks"][rank if same else 0]
-    layout, params = json.loads(mine["layout"]), _params(optimizer)
+    layout = json.loads(mine["layout"])
     state = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     for name, (kind, dtype, shape) in layout.items():
         dtype = getattr(torch, dtype)
-        if kind in ("shard", "dtensor"):
+        if name in blocks:  # every saved rank's piece
+            state.update({_dcp_name(name, kind, r): torch.empty(s, dtype=dtype) for r, s in enumerate(blocks[name])})
+        elif kind in ("shard", "dtensor"):
             p = params[int(name.split(".")[1])]
             state[_dcp_name(name, kind, rank)] = _as_dtensor(torch.empty_like(p.to_local(), dtype=dtype), p)
         else:
@@ -126,6 +175,10 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
     dcp.load(state, checkpoint_id=str(directory))
     tensors = {}
     for name, (kind, _, _) in layout.items():
+        if name in blocks:
+            pieces = [state[_dcp_name(name, kind, r)] for r in range(len(blocks[name]))]
+            tensors[name] = _redealt(name, pieces, params[int(name.split(".")[1])], meta["blocksize"])
+            continue
         t = state[_dcp_name(name, kind, rank)]
         tensors[name] = t.to_local() if kind == "shard" else t
     optimizer.load_state_dict(optimizer_state_from_tensors(tensors, json.loads(mine["optimizer"])))

@@ -70,6 +70,11 @@ class _Blockwise8bit(DenseGradOptimizer):
     def elementwise(self, group: dict) -> bool:
         return True
 
+    @property
+    def state_blocksize(self) -> int:
+        """Elements per 8-bit block: a sharded checkpoint re-deals whole blocks (lowmem.fsdp_checkpoint)."""
+        return self.store8.blocksize
+
     def _step_param(self, p, group: dict, name: str | None) -> None:
         state = self.state[p]
         if not state:

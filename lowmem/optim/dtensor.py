@@ -13,7 +13,8 @@ the optimizer chooses per parameter (``steps_rows(group, p)``, by default ``elem
   shard boundary; the blocks coincide with the one-process blocks (state bit-identical, whatever N)
   when each shard starts at a multiple of the block size, i.e. when ``rows_per_shard * columns``
   is a multiple of ``blocksize`` -- true for every matrix whose row length is a multiple of 256;
-  otherwise the absmax of the blocks that straddle differs and the state depends on the layout.
+  otherwise the absmax of the blocks that straddle differs and the state depends on the layout
+  (a sharded checkpoint reshards the aligned case exactly and refuses the other: lowmem.fsdp_checkpoint).
   Whether a tensor is 8-bit (``min_8bit_size``) is decided on the shard's size.
   Rules whose whole-matrix quantities are sums over the rows step the rows too, with those sums
   all-reduced (:func:`sum_over_shards`): SGD-SaI's per-tensor g-SNR (``sum g``, ``sum g^2``, then
@@ -60,6 +61,12 @@ def local_rows(p) -> tuple[slice, ...]:
 
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return tuple(slice(o, o + s) for s, o in zip(shape, offset))
+
+
+def flat_start(p) -> int:
+    """The flat position in the whole parameter of the first element of this rank's row shard of ``p``."""
+    row_elements = p.numel() // p.shape[0] if p.dim() and p.shape[0] else 0
+    return local_rows(p)[0].start * row_elements
 
 
 @contextlib.contextmanager

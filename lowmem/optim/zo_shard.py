@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.optim.dtensor import is_sharded, local_rows
+from lowmem.optim.dtensor import flat_start, is_sharded
 from lowmem.optim.zo_noise import Noise, restore_decay_step_
 
 
@@ -42,8 +42,7 @@ def local_shard(p: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"train.distributed: fsdp2: zeroth-order steps perturb row shards (Shard(0)); "
                          f"a parameter is placed as {p.placements}")
     q = p.to_local().detach()
-    row_elements = p.numel() // p.shape[0] if p.dim() and p.shape[0] else 0
-    q.sharded_param, q.flat_start = p, local_rows(p)[0].start * row_elements
+    q.sharded_param, q.flat_start = p, flat_start(p)
     return q
 
 

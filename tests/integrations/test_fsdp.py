@@ -13,16 +13,18 @@ repeats batch 0 with weight 0 so that both ranks run each sharded forward (lowme
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowmem.checkpoint import CheckpointError
+from lowmem.checkpoint import SHARDED, CheckpointError
 from lowmem.recipe import load_recipe
 from lowmem.trainer import train
 
@@ -33,16 +35,15 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
 
 
-def launch(runs: list, tmp_path: Path, *flags: str, processes: int = 2,
-           worker: Path = WORKER) -> subprocess.CompletedProcess:
-    """One torchrun launch of ``processes`` ranks of ``worker`` over ``runs`` ([recipe, overrides] pairs); asserts a
-    clean exit."""
+def launch(runs: list, tmp_path: Path, processes: int = 2, worker: Path = WORKER) -> subprocess.CompletedProcess:
+    """One torchrun launch of ``processes`` ranks of ``worker`` over ``runs`` ([recipe, overrides] pairs, or
+    more: fsdp_worker.py); asserts a clean exit."""
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout first
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(worker),
-           str(spec), *flags]
+           str(spec)]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 0, log
@@ -176,42 +177,128 @@ RESUMED = {  # one optimizer per state layout of lowmem.fsdp_checkpoint
     "adamw": {"name": "adamw", "lr": 1e-3},                                        # DTensor moments
     "apollo": {"name": "apollo", "lr": 1e-3, "args": {"rank": 4, "update_proj_gap": 3}},  # replicated + shards
     "adamw8bit": {"name": "adamw8bit", "lr": 1e-3, "args": {"min_8bit_size": 256}},     # per-rank 8-bit blocks
+    # 64-element blocks, lm_head's moments fp32: every shard at 1, 2 and 4 processes starts on a block, so
+    # the shards' blocks are the one-process blocks (lm_head's 257 rows are not: 129 x 32 elements)
+    "adamw8bit-blocks": {"name": "adamw8bit", "lr": 1e-3, "args": {
+        "min_8bit_size": 64, "blocksize": 64, "fp32_state_params": ["*embed*", "*lm_head*"]}},
     "zo_adamu": {"name": "zo_adamu", "lr": 3e-4, "args": {"eps": 0.1, "t1": 0}},  # shard momentum + ZO generator
+    "mezo": {"name": "mezo", "lr": 1e-3, "args": {"eps": 0.1, "momentum": 0.9}},  # MeZO's own momentum, likewise
 }
+# the layouts resharded (8-bit blocks re-dealt), resumed on 1 process
+RESHARDED = ("adamw", "apollo", "adamw8bit-blocks", "zo_adamu", "mezo")
+ON_FOUR = ("adamw", "apollo", "adamw8bit-blocks", "zo_adamu")  # and on 4 (MeZO's layouts are ZO-AdaMU's)  # the layouts DCP reshards (8-bit blocks are per rank)
+# the 2-process run's global batch (2 rows per rank) on 1 and 4 processes; a zeroth-order step takes one batch
+GLOBAL_BATCH = {1: (["train.grad_accum=2"], ["train.batch_size=4"]),
+                4: (["train.batch_size=1"], ["train.batch_size=1"])}
+
+
+def resumed_tolerance(name: str, processes: str) -> tuple[float, float]:
+    """How far a run resumed on another number of processes may go from the uninterrupted 2-process
+    run over 5 steps: relative (losses, weights) and absolute (weights); the resumed state itself is
+    the saved one bit for bit. 1 process with ``grad_accum: 2`` sums the gradient almost as 2 processes
+    do (weights within 1e-8), and a zeroth-order loss is a float64 mean: 1e-5 (measured: up to 8e-8).
+    On 4 processes of 1 row each, a first-order gradient is summed in another order, and Adam's
+    ``m / sqrt(v)`` (APOLLO's scaled Adam too) turns the fp32 rounding of near-zero gradient elements
+    into lr-sized differences, as a rounding difference that moves an 8-bit moment across a code
+    boundary does on 1 process: 1e-4 (measured: losses 2.4e-5, weights 5.5e-5 at most; a lost moment
+    would move the weights by ~lr = 1e-3 a step)."""
+    amplified = RESUMED[name]["name"] == "adamw8bit" or (
+        processes == "four" and RESUMED[name]["name"] not in ZEROTH_ORDER)
+    return (1e-4, 1e-4) if amplified else (1e-5, 1e-6)
+
+
+def global_batch(name: str, processes: int) -> list[str]:
+    first, zeroth = GLOBAL_BATCH[processes]
+    return zeroth if RESUMED[name]["name"] in ZEROTH_ORDER else first
 
 
 def test_resume_exact_and_on_another_world_size(tiny_recipe, tmp_path, monkeypatch):
     """Stopped after step 5 (its checkpoint copied alone, as if killed), resumed on 2 processes: the
-    same final weights bit for bit. Resumed on 1 process: the fp32 layouts load resharded (the same
-    weights to rounding: 1 process sums the gradient in another order); 8-bit shards are refused."""
+    same final weights bit for bit. Resumed on 1 and on 4 processes (the same global batch; MeZO on 1):
+    the fp32 layouts, the ZO state (shard momentum, seed generator) and 8-bit blocks that are the
+    one-process blocks load resharded bit for bit (the step-5 checkpoint loaded on 4 processes and saved
+    again holds the same numbers) and the run goes on as the uninterrupted one, to rounding (the gradient
+    or the loss is summed in another order). 8-bit shards whose blocks depend on the layout are refused
+    in one line on 1 and on 4."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     recipes = {name: tiny_recipe(f"{name}.yaml", optim=optim, train={"steps": STEPS, "checkpoint_every": 5,
                                                                         "distributed": "fsdp2"})
                for name, optim in RESUMED.items()}
-    launch([[r, [f"output.dir={tmp_path / n / 'full'}"]] for n, r in recipes.items()], tmp_path)
     step5 = Path("checkpoints") / "step-00000005"
+    cut = {name: str(tmp_path / name / "full" / step5) for name in RESUMED}  # copied alone, as if killed after it
+    launch([[r, [f"output.dir={tmp_path / n / 'full'}"]] for n, r in recipes.items()]
+           + [[r, [f"output.dir={tmp_path / n / 'cut'}"], "resume", cut[n]] for n, r in recipes.items()], tmp_path)
     for name in RESUMED:
-        for cut in ("cut", "one"):
-            shutil.copytree(tmp_path / name / "full" / step5, tmp_path / name / cut / step5)
         assert sorted(os.listdir(tmp_path / name / "full" / "checkpoints")) == ["step-00000005", "step-00000010"]
-    launch([[r, [f"output.dir={tmp_path / n / 'cut'}"]] for n, r in recipes.items()], tmp_path, "--resume")
-    for name in RESUMED:
         assert steps_logged(tmp_path / name / "cut") == [6, 7, 8, 9, 10]  # it resumed, it did not start over
         full = load_file(tmp_path / name / "full" / "model" / "model.safetensors")
         resumed = load_file(tmp_path / name / "cut" / "model" / "model.safetensors")
         for key in full:
             assert torch.equal(resumed[key], full[key]), (name, key)
-    for name in ("adamw", "apollo"):
-        train(load_recipe(recipes[name], [f"output.dir={tmp_path / name / 'one'}", "train.grad_accum=2"]),
-              resume=True, progress=False)  # the same global batch
-        assert steps_logged(tmp_path / name / "one") == [6, 7, 8, 9, 10]
-        full = load_file(tmp_path / name / "full" / "model" / "model.safetensors")
-        one = load_file(tmp_path / name / "one" / "model" / "model.safetensors")
-        for key in full:
-            torch.testing.assert_close(one[key], full[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
-    with pytest.raises(CheckpointError, match="8-bit optimizer state laid out on 2 shards; resume with 2"):
+    four = [[recipes[n], [f"output.dir={tmp_path / n / 'four'}", *global_batch(n, 4)], "resave", cut[n]]
+            for n in ON_FOUR]  # the step-5 checkpoint loaded, saved again on 4 processes, then resumed
+    four.append([recipes["adamw8bit"], [f"output.dir={tmp_path / 'adamw8bit' / 'four'}", "train.batch_size=1"],
+                 "refused", cut["adamw8bit"]])
+    launch(four, tmp_path, processes=4)
+    for name in RESUMED:
+        shutil.copytree(cut[name], tmp_path / name / "one" / step5)
+    for name in RESHARDED:
+        train(load_recipe(recipes[name], [f"output.dir={tmp_path / name / 'one'}", *global_batch(name, 1)]),
+              resume=True, progress=False)
+    for name in ON_FOUR:  # what 4 processes loaded, saved again: the 2-process checkpoint's numbers
+        saved, resaved = (end_to_end(dcp_tensors(tmp_path / name / run / step5 / SHARDED))
+                          for run in ("full", "four"))
+        assert sorted(resaved) == sorted(saved), name
+        for key in saved:
+            assert torch.equal(resaved[key], saved[key]), (name, key)
+    for name in RESHARDED:
+        for processes in ("one", "four") if name in ON_FOUR else ("one",):
+            assert_follows_uninterrupted(tmp_path / name, processes)
+    refused = "8-bit optimizer state laid out on 2 shards; resume with 2 processes (a shard starts inside a block"
+    assert refused in (tmp_path / "adamw8bit" / "four" / "refused.txt").read_text()
+    with pytest.raises(CheckpointError, match=re.escape(refused)):
         train(load_recipe(recipes["adamw8bit"], [f"output.dir={tmp_path / 'adamw8bit' / 'one'}",
                                                  "train.grad_accum=2"]), resume=True, progress=False)
+
+
+def assert_follows_uninterrupted(runs: Path, processes: str) -> None:
+    """The run resumed in ``runs / processes`` logs steps 6 to 10, its first loss is the uninterrupted
+    run's (the loaded weights), and its losses and final weights follow that run (resumed_tolerance)."""
+    name = runs.name
+    assert steps_logged(runs / processes) == [6, 7, 8, 9, 10], (name, processes)
+    full, other = losses(runs / "full")[5:], losses(runs / processes)
+    assert other[0] == pytest.approx(full[0], rel=1e-6), (name, processes)
+    rel, atol = resumed_tolerance(name, processes)
+    assert other == pytest.approx(full, rel=rel), (name, processes)
+    full = load_file(runs / "full" / "model" / "model.safetensors")
+    other = load_file(runs / processes / "model" / "model.safetensors")
+    for key in full:
+        torch.testing.assert_close(other[key], full[key], rtol=rel, atol=atol, msg=f"{name} on {processes} {key}")
+
+
+def end_to_end(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each rank's 8-bit pieces (``optim.rank{r}.NAME``) put end to end in rank order, as
+    ``optim.NAME``: the one-process state when the shards' blocks are the one-process blocks."""
+    out, pieces = {}, {}
+    for key, t in tensors.items():
+        found = re.fullmatch(r"optim\.rank(\d+)\.(.+)", key)
+        if found:
+            pieces.setdefault(found[2], {})[int(found[1])] = t.reshape(-1)
+        else:
+            out[key] = t
+    return out | {f"optim.{name}": torch.cat([p[r] for r in sorted(p)]) for name, p in pieces.items()}
+
+
+def dcp_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``torch.distributed.checkpoint`` directory, whole, read by this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    entries = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    state = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in entries.items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    return state
 
 
 def steps_logged(run_dir: Path) -> list[int]:
