@@ -38,7 +38,7 @@ import torch
 
 from lowmem.optim.zo_seed import mix_seed
 
-CHUNK = 1 << 17          # elements per generator on the CPU (chosen by measurement, module docstring)
+CHUNK = 1 << 15          # elements per generator on the CPU (chosen by measurement, module docstring)
 ACCEL_CHUNK = 1 << 22    # on an accelerator: one launch per chunk, so larger chunks (launch overhead)
 TABLE_SIZE = 1 << 25     # entries of the shared noise table
 _TABLE_SEED, _TABLE_CHUNK = 0x5EED_7AB1E, 1 << 17  # the table's own draw (fixed, whatever CHUNK is)

@@ -24,7 +24,7 @@ Kinds of ``z`` (recipe field ``optim.args.noise``):
 
 ``gaussian`` (default)
     ``z ~ N(0, I)`` (MeZO). The parameter is cut into chunks of ``C`` elements
-    (``2^17`` on the CPU, ``2^22`` on an accelerator), chunk ``k`` drawn by ``normal_``
+    (``2^15`` on the CPU, ``2^22`` on an accelerator), chunk ``k`` drawn by ``normal_``
     from a private generator seeded with ``mix(seed, k)`` (one chunk: ``seed`` itself),
     on ``torch.get_num_threads()`` threads (torch ops release the GIL); the values do
     not depend on the thread count (:mod:`lowmem.optim.zo_keyed`).
