@@ -13,7 +13,7 @@
    tests' tiny Llama (hidden 32, 2 layers, vocab 128; batch 2 x 16) and a mid-size one (hidden 512,
    4 layers, vocab 8192; batch 2 x 64).
 
-Usage: python benchmarks/bench_zo_keyed.py [--before main] [--rounds 5]
+Usage: python benchmarks/bench_zo_keyed.py [--before main] [--rounds 5] [--device cuda]
 """
 
 from __future__ import annotations
@@ -36,19 +36,20 @@ from _common import markdown_table, run_json, write_result  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, COLS = 2051, 2000           # 4.10 M elements, 15.6 MiB in fp32; shards start inside chunks
 CHUNKS = [1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18]
+ACCEL_CHUNKS = [1 << 18, 1 << 20, 1 << 22, 1 << 24]
 KINDS = ["gaussian", "rademacher", "philox"]
 MODELS = {"tiny": dict(hidden=32, layers=2, vocab=128, batch=2, seq=16),
           "mid": dict(hidden=512, layers=4, vocab=8192, batch=2, seq=64)}
 
 
-def shard_standins(n: int, dtype=torch.float32) -> list[torch.Tensor]:
+def shard_standins(n: int, device: str = "cpu", dtype=torch.float32) -> list[torch.Tensor]:
     """FSDP2's ``Shard(0)`` split of a ROWS x COLS parameter over ``n`` ranks: each rank's rows, carrying
     ``noise_span`` as ``local_shard`` sets it."""
     rows = -(-ROWS // n)
     out = []
     for r in range(n):
         lo, hi = min(r * rows, ROWS), min((r + 1) * rows, ROWS)
-        q = torch.zeros(hi - lo, COLS, dtype=dtype)
+        q = torch.zeros(hi - lo, COLS, dtype=dtype, device=device)
         q.noise_span = (lo * COLS, ROWS * COLS)
         out.append(q)
     return out
@@ -65,9 +66,12 @@ def counted(fn) -> tuple[float, int]:
         fill(out, seed, kind)
 
     K.fill_chunk_ = count
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     try:
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         return time.perf_counter() - start, drawn[0]
     finally:
         K.fill_chunk_ = fill
@@ -79,7 +83,8 @@ def draw(kind: str, like: torch.Tensor, whole: bool) -> None:
 
     if whole:
         start = like.noise_span[0]
-        Noise(kind).view(torch.empty(()).expand(ROWS, COLS), 99).reshape(-1)[start:start + like.numel()]
+        whole_like = torch.empty((), device=like.device).expand(ROWS, COLS)
+        Noise(kind).view(whole_like, 99).reshape(-1)[start:start + like.numel()]
     else:
         Noise(kind).view(like, 99)
 
@@ -128,46 +133,62 @@ def worker_step(model: str, chunk: int | None, steps: int) -> dict:
     return {"step_s": statistics.median(times)}
 
 
-def chunk_sweep(rounds: int) -> str:
+def chunk_sweep(rounds: int, device: str) -> str:
     import lowmem.optim.zo_keyed as K
 
-    like, seconds = torch.empty(ROWS, COLS), {c: [] for c in CHUNKS}
-    default = K.CHUNK
+    name = "CHUNK" if device == "cpu" else "ACCEL_CHUNK"  # the chunk of this device type
+    chunks = CHUNKS if device == "cpu" else ACCEL_CHUNKS
+    like, seconds = torch.empty(ROWS, COLS, device=device), {c: [] for c in chunks}
+    default = getattr(K, name)
     try:
         for _ in range(rounds):
-            for c in CHUNKS:
-                K.CHUNK = c
+            for c in chunks:
+                setattr(K, name, c)
                 seconds[c].append(counted(lambda: draw("gaussian", like, whole=False))[0])
         rows = []
-        for c in CHUNKS:
-            K.CHUNK = c
-            drawn = max(counted(lambda: draw("gaussian", q, whole=False))[1] for q in shard_standins(4))
+        for c in chunks:
+            setattr(K, name, c)
+            drawn = max(counted(lambda: draw("gaussian", q, whole=False))[1] for q in shard_standins(4, device))
             base = statistics.median(seconds[default])
             rows.append([f"2^{c.bit_length() - 1}" + (" (chosen)" if c == default else ""),
                          f"{statistics.median(seconds[c]) * 1e3:.1f}", f"{statistics.median(seconds[c]) / base:.2f}",
                          f"{drawn / 1e6:.3f}", f"{drawn / (ROWS * COLS / 4):.3f}"])
     finally:
-        K.CHUNK = default
+        setattr(K, name, default)
     return markdown_table(["chunk (elements)", "whole z, 1 process: ms (median)", "vs the chosen chunk",
                            "rank of 4: M elements drawn (max)", "vs its shard"], rows)
 
 
-def per_rank(rounds: int) -> str:
+def cuda_added_mib(kind: str, q: torch.Tensor, whole: bool) -> float:
+    """The CUDA memory that drawing ``q``'s z adds at its peak (output and temporaries)."""
+    import lowmem.optim.zo_noise as zo_noise
+
+    zo_noise._local.__dict__.clear()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    draw(kind, q, whole)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def per_rank(rounds: int, device: str) -> str:
     rows = []
     for kind in KINDS:
         for n in (1, 2, 4):
             for whole in (True, False):
-                q = shard_standins(n)[0]
+                q = shard_standins(n, device)[0]
                 runs = [counted(lambda: draw(kind, q, whole)) for _ in range(rounds)]
-                rss = run_json([sys.executable, __file__, "--worker", "rss", kind, str(n), str(int(whole))],
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                rss = {"added_mib": cuda_added_mib(kind, q, whole)} if device != "cpu" else \
+                    run_json([sys.executable, __file__, "--worker", "rss", kind, str(n), str(int(whole)), f"{ROWS}x{COLS}"],
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
                 rows.append([kind, n, "whole z, sliced (before)" if whole else "keyed chunks (after)",
                              f"{statistics.median(t for t, _ in runs) * 1e3:.1f}",
                              f"{runs[0][1] / 1e6:.3f}" if kind != "philox" else f"({q.numel() / 1e6:.3f})" if not whole
                              else f"({ROWS * COLS / 1e6:.3f})",
                              f"{rss['added_mib']:.1f}"])
-    return markdown_table(["kind", "N", "rule", "rank 0: ms (median)", "M elements generated",
-                           "peak RSS added (MiB, fresh process)"], rows)
+    memory = "peak RSS added (MiB, fresh process)" if device == "cpu" else f"peak {device} memory added (MiB)"
+    return markdown_table(["kind", "N", "rule", "rank 0: ms (median)", "M elements generated", memory], rows)
 
 
 def step_times(before: str | None, rounds: int, steps: int) -> str:
@@ -195,9 +216,11 @@ def step_times(before: str | None, rounds: int, steps: int) -> str:
 
 
 def main() -> None:
+    global ROWS, COLS
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
         what, *rest = sys.argv[2:]
         if what == "rss":
+            ROWS, COLS = map(int, rest[3].split("x"))
             print(json.dumps(worker_rss(rest[0], int(rest[1]), bool(int(rest[2])))))
         else:
             print(json.dumps(worker_step(rest[0], int(rest[1]), int(rest[2]))))
@@ -206,15 +229,22 @@ def main() -> None:
     parser.add_argument("--before", default=None, help="git ref of the tree to compare the MeZO step with")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cuda: the chunk sweep (ACCEL_CHUNK) and the per-rank "
+                        "draw on the GPU, no MeZO step table; the section is written as zo_keyed_<device>")
+    parser.add_argument("--shape", default=f"{ROWS}x{COLS}", help="the parameter, ROWSxCOLS (on a GPU: larger "
+                        "than ACCEL_CHUNK, e.g. 8191x4096)")
     args = parser.parse_args()
+    ROWS, COLS = map(int, args.shape.split("x"))
     load0 = os.getloadavg()[0]
-    sweep, ranks = chunk_sweep(3 * args.rounds), per_rank(args.rounds)
-    steps = step_times(args.before, args.rounds, args.steps)
+    sweep, ranks = chunk_sweep(3 * args.rounds, args.device), per_rank(args.rounds, args.device)
+    steps = step_times(args.before, args.rounds, args.steps) if args.device == "cpu" else None
     load1 = os.getloadavg()[0]
-    write_result("zo_keyed", "ZO noise keyed by position: per-rank draw under FSDP2, chunk size, MeZO step",
-                 f"### Chunk size: whole z of a {ROWS} x {COLS} parameter (gaussian, 1 thread)\n\n{sweep}\n\n"
+    on = "" if args.device == "cpu" else f" on {args.device}"
+    write_result("zo_keyed" + ("" if args.device == "cpu" else f"_{args.device}"),
+                 f"ZO noise keyed by position{on}: per-rank draw under FSDP2, chunk size, MeZO step",
+                 f"### Chunk size: whole z of a {ROWS} x {COLS} parameter (gaussian{on})\n\n{sweep}\n\n"
                  f"### Per rank, N processes ({ROWS} x {COLS} fp32 parameter, rank 0's rows)\n\n{ranks}\n\n"
-                 f"### Single-process MeZO step (gaussian, 1 thread)\n\n{steps}\n",
+                 + (f"### Single-process MeZO step (gaussian, 1 thread)\n\n{steps}\n" if steps else ""),
                  f"Load average at the start / end: {load0:.1f} / {load1:.1f} (2 cores shared with other work: "
                  f"compare within a table, rounds interleaved). Torch threads: {torch.get_num_threads()}. philox "
                  f"generates at its positions (no chunks; its elements in parentheses); on CPU it is the int64 "

@@ -17,11 +17,15 @@ whole by its own generator seeded with::
 A part draws only the chunks that overlap it: those inside it straight into the output, the (at
 most two) that cross its ends whole into a temporary of at most ``C`` elements, then sliced. A rank
 holding ``m`` of ``n`` elements thus draws fewer than ``m + 2C`` of them (not ``n``), with a
-temporary of ``m`` (the output) plus ``C`` elements. The chunks of one call run on
+temporary of ``m`` (the output) plus ``C`` elements. On the CPU the chunks of one call run on
 ``torch.get_num_threads()`` threads, in contiguous runs (torch ops release the GIL); the values do
-not depend on the thread count. ``CHUNK`` was chosen by measurement (``benchmarks/bench_zo_keyed.py``):
-small enough that the edges of a shard cost little, large enough that the per-chunk generator
-setup (~10 us) is a few per cent of the draw.
+not depend on the thread count. On an accelerator they are launched in order on the caller's stream. ``CHUNK`` was chosen by measurement (``benchmarks/bench_zo_keyed.py``):
+a whole draw takes the same time from ``2^15`` to ``2^17`` (the per-chunk generator setup, ~10 us,
+is a few per cent of a chunk's draw; 7% slower at ``2^14``, 20% at ``2^13``), and ``2^15`` keeps a
+shard's edges small (a rank of 8 draws 9% beyond its rows of a 4 M-element matrix, 28% at ``2^17``).
+``ACCEL_CHUNK`` is not measured yet (no GPU lent): one generator launch per chunk, so chunks large
+enough (16 MiB of fp32 output) that a chunk's kernel outlasts its launch and generator setup, while
+a 4096 x 4096 matrix still has 4 of them.
 
 ``table``: ``z_e = T[o + e]`` with ``o = seed mod (2^25 - n + 1)`` (Salimans et al. 2017's shared
 table; for ``n > 2^25`` windows of ``2^24`` elements at offsets ``mix(seed, k)``): a part is the
@@ -103,7 +107,7 @@ def fill_chunk_(out: torch.Tensor, seed: int, kind: str) -> None:
 def by_chunks(out: torch.Tensor, start: int, total: int, size: int, piece) -> None:
     """``piece(k, c0, c1, a, b, dst)`` for each chunk ``k = [c0, c1)`` of a ``total``-element parameter cut
     every ``size`` elements that overlaps ``out``'s elements ``[start, start + len)``: ``[a, b)`` is the
-    overlap, ``dst`` its place in ``out``. Contiguous runs of chunks go to the noise threads."""
+    overlap, ``dst`` its place in ``out``. On the CPU contiguous runs of chunks go to the noise threads."""
     n = out.numel()
     if n == 0:
         return
@@ -114,7 +118,8 @@ def by_chunks(out: torch.Tensor, start: int, total: int, size: int, piece) -> No
         a, b = max(c0, start), min(c1, start + n)
         piece(k, c0, c1, a, b, out[a - start:b - start])
 
-    pool = threads() if len(ks) > 1 and not tracing() else None
+    # CPU only: another thread would launch an accelerator's kernels on its default stream, not the caller's
+    pool = threads() if len(ks) > 1 and out.device.type == "cpu" and not tracing() else None
     if pool is None:
         for k in ks:
             work(k)
