@@ -38,8 +38,8 @@ ROWS, COLS = 2051, 2000           # 4.10 M elements, 15.6 MiB in fp32; shards st
 CHUNKS = [1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18]
 ACCEL_CHUNKS = [1 << 18, 1 << 20, 1 << 22, 1 << 24]
 KINDS = ["gaussian", "rademacher", "philox"]
-MODELS = {"tiny": dict(hidden=32, layers=2, vocab=128, batch=2, seq=16),
-          "mid": dict(hidden=512, layers=4, vocab=8192, batch=2, seq=64)}
+MODELS = {"tiny": dict(hidden=32, layers=2, vocab=128, batch=2, seq=16, repeat=10),  # repeat: x --steps
+          "mid": dict(hidden=512, layers=4, vocab=8192, batch=2, seq=64, repeat=1)}
 
 
 def shard_standins(n: int, device: str = "cpu", dtype=torch.float32) -> list[torch.Tensor]:
@@ -55,7 +55,13 @@ def shard_standins(n: int, device: str = "cpu", dtype=torch.float32) -> list[tor
     return out
 
 
-def counted(fn) -> tuple[float, int]:
+def clock(device: str = "cpu"):
+    """The process's CPU time on the CPU (robust to other processes on a shared machine; one torch thread),
+    wall time on a GPU."""
+    return time.process_time if device == "cpu" else time.perf_counter
+
+
+def counted(fn, device: str = "cpu") -> tuple[float, int]:
     """(seconds, elements the generators produced) of ``fn()``."""
     import lowmem.optim.zo_keyed as K
 
@@ -66,13 +72,13 @@ def counted(fn) -> tuple[float, int]:
         fill(out, seed, kind)
 
     K.fill_chunk_ = count
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync, now = torch.cuda.synchronize if device != "cpu" else (lambda: None), clock(device)
     try:
         sync()
-        start = time.perf_counter()
+        start = now()
         fn()
         sync()
-        return time.perf_counter() - start, drawn[0]
+        return now() - start, drawn[0]
     finally:
         K.fill_chunk_ = fill
 
@@ -126,10 +132,10 @@ def worker_step(model: str, chunk: int | None, steps: int) -> dict:
     loss = lambda: net(input_ids=ids, labels=ids).loss  # noqa: E731
     opt.step(loss)
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    for _ in range(steps * m["repeat"]):
+        start = clock()()
         opt.step(loss)
-        times.append(time.perf_counter() - start)
+        times.append(clock()() - start)
     return {"step_s": statistics.median(times)}
 
 
@@ -144,7 +150,7 @@ def chunk_sweep(rounds: int, device: str) -> str:
         for _ in range(rounds):
             for c in chunks:
                 setattr(K, name, c)
-                seconds[c].append(counted(lambda: draw("gaussian", like, whole=False))[0])
+                seconds[c].append(counted(lambda: draw("gaussian", like, whole=False), device)[0])
         rows = []
         for c in chunks:
             setattr(K, name, c)
@@ -155,7 +161,7 @@ def chunk_sweep(rounds: int, device: str) -> str:
                          f"{drawn / 1e6:.3f}", f"{drawn / (ROWS * COLS / 4):.3f}"])
     finally:
         setattr(K, name, default)
-    return markdown_table(["chunk (elements)", "whole z, 1 process: ms (median)", "vs the chosen chunk",
+    return markdown_table(["chunk (elements)", "whole z, 1 process: ms (median; CPU time on the CPU)", "vs the chosen chunk",
                            "rank of 4: M elements drawn (max)", "vs its shard"], rows)
 
 
@@ -178,7 +184,7 @@ def per_rank(rounds: int, device: str) -> str:
         for n in (1, 2, 4):
             for whole in (True, False):
                 q = shard_standins(n, device)[0]
-                runs = [counted(lambda: draw(kind, q, whole)) for _ in range(rounds)]
+                runs = [counted(lambda: draw(kind, q, whole), device) for _ in range(rounds)]
                 rss = {"added_mib": cuda_added_mib(kind, q, whole)} if device != "cpu" else \
                     run_json([sys.executable, __file__, "--worker", "rss", kind, str(n), str(int(whole)), f"{ROWS}x{COLS}"],
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -188,7 +194,8 @@ def per_rank(rounds: int, device: str) -> str:
                              else f"({ROWS * COLS / 1e6:.3f})",
                              f"{rss['added_mib']:.1f}"])
     memory = "peak RSS added (MiB, fresh process)" if device == "cpu" else f"peak {device} memory added (MiB)"
-    return markdown_table(["kind", "N", "rule", "rank 0: ms (median)", "M elements generated", memory], rows)
+    time_of = "rank 0: CPU ms (median)" if device == "cpu" else "rank 0: ms (median)"
+    return markdown_table(["kind", "N", "rule", time_of, "M elements generated", memory], rows)
 
 
 def step_times(before: str | None, rounds: int, steps: int) -> str:
@@ -211,8 +218,8 @@ def step_times(before: str | None, rounds: int, steps: int) -> str:
             t = times[(m, v)]
             rows.append([m, v, f"{statistics.median(t) * 1e3:.2f}", f"{min(t) * 1e3:.2f}-{max(t) * 1e3:.2f}",
                          f"{statistics.median(a / b for a, b in zip(t, ref)):.3f}"])
-    return markdown_table(["model", "tree", "MeZO step ms (median of rounds)", "min-max", "vs first row (same rounds)"],
-                          rows)
+    return markdown_table(["model", "tree", "MeZO step, CPU ms (median of rounds)", "min-max",
+                           "vs first row (same rounds)"], rows)
 
 
 def main() -> None:
@@ -246,7 +253,10 @@ def main() -> None:
                  f"### Per rank, N processes ({ROWS} x {COLS} fp32 parameter, rank 0's rows)\n\n{ranks}\n\n"
                  + (f"### Single-process MeZO step (gaussian, 1 thread)\n\n{steps}\n" if steps else ""),
                  f"Load average at the start / end: {load0:.1f} / {load1:.1f} (2 cores shared with other work: "
-                 f"compare within a table, rounds interleaved). Torch threads: {torch.get_num_threads()}. philox "
+                 f"compare within a table, rounds interleaved; on the CPU the times are the process's CPU time, "
+                 f"less sensitive to the other work than wall time). At N = 1 both rules draw the whole z (the "
+                 f"same code): their difference is the measurement's noise. Torch threads: "
+                 f"{torch.get_num_threads()}. philox "
                  f"generates at its positions (no chunks; its elements in parentheses); on CPU it is the int64 "
                  f"reference of the GPU kernel.")
 

@@ -19,8 +19,9 @@ most two) that cross its ends whole into a temporary of at most ``C`` elements, 
 holding ``m`` of ``n`` elements thus draws fewer than ``m + 2C`` of them (not ``n``), with a
 temporary of ``m`` (the output) plus ``C`` elements. On the CPU the chunks of one call run on
 ``torch.get_num_threads()`` threads, in contiguous runs (torch ops release the GIL); the values do
-not depend on the thread count. On an accelerator they are launched in order on the caller's stream. ``CHUNK`` was chosen by measurement (``benchmarks/bench_zo_keyed.py``):
-a whole draw takes the same time from ``2^15`` to ``2^17`` (the per-chunk generator setup, ~10 us,
+not depend on the thread count. On an accelerator they are launched in order on the caller's stream.
+
+``CHUNK`` was chosen by measurement (``benchmarks/bench_zo_keyed.py``): a whole draw takes the same time from ``2^15`` to ``2^17`` (the per-chunk generator setup, ~10 us,
 is a few per cent of a chunk's draw; 7% slower at ``2^14``, 20% at ``2^13``), and ``2^15`` keeps a
 shard's edges small (a rank of 8 draws 9% beyond its rows of a 4 M-element matrix, 28% at ``2^17``).
 ``ACCEL_CHUNK`` is not measured yet (no GPU lent): one generator launch per chunk, so chunks large
@@ -72,7 +73,7 @@ def threads() -> ThreadPoolExecutor | None:
 
 def chunk_elements(device: torch.device) -> int:
     """``C``: the elements of one generator's chunk on ``device``'s type."""
-    return CHUNK if torch.device(device).type == "cpu" else ACCEL_CHUNK
+    return CHUNK if device.type == "cpu" else ACCEL_CHUNK
 
 
 def _signs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -134,10 +135,11 @@ def fill_(out: torch.Tensor, seed: int, kind: str, start: int = 0, total: int | 
     """``out`` (flat, contiguous) <- elements ``[start, start + len)`` of the ``gaussian``/``rademacher``
     ``z(seed)`` of a ``total``-element parameter (``total``: ``out``'s own size) by the chunk rule
     (``size``: the chunk, :func:`chunk_elements` unless given)."""
-    total = out.numel() if total is None else total
+    n = out.numel()
+    total = n if total is None else total
     size = size or chunk_elements(out.device)
-    if tracing():  # fake values: one fill, no generators per chunk
-        fill_chunk_(out, seed, kind)
+    if (start == 0 and n == total <= size) or tracing():  # one whole chunk (first: the common, cheap case),
+        fill_chunk_(out, seed, kind)                       # or fake values: one fill, no generator per chunk
         return out
 
     def piece(k, c0, c1, a, b, dst):
