@@ -21,12 +21,13 @@ temporary of ``m`` (the output) plus ``C`` elements. On the CPU the chunks of on
 ``torch.get_num_threads()`` threads, in contiguous runs (torch ops release the GIL); the values do
 not depend on the thread count. On an accelerator they are launched in order on the caller's stream.
 
-``CHUNK`` was chosen by measurement (``benchmarks/bench_zo_keyed.py``): a whole draw takes the same time from ``2^15`` to ``2^17`` (the per-chunk generator setup, ~10 us,
-is a few per cent of a chunk's draw; 7% slower at ``2^14``, 20% at ``2^13``), and ``2^15`` keeps a
-shard's edges small (a rank of 8 draws 9% beyond its rows of a 4 M-element matrix, 28% at ``2^17``).
-``ACCEL_CHUNK`` is not measured yet (no GPU lent): one generator launch per chunk, so chunks large
-enough (16 MiB of fp32 output) that a chunk's kernel outlasts its launch and generator setup, while
-a 4096 x 4096 matrix still has 4 of them.
+``CHUNK`` was chosen by measurement (``benchmarks/bench_zo_keyed.py``, results/zo_keyed.md): a
+whole draw of a 4.1 M-element matrix takes CPU times within 4% of each other with chunks of
+``2^15`` to ``2^17`` elements (the per-chunk generator setup, ~10 us, is a few per cent of a chunk's
+draw; 12% more at ``2^14``, 31% at ``2^13``), and ``2^15`` keeps a shard's edges small (a rank of 4
+draws 3% beyond its rows, 15% with ``2^17``). ``ACCEL_CHUNK`` is not measured yet (no GPU lent; ``--device cuda``): one
+generator launch per chunk, so chunks large enough (16 MiB of fp32 output) that a chunk's kernel
+outlasts its launch and generator setup, while a 4096 x 4096 matrix still has 4 of them.
 
 ``table``: ``z_e = T[o + e]`` with ``o = seed mod (2^25 - n + 1)`` (Salimans et al. 2017's shared
 table; for ``n > 2^25`` windows of ``2^24`` elements at offsets ``mix(seed, k)``): a part is the
