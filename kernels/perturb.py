@@ -17,7 +17,10 @@ numbers: as easy as 1, 2, 3", §4: Philox4x32-10, the generator of ``tl.randn``)
 Counter ``c`` gives four normals. Elements are laid out by tiles of
 ``TILE = 4 * LANES``: element ``e = t * TILE + k * LANES + j`` (``0 <= j < LANES``)
 takes normal ``n_{k+1}`` of counter ``t * LANES + j``, so a Triton program
-(one tile) loads and stores four coalesced runs of ``LANES`` elements.
+(one tile) loads and stores four coalesced runs of ``LANES`` elements. ``e`` is the
+position in the whole parameter: a tensor holding its elements ``[start, start + n)``
+(an FSDP2 shard, :mod:`lowmem.optim.zo_shard`) is given ``start`` and gets exactly
+that slice of the parameter's ``z``, generated alone.
 
 Entry points (:func:`write_normal_`, :func:`add_`, :func:`update_`) dispatch to the
 Triton kernel (:mod:`lowmem.kernels.perturb_triton`) for contiguous fp32/fp16/bf16
@@ -90,13 +93,14 @@ def philox_normal(seed: int, start: int, n: int, device: torch.device | str = "c
     return z.reshape(-1)[off:off + n]
 
 
-def _by_chunks(flat: torch.Tensor, seed: int, apply, pool: Executor | None) -> None:
-    """``apply(piece, z)`` on tile-aligned chunks of ``flat`` (on ``pool``'s threads when given)."""
+def _by_chunks(flat: torch.Tensor, seed: int, apply, pool: Executor | None, first: int = 0) -> None:
+    """``apply(piece, z)`` on chunks of ``flat``, which holds the elements ``first + (0 .. n-1)`` of ``z``
+    (on ``pool``'s threads when given)."""
     n = flat.numel()
 
     def work(start: int) -> None:
         stop = min(start + CHUNK, n)
-        apply(flat[start:stop], philox_normal(seed, start, stop - start, flat.device))
+        apply(flat[start:stop], philox_normal(seed, first + start, stop - start, flat.device))
 
     starts = range(0, n, CHUNK)
     if pool is None or len(starts) < 2:
@@ -119,50 +123,53 @@ def _update_ref(piece: torch.Tensor, z: torch.Tensor, restore: float, decay: flo
     piece.add_(z, alpha=alpha)
 
 
-def write_normal_ref_(out: torch.Tensor, seed: int, pool: Executor | None = None) -> torch.Tensor:
-    _by_chunks(out.view(-1), seed, lambda piece, z: piece.copy_(z), pool)
+def write_normal_ref_(out: torch.Tensor, seed: int, pool: Executor | None = None, start: int = 0) -> torch.Tensor:
+    _by_chunks(out.view(-1), seed, lambda piece, z: piece.copy_(z), pool, start)
     return out
 
 
-def add_ref_(t: torch.Tensor, seed: int, alpha: float, pool: Executor | None = None) -> None:
+def add_ref_(t: torch.Tensor, seed: int, alpha: float, pool: Executor | None = None, start: int = 0) -> None:
     if t.is_contiguous():
-        _by_chunks(t.view(-1), seed, lambda piece, z: piece.add_(z, alpha=alpha), pool)
+        _by_chunks(t.view(-1), seed, lambda piece, z: piece.add_(z, alpha=alpha), pool, start)
     else:
-        t.add_(philox_normal(seed, 0, t.numel(), t.device).view(t.shape), alpha=alpha)
+        t.add_(philox_normal(seed, start, t.numel(), t.device).view(t.shape), alpha=alpha)
 
 
 def update_ref_(t: torch.Tensor, seed: int, restore: float, decay: float, alpha: float,
-                pool: Executor | None = None) -> None:
+                pool: Executor | None = None, start: int = 0) -> None:
     if t.is_contiguous():
-        _by_chunks(t.view(-1), seed, lambda piece, z: _update_ref(piece, z, restore, decay, alpha), pool)
+        _by_chunks(t.view(-1), seed, lambda piece, z: _update_ref(piece, z, restore, decay, alpha), pool, start)
     else:
-        _update_ref(t, philox_normal(seed, 0, t.numel(), t.device).view(t.shape), restore, decay, alpha)
+        _update_ref(t, philox_normal(seed, start, t.numel(), t.device).view(t.shape), restore, decay, alpha)
 
 
-def write_normal_(out: torch.Tensor, seed: int, pool: Executor | None = None) -> torch.Tensor:
-    """``out`` (contiguous) <- ``z(seed)`` shaped like it, in its dtype."""
+def write_normal_(out: torch.Tensor, seed: int, pool: Executor | None = None, start: int = 0) -> torch.Tensor:
+    """``out`` (contiguous) <- ``z(seed)[start : start + numel]`` shaped like it, in its dtype (``start``:
+    the flat position of ``out``'s first element in its parameter, e.g. an FSDP2 shard's)."""
     if not _kernel_ok(out):
-        return write_normal_ref_(out, seed, pool)
+        return write_normal_ref_(out, seed, pool, start)
     from lowmem.kernels.perturb_triton import perturb_triton
 
-    perturb_triton(out, seed, mode=0)
+    perturb_triton(out, seed, mode=0, start=start)
     return out
 
 
-def add_(t: torch.Tensor, seed: int, alpha: float, pool: Executor | None = None) -> None:
-    """In place: ``t += alpha * z(seed)`` (the kernel: one fp32 multiply-add per element, one rounding)."""
+def add_(t: torch.Tensor, seed: int, alpha: float, pool: Executor | None = None, start: int = 0) -> None:
+    """In place: ``t += alpha * z(seed)[start : start + numel]`` (the kernel: one fp32 multiply-add per
+    element, one rounding)."""
     if not _kernel_ok(t):
-        return add_ref_(t, seed, alpha, pool)
+        return add_ref_(t, seed, alpha, pool, start)
     from lowmem.kernels.perturb_triton import perturb_triton
 
-    perturb_triton(t, seed, mode=1, alpha=alpha)
+    perturb_triton(t, seed, mode=1, alpha=alpha, start=start)
 
 
 def update_(t: torch.Tensor, seed: int, restore: float, decay: float, alpha: float,
-            pool: Executor | None = None) -> None:
-    """In place, one draw of ``z``: ``t += restore z`` (its own rounding), ``t *= decay``, ``t += alpha z``."""
+            pool: Executor | None = None, start: int = 0) -> None:
+    """In place, one draw of ``z = z(seed)[start : start + numel]``: ``t += restore z`` (its own rounding),
+    ``t *= decay``, ``t += alpha z``."""
     if not _kernel_ok(t):
-        return update_ref_(t, seed, restore, decay, alpha, pool)
+        return update_ref_(t, seed, restore, decay, alpha, pool, start)
     from lowmem.kernels.perturb_triton import perturb_triton
 
-    perturb_triton(t, seed, mode=3 if restore else 2, restore=restore, decay=decay, alpha=alpha)
+    perturb_triton(t, seed, mode=3 if restore else 2, restore=restore, decay=decay, alpha=alpha, start=start)

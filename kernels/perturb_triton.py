@@ -1,6 +1,8 @@
 """Triton kernel of the in-place counter-based perturbation (:mod:`lowmem.kernels.perturb`).
 
-One program per tile of ``TILE = 4 * LANES`` elements: ``tl.randn4x(seed, counters)``
+One program per tile of ``TILE = 4 * LANES`` elements of the whole parameter (a tensor holding its
+elements ``[start, start + n)``, an FSDP2 shard, launches the tiles it overlaps and masks the rest):
+``tl.randn4x(seed, counters)``
 gives four normals per counter (Philox4x32-10 and Box-Muller, the reference's), and
 normal ``k`` goes to the ``k``-th run of ``LANES`` elements of the tile. ``z`` lives
 in registers only. Modes (constexpr)::
@@ -25,7 +27,7 @@ from lowmem.kernels.perturb import LANES, TILE
 
 @triton.jit
 def _apply(ptr, offs, n, z, restore, decay, alpha, MODE: tl.constexpr):
-    mask = offs < n
+    mask = (offs >= 0) & (offs < n)
     if MODE == 0:
         out = z
     else:
@@ -39,12 +41,13 @@ def _apply(ptr, offs, n, z, restore, decay, alpha, MODE: tl.constexpr):
     tl.store(ptr + offs, out.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a seed divisible by 16 must not compile a second variant
-def _perturb_kernel(ptr, n, seed, restore, decay, alpha, LANES: tl.constexpr, MODE: tl.constexpr):
-    tile = tl.program_id(0).to(tl.int64)
+@triton.jit(do_not_specialize=["seed", "start", "first_tile"])  # no variant per value divisible by 16
+def _perturb_kernel(ptr, n, seed, start, first_tile, restore, decay, alpha, LANES: tl.constexpr,
+                    MODE: tl.constexpr):
+    tile = tl.program_id(0).to(tl.int64) + first_tile                     # a tile of the whole parameter
     lanes = tl.arange(0, LANES)
     n1, n2, n3, n4 = tl.randn4x(seed, tile * LANES + lanes)                 # 4 x (LANES,) fp32
-    base = tile * (4 * LANES) + lanes
+    base = tile * (4 * LANES) + lanes - start                               # positions in ptr's elements
     _apply(ptr, base, n, n1, restore, decay, alpha, MODE)
     _apply(ptr, base + LANES, n, n2, restore, decay, alpha, MODE)
     _apply(ptr, base + 2 * LANES, n, n3, restore, decay, alpha, MODE)
@@ -64,12 +67,14 @@ def _words_kernel(out_ptr, seed, first, n_counters, LANES: tl.constexpr):
 
 
 def perturb_triton(t: torch.Tensor, seed: int, mode: int, restore: float = 0.0, decay: float = 1.0,
-                   alpha: float = 1.0) -> None:
-    """Launch one program per tile of the contiguous ``t`` (fp32, fp16 or bf16), in place."""
+                   alpha: float = 1.0, start: int = 0) -> None:
+    """Launch one program per tile of the whole parameter's layout that the contiguous ``t`` (fp32, fp16 or
+    bf16; its elements ``[start, start + numel)`` of the parameter) overlaps, in place."""
     n = t.numel()
     if n:
-        _perturb_kernel[(-(-n // TILE),)](t, n, seed, float(restore), float(decay), float(alpha),
-                                          LANES=LANES, MODE=mode)
+        first, last = start // TILE, -(-(start + n) // TILE)
+        _perturb_kernel[(last - first,)](t, n, seed, start, first, float(restore), float(decay), float(alpha),
+                                         LANES=LANES, MODE=mode)
 
 
 def philox_words_triton(seed: int, n_counters: int, device: torch.device | str, first: int = 0) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 from pydantic import AfterValidator
 
 from lowmem.optim.zo_noise import Noise
-from lowmem.optim.zo_shard import ShardedNoise, local_shard
+from lowmem.optim.zo_shard import local_shard
 
 _SEED_HIGH = 1 << 62
 NoiseKind = Annotated[str, AfterValidator(lambda kind: Noise(kind).kind)]  # optim.args.noise, checked by Noise
@@ -65,9 +65,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def shard(self) -> None:
         """The model is sharded by FSDP2 (:mod:`lowmem.optim.zo_shard`): the processes hold one model
         between them, so they act as one replica, and each perturbs its shards with their slices of
-        the one-process draws. Called once, after ``fully_shard``, by the FSDP2 step."""
+        the one-process draws (drawn alone: :meth:`indexed_params` hands the noise shards that carry
+        their place). Called once, after ``fully_shard``, by the FSDP2 step."""
         self.sharded = True
-        self.noise = ShardedNoise(self.noise)
 
     # ---- seeds -------------------------------------------------------------------
     def draw_step_seed(self) -> int:

@@ -7,23 +7,27 @@ consumer of the global RNG. Here each parameter gets its own seed (:mod:`lowmem.
 
     seed(p) = mix(step_seed, stream, index(p))
 
-and ``z`` is a pure function of ``(kind, seed, shape, device type, dtype)``. Hence
+and ``z`` is a pure function of ``(kind, seed, shape, device type, dtype)`` and, element by
+element, of the element's flat position in the parameter (:mod:`lowmem.optim.zo_keyed`). Hence
 
 * ``z`` for a parameter is identical whichever order parameters are visited in,
   so the ZO2 engine (block by block, on another device copy) draws the very
   same ``z`` as in-memory MeZO -- bit for bit on the same device type;
 * the global RNG (dropout, data sampling) is never touched;
 * distributed ZO regenerates any rank's perturbation from ``(step_seed, stream)``
-  with ``stream = rank * samples_per_rank + sample``.
+  with ``stream = rank * samples_per_rank + sample``;
+* a part of a parameter -- an FSDP2 rank's row shard, which carries its place as
+  ``noise_span`` (:func:`span`, :mod:`lowmem.optim.zo_shard`) -- is drawn alone and is
+  bit for bit its slice of the whole parameter's ``z``: N processes perturb as one does.
 
 Kinds of ``z`` (recipe field ``optim.args.noise``):
 
 ``gaussian`` (default)
-    ``z ~ N(0, I)`` (MeZO). The tensor is cut into chunks of ``2^17`` elements,
-    chunk ``k`` drawn by ``normal_`` from a private generator seeded with
-    ``mix(seed, k)`` (one chunk: ``seed`` itself), on ``torch.get_num_threads()``
-    threads (torch ops release the GIL); the values do not depend on the thread
-    count. On an accelerator one generator fills the whole tensor (no chunks).
+    ``z ~ N(0, I)`` (MeZO). The parameter is cut into chunks of ``C`` elements
+    (``2^15`` on the CPU, ``2^22`` on an accelerator), chunk ``k`` drawn by ``normal_``
+    from a private generator seeded with ``mix(seed, k)`` (one chunk: ``seed`` itself),
+    on ``torch.get_num_threads()`` threads (torch ops release the GIL); the values do
+    not depend on the thread count (:mod:`lowmem.optim.zo_keyed`).
 ``rademacher``
     ``z_i = +-1`` with probability 1/2 (Spall 1992's SPSA perturbation): one random
     bit per element, 32 per generator call, unpacked through a 256 x 8 table of
@@ -33,7 +37,7 @@ Kinds of ``z`` (recipe field ``optim.args.noise``):
     Slices of one shared table of ``2^25`` normals (128 MiB in fp32, made once per
     process, device and dtype from a fixed seed on the CPU, so identical on every
     device): parameter ``p`` reads ``table[o : o + numel(p)]`` with the offset
-    ``o = seed mod (2^25 - numel(p) + 1)`` (OpenAI's evolution strategies,
+    ``o = seed mod (2^25 - numel(p) + 1)``, element ``e`` reads ``table[o + e]`` (OpenAI's evolution strategies,
     Salimans et al. 2017, §2.1 "shared noise table"). No random number is drawn
     per step: a perturbation costs one read of the slice. Each ``z`` is exactly
     N(0, 1) marginally; windows of different parameters (and steps) may overlap,
@@ -61,97 +65,23 @@ read-only and valid until the next ``view`` of the same thread.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from lowmem.kernels import perturb
-from lowmem.optim.zo_seed import mix_seed, param_seed  # noqa: F401 -- param_seed re-exported with the noise
+from lowmem.optim.zo_keyed import (CHUNK, TABLE_SIZE, fill_, noise_table, table_fill_,  # noqa: F401 -- re-exported
+                                   table_window, threads, tracing)
+from lowmem.optim.zo_seed import mix_seed, param_seed  # noqa: F401 -- re-exported with the noise
 
 NOISE_KINDS = ("gaussian", "rademacher", "table", "philox")
-CHUNK = 1 << 17          # elements drawn from one generator
-TABLE_SIZE = 1 << 25     # entries of the shared noise table
-_TABLE_SEED = 0x5EED_7AB1E
 _local = threading.local()
-_tables: dict[tuple, torch.Tensor] = {}
-_tables_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
 
 
-def _tracing() -> bool:
-    """True under fake tensors (the planner's trace, ``--plan``): then nothing is cached for later real
-    steps and no work goes to other threads (a dispatch mode is per thread)."""
-    from torch._guards import detect_fake_mode
-
-    return detect_fake_mode() is not None
-
-
-def _threads() -> ThreadPoolExecutor | None:
-    global _pool
-    n = torch.get_num_threads()
-    if n < 2:
-        return None
-    if _pool is None or _pool._max_workers != n:
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lowmem-noise")
-    return _pool
-
-
-def _signs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(256, 8): row b holds +-1 for the 8 bits of byte b (bit i -> column i)."""
-    key = ("signs", device, dtype)
-    if key not in _tables or _tracing():
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        signs = (bits * 2 - 1).to(device=device, dtype=dtype)
-        if _tracing():
-            return signs
-        _tables[key] = signs
-    return _tables[key]
-
-
-def _fill_chunk(out: torch.Tensor, seed: int, kind: str) -> None:
-    """``out`` (flat, contiguous) <- the kind's noise from a generator seeded with ``seed``."""
-    gen = torch.Generator(device=out.device).manual_seed(seed)
-    if kind == "gaussian":
-        out.normal_(generator=gen)
-        return
-    n = out.numel()
-    words = torch.empty((n + 31) // 32, dtype=torch.int32, device=out.device)
-    words.random_(-(1 << 31), 1 << 31, generator=gen)
-    rows = words.view(torch.uint8)[: (n + 7) // 8].to(torch.int32)
-    signs = _signs(out.device, out.dtype)
-    if n % 8 == 0:
-        torch.index_select(signs, 0, rows, out=out.view(-1, 8))
-    else:
-        out.copy_(signs.index_select(0, rows).view(-1)[:n])
-
-
-def _fill(out: torch.Tensor, seed: int, kind: str) -> None:
-    n = out.numel()
-    if n <= CHUNK or out.device.type != "cpu" or _tracing():  # an accelerator fills a whole tensor in parallel
-        _fill_chunk(out, seed, kind)
-        return
-    starts = range(0, n, CHUNK)
-    work = lambda k: _fill_chunk(out[starts[k]:starts[k] + CHUNK], mix_seed(seed, k), kind)  # noqa: E731
-    pool = _threads()
-    if pool is None:
-        for k in range(len(starts)):
-            work(k)
-    else:
-        list(pool.map(work, range(len(starts))))
-
-
-def noise_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The shared table of ``TABLE_SIZE`` N(0, 1) values on ``device`` in ``dtype`` (made once)."""
-    key = ("table", torch.device(device), dtype, TABLE_SIZE)
-    with _tables_lock:
-        if key not in _tables or _tracing():
-            cpu = torch.empty(TABLE_SIZE, dtype=torch.float32)
-            _fill(cpu, _TABLE_SEED, "gaussian")
-            table = cpu.to(device=device, dtype=dtype)
-            if _tracing():
-                return table
-            _tables[key] = table
-        return _tables[key]
+def span(like: torch.Tensor) -> tuple[int, int]:
+    """``(start, total)``: ``like`` holds the elements ``[start, start + numel)`` of a parameter of
+    ``total`` elements (its ``noise_span``, set on an FSDP2 shard by :func:`lowmem.optim.zo_shard.local_shard`);
+    ``(0, numel)`` for a whole parameter."""
+    return getattr(like, "noise_span", None) or (0, like.numel())
 
 
 def _scratch(like: torch.Tensor) -> torch.Tensor:
@@ -196,39 +126,26 @@ class Noise:
             raise ValueError(f"optim.args.noise: one of {', '.join(NOISE_KINDS)}, got {kind!r}")
         self.kind = kind
 
-    def _window(self, like: torch.Tensor, seed: int) -> torch.Tensor | None:
-        """The table slice for ``like`` (None when ``like`` is larger than the table)."""
-        n = like.numel()
-        if n > TABLE_SIZE:
-            return None
-        o = seed % (TABLE_SIZE - n + 1)
-        return noise_table(like.device, like.dtype)[o:o + n]
-
-    def _into(self, out: torch.Tensor, seed: int) -> torch.Tensor:
-        """``z`` written into the flat ``out``."""
-        if self.kind != "table":
-            _fill(out, seed, self.kind)
-            return out
-        window = self._window(out, seed)
-        if window is not None:
-            return out.copy_(window)
-        table, n, size = noise_table(out.device, out.dtype), out.numel(), TABLE_SIZE // 2
-        for k, start in enumerate(range(0, n, size)):
-            m = min(size, n - start)
-            o = mix_seed(seed, k) % (TABLE_SIZE - m + 1)
-            out[start:start + m].copy_(table[o:o + m])
-        return out
+    def _into(self, out: torch.Tensor, seed: int, start: int, total: int) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of the ``z`` of a ``total``-element parameter, written into
+        the flat ``out`` (:mod:`lowmem.optim.zo_keyed`)."""
+        if self.kind == "table":
+            return table_fill_(out, seed, start, total)
+        return fill_(out, seed, self.kind, start, total)
 
     def view(self, like: torch.Tensor, seed: int) -> torch.Tensor:
-        """Read-only ``z`` shaped like ``like``; valid until this thread's next ``view``."""
-        window = self._window(like, seed) if self.kind == "table" else None
-        z = window if window is not None else self._into(_scratch(like), seed)
+        """Read-only ``z`` of ``like``'s elements (:func:`span`), shaped like it; valid until this thread's
+        next ``view``."""
+        start, total = span(like)
+        window = table_window(seed, start, like.numel(), total, like.device, like.dtype) \
+            if self.kind == "table" else None
+        z = window if window is not None else self._into(_scratch(like), seed, start, total)
         return z.view(like.shape)
 
     def draw(self, like: torch.Tensor, seed: int) -> torch.Tensor:
-        """A fresh ``z`` shaped like ``like`` that the caller may modify."""
+        """A fresh ``z`` of ``like``'s elements (:func:`span`) shaped like it, that the caller may modify."""
         out = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-        return self._into(out, seed).view(like.shape)
+        return self._into(out, seed, *span(like)).view(like.shape)
 
     @torch.no_grad()
     def add_(self, tensor: torch.Tensor, seed: int, alpha: float) -> None:
@@ -253,18 +170,18 @@ class PhiloxNoise(Noise):
     by the chunked PyTorch reference elsewhere (:mod:`lowmem.kernels.perturb`). Under fake tensors
     (the planner's trace) nothing runs: the kernel allocates nothing, and fake values mean nothing."""
 
-    def _into(self, out: torch.Tensor, seed: int) -> torch.Tensor:
-        if not _tracing():
-            perturb.write_normal_(out, seed, _threads())
+    def _into(self, out: torch.Tensor, seed: int, start: int, total: int) -> torch.Tensor:
+        if not tracing():
+            perturb.write_normal_(out, seed, threads(), start=start)
         return out
 
     def view(self, like: torch.Tensor, seed: int) -> torch.Tensor:
-        return self._into(_scratch(like), seed).view(like.shape)
+        return self._into(_scratch(like), seed, *span(like)).view(like.shape)
 
     @torch.no_grad()
     def add_(self, tensor: torch.Tensor, seed: int, alpha: float) -> None:
-        if not _tracing():
-            perturb.add_(tensor, seed, alpha, _threads())
+        if not tracing():
+            perturb.add_(tensor, seed, alpha, threads(), start=span(tensor)[0])
 
     @torch.no_grad()
     def add_view_(self, tensor: torch.Tensor, seed: int, alpha: float) -> torch.Tensor:
@@ -273,8 +190,8 @@ class PhiloxNoise(Noise):
 
     @torch.no_grad()
     def update_(self, tensor: torch.Tensor, seed: int, restore: float, decay: float, alpha: float) -> None:
-        if not _tracing():
-            perturb.update_(tensor, seed, restore, decay, alpha, _threads())
+        if not tracing():
+            perturb.update_(tensor, seed, restore, decay, alpha, threads(), start=span(tensor)[0])
 
 
 GAUSSIAN = Noise("gaussian")

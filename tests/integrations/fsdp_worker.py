@@ -1,10 +1,10 @@
 """Processes of the FSDP2 tests (started by torchrun): several recipe runs in one launch.
 
-``python fsdp_worker.py RUNS.json`` runs each ``[recipe path, [override, ...]]`` (or ``[recipe path,
-[override, ...], mode]``, or ``[..., mode, checkpoint]``: the checkpoint directory ``checkpoint`` is
-first copied alone into the run's, as if the run had been killed after it) of ``RUNS.json`` (each
-with its own ``output.dir``), one after the other in the same process group, then ends the group as
-gloo needs (model gone, barrier, destroy). ``mode`` (default ``train``):
+``python fsdp_worker.py RUNS.json [--zo-chunk C]`` runs each ``[recipe path, [override, ...]]`` (or
+``[recipe path, [override, ...], mode]``, or ``[..., mode, checkpoint]``: the checkpoint directory
+``checkpoint`` is first copied alone into the run's, as if the run had been killed after it) of
+``RUNS.json`` (each with its own ``output.dir``), one after the other in the same process group, then
+ends the group as gloo needs (model gone, barrier, destroy). ``mode`` (default ``train``):
 
 * ``train`` / ``resume``: train to the end, from step 0 or from the newest checkpoint;
 * ``resave``: load the newest checkpoint and save it again at the same step, on this launch's
@@ -14,6 +14,8 @@ gloo needs (model gone, barrier, destroy). ``mode`` (default ``train``):
   ``output.dir/refused.txt``.
 
 A run ``["hf_trainer", {kwargs}]`` is a ``transformers.Trainer`` run instead (:func:`helpers.hf_trainer_run`).
+``--zo-chunk C``: the zeroth-order noise's CPU generator chunk (``lowmem.optim.zo_keyed.CHUNK``), small in
+the tests so that the tiny model's shards start and end inside chunks.
 """
 
 import gc
@@ -66,6 +68,10 @@ def run(path: str, overrides: list[str], mode: str = "train", checkpoint: str | 
 
 
 def main(argv: list[str]) -> None:
+    if "--zo-chunk" in argv:
+        import lowmem.optim.zo_keyed as zo_keyed
+
+        zo_keyed.CHUNK = int(argv[argv.index("--zo-chunk") + 1])
     for recipe, overrides, *rest in json.loads(open(argv[0]).read()):
         if recipe == HF_TRAINER:
             hf_trainer_run(**overrides)

@@ -5,7 +5,8 @@ Rank r of N takes micro-batch ``position * N + r`` and FSDP2's reduce-scatter av
 gradients, so a 2-process first-order step with per-process batch b sees the micro-batches one
 process with ``grad_accum: 2`` accumulates. A zeroth-order step (MeZO, ZO-AdaMU) takes one batch:
 its reference is one process with batch 2b, and the 2 ranks perturb their shards with slices of the
-one-process noise and average the loss over the global batch. The references are plain one-process
+one-process noise (each drawing only its slice, with generator chunks of 100 elements here so that
+shards start and end inside chunks: lowmem.optim.zo_keyed) and average the loss over the global batch. The references are plain one-process
 runs (no sharding); the 2-process runs share one ``torchrun`` launch (the worker loops over the
 recipes) and must exit cleanly. Over 10 steps the logged training losses (the global batch's under
 FSDP2) agree to a relative 1e-5 in fp32, and so does the final eval loss, over 3 eval batches: rank 1
@@ -24,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lowmem.optim.zo_keyed as zo_keyed
 from lowmem.checkpoint import SHARDED, CheckpointError
 from lowmem.recipe import load_recipe
 from lowmem.trainer import train
@@ -35,15 +37,16 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
 
 
-def launch(runs: list, tmp_path: Path, processes: int = 2, worker: Path = WORKER) -> subprocess.CompletedProcess:
+def launch(runs: list, tmp_path: Path, *flags: str, processes: int = 2,
+           worker: Path = WORKER) -> subprocess.CompletedProcess:
     """One torchrun launch of ``processes`` ranks of ``worker`` over ``runs`` ([recipe, overrides] pairs, or
-    more: fsdp_worker.py); asserts a clean exit."""
+    more: fsdp_worker.py) with the worker's ``flags``; asserts a clean exit."""
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout first
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(worker),
-           str(spec)]
+           str(spec), *flags]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 0, log
@@ -89,6 +92,7 @@ def zeroth_order(optim: dict) -> tuple:
 
 
 ADAMW = {"name": "adamw", "lr": 1e-3}
+ZO_CHUNK = 100  # elements per noise generator: the tiny model's shards (e.g. 129 of 257 rows of 32) cut chunks
 ZEROTH_ORDER = ("mezo", "zo_adamu")
 # name -> (recipe sections, overrides of the 2-process FSDP2 run, overrides of the 1-process reference)
 CASES = {name: first_order(optim, accum) for name, (optim, accum) in OPTIMIZERS.items()}
@@ -121,6 +125,7 @@ HF_OPTIMIZERS = ("adamw", "apollo_mini", "mezo")  # mezo: ZOTrainer
 def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
     # the 8-bit steps on the PyTorch path here and in the workers (the Triton interpreter is for the kernel tests)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(zo_keyed, "CHUNK", ZO_CHUNK)  # and in the workers: --zo-chunk
     runs = [[HF_TRAINER, {"optimizer": name, "output_dir": str(tmp_path / "hf" / name)}] for name in HF_OPTIMIZERS]
     hf_expected = {name: hf_trainer_run(name, str(tmp_path / "hf-one" / name)) for name in HF_OPTIMIZERS}
     expected = {}
@@ -132,7 +137,7 @@ def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
     for name, sections in SAMPLED.items():
         recipe = tiny_recipe(f"{name}.yaml", **sections, train={"steps": STEPS, "checkpoint_every": 0})
         runs.append([recipe, [f"output.dir={tmp_path / name / 'two'}", "train.distributed=fsdp2"]])
-    launch(runs, tmp_path)
+    launch(runs, tmp_path, "--zo-chunk", str(ZO_CHUNK))
     for name in SAMPLED:
         summary = json.loads((tmp_path / name / "two" / "summary.json").read_text())
         assert len(losses(tmp_path / name / "two")) == STEPS and summary["eval_loss"] < summary["eval_loss_before"]

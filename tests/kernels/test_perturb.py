@@ -45,6 +45,20 @@ def test_kernel_normals_equal_the_reference_to_fp32_rounding(seed, n):
     torch.testing.assert_close(z, ref, rtol=4e-6, atol=4e-6)
 
 
+@pytest.mark.parametrize("start", [5, P.TILE - 3, 2 * P.TILE + P.LANES])
+def test_kernel_on_a_part_is_the_reference_at_its_positions(start):
+    """A tensor holding elements [start, start + n) of a parameter (an FSDP2 shard) gets that slice of z, in
+    every mode: tiles of the whole parameter's layout, masked outside the part."""
+    n = P.TILE + 9
+    z = torch.empty(n)
+    perturb_triton(z, 31, mode=0, start=start)
+    torch.testing.assert_close(z, P.philox_normal(31, start, n), rtol=4e-6, atol=4e-6)
+    t, ref = torch.ones(n), torch.ones(n)
+    perturb_triton(t, 31, mode=3, restore=0.5, decay=0.9, alpha=-0.25, start=start)
+    P.update_ref_(ref, 31, 0.5, 0.9, -0.25, start=start)
+    torch.testing.assert_close(t, ref, rtol=4e-6, atol=4e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_half_dtypes_round_the_fp32_normal(dtype):
     z = torch.empty(P.TILE + 5, dtype=dtype)

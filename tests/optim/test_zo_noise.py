@@ -5,6 +5,7 @@ import pytest
 import torch
 from _zo_helpers import Quadratic
 
+import lowmem.optim.zo_keyed as zo_keyed
 import lowmem.optim.zo_noise as zo_noise
 from lowmem.optim.mezo import MeZO
 from lowmem.optim.zo_noise import CHUNK, Noise, noise_table
@@ -42,7 +43,7 @@ def test_moments(kind):
 
 
 def test_table_slices_at_seeded_offsets_and_windows_beyond_its_size(monkeypatch):
-    monkeypatch.setattr(zo_noise, "TABLE_SIZE", 1024)
+    monkeypatch.setattr(zo_keyed, "TABLE_SIZE", 1024)
     table = noise_table(torch.device("cpu"), torch.float32)
     assert table.numel() == 1024
     noise = Noise("table")
