@@ -28,7 +28,7 @@ ORDER = ["default", "bos", "packing", "sft_recipe", "quality", "quality_fp32", "
          "optim_state", "optim_step", "optim_step_interleaved", "optim_step_8bit", "bench_adamw8bit",
          "layerwise_memory", "wta_crs",
          "bench_zo", "bench_zo_quality", "bench_zo_quality_1000", "bench_zo_noise", "bbc_topic", "zo2", "fuyou_cpu",
-         "largest",
+         "largest", "step_peak",
          "fsdp", "zo_keyed", "streamed_build", "zo2_gpu", "peak_memory_cuda", "fuyou_gpu", "gpu_proof"]
 LOSS_RUNS = {"adamw": ["optim.name=adamw"], "apollo_mini": ["optim.name=apollo_mini"],
              "mezo": ["optim.name=mezo", "optim.lr=1e-6", "train.mixed_precision=no"]}

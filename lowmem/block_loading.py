@@ -157,8 +157,12 @@ def load_streamed_gguf(directory: str, gguf_file: str, dtype: torch.dtype,
     processor_class = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)
     if processor_class.__name__ not in PER_TENSOR:
         return None
-    processor = processor_class(config=load_gguf_checkpoint(path, return_tensors=False)["config"])
-    config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+    # the metadata parsed once, for the tensor processor and the model's config (gguf.GGUFReader parses every
+    # field, the tokenizer's vocabulary included: each parse was a third of the streamed load of SmolLM2-135M)
+    parsed = load_gguf_checkpoint(path, return_tensors=False)["config"]
+    processor = processor_class(config=parsed)
+    config = AutoConfig.for_model(**parsed)
+    config._name_or_path = str(directory)  # as from_pretrained names it
     config.dtype = dtype
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -60,7 +60,7 @@ from lowmem.offload.fo_state import StateTier
 from lowmem.offload.fo_swap import BlockTimer, Profile, swap_count, take_profile
 from lowmem.offload.settings import OffloadSection
 from lowmem.optim.registry import is_zeroth_order
-from lowmem.optim.step_one import all_finite, step_one
+from lowmem.optim.step_one import all_finite, step_one, steps_by_rows
 
 
 def _check_optimizer(optimizer) -> None:
@@ -101,10 +101,12 @@ class FirstOrderEngine(StreamedEngine):
         self.resident = [p for p in resident if all(p is not q for q in big)]
         self.big_params = big
         # the placement order: blocks' masters, the large parameters' masters, then the states
+        chunk = max(pk.numel for pk in self.packed) if steps_by_rows(optimizer) else None  # their step's unit
         self.big = (ResidentTier(big, _budget_left(self.budget, self.store.ram_bytes), config.nvme_dir,
-                                 len(self.packed)) if big else None)
-        self.states = StateTier(optimizer, [pk.params for pk in self.packed] + ([big] if big else []),
-                                self._state_budget(), config.nvme_dir)
+                                 len(self.packed), chunk) if big else None)
+        self.states = StateTier(optimizer, [pk.params for pk in self.packed] + [[p] for p in big],
+                                self._state_budget(), config.nvme_dir,
+                                chunks=self.big.state_chunks() if big else None)
         self.checkpoint_state = StreamedState(optimizer, self.states)  # a checkpoint's state, block by block
         self.cpu = CpuOptimizer(optimizer, self.group_of, self.states)
         self.host = HostStepper(self.packed, self.store, self.mover.lanes, self.cpu, config.prefetch_depth,

@@ -71,6 +71,25 @@ class CpuOptimizer:
         self.states.save(state_k, version)
 
 
+    def step_chunk(self, p: torch.Tensor, master: torch.Tensor, grad: torch.Tensor, state_k: int, c: int,
+                   version: int) -> None:
+        """Step rows ``c`` of ``p`` alone (:func:`step_one`): ``master`` (their fp32 master, updated in place)
+        with ``grad`` (their gradient) and the chunk's state of chunked entry ``state_k``
+        (:meth:`StateTier.chunk`), which is handed back as ``version``. ``p`` keeps its own ``.data`` and
+        its whole state in ``optimizer.state`` (the chunk's stands in for it meanwhile)."""
+        chunk = self.states.chunk(state_k, c)
+        own, whole = p.data, self.optimizer.state.pop(p, None)
+        self.optimizer.state[p] = chunk
+        p.data, p.grad = master, grad
+        try:
+            step_one(self.optimizer, self.group_of[id(p)], p)
+        finally:
+            p.data, stepped = own, self.optimizer.state.pop(p)
+            if whole is not None:
+                self.optimizer.state[p] = whole
+        self.states.chunk_stepped(state_k, c, stepped, version)
+
+
 class HostStepper:
     """Gradient buffers, accumulation and the per-block CPU step of a :class:`FirstOrderEngine`:
     block ``k``'s gradients come from ``packed[k].params`` on the device (``lanes``), its master is

@@ -59,6 +59,14 @@ class HostBlock:
     release: Callable[[object], None] = lambda event: None
 
 
+def nvme_staging_bytes(sizes: list[int], placed: list, prefetch_depth: int) -> int:
+    """Host bytes of the NVMe tier's staging buffers for blocks of ``sizes`` bytes on tiers ``placed``:
+    ``prefetch_depth + 2`` read and ``prefetch_depth + 1`` write buffers (:class:`_NvmeBlocks`), each the
+    size of the largest block on NVMe; none without NVMe blocks."""
+    on_nvme = [n for n, tier in zip(sizes, placed) if tier is NVME]
+    return (2 * prefetch_depth + 3) * max(on_nvme) if on_nvme else 0
+
+
 def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 

@@ -16,6 +16,7 @@ from lowmem.memory import tensor_bytes
 from lowmem.models import load_model
 from lowmem.offload.engine import ZO2Engine
 from lowmem.offload.resident import ResidentPerturber
+from lowmem.offload.tiers import NVME
 from lowmem.optim import create_optimizer
 from lowmem.planner import model_config, plan, zo2_device_buffers
 from tests.test_planner import MEDIUM, make_recipe
@@ -42,21 +43,30 @@ def engine_allocations(recipe, monkeypatch) -> dict[str, int]:
     ids = torch.randint(0, OPT["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     eng.step({"input_ids": ids, "labels": ids})
     staging = eng.mover.staging or []
+    nvme = eng.store._storage.get(NVME)  # its read and write buffers, all back in their queues after the step
     out = {"slots": sum(tensor_bytes(t) for t in eng.mover.slots), "staging": sum(tensor_bytes(t) for t in staging),
-           "tied_copy": held[0], "host_blocks": sum(tensor_bytes(eng.store.get(i)) for i in range(len(eng.packed)))}
+           "tied_copy": held[0], "host_blocks": sum(tensor_bytes(eng.store.get(i)) for i, tier
+                                                    in enumerate(eng.store.placed) if tier is not NVME),
+           "nvme_staging": 0 if nvme is None else sum(tensor_bytes(b) for q in (nvme._read_bufs, nvme._write_bufs)
+                                                      for b, _ in q.queue)}
     eng.close()
     return out
 
 
-@pytest.mark.parametrize("dtype,host,depth", [("float32", None, 1), ("float32", "bfloat16", 2),
-                                              ("bfloat16", None, 4), ("bfloat16", "int8", 1)])
-def test_zo2_device_buffers_equal_the_engine_allocations(tmp_path, monkeypatch, dtype, host, depth):
+@pytest.mark.parametrize("dtype,host,depth,budget", [("float32", None, 1, None), ("float32", "bfloat16", 2, None),
+                                                     ("bfloat16", None, 4, None), ("bfloat16", "int8", 1, None),
+                                                     ("bfloat16", None, 2, 0.0002)])
+def test_zo2_device_buffers_equal_the_engine_allocations(tmp_path, monkeypatch, dtype, host, depth, budget):
+    # budget 0.0002 GiB: two of the five blocks in RAM, three on NVMe through its staging buffers (issue 25:
+    # at 13B they were 3 GiB of the 7.9 GiB step that the plan missed)
+    nvme = [f"offload.host_memory_budget_gb={budget}", f"offload.nvme_dir={tmp_path / 'nvme'}"] if budget else []
     recipe = make_recipe(tmp_path, "optim.name=mezo", "offload.enabled=true", f"model.dtype={dtype}",
                          f"offload.prefetch_depth={depth}", *([f"offload.host_dtype={host}"] if host else []),
-                         config=OPT)
+                         *nvme, config=OPT)
     predicted = zo2_device_buffers(recipe, model_config(recipe.model))
     measured = engine_allocations(recipe, monkeypatch)
     assert measured["tied_copy"] > 0 and (measured["staging"] > 0) == (host is not None)
+    assert (measured["nvme_staging"] > 0) == (budget is not None)
     assert {k: predicted[k] for k in measured} == measured
 
 

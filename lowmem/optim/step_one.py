@@ -35,3 +35,15 @@ def all_finite(t: torch.Tensor) -> bool:
     Accumulated in fp32 (fp64 for fp64), so an fp16/bf16 sum does not overflow; a false alarm needs
     elements averaging above 3e38 / numel."""
     return bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
+
+
+# torch's optimizers whose update of an element reads that element, its gradient and its own state alone
+# (state tensors shaped as the parameter, and a 0-d step count): Adam, AdamW, SGD with momentum
+_BY_ROWS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def steps_by_rows(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether stepping each chunk of a parameter's rows alone (with its rows of the state) equals stepping
+    the parameter whole, bit for bit: the elementwise rules of :data:`_BY_ROWS` (the first-order offload
+    engine steps its large offloaded parameters so, :mod:`lowmem.offload.fo_resident`)."""
+    return isinstance(optimizer, _BY_ROWS)

@@ -6,17 +6,20 @@ while saving). With ``W`` the model's weights (training dtype), ``B`` one decode
 optimizer state, ``R`` the runtime (torch, transformers: :func:`runtime_baseline_bytes`) and ``H`` what
 an offloaded run keeps in host RAM between steps (masters and states on the host tier, or ZO2's blocks)::
 
-    build : offloaded (streamed, lowmem.block_source): R + (W - L B) + 2 B + T32, the modules outside the
+    build : offloaded (streamed, lowmem.block_source): R + H_w + (W - L B) + 2 B + T32: the blocks' host
+            copies already placed in RAM (H_w: first-order masters, ZO2 blocks), the modules outside the
             L blocks, a block filled and its packed copy, and the fp32 scratch buffer of the largest
             tensor T that a config build draws its skipped initialisation into; in memory: R + W (a config
             in a 16-bit dtype is built the same way, then its blocks filled one by one from an fp32 block:
-            the larger of that and R + W + B32)
-    step  : the step's plan on the CPU; on a GPU: R + H (+ the engines' host buffers)
+            the larger of that, without H_w, and R + W + B32)
+    step  : the step's plan on the CPU; on a GPU: R + H (+ the engines' host buffers: ZO2's NVMe staging)
     eval  : in memory on the CPU: the no-grad forward's plan + S; offloaded: as the step (an upper bound)
     save  : in memory: what stays (R + W + S on the CPU, R on a GPU) + T (safetensors 0.8 writes each
             tensor from its own memory: at most one is copied, to make it contiguous); offloaded
-            (streamed, lowmem.model_save): R + H + 2 x the largest part written (a checkpoint's block
-            with its fp32 master and state; else a block)
+            (streamed, lowmem.model_save): what stays (R + H, on a CPU with the modules outside the
+            blocks and the engine's transfer buffers, which stay allocated: device slots, staging, ZO2's
+            NVMe staging) + 2 x the largest part written (a checkpoint's block with its fp32 master and
+            state; else a block)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from lowmem.dtypes import DTYPES
 from lowmem.models import streamable
+from lowmem.planner.zo2 import zo2_device_buffers
 from lowmem.recipe import Recipe
 from lowmem.structure import block_container
 
@@ -64,19 +68,22 @@ def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=No
     state = step_plan.totals.get("optimizer_states", 0)
     host = step_plan.host_parts
     if offload and host:  # first order: masters and states on the host tier, and the outside on a CPU device
-        kept = host["host_masters"] + host["host_states"]
+        kept, built = host["host_masters"] + host["host_states"], host["host_masters"]
         block32 = block * 4 // DTYPES[recipe.model.dtype].itemsize
         part = 2 * max(block32, state // max(1, config.num_hidden_layers))  # a master, or its state (bound)
     elif offload:  # ZO2: the blocks in host RAM up to the budget
         budget = recipe.offload.host_memory_budget_gb
         kept = weights if budget is None else min(weights, int(budget * 2**30))
-        part = 2 * block
+        part, built = 2 * block, kept
     else:
-        kept, part = 0, 0
+        kept, part, built = 0, 0, 0
+    # ZO2 on a GPU: the host also holds the NVMe tier's staging buffers (on a CPU they are in the step's plan)
+    staging = zo2_device_buffers(recipe, config)["nvme_staging"] if offload and not host and not cpu else 0
     step = step_plan.peak_bytes if cpu else runtime + (step_plan.host_rss_bytes - step_plan.host_runtime_bytes
-                                                      if host else kept)
+                                                      if host else kept + staging)
     if offload:
-        resident = runtime + kept + (weights - block * config.num_hidden_layers if cpu else 0)
+        resident = runtime + kept + (weights - block * config.num_hidden_layers
+                                     + step_plan.parts.get("transfer_buffers", 0) if cpu else staging)
         save = resident + part
         evaluation = step
     else:
@@ -87,7 +94,7 @@ def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=No
     widen = 4 // _weight_dtype(recipe).itemsize  # initialisation draws in fp32
     streamed = runtime + outside + 2 * block + largest * widen
     if offload and streamable(recipe.model):
-        build = streamed
+        build = streamed + built
     elif recipe.model.config is not None and widen > 1:  # in memory, filled block by block
         build = max(streamed, runtime + weights + block * widen)
     else:

@@ -140,7 +140,7 @@ def test_plan_follows_accumulation_swapping_and_embeddings(tmp_path):
 
     eng = _engine(emb)  # the embedding's master in its store, its AdamW state after a step
     _step(eng, emb)
-    assert eng.big_params and eng.big.store.tiers == ["host"]
+    assert eng.big_params and set(eng.big.store.tiers) == {"host"} and len(eng.big.store.tiers) > 1  # row chunks
     master, state = eng.big.store.ram_bytes, _states(eng, eng.big_params)
     eng.close()
     pe = plan(emb, "cuda")

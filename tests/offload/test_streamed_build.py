@@ -159,6 +159,7 @@ def test_streamed_gguf_load_equals_the_in_memory_load(tmp_path):
     section = ModelSection(path=str(tmp_path), gguf_file="tiny.gguf", tokenizer="bytes", dtype="bfloat16")
     ref = load_model(section)
     model = load_model(section, streamed=True)
+    assert model.config.to_dict() == ref.config.to_dict()  # the config from the metadata parsed once
     assert all(p.is_meta for p in block_container(model)[1].parameters())
     eng = ENGINES["zo2"](model, TIERS["nvme"](tmp_path / "tier"))
     assert_same_weights(eng.model_state_dict(), ref)
