@@ -1,7 +1,14 @@
-"""Shared set-up of the offload tests: a model pair (reference in memory, engine-driven) and batches."""
+"""Shared set-up of the offload tests: a model pair (reference in memory, engine-driven), batches, and a
+script run in a fresh process for its peak RSS."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from lowmem.offload.engine import ZO2Engine
@@ -41,3 +48,15 @@ def assert_same_weights(state: dict, model_or_state) -> None:
     assert state.keys() == ref.keys()
     bad = [k for k in ref if not torch.equal(state[k], ref[k])]
     assert not bad, f"weights differ from in-memory MeZO: {bad[:4]}"
+
+
+def fresh_process_json(script: str, *args: str) -> dict:
+    """Run ``script`` (Python source) in a fresh process from the repository root, so its allocator and peak
+    RSS are its own, and return the JSON object of its last line of output; skipped where Linux's
+    ``/proc/self/clear_refs`` (which resets the peak, VmHWM) is missing."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -8,15 +8,10 @@ that brought every block's weights and state into memory (``full_state`` + ``mod
 Measured in a fresh process (its allocator is this test's alone): the peak RSS (VmHWM of /proc/self/status,
 reset through /proc/self/clear_refs before each phase) against the RSS just before (psutil)."""
 
-import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-import pytest
+from tests.offload.helpers import fresh_process_json
 
-_ROOT = Path(__file__).resolve().parents[2]
 _CHILD = textwrap.dedent("""
     import json, sys, psutil, torch
     from pathlib import Path
@@ -70,12 +65,7 @@ _CHILD = textwrap.dedent("""
 
 
 def test_streamed_save_holds_about_one_block(tmp_path):
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], cwd=_ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = fresh_process_json(_CHILD, str(tmp_path))
     budget = 2 * got["block"] + got["outside"] + 16 * 2**20  # 16 MiB: allocator and safetensors overhead
     assert got["streamed"] < budget, got
     # a checkpoint: a block's weights, then its two AdamW moments (the largest part: 2 blocks), one part at a time

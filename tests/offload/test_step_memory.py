@@ -6,15 +6,10 @@ the embedding's fp32 master, its AdamW moments read back and written again and t
 temporaries of the whole embedding (here ~7x its 32 MiB). Fresh process; the peak is VmHWM, reset
 through /proc/self/clear_refs just before the step."""
 
-import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-import pytest
+from tests.offload.helpers import fresh_process_json
 
-_ROOT = Path(__file__).resolve().parents[2]
 _CHILD = textwrap.dedent("""
     import json, sys, psutil, torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -46,12 +41,7 @@ _CHILD = textwrap.dedent("""
 
 
 def test_offloaded_step_holds_a_few_blocks_not_the_embedding(tmp_path):
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], cwd=_ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = fresh_process_json(_CHILD, str(tmp_path))
     # its gradient (the device's: the tied weight's two parts and their sum), the logits and their loss, a dozen
     # blocks' buffers, 16 MiB of allocator slack;
     # the step before the fix held 6-7 embeddings more (master, moments read and written, AdamW temporaries)
