@@ -68,7 +68,9 @@ def test_streamed_save_holds_about_one_block(tmp_path):
     got = fresh_process_json(_CHILD, str(tmp_path))
     budget = 2 * got["block"] + got["outside"] + 16 * 2**20  # 16 MiB: allocator and safetensors overhead
     assert got["streamed"] < budget, got
-    # a checkpoint: a block's weights, then its two AdamW moments (the largest part: 2 blocks), one part at a time
-    budget = 2 * 2 * got["block"] + 3 * got["outside"] + 16 * 2**20
+    # a checkpoint: a block's weights, then its two AdamW moments (the largest part: 2 blocks), one part at a time;
+    # evicted again, a part stays held by the NVMe writer until written: up to prefetch_depth + 1 = 2 more parts
+    # in its write queue on a busy machine (measured: 17 MiB quiet, 97 MiB at load 10)
+    budget = 3 * 2 * got["block"] + 3 * got["outside"] + 16 * 2**20
     assert got["checkpoint_streamed"] < budget, got
     assert got["checkpoint_old"] > budget and got["checkpoint_old"] > 3 * got["blocks"] * got["block"], got
