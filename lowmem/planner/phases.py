@@ -65,12 +65,17 @@ def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=No
     device, ``forward_plan``: the no-grad forward's (used in memory on the CPU), ``runtime``: ``R``."""
     cpu, offload = step_plan.device == "cpu", recipe.offload.enabled
     weights, block, largest = weight_bytes(recipe, config)
+    outside = weights - block * config.num_hidden_layers
+    size = _weight_dtype(recipe).itemsize
+
+    def fp32(nbytes: int) -> int:  # the same tensors in fp32: masters, initialisation draws
+        return nbytes * 4 // size
+
     state = step_plan.totals.get("optimizer_states", 0)
     host = step_plan.host_parts
     if offload and host:  # first order: masters and states on the host tier, and the outside on a CPU device
         kept, built = host["host_masters"] + host["host_states"], host["host_masters"]
-        block32 = block * 4 // DTYPES[recipe.model.dtype].itemsize
-        part = 2 * max(block32, state // max(1, config.num_hidden_layers))  # a master, or its state (bound)
+        part = 2 * max(fp32(block), state // max(1, config.num_hidden_layers))  # a master, or its state (bound)
     elif offload:  # ZO2: the blocks in host RAM up to the budget
         budget = recipe.offload.host_memory_budget_gb
         kept = weights if budget is None else min(weights, int(budget * 2**30))
@@ -82,21 +87,18 @@ def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=No
     step = step_plan.peak_bytes if cpu else runtime + (step_plan.host_rss_bytes - step_plan.host_runtime_bytes
                                                       if host else kept + staging)
     if offload:
-        resident = runtime + kept + (weights - block * config.num_hidden_layers
-                                     + step_plan.parts.get("transfer_buffers", 0) if cpu else staging)
+        resident = runtime + kept + (outside + step_plan.parts.get("transfer_buffers", 0) if cpu else staging)
         save = resident + part
         evaluation = step
     else:
         resident = runtime + (weights + state if cpu else 0)
         save = resident + largest
         evaluation = (forward_plan.peak_bytes + state) if cpu and forward_plan is not None else resident
-    outside = weights - block * config.num_hidden_layers
-    widen = 4 // _weight_dtype(recipe).itemsize  # initialisation draws in fp32
-    streamed = runtime + outside + 2 * block + largest * widen
+    streamed = runtime + outside + 2 * block + fp32(largest)
     if offload and streamable(recipe.model):
         build = streamed + built
-    elif recipe.model.config is not None and widen > 1:  # in memory, filled block by block
-        build = max(streamed, runtime + weights + block * widen)
+    elif recipe.model.config is not None and size < 4:  # in memory, filled block by block
+        build = max(streamed, runtime + weights + fp32(block))
     else:
         build = runtime + weights
     return {"build": build, "step": step, "eval": evaluation, "save": save}
