@@ -160,6 +160,14 @@ def _guarded():
     return initialization.guard_torch_init_functions()
 
 
+def _replayable(cls: type) -> bool:
+    """Whether models of ``cls`` initialise their weights through ``PreTrainedModel._initialize_weights``, the
+    calls that :func:`build_streamed` records and :class:`InitReplay` replays."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    return cls._initialize_weights is PreTrainedModel._initialize_weights
+
+
 def build_streamed(config, seed: int, dtype: torch.dtype) -> nn.Module:
     """The model ``torch.manual_seed(seed); AutoModelForCausalLM.from_config(config).to(dtype)`` builds, with
     its blocks left on ``meta`` and an :class:`InitReplay` attached; the global generator ends where the
@@ -180,7 +188,7 @@ def build_streamed(config, seed: int, dtype: torch.dtype) -> nn.Module:
     with mock.patch.object(PreTrainedModel, "_initialize_weights", record), \
             init_empty_weights(include_buffers=False), ScratchDraws():
         model = AutoModelForCausalLM.from_config(config)
-    if type(model)._initialize_weights is not original:
+    if not _replayable(type(model)):
         raise ValueError(f"model.config: {type(model).__name__} initialises its weights its own way; "
                          "build it in memory (offload.enabled: false)")
     filler = InitReplay(model, dtype, calls, {id(p): p.dtype for p in model.parameters()})
@@ -195,10 +203,9 @@ def build_in_memory(config, seed: int, dtype: torch.dtype) -> nn.Module:
     the weights in ``dtype`` and one block in fp32, never every weight in fp32 first (twice the bf16
     model); a model that initialises its weights its own way is built as written."""
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_utils import PreTrainedModel
 
-    cls = AutoModelForCausalLM._model_mapping[type(config)]
-    if dtype.itemsize >= 4 or cls._initialize_weights is not PreTrainedModel._initialize_weights:
+    mapping = AutoModelForCausalLM._model_mapping  # from_config's own choice of class
+    if dtype.itemsize >= 4 or type(config) not in mapping or not _replayable(mapping[type(config)]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config).to(dtype)
     model = build_streamed(config, seed, dtype)
