@@ -4,7 +4,8 @@ For each way of training -- in-memory AdamW, APOLLO-Mini layer-wise, first-order
 MeZO, ZO2 with NVMe -- climb a ladder of standard Llama shapes (built from configs, random weights,
 byte tokenizer) and run ``lowmem-train`` on each in a fresh process: build -> 2 steps -> eval -> save
 (``model/``). A way stops climbing at its first shape that does not complete: refused by the planner's
-host check (lowmem.planner.phases: predicted not to fit the available RAM), killed, failed or timed out.
+host check (lowmem.planner.phases: predicted not to fit the available RAM) or disk check (lowmem.planner.disk:
+its NVMe tier and model not fitting the free space), killed, failed or timed out.
 Reported per run: the outcome, the process's peak RSS and its peak per phase (``summary.json``'s
 ``peak_rss_by_phase_gb``), the disk the run left (run directory + NVMe files) and seconds per step.
 
@@ -120,6 +121,8 @@ def run_one(shape: str, way: str, args) -> dict:
         row["outcome"] = f"timeout ({args.timeout_min} min)"
     elif "host memory: predicted peak RSS" in err:
         row["outcome"] = "refused: " + err.strip().splitlines()[-1].split("host memory: ", 1)[1].split(";")[0]
+    elif "error: disk: " in err:
+        row["outcome"] = "refused: disk: " + err.strip().splitlines()[-1].split("disk: ", 1)[1].split(";")[0]
     else:
         row["outcome"] = f"failed (exit {code}): {(err.strip().splitlines() or [''])[-1][:120]}"
     shutil.rmtree(work, ignore_errors=True)

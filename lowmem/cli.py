@@ -106,6 +106,34 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
         raise ValueError(refused)
 
 
+def check_disk(recipe, args: argparse.Namespace, predicted=None) -> None:
+    """The files the run writes (:mod:`lowmem.planner.disk`: the NVMe tier, the model, the checkpoints) against
+    the free space where they go: printed with ``--plan``; a run that does not fit is refused in one line,
+    unless ``--force``. Planned only when a bound without a plan does not fit (:func:`fits_unplanned`)."""
+    import torch
+
+    from lowmem.planner import disk_needs, disk_refusal, fits_unplanned, model_config, plan
+
+    try:
+        config = model_config(recipe.model)
+    except Exception:  # noqa: BLE001 - a model the planner cannot read: the run itself says why, in one line
+        if args.plan:
+            raise
+        return
+    if fits_unplanned(recipe, config) and not args.plan:
+        return
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    whole = predicted if predicted is not None and predicted.device == device and predicted.processes == 1 \
+        else plan(recipe, device, suggest=False)  # the whole run's files, under FSDP2 too
+    needs = disk_needs(recipe, whole)
+    if args.plan:
+        print("  disk: " + (", ".join(f"{what} {n / 2**30:.2f} GiB in {where}" for what, where, n in needs)
+                            or "nothing written"))
+    refused = disk_refusal(needs, recipe.offload.nvme_dir)
+    if refused and not (args.plan or args.force):
+        raise ValueError(refused)
+
+
 def predictor(recipe, args: argparse.Namespace):
     """``predict(model_config) -> bytes | None`` for the summary of a run the CLI did not plan beforehand: the plan
     of the loaded model's config (no second read of its files). On CPU the runtime baseline is this process's RSS
@@ -158,6 +186,7 @@ def run(args: argparse.Namespace) -> dict | None:
     recipe = load_recipe(args.recipe, args.overrides)
     predicted = check_memory(recipe, args)
     check_host(recipe, args, predicted)
+    check_disk(recipe, args, predicted)
     if args.plan:
         return None
     try:

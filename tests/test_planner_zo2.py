@@ -47,6 +47,8 @@ def engine_allocations(recipe, monkeypatch) -> dict[str, int]:
     out = {"slots": sum(tensor_bytes(t) for t in eng.mover.slots), "staging": sum(tensor_bytes(t) for t in staging),
            "tied_copy": held[0], "host_blocks": sum(tensor_bytes(eng.store.get(i)) for i, tier
                                                     in enumerate(eng.store.placed) if tier is not NVME),
+           "nvme_blocks": sum(eng.store.numels[i] * eng.store.dtype.itemsize for i, tier
+                              in enumerate(eng.store.placed) if tier is NVME),
            "nvme_staging": 0 if nvme is None else sum(tensor_bytes(b) for q in (nvme._read_bufs, nvme._write_bufs)
                                                       for b, _ in q.queue)}
     eng.close()
@@ -66,7 +68,7 @@ def test_zo2_device_buffers_equal_the_engine_allocations(tmp_path, monkeypatch, 
     predicted = zo2_device_buffers(recipe, model_config(recipe.model))
     measured = engine_allocations(recipe, monkeypatch)
     assert measured["tied_copy"] > 0 and (measured["staging"] > 0) == (host is not None)
-    assert (measured["nvme_staging"] > 0) == (budget is not None)
+    assert (measured["nvme_staging"] > 0) == (measured["nvme_blocks"] > 0) == (budget is not None)
     assert {k: predicted[k] for k in measured} == measured
 
 

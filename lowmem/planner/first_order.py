@@ -144,6 +144,10 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
     if device != "cpu":  # the host's peak need not fall in the device's peak phase
         buffers = max(backward, after)
     host = {"host_masters": host_masters, "host_states": host_states, "host_buffers": buffers + (n * w32 if recipe.train.grad_accum > 1 else 0)}
+    moved_states = sum(s for _, s, _ in moved)
     totals = {"weights": totals["weights"] + (n - 1) * numel * compute, "gradients": totals["gradients"]
-              + (n - 1) * numel * compute, "optimizer_states": resident_states + n * state + sum(s for _, s, _ in moved)}
+              + (n - 1) * numel * compute, "optimizer_states": resident_states + n * state + moved_states}
+    if off.nvme_dir is not None:  # what the placement leaves out of the host budget: NVMe files
+        tiered = n * (w32 + state) + sum(4 * c for c, *_ in items) + moved_states
+        totals["nvme_files"] = tiered - host_masters - host_states
     return device_parts, host, totals

@@ -131,8 +131,8 @@ def zo2_step_parts(recipe: Recipe, config, device: str, forward_only: bool):
     (host copies and buffers in the one RSS). A CPU no-grad forward is the in-memory one."""
     if device != "cuda" and forward_only:
         return in_memory_parts(recipe, config, device, forward_only)
-    parts, totals = trace_step(recipe, config, 2, forward_only, device)
-    return zo2_parts(recipe, config, parts, device), {}, totals
+    parts, totals = zo2_parts(recipe, config, *trace_step(recipe, config, 2, forward_only, device), device)
+    return parts, {}, totals
 
 
 def first_order_offload_parts(recipe: Recipe, config, device: str, forward_only: bool):

@@ -29,7 +29,7 @@ def zo2_device_buffers(recipe: Recipe, config) -> dict[str, int]:
     :class:`lowmem.offload.resident.ResidentPerturber`), the blocks' weight bytes in the training dtype
     (``in_blocks``) and their host copies held in RAM (``host_blocks``: placed by the engine's own rule,
     :class:`lowmem.offload.tiers.Placement`; beyond ``offload.host_memory_budget_gb`` they are NVMe files,
-    read and written through host staging buffers: ``nvme_staging``, :func:`lowmem.offload.store.nvme_staging_bytes`)."""
+    ``nvme_blocks``, read and written through host staging buffers: ``nvme_staging``, :func:`lowmem.offload.store.nvme_staging_bytes`)."""
     compute = DTYPES[recipe.model.dtype]
     host = recipe.offload.host_dtype
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -48,17 +48,22 @@ def zo2_device_buffers(recipe: Recipe, config) -> dict[str, int]:
     placed = Placement(None if budget is None else budget * 2**30, recipe.offload.nvme_dir).place_all(sizes, "blocks")
     host_blocks = sum(n for n, tier in zip(sizes, placed) if tier.in_ram)  # the rest are NVMe files
     return {**device_buffer_bytes(fmt, recipe.offload.prefetch_depth), "tied_copy": tied,
-            "in_blocks": in_blocks, "host_blocks": host_blocks,
+            "in_blocks": in_blocks, "host_blocks": host_blocks, "nvme_blocks": sum(sizes) - host_blocks,
             "nvme_staging": nvme_staging_bytes(sizes, placed, recipe.offload.prefetch_depth)}
 
 
-def zo2_parts(recipe: Recipe, config, parts: dict[str, int], device: str = "cuda") -> dict[str, int]:
-    """Parts of a ZO2 step: resident weights (on a CPU, with the blocks' host copies), the engine's device
-    buffers (on a CPU, with the NVMe tier's staging buffers), the tied-weight copy (with the step temporaries)
-    and the dual-forward activations."""
+def zo2_parts(recipe: Recipe, config, parts: dict[str, int], totals: dict[str, int],
+              device: str = "cuda") -> tuple[dict[str, int], dict[str, int]]:
+    """(parts, totals) of a ZO2 step. Parts: resident weights (on a CPU, with the blocks' host copies), the
+    engine's device buffers (on a CPU, with the NVMe tier's staging buffers), the tied-weight copy (with the
+    step temporaries) and the dual-forward activations; totals: with ``offload.nvme_dir``, the NVMe tier's
+    files (``nvme_files``)."""
     buffers = zo2_device_buffers(recipe, config)
     weights = parts["weights"] - buffers["in_blocks"] + (buffers["host_blocks"] if device == "cpu" else 0)
-    return {**parts, "weights": weights,
-            "step_temporaries": parts.get("step_temporaries", 0) + buffers["tied_copy"],
-            "transfer_buffers": buffers["slots"] + buffers["staging"]
-            + (buffers["nvme_staging"] if device == "cpu" else 0)}
+    parts = {**parts, "weights": weights,
+             "step_temporaries": parts.get("step_temporaries", 0) + buffers["tied_copy"],
+             "transfer_buffers": buffers["slots"] + buffers["staging"]
+             + (buffers["nvme_staging"] if device == "cpu" else 0)}
+    if recipe.offload.nvme_dir is not None:
+        totals = {**totals, "nvme_files": buffers["nvme_blocks"]}
+    return parts, totals

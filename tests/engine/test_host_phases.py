@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
+import lowmem.planner.disk as disk
 import lowmem.planner.phases as phases
 from lowmem.cli import main
-from lowmem.planner import model_config, plan, runtime_baseline_bytes
+from lowmem.planner import disk_needs, model_config, plan, runtime_baseline_bytes
 from lowmem.recipe import load_recipe
 
 
@@ -56,3 +57,40 @@ def test_each_phase_is_predicted_within_15_percent(tiny_recipe, tmp_path, offloa
                                    runtime_baseline_bytes(config.model_type), forward)
     ratios = {p: predicted[p] / 2**30 / measured[p] for p in phases.PHASES}
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), (ratios, measured)
+    _assert_disk_as_planned(recipe, tmp_path)
+
+
+def _tree_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _assert_disk_as_planned(recipe, tmp_path):
+    """What the run left on disk (the NVMe tier, the model, its checkpoint) against lowmem.planner.disk's needs,
+    each within 15% and 16 KiB (file headers, the tokenizer, the run's JSON: a few KiB on this tiny model)."""
+    needs = {what.split()[-1]: n for what, _, n in disk_needs(recipe, plan(recipe, "cpu", suggest=False))}
+    measured = {"model": _tree_bytes(tmp_path / "run" / "model"),
+                "checkpoint": _tree_bytes(tmp_path / "run" / "checkpoints")}
+    if recipe.offload.enabled:
+        measured["tier"] = _tree_bytes(tmp_path / "nvme")
+    assert set(needs) == set(measured), (needs, measured)
+    for what, n in needs.items():
+        assert abs(n - measured[what]) <= 0.15 * measured[what] + 2**14, (what, n, measured[what])
+
+
+def test_a_run_whose_files_do_not_fit_the_disk_is_refused_unless_forced(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """The NVMe tier and the model need more than the filesystem has free: refused in one line naming both,
+    before anything is written; --plan lists them; --force runs."""
+    usage = collections.namedtuple("usage", "total used free")(2**20, 2**20 - 2**14, 2**14)
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: usage)
+    recipe = tiny_recipe(train={"steps": 1, "checkpoint_every": 0, "eval_batches": 1},
+                         offload={"enabled": True, "nvme_dir": str(tmp_path / "nvme"), "host_memory_budget_gb": 0.0},
+                         optim={"name": "adamw", "lr": 1e-3, "max_grad_norm": None})
+    assert main([recipe, "--plan", "--quiet"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  disk: "))
+    assert "the NVMe tier" in line and str(tmp_path / "nvme") in line and "the model" in line
+    assert main([recipe, "--quiet"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("lowmem-train: ")]
+    assert len(err) == 1 and err[0].startswith("lowmem-train: error: disk: the run writes "), err
+    assert "0.0 GiB free" in err[0] and err[0].endswith("pass --force to run anyway")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "nvme").exists()
+    assert main([recipe, "--quiet", "--force"]) == 0

@@ -1,0 +1,91 @@
+"""The disk a run will write, checked against the free space before it starts.
+
+An offloaded run's NVMe tier is written at build time and is as large as everything its placement leaves out
+of the host budget: a Llama-3-8B-shape first-order run with AdamW puts 32 GB of fp32 masters and 64 GB of
+states there. Found out by the disk filling up half-way, such a run dies late and leaves a full disk; a
+checkpoint that does not fit fails the same way after hours of training. From a step's plan
+(:mod:`lowmem.planner.plan`; ``P`` the weights in the training dtype, ``P32`` in fp32, ``S`` the optimizer
+state)::
+
+    nvme        : the plan's ``nvme_files``: first order, the blocks' (and moved embeddings') fp32 masters and
+                  states beyond offload.host_memory_budget_gb; ZO2, the blocks' host copies beyond it
+    model       : P, when output.save_model (LoRA: the adapters only, taken as 0)
+    checkpoints : min(keep_checkpoints + 1, steps // checkpoint_every) x (P, or P32 first-order offloaded
+                  (its checkpoints hold the fp32 masters), LoRA 0) + S) -- the newest is written whole
+                  before the oldest is removed
+
+Files already in ``offload.nvme_dir`` are rewritten in place, so they count as free. Directories on one
+filesystem share its free space; each filesystem's total is compared with what it has free.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from lowmem.dtypes import float_dtype
+from lowmem.planner.phases import weight_bytes
+from lowmem.recipe import Recipe
+
+
+def disk_needs(recipe: Recipe, step_plan) -> list[tuple[str, str, int]]:
+    """[(what, directory, bytes)] the run will write (see the module docstring); empty entries left out."""
+    train, out = recipe.train, recipe.output.dir
+    weights = 0 if recipe.model.lora is not None else step_plan.totals.get("weights", 0)
+    needs = [("the NVMe tier", recipe.offload.nvme_dir, step_plan.totals.get("nvme_files", 0))]
+    if recipe.output.save_model:
+        needs.append(("the model", out, weights))
+    if train.checkpoint_every and train.steps >= train.checkpoint_every:
+        size = float_dtype(recipe.model.dtype).itemsize
+        masters = weights * 4 // size if step_plan.host_parts else weights  # first order offloaded: fp32 masters
+        count = min(train.keep_checkpoints + 1, train.steps // train.checkpoint_every)
+        needs.append((f"{count} checkpoint{'s' * (count > 1)}", out,
+                      count * (masters + step_plan.totals.get("optimizer_states", 0))))
+    return [(what, where, n) for what, where, n in needs if where is not None and n > 0]
+
+
+def fits_unplanned(recipe: Recipe, config) -> bool:
+    """Whether 16 bytes a parameter (an fp32 copy and two fp32 states, more than any one thing written takes)
+    for each of the NVMe tier, the model and the checkpoints fits the least free space among their places:
+    then no plan is needed (the check of a small run costs no trace)."""
+    train = recipe.train
+    params = weight_bytes(recipe, config)[0] // float_dtype(recipe.model.dtype).itemsize
+    places = [d for d in (recipe.offload.nvme_dir if recipe.offload.enabled else None, recipe.output.dir) if d]
+    written = len(places) + (min(train.keep_checkpoints + 1, train.steps // train.checkpoint_every)
+                             if train.checkpoint_every else 0)
+    return 16 * params * written <= min(shutil.disk_usage(existing(d)).free for d in places)
+
+
+def existing(path: str | Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where its files will go)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _reused(directory: str) -> int:
+    """Bytes of the files already in ``directory`` (rewritten in place by the NVMe tier)."""
+    path = Path(directory)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def disk_refusal(needs: list[tuple[str, str, int]], nvme_dir: str | None = None) -> str | None:
+    """One line refusing a run whose files exceed the free space of a filesystem they go to, or None."""
+    by_fs: dict[int, list[tuple[str, str, int]]] = {}
+    free: dict[int, int] = {}
+    for what, where, n in needs:
+        base = existing(where)
+        dev = os.stat(base).st_dev
+        by_fs.setdefault(dev, []).append((what, where, n))
+        free[dev] = shutil.disk_usage(base).free
+    for dev, items in by_fs.items():
+        room = free[dev] + (_reused(nvme_dir) if nvme_dir and any(w == nvme_dir for _, w, _ in items) else 0)
+        total = sum(n for *_, n in items)
+        if total > room:
+            listed = ", ".join(f"{what} {n / 2**30:.1f} GiB in {where}" for what, where, n in items)
+            return (f"disk: the run writes {total / 2**30:.1f} GiB ({listed}) to a filesystem with "
+                    f"{room / 2**30:.1f} GiB free; free space, point offload.nvme_dir or output.dir at a larger "
+                    f"disk, raise offload.host_memory_budget_gb, or pass --force to run anyway")
+    return None
