@@ -74,19 +74,22 @@ def check_memory(recipe, args: argparse.Namespace):
 def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
     """The host's predicted peak RSS in each phase (build, step, eval, save) against the RAM available now:
     printed with ``--plan`` or when the model is large enough to matter (its weights more than a quarter of
-    the available RAM); a run that does not fit is refused in one line, unless ``--force``."""
+    the available RAM); a run that does not fit is refused in one line, unless ``--force``. Under a launcher
+    each of the ``LOCAL_WORLD_SIZE`` processes on this host builds the whole model and holds its own phases:
+    together they must fit."""
     import torch
 
     from lowmem.models import model_source
-    from lowmem.planner import (format_phases, host_memory, host_phases, host_refusal, model_config, plan,
+    from lowmem.planner import (format_phases, host_memory, host_phases, host_refusal, model_config, plan, plan_run,
                                 runtime_baseline_bytes, weight_bytes)
 
     if recipe.model.lora is not None or recipe.model.quantize is not None:
         return  # the phases model the model's own weights, not adapters or a quantized base
     available, total = host_memory()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the launcher's processes on this host, each this big
     try:
         config = model_config(recipe.model)
-        small = 4 * weight_bytes(recipe, config)[0] < available
+        small = 4 * local * weight_bytes(recipe, config)[0] < available
     except Exception:  # noqa: BLE001 - a model the planner cannot read: the run itself says why, in one line
         if args.plan:
             raise
@@ -96,12 +99,14 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
     if recipe.model.path is not None and not args.plan:
         model_source(recipe.model.path, "model.path")  # an unreachable model is said first, in its own line
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    step = predicted if predicted is not None and predicted.device == device else plan(recipe, device, suggest=False)
+    step = predicted if predicted is not None and predicted.device == device \
+        else plan_run(recipe, device, processes=args.processes, suggest=False)  # FSDP2: one rank's step
     forward = plan(recipe, device, suggest=False, forward_only=True) \
         if device == "cpu" and not recipe.offload.enabled else None
     phases = host_phases(recipe, config, step, runtime_baseline_bytes(config.model_type), forward)
-    print(format_phases(phases), file=sys.stdout if args.plan else sys.stderr)
-    refused = host_refusal(phases, available, total)
+    print(format_phases(phases) + (f" (each of the {local} processes on this host)" if local > 1 else ""),
+          file=sys.stdout if args.plan else sys.stderr)
+    refused = host_refusal({k: local * v for k, v in phases.items()}, available, total, local)
     if refused and not (args.plan or args.force):
         raise ValueError(refused)
 

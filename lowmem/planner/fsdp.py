@@ -23,8 +23,9 @@ temporaries: :mod:`lowmem.optim.dtensor`; an upper bound for APOLLO's random pro
 ``S_rank``: the state of elementwise groups sharded (rank 0's rows), that of the others replicated
 (whole-matrix rules, and GaLore's and APOLLO's projections, stepped on the rows with the projection
 all-reduced), at the steady state (a later step's backward holds the state the first step made).
-Not counted: the full model each rank builds before ``fully_shard`` (the load's own peak, W) and
-the collectives' buffers inside gloo/NCCL.
+Not counted: the collectives' buffers inside gloo/NCCL. Each rank builds the full model in host RAM
+(the build phase, :mod:`lowmem.planner.phases`); ``fully_shard`` moves it to the device one group at a
+time, so the device never holds more than the shards and one whole block before the first step.
 """
 
 from __future__ import annotations

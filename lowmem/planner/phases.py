@@ -114,11 +114,13 @@ def format_phases(phases: dict[str, int]) -> str:
     return "  host peak RSS by phase: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in phases.items())
 
 
-def host_refusal(phases: dict[str, int], available: int, total: int) -> str | None:
-    """One line refusing a run whose predicted host peak exceeds the available RAM, or None when it fits."""
+def host_refusal(phases: dict[str, int], available: int, total: int, processes: int = 1) -> str | None:
+    """One line refusing a run whose predicted host peak (of ``processes`` on this host together) exceeds the
+    available RAM, or None when it fits."""
     phase = max(phases, key=phases.get)
     if phases[phase] <= available:
         return None
-    return (f"host memory: predicted peak RSS {phases[phase] / 2**30:.2f} GiB in the {phase} phase exceeds the "
+    whose = f" ({processes} processes on this host)" if processes > 1 else ""
+    return (f"host memory: predicted peak RSS {phases[phase] / 2**30:.2f} GiB{whose} in the {phase} phase exceeds the "
             f"{available / 2**30:.2f} GiB available (of {total / 2**30:.2f} GiB RAM); lower "
             f"offload.host_memory_budget_gb or set offload.nvme_dir; pass --force to run anyway")

@@ -51,7 +51,8 @@ class FSDP2Step(FirstOrderStep):
         if isinstance(acc, OneProcess):  # the planner's trace and the measurement: the whole model on
             return super().setup(model, optimizer)  # one process, an upper bound of a rank's peak
         self.started_group = ensure_process_group(acc.device)
-        model = model.to(acc.device)
+        # no model.to(device) first: fully_shard moves each group's states to the mesh's device (the current
+        # GPU) as it shards it, so a GPU holds one whole block at a time during setup, never the whole model
         return shard_model(model, optimizer), optimizer
 
     def step(self, micro_batch):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import lowmem.planner
 import lowmem.planner.disk as disk
 import lowmem.planner.phases as phases
 from lowmem.cli import main
@@ -94,3 +95,23 @@ def test_a_run_whose_files_do_not_fit_the_disk_is_refused_unless_forced(tiny_rec
     assert "0.0 GiB free" in err[0] and err[0].endswith("pass --force to run anyway")
     assert not (tmp_path / "run").exists() and not (tmp_path / "nvme").exists()
     assert main([recipe, "--quiet", "--force"]) == 0
+
+
+def test_the_processes_of_a_launch_on_one_host_must_fit_together(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """Under a launcher every process on the host builds the whole model: RAM that one process's phases fit
+    (their largest plus 10%) refuses four of them (LOCAL_WORLD_SIZE=4) in one line that says so, and runs one."""
+    recipe = tiny_recipe(train={"steps": 1, "checkpoint_every": 0, "eval_batches": 1})
+    assert main([recipe, "--plan", "--quiet"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "host peak RSS by phase" in x)
+    largest = max(float(part.split()[-2]) for part in line.split(": ", 1)[1].split(", ")) * 2**30
+    vm = collections.namedtuple("vm", "available total")(int(1.1 * largest), 2 * int(largest))
+    monkeypatch.setattr(phases.psutil, "virtual_memory", lambda: vm)
+    # weights the size of the RAM: the check runs (a model a quarter of the RAM or less is not checked)
+    monkeypatch.setattr(lowmem.planner, "weight_bytes", lambda recipe, config: (vm.available, 0, 0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert main([recipe, "--quiet"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("lowmem-train: ")]
+    assert len(err) == 1 and "(4 processes on this host) in the" in err[0], err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert main([recipe, "--quiet"]) == 0
