@@ -25,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -122,7 +123,8 @@ def run_one(shape: str, way: str, args) -> dict:
     elif "host memory: predicted peak RSS" in err:
         row["outcome"] = "refused: " + err.strip().splitlines()[-1].split("host memory: ", 1)[1].split(";")[0]
     elif "error: disk: " in err:
-        row["outcome"] = "refused: disk: " + err.strip().splitlines()[-1].split("disk: ", 1)[1].split(";")[0]
+        line = err.strip().splitlines()[-1].split("disk: ", 1)[1].split(";")[0]
+        row["outcome"] = "refused: disk: " + re.sub(r" in /\S+?(?=[,)])", "", line)  # the run's temporary paths
     else:
         row["outcome"] = f"failed (exit {code}): {(err.strip().splitlines() or [''])[-1][:120]}"
     shutil.rmtree(work, ignore_errors=True)
@@ -185,6 +187,8 @@ def write_table(rows: list[dict]) -> None:
              "model dtype and command, above; rows of later runs replace earlier ones, kept in "
              "`results/largest_rows.json`). Batch 1 x 32 tokens, 2 steps, 1 eval batch, then the model saved; "
              "offloaded runs with a 2 GiB host budget, the rest of the blocks (and first-order states) on NVMe. "
+             "A refusal is the planner's, before anything is built or written: host RAM by phase "
+             "(lowmem.planner.phases) or the files the run writes against the free disk (lowmem.planner.disk). "
              f"RAM: {host_ram_gib():.1f} GiB. Largest completed shape: "
              + "; ".join(f"{k}: {v}" for k, v in largest.items()) + ".")
     write_result("largest", "Largest model per way of training (bench_largest.py)", table, notes)
