@@ -84,6 +84,8 @@ def write_block_file(path: Path, payload: torch.Tensor, version: int, durable: b
             done += os.pwrite(fd, data[done:], PAYLOAD_OFFSET + done)
         if durable:
             os.fsync(fd)
+    except OSError as err:  # a write by descriptor names no file (a full disk: "No space left on device")
+        raise OSError(err.errno, err.strerror, str(tmp)) from None
     finally:
         os.close(fd)
     os.replace(tmp, path)
