@@ -117,7 +117,7 @@ def check_disk(recipe, args: argparse.Namespace, predicted=None) -> None:
     unless ``--force``. Planned only when a bound without a plan does not fit (:func:`fits_unplanned`)."""
     import torch
 
-    from lowmem.planner import disk_needs, disk_refusal, fits_unplanned, model_config, plan
+    from lowmem.planner import disk_needs, disk_refusal, fits_unplanned, model_config, plan, reused_dirs
 
     try:
         config = model_config(recipe.model)
@@ -134,7 +134,7 @@ def check_disk(recipe, args: argparse.Namespace, predicted=None) -> None:
     if args.plan:
         print("  disk: " + (", ".join(f"{what} {n / 2**30:.2f} GiB in {where}" for what, where, n in needs)
                             or "nothing written"))
-    refused = disk_refusal(needs, recipe.offload.nvme_dir)
+    refused = disk_refusal(needs, reused_dirs(recipe))
     if refused and not (args.plan or args.force):
         raise ValueError(refused)
 

@@ -14,8 +14,9 @@ state)::
                   (its checkpoints hold the fp32 masters), LoRA 0) + S) -- the newest is written whole
                   before the oldest is removed
 
-Files already in ``offload.nvme_dir`` are rewritten in place, so they count as free. Directories on one
-filesystem share its free space; each filesystem's total is compared with what it has free.
+Files the run rewrites or rotates out count as free (:func:`reused_dirs`: the NVMe tier's, and a resumed run's
+checkpoints and model). Directories on one filesystem share its free space; each filesystem's total is compared
+with what it has free.
 """
 
 from __future__ import annotations
@@ -65,27 +66,38 @@ def existing(path: str | Path) -> Path:
     return path
 
 
-def _reused(directory: str) -> int:
-    """Bytes of the files already in ``directory`` (rewritten in place by the NVMe tier)."""
-    path = Path(directory)
+def reused_dirs(recipe: Recipe) -> list[Path]:
+    """Directories whose files the run rewrites or rotates out, so their space counts as free: the NVMe tier's
+    (its block files rewritten in place) and, in the run directory, the checkpoints and the model (a resumed
+    run's older checkpoints are removed as new ones complete; the model is replaced)."""
+    out = Path(recipe.output.dir)
+    dirs = [out / "checkpoints", out / "model"]
+    return ([Path(recipe.offload.nvme_dir)] if recipe.offload.enabled and recipe.offload.nvme_dir else []) + dirs
+
+
+def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def disk_refusal(needs: list[tuple[str, str, int]], nvme_dir: str | None = None) -> str | None:
-    """One line refusing a run whose files exceed the free space of a filesystem they go to, or None."""
+def disk_refusal(needs: list[tuple[str, str, int]], reused: list[Path] = ()) -> str | None:
+    """One line refusing a run whose files exceed the free space of a filesystem they go to (with the files
+    in ``reused`` on it, :func:`reused_dirs`), or None."""
     by_fs: dict[int, list[tuple[str, str, int]]] = {}
-    free: dict[int, int] = {}
+    room: dict[int, int] = {}
     for what, where, n in needs:
         base = existing(where)
         dev = os.stat(base).st_dev
         by_fs.setdefault(dev, []).append((what, where, n))
-        free[dev] = shutil.disk_usage(base).free
+        room[dev] = shutil.disk_usage(base).free
+    for path in reused:
+        dev = os.stat(existing(path)).st_dev
+        if dev in room:
+            room[dev] += _tree_bytes(path)
     for dev, items in by_fs.items():
-        room = free[dev] + (_reused(nvme_dir) if nvme_dir and any(w == nvme_dir for _, w, _ in items) else 0)
         total = sum(n for *_, n in items)
-        if total > room:
+        if total > room[dev]:
             listed = ", ".join(f"{what} {n / 2**30:.1f} GiB in {where}" for what, where, n in items)
             return (f"disk: the run writes {total / 2**30:.1f} GiB ({listed}) to a filesystem with "
-                    f"{room / 2**30:.1f} GiB free; free space, point offload.nvme_dir or output.dir at a larger "
+                    f"{room[dev] / 2**30:.1f} GiB free; free space, point offload.nvme_dir or output.dir at a larger "
                     f"disk, raise offload.host_memory_budget_gb, or pass --force to run anyway")
     return None

@@ -141,3 +141,15 @@ def test_a_disk_that_fills_during_a_run_ends_it_in_one_line_naming_the_file(tiny
     assert main([recipe, "--quiet"]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and "No space left on device" in err[0] and f"'{tmp_path / 'nvme'}/" in err[0], err
+
+
+@pytest.mark.parametrize("free,refused", [(600, False), (400, True)])
+def test_files_the_run_rotates_out_count_as_free(tmp_path, monkeypatch, free, refused):
+    """A resumed run's checkpoints are removed as new ones complete: 1000 bytes of them plus 600 free hold the
+    1500 the run writes; 400 free do not."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "old").write_bytes(b"\0" * 1000)
+    usage = collections.namedtuple("usage", "total used free")(2**20, 2**20 - free, free)
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: usage)
+    needs = [("2 checkpoints", str(tmp_path / "run"), 1500)]
+    assert (disk.disk_refusal(needs, [tmp_path / "run" / "checkpoints"]) is not None) == refused
