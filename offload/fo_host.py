@@ -105,6 +105,7 @@ class HostStepper:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-cpu-step")
         self.in_flight: list[Future] = []
         self.accum: dict[int, list[torch.Tensor | None]] = {}  # block -> summed gradients so far
+        self.failed = False  # a block's work raised in this step: the later blocks' work is skipped
 
     def to_host(self, k: int) -> tuple:
         """Queue the copy of block ``k``'s gradients into a free host buffer (offload lane)."""
@@ -130,15 +131,23 @@ class HostStepper:
         self.in_flight.append(self.worker.submit(self._work, k, *grads, last, version))
 
     def _work(self, k: int, buf: torch.Tensor, copied, has: list[bool], last: bool, version: int) -> bool:
-        """On the worker: add the micro-batch's gradients; on the last one step the block."""
+        """On the worker: add the micro-batch's gradients; on the last one step the block. After a block's
+        work has raised (a full disk: its state stays loaded, unwritten), the rest of the step's is skipped,
+        so that no further block loads or makes a state that cannot be written (the error is raised at the
+        :meth:`barrier`; a 3B run whose disk filled grew to the OOM killer's 24 GiB without this)."""
         try:
             host_wait(copied)
+            if self.failed:
+                return False
             grads, nonfinite = self._accumulate(k, buf, has, last)
             if last:
                 self.cpu.step_stored(self.store, k, self.packed[k], grads, k, version)
             else:
                 self.accum[k] = grads
             return nonfinite
+        except BaseException:
+            self.failed = True
+            raise
         finally:
             self.free.put(buf)
 
@@ -165,6 +174,7 @@ class HostStepper:
                 nonfinite |= future.result()
             except Exception as err:  # noqa: BLE001 -- the first is raised below
                 errors.append(err)
+        self.failed = False
         if errors:
             raise errors[0]
         return nonfinite

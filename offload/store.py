@@ -85,6 +85,7 @@ def write_block_file(path: Path, payload: torch.Tensor, version: int, durable: b
         if durable:
             os.fsync(fd)
     except OSError as err:  # a write by descriptor names no file (a full disk: "No space left on device")
+        tmp.unlink(missing_ok=True)  # the partial file does not stay to fill the disk
         raise OSError(err.errno, err.strerror, str(tmp)) from None
     finally:
         os.close(fd)

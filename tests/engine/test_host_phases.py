@@ -14,6 +14,7 @@ import lowmem.planner.phases as phases
 from lowmem.cli import main
 from lowmem.planner import disk_needs, model_config, plan, runtime_baseline_bytes
 from lowmem.recipe import load_recipe
+from tests.engine.conftest import TINY_MODEL
 
 
 @pytest.fixture
@@ -120,27 +121,32 @@ def test_the_processes_of_a_launch_on_one_host_must_fit_together(tiny_recipe, tm
 def test_a_disk_that_fills_during_a_run_ends_it_in_one_line_naming_the_file(tiny_recipe, tmp_path, capsys,
                                                                             monkeypatch):
     """The NVMe tier's writes fail with ENOSPC part-way (the planned check passed, then something else filled the
-    disk): the run stops with one line naming the file it was writing, not a traceback."""
+    disk): the run stops with one line naming the file it was writing, not a traceback, and the blocks after the
+    one that failed are not stepped (each would hold its state in RAM, unwritten: a 3B run grew to 24 GiB)."""
     import errno
     import os
 
     import lowmem.offload.store as store
 
-    real, calls = os.pwrite, [0]
+    real, calls, failed = os.pwrite, [0], [0]
 
     def pwrite(fd, data, offset):
         calls[0] += 1
         if calls[0] > 12:
+            failed[0] += 1
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data, offset)
 
     monkeypatch.setattr(store.os, "pwrite", pwrite)
     recipe = tiny_recipe(train={"steps": 2, "checkpoint_every": 1, "eval_batches": 1},
                          offload={"enabled": True, "nvme_dir": str(tmp_path / "nvme"), "host_memory_budget_gb": 0.0},
-                         optim={"name": "adamw", "lr": 1e-3, "max_grad_norm": None})
+                         optim={"name": "adamw", "lr": 1e-3, "max_grad_norm": None},
+                         model={"config": {**TINY_MODEL["config"], "num_hidden_layers": 6}})
     assert main([recipe, "--quiet"]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and "No space left on device" in err[0] and f"'{tmp_path / 'nvme'}/" in err[0], err
+    assert failed[0] == 1  # the blocks after the first that failed were skipped: nothing more loaded or written
+    assert not list((tmp_path / "nvme").rglob("*.tmp"))  # the partial file removed
 
 
 @pytest.mark.parametrize("free,refused", [(600, False), (400, True)])
