@@ -121,6 +121,8 @@ def host_refusal(phases: dict[str, int], available: int, total: int, processes: 
     if phases[phase] <= available:
         return None
     whose = f" ({processes} processes on this host)" if processes > 1 else ""
+    fix = "start fewer processes on this host" if processes > 1 else \
+        "lower offload.host_memory_budget_gb or set offload.nvme_dir"
     return (f"host memory: predicted peak RSS {phases[phase] / 2**30:.2f} GiB{whose} in the {phase} phase exceeds the "
-            f"{available / 2**30:.2f} GiB available (of {total / 2**30:.2f} GiB RAM); lower "
-            f"offload.host_memory_budget_gb or set offload.nvme_dir; pass --force to run anyway")
+            f"{available / 2**30:.2f} GiB available (of {total / 2**30:.2f} GiB RAM); {fix}; pass --force to run "
+            f"anyway")
