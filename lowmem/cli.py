@@ -119,17 +119,17 @@ def check_disk(recipe, args: argparse.Namespace, predicted=None) -> None:
 
     from lowmem.planner import disk_needs, disk_refusal, fits_unplanned, model_config, plan, reused_dirs
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         config = model_config(recipe.model)
+        if fits_unplanned(recipe, config) and not args.plan:
+            return
+        whole = predicted if predicted is not None and predicted.device == device and predicted.processes == 1 \
+            else plan(recipe, device, suggest=False)  # the whole run's files, under FSDP2 too
     except Exception:  # noqa: BLE001 - a model the planner cannot read: the run itself says why, in one line
         if args.plan:
             raise
         return
-    if fits_unplanned(recipe, config) and not args.plan:
-        return
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    whole = predicted if predicted is not None and predicted.device == device and predicted.processes == 1 \
-        else plan(recipe, device, suggest=False)  # the whole run's files, under FSDP2 too
     needs = disk_needs(recipe, whole)
     if args.plan:
         print("  disk: " + (", ".join(f"{what} {n / 2**30:.2f} GiB in {where}" for what, where, n in needs)
