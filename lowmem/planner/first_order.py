@@ -148,6 +148,7 @@ def offload_parts(recipe: Recipe, config, device: str) -> tuple[dict[str, int], 
     totals = {"weights": totals["weights"] + (n - 1) * numel * compute, "gradients": totals["gradients"]
               + (n - 1) * numel * compute, "optimizer_states": resident_states + n * state + moved_states}
     if off.nvme_dir is not None:  # what the placement leaves out of the host budget: NVMe files
-        tiered = n * (w32 + state) + sum(4 * c for c, *_ in items) + moved_states
-        totals["nvme_files"] = tiered - host_masters - host_states
+        masters = n * w32 + sum(4 * c for c, *_ in items)
+        totals["nvme_files"] = masters + n * state + moved_states - host_masters - host_states
+        totals["nvme_masters"] = masters - host_masters  # read through the stores' NVMe buffers
     return device_parts, host, totals

@@ -13,7 +13,9 @@ an offloaded run keeps in host RAM between steps (masters and states on the host
             in a 16-bit dtype is built the same way, then its blocks filled one by one from an fp32 block:
             the larger of that, without H_w, and R + W + B32)
     step  : the step's plan on the CPU; on a GPU: R + H (+ the engines' host buffers: ZO2's NVMe staging)
-    eval  : in memory on the CPU: the no-grad forward's plan + S; offloaded: as the step (an upper bound)
+    eval  : in memory on the CPU: the no-grad forward's plan + S; first-order offloaded: what stays (as for the
+            save, below) + (2 depth + 3) fp32 blocks when masters are on NVMe (the stores' read-ahead and write
+            buffers, resident once a step has used them); ZO2: as its step (its eval streams the same blocks)
     save  : in memory: what stays (R + W + S on the CPU, R on a GPU) + T (safetensors 0.8 writes each
             tensor from its own memory: at most one is copied, to make it contiguous); offloaded
             (streamed, lowmem.model_save): what stays (R + H, on a CPU with the modules outside the
@@ -89,7 +91,9 @@ def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=No
     if offload:
         resident = runtime + kept + (outside + step_plan.parts.get("transfer_buffers", 0) if cpu else staging)
         save = resident + part
-        evaluation = step
+        # first order: the masters stream through the NVMe stores' read and write buffers; ZO2: its step
+        nvme = step_plan.totals.get("nvme_masters", 0) > 0
+        evaluation = resident + nvme * (2 * recipe.offload.prefetch_depth + 3) * fp32(block) if host else step
     else:
         resident = runtime + (weights + state if cpu else 0)
         save = resident + largest
