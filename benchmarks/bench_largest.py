@@ -36,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from lowmem.planner import host_memory, tree_bytes
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plots  # noqa: E402
 from _common import RESULTS_DIR, markdown_table, write_result  # noqa: E402
@@ -90,10 +92,6 @@ def recipe(shape: str, way: str, work: Path, dtype: str, seq_len: int) -> dict:
     return tree
 
 
-def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
 def run_one(shape: str, way: str, args) -> dict:
     """One run in a fresh process; its outcome and figures. Its files are removed afterwards."""
     work = Path(tempfile.mkdtemp(prefix=f"largest-{shape}-{way}-", dir=args.workdir))
@@ -108,7 +106,7 @@ def run_one(shape: str, way: str, args) -> dict:
     except subprocess.TimeoutExpired:
         code, err = None, ""
     row = {"shape": shape, "way": way, "params_b": round(params_of(SHAPES[shape]) / 1e9, 2),
-           "wall_s": round(time.perf_counter() - t0, 1), "disk_gb": round(disk_bytes(work) / 1e9, 2),
+           "wall_s": round(time.perf_counter() - t0, 1), "disk_gb": round(tree_bytes(work) / 1e9, 2),
            "load": round(load, 1), "date": datetime.date.today().isoformat(), "dtype": args.dtype,
            "command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
     summary = work / "run" / "summary.json"
@@ -153,8 +151,9 @@ def main() -> None:
                 break  # the next rung is larger
     rows = merge_rows(json.loads(ROWS.read_text()) if ROWS.exists() else [], measured)
     ROWS.write_text(json.dumps(rows, indent=1) + "\n")
-    plots.largest_ladder(rows, RESULTS_DIR / "largest.png", ram_gib=host_ram_gib())
-    write_table(rows)
+    ram_gib = host_memory()[1] / 2**30
+    plots.largest_ladder(rows, RESULTS_DIR / "largest.png", ram_gib=ram_gib)
+    write_table(rows, ram_gib)
 
 
 def merge_rows(kept: list[dict], measured: list[dict]) -> list[dict]:
@@ -164,11 +163,7 @@ def merge_rows(kept: list[dict], measured: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (list(WAYS).index(r["way"]), list(SHAPES).index(r["shape"])))
 
 
-def host_ram_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-
-
-def write_table(rows: list[dict]) -> None:
+def write_table(rows: list[dict], ram_gib: float) -> None:
     def run_of(r: dict) -> str:
         return f"{r['date']}, {r['dtype']}: `{r['command']}`"
 
@@ -189,7 +184,7 @@ def write_table(rows: list[dict]) -> None:
              "offloaded runs with a 2 GiB host budget, the rest of the blocks (and first-order states) on NVMe. "
              "A refusal is the planner's, before anything is built or written: host RAM by phase "
              "(lowmem.planner.phases) or the files the run writes against the free disk (lowmem.planner.disk). "
-             f"RAM: {host_ram_gib():.1f} GiB. Largest completed shape: "
+             f"RAM: {ram_gib:.1f} GiB. Largest completed shape: "
              + "; ".join(f"{k}: {v}" for k, v in largest.items()) + ".")
     write_result("largest", "Largest model per way of training (bench_largest.py)", table, notes)
 

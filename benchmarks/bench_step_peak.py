@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_result  # noqa: E402
+from _common import markdown_table, run_json, write_result  # noqa: E402
 from bench_largest import recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,9 +88,7 @@ def run_case(case: str, workdir: str | None) -> dict:
     planned = subprocess.run([sys.executable, "-m", "lowmem.cli", str(path), "--plan"], capture_output=True,
                              text=True, env=env, cwd=ROOT).stdout
     plan = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) GiB", planned.split("host peak RSS by phase:")[-1])}
-    done = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_json([sys.executable, __file__, "--child", str(path)], env=env, cwd=ROOT)
     hwm = json.loads((work / "run" / "summary.json").read_text())["peak_rss_by_phase_gb"]
     shutil.rmtree(work, ignore_errors=True)
     row = {"case": case, "plan": plan, "sampled": out["phases"], "vmhwm": hwm}

@@ -125,15 +125,15 @@ def run_all(out: Path, cpu: bool, processes: int, timeout: float) -> dict:
     if cpu:  # gloo on the CPU even where GPUs are present
         env["CUDA_VISIBLE_DEVICES"] = ""
     recipe = write_recipe(out, cpu)
-    runs = {}
-    for name, cmd in commands(recipe, processes, out / "runs").items():
+    runs, cmds = {}, commands(recipe, processes, out / "runs")
+    for name, cmd in cmds.items():
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if "Error" in line] or done.stderr.splitlines()[-1:]
             raise RuntimeError(f"{name} (rc {done.returncode}): {lines[-1] if lines else '?'}")
         runs[name] = read_run(out / "runs" / name)
     return {"processes": processes, "device": "cpu" if cpu else "cuda",
-            "command": " ".join(commands(recipe, processes, out / "runs")["fsdp2"][1:]), "runs": runs,
+            "command": " ".join(cmds["fsdp2"][1:]), "runs": runs,
             **compare(runs)}
 
 
@@ -150,8 +150,9 @@ def fsdp2(shapes, out: Path, timeout: float) -> dict:
     import torch
 
     count = torch.cuda.device_count() if shapes.device == "cuda" else 0
-    if too_few(count):
-        return {"not_run": too_few(count)}
+    why = too_few(count)
+    if why:
+        return {"not_run": why}
     return run_all(out / "fsdp2", cpu=False, processes=min(count, 8), timeout=timeout)
 
 
@@ -164,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     processes = 2 if args.cpu else torch.cuda.device_count()
-    if too_few(processes):
-        print(f"[gpu_proof_fsdp] skipped: {too_few(processes)}")
+    why = too_few(processes)
+    if why:
+        print(f"[gpu_proof_fsdp] skipped: {why}")
         return 0
     result = run_all(args.out_dir, args.cpu, min(processes, 8), args.timeout_s)
     (args.out_dir / "fsdp2.json").write_text(json.dumps(result, indent=1))

@@ -50,13 +50,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_device(args: argparse.Namespace) -> str:
+    """The device the checks plan for: ``--device``, else the GPU if there is one, else the CPU."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_memory(recipe, args: argparse.Namespace):
     """The plan, when asked for or when the device memory is known; refuse a run that does not fit."""
     import torch
 
     from lowmem.planner import format_plan, plan_run, refusal
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device(args)
     capacity = args.device_memory_gb or recipe.train.device_memory_gb
     if capacity is None and device == "cuda" and torch.cuda.is_available():
         capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -77,8 +84,6 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
     the available RAM); a run that does not fit is refused in one line, unless ``--force``. Under a launcher
     each of the ``LOCAL_WORLD_SIZE`` processes on this host builds the whole model and holds its own phases:
     together they must fit."""
-    import torch
-
     from lowmem.models import model_source
     from lowmem.planner import (format_phases, host_memory, host_phases, host_refusal, model_config, plan, plan_run,
                                 runtime_baseline_bytes, weight_bytes)
@@ -98,7 +103,7 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
         return
     if recipe.model.path is not None and not args.plan:
         model_source(recipe.model.path, "model.path")  # an unreachable model is said first, in its own line
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device(args)
     step = predicted if predicted is not None and predicted.device == device \
         else plan_run(recipe, device, processes=args.processes, suggest=False)  # FSDP2: one rank's step
     forward = plan(recipe, device, suggest=False, forward_only=True) \
@@ -115,11 +120,9 @@ def check_disk(recipe, args: argparse.Namespace, predicted=None) -> None:
     """The files the run writes (:mod:`lowmem.planner.disk`: the NVMe tier, the model, the checkpoints) against
     the free space where they go: printed with ``--plan``; a run that does not fit is refused in one line,
     unless ``--force``. Planned only when a bound without a plan does not fit (:func:`fits_unplanned`)."""
-    import torch
-
     from lowmem.planner import disk_needs, disk_refusal, fits_unplanned, model_config, plan, reused_dirs
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device(args)
     try:
         config = model_config(recipe.model)
         if fits_unplanned(recipe, config) and not args.plan:
@@ -145,7 +148,6 @@ def predictor(recipe, args: argparse.Namespace):
     now, before the run allocates anything: a fresh process that has imported what a run imports (the model-type
     modelling module aside, a few MiB), which is what :func:`lowmem.planner.runtime_baseline_bytes` measures in a
     subprocess (issue 24: ``predicted_peak_gb`` next to the measured peak on every run)."""
-    import torch
     import transformers.modeling_utils  # noqa: F401  (a run imports it: part of the baseline, ~165 MiB)
 
     from lowmem.memory import current_rss_bytes
@@ -153,7 +155,7 @@ def predictor(recipe, args: argparse.Namespace):
 
     for name in adapter_imports(recipe.model):  # the run imports them too: part of the baseline
         importlib.import_module(name)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device(args)
     runtime = current_rss_bytes()
 
     def predict(config) -> int | None:

@@ -120,7 +120,15 @@ def _starts_on_blocks(sizes: list[int], blocksize: int) -> bool:
     return True
 
 
-def _saved_blocks(layouts: list[dict], params: list, meta: dict, directory: Path) -> dict[str, list]:
+def _layout_sizes(p, world: int) -> list[int]:
+    """Each rank's element count of ``p`` sharded by rows over ``world`` ranks (``torch.chunk``'s split, as
+    FSDP2's ``Shard(0)``): the same on every rank, so every rank refuses alike."""
+    rows = p.shape[0]
+    step, per_row = -(-rows // world), p.numel() // rows if rows else 0
+    return [(min(rows, (r + 1) * step) - min(rows, r * step)) * per_row for r in range(world)]
+
+
+def _saved_blocks(layouts: list[dict], params: list, meta: dict, directory: Path, world: int) -> dict[str, list]:
     """For a resume on another number of processes: ``{name: [its shape on saved rank r, ...]}`` of the
     ``rank`` tensors, when their blocks are the one-process blocks in both layouts (module doc); else
     a one-line ``CheckpointError``."""
@@ -137,7 +145,7 @@ def _saved_blocks(layouts: list[dict], params: list, meta: dict, directory: Path
         sizes = [math.prod(layout[codes][2]) if codes in layout else -1 for layout in layouts]
         if not name.endswith(("_codes", "_absmax")) or -1 in sizes:
             raise CheckpointError(refusal)
-        if not (_starts_on_blocks(sizes, blocksize) and flat_start(p) % blocksize == 0):
+        if not (_starts_on_blocks(sizes, blocksize) and _starts_on_blocks(_layout_sizes(p, world), blocksize)):
             raise CheckpointError(f"{refusal} (a shard starts inside a block of {blocksize} elements: "
                                   f"the state depends on the layout)")
     return {name: [layout[name][2] for layout in layouts] for name in names[0]}
@@ -159,7 +167,7 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
     rank, world = dist.get_rank(), dist.get_world_size()
     same = meta["processes"] == world
     layouts, params = [json.loads(r["layout"]) for r in meta["ranks"]], _params(optimizer)
-    blocks = {} if same else _saved_blocks(layouts, params, meta, directory)  # 8-bit state re-dealt
+    blocks = {} if same else _saved_blocks(layouts, params, meta, directory, world)  # 8-bit state re-dealt
     mine = meta["ranks"][rank if same else 0]
     layout = json.loads(mine["layout"])
     state = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}

@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING
 from unittest import mock
 from urllib.parse import urlparse
 
-import torch
-
 from lowmem.block_loading import load_streamed
 from lowmem.block_source import build_in_memory, build_streamed
 from lowmem.dtypes import float_dtype

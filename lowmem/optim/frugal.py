@@ -24,7 +24,6 @@ together from the shards (all-reduced, about ``rho m n`` fp32 values), so the st
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 import torch
@@ -32,7 +31,7 @@ from pydantic import Field
 
 from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, clear_moments
 from lowmem.optim.args import Betas, Count, GroupArgs, NonNegative, NonNegativeInt, StateBits, check_group, typed
-from lowmem.optim.dtensor import local_rows, row_shard, sharded_param, sum_over_shards
+from lowmem.optim.dtensor import flat_start, local_rows, row_shard, sharded_param, sum_over_shards
 from lowmem.optim.projection import assign_seeds, next_seed, orthonormal_factor, sides, svd_factors
 from lowmem.optim.registry import OptimizerSpec, register
 
@@ -196,7 +195,7 @@ def _shard_selection(view: torch.Tensor, idx: torch.Tensor, dim: int, flat: bool
     if dim == 1:
         own, where, shape = rows, idx, (shard.shape[0], idx.numel())
     else:
-        start = rows.start * (math.prod(shard.shape[1:]) if flat else 1)  # randk: any number of dims
+        start = flat_start(shard) if flat else rows.start  # randk: any number of dims
         own = (idx >= start) & (idx < start + view.shape[0])
         where, shape = idx[own] - start, (idx.numel(), *view.shape[1:])
     low = view.new_zeros(shape)

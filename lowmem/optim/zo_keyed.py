@@ -175,10 +175,16 @@ def _table_offset(seed: int, k: int, total: int, length: int) -> int:
     return (seed if total <= TABLE_SIZE else mix_seed(seed, k)) % (TABLE_SIZE - length + 1)
 
 
+def _window_size(total: int) -> int:
+    """The length of a table window for a ``total``-element parameter: the whole table for a parameter no
+    larger than it, else half the table."""
+    return TABLE_SIZE if total <= TABLE_SIZE else TABLE_SIZE // 2
+
+
 def table_window(seed: int, start: int, n: int, total: int, device, dtype) -> torch.Tensor | None:
     """The table slice holding ``z[start : start + n]`` when those elements lie in one window (a view,
     nothing copied); None when they cross windows."""
-    size = TABLE_SIZE if total <= TABLE_SIZE else TABLE_SIZE // 2
+    size = _window_size(total)
     k = start // size
     c0, c1 = k * size, min((k + 1) * size, total)
     if start + n > c1:
@@ -191,7 +197,7 @@ def table_fill_(out: torch.Tensor, seed: int, start: int = 0, total: int | None 
     """``out`` (flat) <- ``z[start : start + len]`` of the ``table`` kind, window by window."""
     total = out.numel() if total is None else total
     table = noise_table(out.device, out.dtype)
-    size = TABLE_SIZE if total <= TABLE_SIZE else TABLE_SIZE // 2
+    size = _window_size(total)
 
     def piece(k, c0, c1, a, b, dst):
         o = _table_offset(seed, k, total, c1 - c0)

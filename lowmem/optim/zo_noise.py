@@ -69,7 +69,7 @@ import threading
 import torch
 
 from lowmem.kernels import perturb
-from lowmem.optim.zo_keyed import (CHUNK, TABLE_SIZE, fill_, noise_table, table_fill_,  # noqa: F401 -- re-exported
+from lowmem.optim.zo_keyed import (CHUNK, fill_, noise_table, table_fill_,  # noqa: F401 -- re-exported
                                    table_window, threads, tracing)
 from lowmem.optim.zo_seed import mix_seed, param_seed  # noqa: F401 -- re-exported with the noise
 

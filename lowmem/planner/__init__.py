@@ -18,7 +18,7 @@ It sits above build/trainer (it builds the run's step object) and below the CLI 
 
 from lowmem.planner.plan import (CHANGES, Plan, adapter_imports, config_section, format_plan, model_config, plan,
                                  refusal, runtime_baseline_bytes, suggestions)
-from lowmem.planner.disk import disk_needs, disk_refusal, fits_unplanned, reused_dirs
+from lowmem.planner.disk import disk_needs, disk_refusal, fits_unplanned, reused_dirs, tree_bytes
 from lowmem.planner.fsdp import plan_fsdp2, processes_of
 from lowmem.planner.phases import PHASES, format_phases, host_memory, host_phases, host_refusal, weight_bytes
 from lowmem.planner.run import plan_run
@@ -29,5 +29,5 @@ from lowmem.recipe import with_overrides
 __all__ = ["CHANGES", "PHASES", "adapter_imports", "config_section", "disk_needs", "disk_refusal", "fake_model",
            "fits_unplanned", "format_phases", "format_plan", "host_memory", "host_phases", "host_refusal",
            "model_config", "Plan", "plan", "plan_fsdp2", "plan_run", "processes_of", "refusal", "reused_dirs",
-           "runtime_baseline_bytes", "suggestions", "trace_phases", "trace_step", "weight_bytes", "with_overrides",
-           "zo2_device_buffers"]
+           "runtime_baseline_bytes", "suggestions", "trace_phases", "trace_step", "tree_bytes", "weight_bytes",
+           "with_overrides", "zo2_device_buffers"]

@@ -75,7 +75,8 @@ def reused_dirs(recipe: Recipe) -> list[Path]:
     return ([Path(recipe.offload.nvme_dir)] if recipe.offload.enabled and recipe.offload.nvme_dir else []) + dirs
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 if it is not a directory)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
@@ -92,7 +93,7 @@ def disk_refusal(needs: list[tuple[str, str, int]], reused: list[Path] = ()) -> 
     for path in reused:
         dev = os.stat(existing(path)).st_dev
         if dev in room:
-            room[dev] += _tree_bytes(path)
+            room[dev] += tree_bytes(path)
     for dev, items in by_fs.items():
         total = sum(n for *_, n in items)
         if total > room[dev]:

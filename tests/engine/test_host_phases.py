@@ -62,18 +62,14 @@ def test_each_phase_is_predicted_within_15_percent(tiny_recipe, tmp_path, offloa
     _assert_disk_as_planned(recipe, tmp_path)
 
 
-def _tree_bytes(path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def _assert_disk_as_planned(recipe, tmp_path):
     """What the run left on disk (the NVMe tier, the model, its checkpoint) against lowmem.planner.disk's needs,
     each within 15% and 16 KiB (file headers, the tokenizer, the run's JSON: a few KiB on this tiny model)."""
     needs = {what.split()[-1]: n for what, _, n in disk_needs(recipe, plan(recipe, "cpu", suggest=False))}
-    measured = {"model": _tree_bytes(tmp_path / "run" / "model"),
-                "checkpoint": _tree_bytes(tmp_path / "run" / "checkpoints")}
+    measured = {"model": disk.tree_bytes(tmp_path / "run" / "model"),
+                "checkpoint": disk.tree_bytes(tmp_path / "run" / "checkpoints")}
     if recipe.offload.enabled:
-        measured["tier"] = _tree_bytes(tmp_path / "nvme")
+        measured["tier"] = disk.tree_bytes(tmp_path / "nvme")
     assert set(needs) == set(measured), (needs, measured)
     for what, n in needs.items():
         assert abs(n - measured[what]) <= 0.15 * measured[what] + 2**14, (what, n, measured[what])

@@ -191,7 +191,7 @@ RESUMED = {  # one optimizer per state layout of lowmem.fsdp_checkpoint
 }
 # the layouts resharded (8-bit blocks re-dealt), resumed on 1 process
 RESHARDED = ("adamw", "apollo", "adamw8bit-blocks", "zo_adamu", "mezo")
-ON_FOUR = ("adamw", "apollo", "adamw8bit-blocks", "zo_adamu")  # and on 4 (MeZO's layouts are ZO-AdaMU's)  # the layouts DCP reshards (8-bit blocks are per rank)
+ON_FOUR = ("adamw", "apollo", "adamw8bit-blocks", "zo_adamu")  # and on 4 (MeZO's layouts are ZO-AdaMU's)
 # the 2-process run's global batch (2 rows per rank) on 1 and 4 processes; a zeroth-order step takes one batch
 GLOBAL_BATCH = {1: (["train.grad_accum=2"], ["train.batch_size=4"]),
                 4: (["train.batch_size=1"], ["train.batch_size=1"])}
