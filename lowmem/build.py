@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
 from lowmem.activations import apply_activations
@@ -26,6 +27,7 @@ from lowmem.optim.registry import accepted_hparams, create_optimizer, get_spec
 from lowmem.recipe import Recipe, TrainSection
 from lowmem.sft import sft_examples
 from lowmem.steps import OneProcess, Step, make_step
+from lowmem.steps.fsdp import loads_on_rank0
 from lowmem.structure import block_container
 
 
@@ -217,9 +219,15 @@ def mask_ignores_positions(model) -> bool:
     return bool(allowed) if mask.dtype == torch.bool else bool(allowed == 0)
 
 
-def keep_documents_apart(model, train_batches, eval_batches: list[dict]) -> None:
-    """Give packed batches an explicit block-diagonal mask where ``model``'s own would ignore positions."""
-    if not isinstance(train_batches, PackedBatches) or not mask_ignores_positions(model):
+def keep_documents_apart(model, train_batches, eval_batches: list[dict], decided_by_rank0: bool = False) -> None:
+    """Give packed batches an explicit block-diagonal mask where ``model``'s own would ignore positions;
+    ``decided_by_rank0``: rank 0 alone has the weights to run the probe, and tells the others."""
+    if not isinstance(train_batches, PackedBatches):
+        return
+    ignores = [mask_ignores_positions(model) if not decided_by_rank0 or dist.get_rank() == 0 else None]
+    if decided_by_rank0:
+        dist.broadcast_object_list(ignores, src=0)
+    if not ignores[0]:
         return
     train_batches.block_mask = True
     for batch in eval_batches:
@@ -300,8 +308,10 @@ def no_grad_forward(recipe: Recipe, model: torch.nn.Module, batch: dict[str, tor
 def build_run(recipe: Recipe, accelerator: Accelerator) -> Run:
     tokenizer = load_tokenizer(recipe.model)
     train_batches, eval_batches, counts = build_data(recipe, tokenizer)
-    model = load_model(recipe.model, streamed=recipe.offload.enabled)  # offloaded: blocks built into their tiers
-    keep_documents_apart(model, train_batches, eval_batches)
+    from_rank0 = loads_on_rank0(recipe, accelerator.num_processes)  # FSDP2: the other ranks' weights come from rank 0's
+    model = load_model(recipe.model, streamed=recipe.offload.enabled,  # offloaded: blocks built into their tiers
+                       on_meta=from_rank0 and not accelerator.is_main_process)
+    keep_documents_apart(model, train_batches, eval_batches, decided_by_rank0=from_rank0)
     generators: dict[str, torch.Generator] = {}
     sampler = apply_activations(model, recipe.activations, recipe.train.seed + accelerator.process_index)
     if sampler is not None:  # WTA-CRS: ranks sample different rows

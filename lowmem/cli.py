@@ -82,11 +82,12 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
     """The host's predicted peak RSS in each phase (build, step, eval, save) against the RAM available now:
     printed with ``--plan`` or when the model is large enough to matter (its weights more than a quarter of
     the available RAM); a run that does not fit is refused in one line, unless ``--force``. Under a launcher
-    each of the ``LOCAL_WORLD_SIZE`` processes on this host builds the whole model and holds its own phases:
-    together they must fit."""
+    the ``LOCAL_WORLD_SIZE`` processes on this host must fit together: each builds the whole model and holds
+    its own phases, except under FSDP2, where only rank 0 reads the weights (:func:`host_together`)."""
     from lowmem.models import model_source
-    from lowmem.planner import (format_phases, host_memory, host_phases, host_refusal, model_config, plan, plan_run,
-                                runtime_baseline_bytes, weight_bytes)
+    from lowmem.planner import (format_phases, host_memory, host_phases, host_refusal, host_together, model_config, plan,
+                                plan_run, processes_of, runtime_baseline_bytes, weight_bytes)
+    from lowmem.steps.fsdp import loads_on_rank0
 
     if recipe.model.lora is not None or recipe.model.quantize is not None:
         return  # the phases model the model's own weights, not adapters or a quantized base
@@ -109,9 +110,11 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
     forward = plan(recipe, device, suggest=False, forward_only=True) \
         if device == "cpu" and not recipe.offload.enabled else None
     phases = host_phases(recipe, config, step, runtime_baseline_bytes(config.model_type), forward)
-    print(format_phases(phases) + (f" (each of the {local} processes on this host)" if local > 1 else ""),
+    holds_rank0 = int(os.environ.get("RANK", "0")) == int(os.environ.get("LOCAL_RANK", "0"))  # this host's first is 0
+    together = host_together(phases, local, loads_on_rank0(recipe, processes_of(args.processes)), holds_rank0)
+    print(format_phases(together) + (f" (the {local} processes on this host together)" if local > 1 else ""),
           file=sys.stdout if args.plan else sys.stderr)
-    refused = host_refusal({k: local * v for k, v in phases.items()}, available, total, local)
+    refused = host_refusal(together, available, total, local)
     if refused and not (args.plan or args.force):
         raise ValueError(refused)
 

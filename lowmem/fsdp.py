@@ -65,21 +65,41 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
+def load_from_rank0(model: nn.Module, whole: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Fill every rank's shards of the sharded ``model`` from rank 0's weights (a collective). ``whole``: on
+    rank 0 its ``state_dict()`` taken before sharding (the whole tensors, not copied), ``{}`` on the others,
+    whose parameters are on ``meta`` (:func:`lowmem.models.load_model`'s ``on_meta``): they are allocated on
+    ``device``, then rank 0 broadcasts one tensor at a time and each rank keeps its rows
+    (``set_model_state_dict(..., broadcast_from_rank0=True)``); the buffers are broadcast last (the
+    non-persistent ones, rotary tables, are in no state dict). So a host holds the whole model once, in
+    rank 0, not once per process; the others hold their shards and one whole tensor at a time."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 @torch.no_grad()
 def unshard_to_plain(model: nn.Module) -> None:
-    """Replace every sharded parameter of ``model`` by a plain one holding the whole tensor (a
-    collective: every rank calls it), so that ``save_pretrained`` and ``state_dict`` see a plain model.
-    The model is not trained afterwards."""
+    """On rank 0, replace every sharded parameter of ``model`` by a plain one holding the whole tensor in
+    host memory, so that ``save_pretrained`` and ``state_dict`` see a plain model (rank 0 saves it). A
+    collective: every rank all-gathers one tensor at a time (no device holds more than its shards and one
+    whole tensor); the other ranks drop it, their parameters stay sharded. The model is not trained afterwards."""
     from torch.distributed.tensor import DTensor
 
+    keep = dist.get_rank() == 0
     reshard(model)  # the sharded parameters registered again (the root keeps its all-gathered weights)
+    plain: dict[int, nn.Parameter] = {}  # a tied weight is gathered once and stays tied
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if isinstance(p, DTensor):
-                module._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
-    tie = getattr(model, "tie_weights", None)
-    if tie is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        tie()
+                if id(p) not in plain:
+                    whole = p.full_tensor()
+                    plain[id(p)] = nn.Parameter(whole.cpu(), requires_grad=p.requires_grad) if keep else p
+                module._parameters[name] = plain[id(p)]
 
 
 def _local_bytes(tensors) -> int:

@@ -185,14 +185,39 @@ def streamable(section: ModelSection) -> bool:
     return section.lora is None and section.quantize is None and section.dtype != "int8"
 
 
-def load_model(section: ModelSection, streamed: bool = False):
+def model_config(section: ModelSection):
+    """The model's ``PretrainedConfig`` without loading weights (GGUF: the file's header; a hub id whose
+    config lowmem ships, :func:`shipped_config`: that file, offline)."""
+    from transformers import AutoConfig
+
+    cfg = dict(section.config) if section.config is not None else shipped_config(section.path)
+    if cfg is not None:
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    source = model_source(section.path, "model.path")
+    kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    if hasattr(config, "quantization_config"):  # a GGUF file's: its weights are de-quantized on load
+        del config.quantization_config
+    return config
+
+
+def load_model(section: ModelSection, streamed: bool = False, on_meta: bool = False):
     """Return the model (in train mode, weights in ``section.dtype``; int8: built in fp32, then the block
     Linear layers quantized by :func:`select_trained`). ``streamed`` (an offloaded run, where
     :func:`streamable`): the decoder blocks are left on ``meta`` and get their values, the same ones,
-    when the offload engine stores them one by one (:mod:`lowmem.block_source`)."""
+    when the offload engine stores them one by one (:mod:`lowmem.block_source`). ``on_meta`` (FSDP2's
+    ranks but the first, where :func:`streamable` or LoRA): every parameter is left on ``meta``, nothing read;
+    the buffers are made (rotary tables); rank 0's weights reach the shards (:func:`lowmem.fsdp.load_from_rank0`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = float_dtype(section.dtype)
+    if on_meta:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(model_config(section), dtype=dtype)
+        model.tie_weights()  # from_config leaves a meta model's tied weights apart
+        return _prepared(model, section)
     streamed = streamed and streamable(section)
     if section.config is not None:
         cfg = dict(section.config)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from lowmem import checkpoint as ckpt
@@ -266,6 +266,8 @@ class Trainer:
         with self.phase("save"):
             self.save_model()
         summary.update(peak_rss_by_phase_gb=self.phase_peaks_gb(), peak_rss_gb=self.peak_rss_gb())
+        if self.accelerator.num_processes > 1:  # every rank's (a collective), rank 0's first: what a host holds
+            summary["peak_rss_by_phase_gb_per_rank"] = gather_object([self.phase_peaks_gb()])
         self.write_summary(summary)
         self.accelerator.wait_for_everyone()
         return summary

@@ -16,11 +16,13 @@ One package, one public interface (this module): :func:`plan` and its :class:`Pl
 It sits above build/trainer (it builds the run's step object) and below the CLI and the tools.
 """
 
-from lowmem.planner.plan import (CHANGES, Plan, adapter_imports, config_section, format_plan, model_config, plan,
-                                 refusal, runtime_baseline_bytes, suggestions)
+from lowmem.models import model_config
+from lowmem.planner.plan import (CHANGES, Plan, adapter_imports, config_section, format_plan, plan, refusal,
+                                 runtime_baseline_bytes, suggestions)
 from lowmem.planner.disk import disk_needs, disk_refusal, fits_unplanned, reused_dirs, tree_bytes
 from lowmem.planner.fsdp import plan_fsdp2, processes_of
-from lowmem.planner.phases import PHASES, format_phases, host_memory, host_phases, host_refusal, weight_bytes
+from lowmem.planner.phases import (PHASES, format_phases, host_memory, host_phases, host_refusal, host_together,
+                                   weight_bytes)
 from lowmem.planner.run import plan_run
 from lowmem.planner.trace import fake_model, trace_phases, trace_step
 from lowmem.planner.zo2 import zo2_device_buffers

@@ -23,9 +23,11 @@ temporaries: :mod:`lowmem.optim.dtensor`; an upper bound for APOLLO's random pro
 ``S_rank``: the state of elementwise groups sharded (rank 0's rows), that of the others replicated
 (whole-matrix rules, and GaLore's and APOLLO's projections, stepped on the rows with the projection
 all-reduced), at the steady state (a later step's backward holds the state the first step made).
-Not counted: the collectives' buffers inside gloo/NCCL. Each rank builds the full model in host RAM
-(the build phase, :mod:`lowmem.planner.phases`); ``fully_shard`` moves it to the device one group at a
-time, so the device never holds more than the shards and one whole block before the first step.
+Not counted: the collectives' buffers inside gloo/NCCL. Rank 0 builds the full model in host RAM (the
+build phase, :mod:`lowmem.planner.phases`), the others on ``meta``; ``fully_shard`` moves each group to the
+device as it shards it and rank 0's weights are broadcast into the shards one tensor at a time
+(:func:`lowmem.fsdp.load_from_rank0`), so the device never holds more than the shards and one whole block
+before the first step.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import os
 
 import torch
 
-from lowmem.planner.plan import Plan, adapter_imports, config_section, model_config, runtime_baseline_bytes
+from lowmem.models import model_config
+from lowmem.planner.plan import Plan, adapter_imports, config_section, runtime_baseline_bytes
 from lowmem.planner.trace import fake_optimizer_step, trace_phases
 from lowmem.recipe import Recipe
 from lowmem.structure import block_container

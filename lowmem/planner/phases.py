@@ -108,6 +108,17 @@ def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=No
     return {"build": build, "step": step, "eval": evaluation, "save": save}
 
 
+def host_together(phases: dict[str, int], local: int, from_rank0: bool, holds_rank0: bool) -> dict[str, int]:
+    """The host's peak RSS in each phase with ``local`` processes of a launch on it. Each builds the whole
+    model and holds its own ``phases``; but when only rank 0 reads the weights (``from_rank0``: FSDP2,
+    :func:`lowmem.steps.fsdp.loads_on_rank0`) every other process builds nothing and holds its shards, at most
+    its step's peak, and only the host of rank 0 (``holds_rank0``) holds rank 0's phases besides."""
+    if not from_rank0:
+        return {k: local * v for k, v in phases.items()}
+    others = (local - 1 if holds_rank0 else local) * phases["step"]
+    return {k: others + (v if holds_rank0 else 0) for k, v in phases.items()}
+
+
 def host_memory() -> tuple[int, int]:
     """(available, total) bytes of host RAM now (psutil)."""
     vm = psutil.virtual_memory()

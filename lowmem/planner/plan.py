@@ -37,6 +37,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from lowmem.models import model_config
 from lowmem.optim.registry import get_spec
 from lowmem.planner.first_order import offload_parts
 from lowmem.planner.trace import trace_step
@@ -73,21 +74,6 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.capacity_bytes is None or self.peak_bytes <= self.capacity_bytes
-
-
-def model_config(section):
-    """The model's ``PretrainedConfig`` without loading weights (GGUF: the file's header; a hub id whose
-    config lowmem ships, :func:`lowmem.models.shipped_config`: that file, offline)."""
-    from transformers import AutoConfig
-
-    from lowmem.models import model_source, shipped_config
-
-    cfg = dict(section.config) if section.config is not None else shipped_config(section.path)
-    if cfg is not None:
-        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    source = model_source(section.path, "model.path")
-    kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
-    return AutoConfig.from_pretrained(source, **kwargs)
 
 
 def config_section(recipe: Recipe, config) -> Recipe:

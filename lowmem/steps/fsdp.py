@@ -18,10 +18,21 @@ from pathlib import Path
 import torch
 
 from lowmem.checkpoint import SHARDED, latest_checkpoint
-from lowmem.fsdp import bytes_per_rank, ensure_process_group, reshard, shard_model, teardown, unshard_to_plain
+from lowmem.fsdp import (bytes_per_rank, ensure_process_group, load_from_rank0, reshard, shard_model, teardown,
+                         unshard_to_plain)
 from lowmem.fsdp_checkpoint import load_sharded, save_sharded, staging_dir
 from lowmem.steps.base import OneProcess
 from lowmem.steps.first_order import FirstOrderStep
+
+
+def loads_on_rank0(recipe, processes: int) -> bool:
+    """Whether only rank 0 reads the weights of ``recipe``'s run on ``processes`` (the others build the
+    model on ``meta`` and get their shards from rank 0 in :meth:`FSDP2Step.setup`): under FSDP2 on several
+    processes, for a model of plain weights or LoRA on them (a quantized base or int8 weights are built
+    on every rank). The same answer on every rank: every rank issues the collectives or none does."""
+    section = recipe.model
+    return (recipe.train.distributed == "fsdp2" and processes > 1
+            and section.quantize is None and section.dtype != "int8")
 
 
 class FSDP2Step(FirstOrderStep):
@@ -51,9 +62,14 @@ class FSDP2Step(FirstOrderStep):
         if isinstance(acc, OneProcess):  # the planner's trace and the measurement: the whole model on
             return super().setup(model, optimizer)  # one process, an upper bound of a rank's peak
         self.started_group = ensure_process_group(acc.device)
+        from_rank0 = loads_on_rank0(self.recipe, acc.num_processes)
+        whole = model.state_dict() if from_rank0 and acc.is_main_process else {}  # references, before sharding
         # no model.to(device) first: fully_shard moves each group's states to the mesh's device (the current
         # GPU) as it shards it, so a GPU holds one whole block at a time during setup, never the whole model
-        return shard_model(model, optimizer), optimizer
+        model = shard_model(model, optimizer)
+        if from_rank0:
+            load_from_rank0(model, whole, acc.device)
+        return model, optimizer
 
     def step(self, micro_batch):
         """The first-order step; the loss returned is the mean over all ranks' micro-batches (the

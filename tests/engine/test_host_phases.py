@@ -114,6 +114,21 @@ def test_the_processes_of_a_launch_on_one_host_must_fit_together(tiny_recipe, tm
     assert main([recipe, "--quiet"]) == 0
 
 
+def test_under_fsdp2_a_host_holds_the_whole_model_once():
+    """Four processes on a host: each builds the whole model (DDP), or only rank 0 does and the others hold
+    their shards, at most their step's peak (FSDP2, lowmem.fsdp.load_from_rank0); a host without rank 0
+    holds four steps. Build-heavy phases (a 10 GiB model, a 3 GiB step) fit in 16 GiB only under FSDP2."""
+    gib = 2**30
+    one = {"build": 10 * gib, "step": 3 * gib, "eval": 2 * gib, "save": 10 * gib}
+    assert phases.host_together(one, 4, False, True) == {k: 4 * v for k, v in one.items()}
+    fsdp = phases.host_together(one, 4, True, True)
+    assert fsdp == {"build": 19 * gib, "step": 12 * gib, "eval": 11 * gib, "save": 19 * gib}
+    assert phases.host_together(one, 4, True, False) == {k: 12 * gib for k in one}
+    assert phases.host_refusal(fsdp, 20 * gib, 32 * gib, 4) is None
+    refused = phases.host_refusal(phases.host_together(one, 4, False, True), 20 * gib, 32 * gib, 4)
+    assert "40.00 GiB (4 processes on this host) in the build phase" in refused
+
+
 def test_a_disk_that_fills_during_a_run_ends_it_in_one_line_naming_the_file(tiny_recipe, tmp_path, capsys,
                                                                             monkeypatch):
     """The NVMe tier's writes fail with ENOSPC part-way (the planned check passed, then something else filled the

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from helpers import HF_TRAINER, hf_trainer_run
 
 from lowmem.checkpoint import CheckpointError
+from lowmem.memory import fix_malloc_threshold
 from lowmem.recipe import load_recipe
 from lowmem.trainer import Trainer
 
@@ -68,6 +69,7 @@ def run(path: str, overrides: list[str], mode: str = "train", checkpoint: str | 
 
 
 def main(argv: list[str]) -> None:
+    fix_malloc_threshold()  # as lowmem-train: freed tensors leave the process, so peak RSS by phase is the phase's
     if "--zo-chunk" in argv:
         import lowmem.optim.zo_keyed as zo_keyed
 
