@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lowmem.optim.dtensor import is_sharded, local_rows, plain_param, row_shard, sum_over_shards
+from lowmem.optim.dtensor import is_sharded, local_rows, plain_param, row_shard, sum_over_shards, whole_grad
 from lowmem.optim.projection import current_factors, project, project_back, refresh_due
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -182,7 +182,7 @@ class MomentOptimizer(DenseGradOptimizer):
         source = g
         if shard is not None and not random and refresh_due(state["step"], "proj_u" in state or "proj_v" in state,
                                                             group["update_proj_gap"]):
-            source = shard.grad.full_tensor().float()  # the SVD reads the whole gradient
+            source = whole_grad(shard).float()  # the SVD reads the whole gradient
         u, v = current_factors(state, source, group["rank"], group["proj_type"], group["update_proj_gap"],
                                random=random, dtype=p.dtype, shape=None if shard is None else shard.shape)
         low = self._project(g, u, v, p)
