@@ -134,6 +134,13 @@ class DenseGradOptimizer(torch.optim.Optimizer):
         (:func:`lowmem.optim.dtensor.sum_over_shards`) into state every rank holds alike."""
         return self.elementwise(group)
 
+    def gathers_gradient(self, group: dict, p: torch.Tensor) -> bool:
+        """Whether an FSDP2 rank all-gathers the whole gradient of ``p`` (:func:`~lowmem.optim.dtensor.whole_grad`)
+        in some step: a matrix not stepped on its rows, every step; the rules whose SVD refresh reads the whole
+        gradient (every ``T`` steps, the first included) say so themselves. What the FSDP2 plan counts
+        (:mod:`lowmem.planner.fsdp`)."""
+        return not self.steps_rows(group, p)
+
     def _sparse_error(self, name: str | None) -> Exception:
         return RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 

@@ -62,6 +62,9 @@ class FRUGAL(MomentOptimizer):
         process's (replicated); an SVD switch all-gathers the gradient (every ``T`` steps)."""
         return True
 
+    def gathers_gradient(self, group: dict, p) -> bool:
+        return "density" in group and group["proj_type"] == "svd"  # its switch (_switch); no other kind gathers
+
     def replace_params(self, mapping: dict) -> None:
         """Re-key the block positions to new parameter objects (FSDP2: :mod:`lowmem.optim.dtensor`)."""
         for old, new in mapping.items():
