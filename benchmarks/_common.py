@@ -32,14 +32,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def command_line() -> str:
+    """The exact command this script runs as, its path relative to the working directory, quoted for a shell."""
+    return "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
 def write_result(name: str, title: str, table: str, notes: str = "") -> Path:
     """Write one result section with the machine, the date and the exact command on top."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     text = (f"## {title}\n\n"
             f"- machine: {machine()}\n"
             f"- date: {datetime.date.today().isoformat()}\n"
-            f"- command: `{command}`\n\n"
+            f"- command: `{command_line()}`\n\n"
             f"{table.strip()}\n")
     if notes:
         text += f"\n{notes.strip()}\n"

@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from lowmem.planner import host_memory, tree_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plots  # noqa: E402
-from _common import RESULTS_DIR, markdown_table, write_result  # noqa: E402
+from _common import RESULTS_DIR, command_line, markdown_table, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = RESULTS_DIR / "largest_rows.json"
@@ -108,7 +107,7 @@ def run_one(shape: str, way: str, args) -> dict:
     row = {"shape": shape, "way": way, "params_b": round(params_of(SHAPES[shape]) / 1e9, 2),
            "wall_s": round(time.perf_counter() - t0, 1), "disk_gb": round(tree_bytes(work) / 1e9, 2),
            "load": round(load, 1), "date": datetime.date.today().isoformat(), "dtype": args.dtype,
-           "command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
+           "command": command_line()}
     summary = work / "run" / "summary.json"
     if code == 0 and summary.exists() and (work / "run" / "model").is_dir():
         s = json.loads(summary.read_text())

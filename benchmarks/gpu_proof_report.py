@@ -4,11 +4,9 @@ the measured columns, the machine, date and command on top (the format of ``_com
 from __future__ import annotations
 
 import datetime
-import shlex
-import sys
 from pathlib import Path
 
-from _common import machine, markdown_table
+from _common import command_line, machine, markdown_table
 
 
 def _f(value, fmt: str = ".2f") -> str:
@@ -124,9 +122,8 @@ SECTIONS = {"kernels": ("Triton kernels vs PyTorch references", _kernels),
 def write_markdown(report: dict, path: Path) -> None:
     steps, env = report["steps"], report["environment"]
     kind = "dry run on the CPU (tiny shapes)" if report["dry_run"] else "GPU"
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     text = [f"## GPU proof ({kind})\n", f"- machine: {machine()}", f"- date: {datetime.date.today().isoformat()}",
-            f"- command: `{command}`",
+            f"- command: `{command_line()}`",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in env.items()), "", _summary(steps)]
     if "pytest_gpu" in steps and steps["pytest_gpu"]["status"] != "skipped" and "rc" in steps["pytest_gpu"]:
         e = steps["pytest_gpu"]

@@ -21,7 +21,8 @@ import yaml
 
 from lowmem.memory import tensor_bytes
 from lowmem.models import load_model
-from lowmem.planner import format_plan, plan, plan_fsdp2, processes_of
+from lowmem.planner import format_plan, model_config, plan, plan_fsdp2, processes_of
+from lowmem.planner.fsdp import _layout
 from tests.test_planner import MEDIUM, SMALL, make_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,23 @@ def test_rank_bytes_are_the_shards_of_the_one_process_bytes(tmp_path):
     # the AdamW groups' (embedding, norms) state halves; the projected state of the blocks' matrices does not
     assert whole.totals["optimizer_states"] / 2 < sharded.totals["optimizer_states"] < whole.totals["optimizer_states"]
     assert sharded.parts["all_gathered"] > 0
+
+
+@pytest.mark.parametrize("overrides, gathered", [
+    (["optim.name=frugal", "optim.args={proj_type: svd}"], "mlp.gate_proj"),  # at its SVD switch: every matrix
+    (["optim.name=frugal", "optim.args={proj_type: columns}"], None),  # the chosen columns all-reduced
+    (["optim.name=apollo", "optim.args={rank: 4}"], None),  # its random projection all-reduced
+    (["optim.name=swan"], "mlp.down_proj"),  # whole every step: the wide and square matrices
+    (["optim.name=swan", "optim.target_modules=['*gate_proj', '*up_proj']"], None),  # tall: sums over the rows
+])
+def test_the_step_phase_counts_the_gradients_a_rank_gathers(tmp_path, overrides, gathered):
+    """``M_max`` of the step phase is the largest matrix whose whole gradient a rank all-gathers (what each rule
+    sends is counted in tests/integrations/test_fsdp_exchange.py), none where the rule puts its whole-matrix
+    quantities together by all-reduces."""
+    recipe = make_recipe(tmp_path, "train.distributed=fsdp2", *overrides, config=SMALL, seq=32)
+    model = load_model(recipe.model)
+    expected = 0 if gathered is None else tensor_bytes(model.get_submodule(f"model.layers.0.{gathered}").weight)
+    assert _layout(recipe, model_config(recipe.model), 2, "cpu")["whole_matrix"] == expected
 
 
 def test_processes_come_from_the_flag_or_the_launcher(monkeypatch):

@@ -18,7 +18,7 @@ from lowmem.offload.engine import ZO2Engine
 from lowmem.offload.resident import ResidentPerturber
 from lowmem.offload.tiers import NVME
 from lowmem.optim import create_optimizer
-from lowmem.planner import model_config, plan, zo2_device_buffers
+from lowmem.planner import host_phases, model_config, plan, weight_bytes, zo2_device_buffers
 from tests.test_planner import MEDIUM, make_recipe
 
 OPT = {"model_type": "opt", "hidden_size": 64, "ffn_dim": 160, "num_hidden_layers": 5, "num_attention_heads": 4,
@@ -72,9 +72,13 @@ def test_zo2_device_buffers_equal_the_engine_allocations(tmp_path, monkeypatch, 
     assert {k: predicted[k] for k in measured} == measured
 
 
-def test_cuda_plan_holds_the_buffers_and_not_the_blocks(tmp_path):
+@pytest.mark.parametrize("budget", [None, 0.0002])
+def test_cuda_plan_holds_the_buffers_and_not_the_blocks(tmp_path, budget):
+    # budget 0.0002 GiB: three of the five blocks on NVMe, read and written through host staging buffers that the
+    # plan carries (totals) into the host's step phase, beside the blocks kept in RAM up to the budget
+    nvme = [f"offload.host_memory_budget_gb={budget}", f"offload.nvme_dir={tmp_path / 'nvme'}"] if budget else []
     recipe = make_recipe(tmp_path, "optim.name=mezo", "offload.enabled=true", "offload.host_dtype=bfloat16",
-                         config=OPT)
+                         *nvme, config=OPT)
     config = model_config(recipe.model)
     buffers = zo2_device_buffers(recipe, config)
     offloaded = plan(recipe, "cuda", suggest=False)
@@ -83,6 +87,10 @@ def test_cuda_plan_holds_the_buffers_and_not_the_blocks(tmp_path):
     assert offloaded.parts["transfer_buffers"] == buffers["slots"] + buffers["staging"]
     assert offloaded.parts["weights"] == in_memory.totals["weights"] - buffers["in_blocks"]
     assert offloaded.parts["step_temporaries"] >= buffers["tied_copy"]
+    assert offloaded.totals.get("nvme_staging", 0) == buffers["nvme_staging"]
+    assert (buffers["nvme_staging"] > 0) == (budget is not None)
+    kept = weight_bytes(recipe, config)[0] if budget is None else int(budget * 2**30)
+    assert host_phases(recipe, config, offloaded, runtime=0)["step"] == kept + buffers["nvme_staging"]
 
 
 ZO2_RSS = {**MEDIUM, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 12, "vocab_size": 4096}

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lowmem.optim.dtensor import is_sharded, local_rows, plain_param, row_shard, sum_over_shards
+from lowmem.optim.dtensor import is_sharded, local_rows, plain_param, row_shard, sum_over_shards, whole_grad
 from lowmem.optim.projection import current_factors, project, project_back, refresh_due
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -134,6 +134,13 @@ class DenseGradOptimizer(torch.optim.Optimizer):
         (:func:`lowmem.optim.dtensor.sum_over_shards`) into state every rank holds alike."""
         return self.elementwise(group)
 
+    def gathers_gradient(self, group: dict, p: torch.Tensor) -> bool:
+        """Whether an FSDP2 rank all-gathers the whole gradient of ``p`` (:func:`~lowmem.optim.dtensor.whole_grad`)
+        in some step: a matrix not stepped on its rows, every step; the rules whose SVD refresh reads the whole
+        gradient (every ``T`` steps, the first included) say so themselves. What the FSDP2 plan counts
+        (:mod:`lowmem.planner.fsdp`)."""
+        return not self.steps_rows(group, p)
+
     def _sparse_error(self, name: str | None) -> Exception:
         return RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 
@@ -182,7 +189,7 @@ class MomentOptimizer(DenseGradOptimizer):
         source = g
         if shard is not None and not random and refresh_due(state["step"], "proj_u" in state or "proj_v" in state,
                                                             group["update_proj_gap"]):
-            source = shard.grad.full_tensor().float()  # the SVD reads the whole gradient
+            source = whole_grad(shard).float()  # the SVD reads the whole gradient
         u, v = current_factors(state, source, group["rank"], group["proj_type"], group["update_proj_gap"],
                                random=random, dtype=p.dtype, shape=None if shard is None else shard.shape)
         low = self._project(g, u, v, p)

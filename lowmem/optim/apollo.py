@@ -74,6 +74,9 @@ class APOLLOAdamW(MomentOptimizer):
         gradient), the scaling of a rank's rows and the limiter's norm from sums over the shards."""
         return True
 
+    def gathers_gradient(self, group: dict, p) -> bool:
+        return "rank" in group and group["proj"] == "svd"  # its refresh; a random projection is drawn, not gathered
+
     @typed
     def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-6,
                  weight_decay: NonNegative = 0.0, correct_bias: bool = True, scale_front: bool = False,

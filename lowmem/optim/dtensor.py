@@ -24,7 +24,7 @@ the optimizer chooses per parameter (``steps_rows(group, p)``, by default ``elem
   ``T`` steps, all-gathers the gradient), FRUGAL's chosen columns, rows or entries (put together),
   APOLLO's limiter norm, and SWAN's column statistics and Gram matrix ``G^T G`` of a tall matrix.
 * **whole matrix** (SWAN's whitening of a wide or square matrix, whose ``G G^T`` pairs every two
-  rows): the gradient is all-gathered (``full_tensor()``), every rank runs the one-process update
+  rows): the gradient is all-gathered (:func:`whole_grad`), every rank runs the one-process update
   on the whole matrix (same state on every rank, replicated, as it is under DDP) and keeps its own
   rows. The
   weight is not gathered: every one of these rules reads it elementwise only (``W -= lr u(G)``,
@@ -55,6 +55,13 @@ def is_sharded(t: torch.Tensor | None) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
+def whole_grad(p) -> torch.Tensor:
+    """The whole gradient of the row-sharded parameter ``p``, all-gathered (in the gradient's dtype): each rank
+    receives the ``(N-1)/N`` of its bytes that the other ranks hold. For a matrix stepped whole
+    (:func:`plain_param`) and an SVD refresh of a projection (GaLore, APOLLO, FRUGAL)."""
+    return p.grad.full_tensor()
+
+
 def local_rows(p) -> tuple[slice, ...]:
     """The slices of the whole tensor that this rank's shard of ``p`` holds."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -75,7 +82,7 @@ def plain_param(optimizer: torch.optim.Optimizer, p, whole: bool):
     state under it) while the optimizer steps it; afterwards the state goes back under ``p`` and,
     for ``whole``, this rank's rows of the updated matrix into ``p``'s shard."""
     if whole:  # the weight enters every update elementwise (W -= lr u(G), decay): the other rows stay 0
-        q, grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device), p.grad.full_tensor()
+        q, grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device), whole_grad(p)
         q[local_rows(p)] = p.to_local()
     else:
         q, grad = p.to_local().detach(), p.grad.to_local()  # q shares the shard's storage

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from lowmem.optim.adam_math import MomentOptimizer, adam_normalized, clear_moments
 from lowmem.optim.args import Betas, Count, GroupArgs, NonNegative, NonNegativeInt, StateBits, check_group, typed
-from lowmem.optim.dtensor import flat_start, local_rows, row_shard, sharded_param, sum_over_shards
+from lowmem.optim.dtensor import flat_start, local_rows, row_shard, sharded_param, sum_over_shards, whole_grad
 from lowmem.optim.projection import assign_seeds, next_seed, orthonormal_factor, sides, svd_factors
 from lowmem.optim.registry import OptimizerSpec, register
 
@@ -61,6 +61,9 @@ class FRUGAL(MomentOptimizer):
         shards (all-reduced, :func:`_coordinate_split` and :meth:`_project`), so its Adam state is one
         process's (replicated); an SVD switch all-gathers the gradient (every ``T`` steps)."""
         return True
+
+    def gathers_gradient(self, group: dict, p) -> bool:
+        return "density" in group and group["proj_type"] == "svd"  # its switch (_switch); no other kind gathers
 
     def replace_params(self, mapping: dict) -> None:
         """Re-key the block positions to new parameter objects (FSDP2: :mod:`lowmem.optim.dtensor`)."""
@@ -128,7 +131,7 @@ class FRUGAL(MomentOptimizer):
             dim = shape[0] if left else shape[1]
             rank = round(dim * group["density"])
             if kind == "svd":
-                u, v = svd_factors(g if shard is None else shard.grad.full_tensor().float(), rank, left, right)
+                u, v = svd_factors(g if shard is None else whole_grad(shard).float(), rank, left, right)
             else:
                 f = orthonormal_factor(dim, rank, draw_seed, g.device, g.dtype)  # (rank, dim)
                 u, v = (f.t(), None) if left else (None, f)

@@ -41,6 +41,9 @@ class GaLoreAdamW(MomentOptimizer):
     def steps_rows(self, group: dict, p) -> bool:
         return True  # R = P^T G from sums over the shards; the whole gradient only at an SVD refresh
 
+    def gathers_gradient(self, group: dict, p) -> bool:
+        return "rank" in group  # the SVD refresh (every T steps)
+
     @typed
     def __init__(self, params, lr: NonNegative = 1e-3, betas: Betas = (0.9, 0.999), eps: NonNegative = 1e-6,
                  weight_decay: NonNegative = 0.0, correct_bias: bool = True, state_bits: StateBits = 32):

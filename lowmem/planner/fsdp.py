@@ -11,15 +11,18 @@ backward = runtime + W/N + S_rank + A + G_b + [grad_accum > 1] G/N
            + E + 3 B_max                 # the root all-gathered for the whole forward/backward; the
                                          # current block, the one prefetched (or the all-gather's flat
                                          # output during copy-out) and its unsharded gradients
-step     = runtime + W/N + G/N + S_rank + T + [a whole-matrix group] 2 M_max
+step     = runtime + W/N + G/N + S_rank + T + 2 M_max
 
 with ``W``, ``G`` all weights and gradients, ``x/N`` rank 0's rows of each tensor, ``A``, ``G_1``,
 ``T`` the one-process backward-peak activations and the step temporaries, ``G_b`` the gradients one
 process has made at that peak, the root's (``lm_head``'s, made first) whole and the blocks' sharded
 (each block's are reduce-scattered as soon as its backward ends), ``E`` the root's parameters,
-``B_max`` the largest block's, ``M_max`` the largest matrix of a rule that is not elementwise (its
-gradient all-gathered every step, or at an SVD refresh, and a whole-size stand-in or the refresh's
-temporaries: :mod:`lowmem.optim.dtensor`; an upper bound for APOLLO's random projection).
+``B_max`` the largest block's, ``M_max`` the largest matrix whose whole gradient a rank all-gathers
+(the optimizer's ``gathers_gradient``, :mod:`lowmem.optim.dtensor`; 0 when none does): every step with
+a whole-size stand-in for SWAN's wide or square matrices (its tall ones, stepped on the rows, send sums
+only), or at an SVD refresh with the refresh's temporaries for GaLore, APOLLO with ``proj: svd`` and
+FRUGAL with ``proj_type: svd`` (APOLLO's random projection and FRUGAL's other subspaces are put
+together from the shards by all-reduces of the projection or selection: nothing whole is gathered).
 ``S_rank``: the state of elementwise groups sharded (rank 0's rows), that of the others replicated
 (whole-matrix rules, and GaLore's and APOLLO's projections, stepped on the rows with the projection
 all-reduced), at the steady state (a later step's backward holds the state the first step made).
@@ -67,10 +70,11 @@ def _rank0(nbytes: int, t: torch.Tensor, n: int) -> int:
 
 def _layout(recipe: Recipe, config, n: int, device: str) -> dict[str, int]:
     """Rank 0's weights, gradients and state, the root's and largest block's bytes and the largest
-    whole-matrix parameter, from the model and optimizer after a fake step."""
+    parameter whose gradient a rank all-gathers, from the model and optimizer after a fake step."""
     model, optimizer = fake_optimizer_step(recipe, config, device)
     params = list({id(p): p for p in model.parameters()}.values())
     elementwise = getattr(optimizer, "elementwise", lambda group: True)  # torch's own: DTensor natively
+    gathers = getattr(optimizer, "gathers_gradient", lambda group, p: False)
     states, whole = 0, 0
     for group in optimizer.param_groups:
         local = elementwise(group)
@@ -78,7 +82,7 @@ def _layout(recipe: Recipe, config, n: int, device: str) -> dict[str, int]:
             tensors = [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
             s = sum(_nbytes(v) for v in tensors if v.dim())
             states += (_rank0(s, p, n) if local else s) + sum(_nbytes(v) for v in tensors if not v.dim())  # counters
-            whole = whole if local else max(whole, _nbytes(p))  # gathered every step, or at an SVD refresh
+            whole = max(whole, _nbytes(p)) if gathers(group, p) else whole  # every step, or at an SVD refresh
     in_blocks = {id(p) for b in block_container(model)[1] for p in b.parameters()}
     blocks = [sum(_nbytes(p) for p in {id(q): q for q in b.parameters()}.values()) for b in block_container(model)[1]]
     return {"weights": sum(_rank0(_nbytes(p), p, n) for p in params) + sum(_nbytes(b) for b in model.buffers()),

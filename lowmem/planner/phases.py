@@ -31,7 +31,6 @@ import torch
 
 from lowmem.dtypes import DTYPES
 from lowmem.models import streamable
-from lowmem.planner.zo2 import zo2_device_buffers
 from lowmem.recipe import Recipe
 from lowmem.structure import block_container
 
@@ -84,8 +83,9 @@ def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=No
         part, built = 2 * block, kept
     else:
         kept, part, built = 0, 0, 0
-    # ZO2 on a GPU: the host also holds the NVMe tier's staging buffers (on a CPU they are in the step's plan)
-    staging = zo2_device_buffers(recipe, config)["nvme_staging"] if offload and not host and not cpu else 0
+    # ZO2 on a GPU: the host also holds the NVMe tier's staging buffers (the plan's total; on a CPU they are in its
+    # transfer buffers)
+    staging = step_plan.totals.get("nvme_staging", 0) if offload and not host and not cpu else 0
     step = step_plan.peak_bytes if cpu else runtime + (step_plan.host_rss_bytes - step_plan.host_runtime_bytes
                                                       if host else kept + staging)
     if offload:

@@ -57,7 +57,8 @@ def zo2_parts(recipe: Recipe, config, parts: dict[str, int], totals: dict[str, i
     """(parts, totals) of a ZO2 step. Parts: resident weights (on a CPU, with the blocks' host copies), the
     engine's device buffers (on a CPU, with the NVMe tier's staging buffers), the tied-weight copy (with the
     step temporaries) and the dual-forward activations; totals: with ``offload.nvme_dir``, the NVMe tier's
-    files (``nvme_files``)."""
+    files (``nvme_files``) and its host staging buffers (``nvme_staging``: on a GPU in host RAM, beside the plan's
+    device parts; :mod:`lowmem.planner.phases` adds them to the host's phases)."""
     buffers = zo2_device_buffers(recipe, config)
     weights = parts["weights"] - buffers["in_blocks"] + (buffers["host_blocks"] if device == "cpu" else 0)
     parts = {**parts, "weights": weights,
@@ -65,5 +66,5 @@ def zo2_parts(recipe: Recipe, config, parts: dict[str, int], totals: dict[str, i
              "transfer_buffers": buffers["slots"] + buffers["staging"]
              + (buffers["nvme_staging"] if device == "cpu" else 0)}
     if recipe.offload.nvme_dir is not None:
-        totals = {**totals, "nvme_files": buffers["nvme_blocks"]}
+        totals = {**totals, "nvme_files": buffers["nvme_blocks"], "nvme_staging": buffers["nvme_staging"]}
     return parts, totals

@@ -7,7 +7,8 @@ counts, during each ``optimizer.step`` only, the payload of every collective the
 dispatch mode): an all-gather's whole output, an all-reduce's tensor; and whether the ranks then hold the
 same replicated optimizer state. Rank 0 prints one JSON object:
 per run, the bytes of each step and, for the test's formulas, each parameter group's shapes, element
-size, whether each parameter is stepped whole, its Sinkhorn rounds, projection rank and kind, FRUGAL's
+size, whether each parameter is stepped whole and whether its gradient is said to be gathered (the FSDP2 plan's
+``gathers_gradient``), its Sinkhorn rounds, projection rank and kind, FRUGAL's
 density and subspace kind, SWAN's centring.
 """
 
@@ -72,8 +73,10 @@ def measure(recipe) -> dict:
     for _ in range(3):
         stepper.step(lambda micro: batch)
     rows = getattr(optimizer, "steps_rows", lambda group, p: True)
+    gathers = getattr(optimizer, "gathers_gradient", lambda group, p: False)
     groups = [{"shapes": [list(p.shape) for p in group["params"]], "element_size": group["params"][0].element_size(),
                "whole": [not rows(group, p) for p in group["params"]],
+               "gathers": [gathers(group, p) for p in group["params"]],
                **{key: group.get(key) for key in ("sinkhorn_iters", "rank", "proj", "density", "proj_type", "center")}}
               for group in optimizer.param_groups if group["params"]]
     return {"steps": counted, "groups": groups, "replicated_state_agrees": replicated_state_agrees(optimizer)}

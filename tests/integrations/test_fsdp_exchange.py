@@ -8,7 +8,8 @@ side, ``r max(m, n)`` values) and the norm-growth limiter's sum of squares, GaLo
 the whole gradient at an SVD refresh; FRUGAL its subspace part (a projection as GaLore's, the chosen
 columns, rows or entries) and the gradient at an SVD switch; SWAN a tall matrix's column sums, Gram
 triangle and norm, and a wide or square one's gradient (``m n b`` gathered, of which a rank receives
-``(N-1)/N``), never the weight.
+``(N-1)/N``), never the weight. The optimizers' ``gathers_gradient`` (what the FSDP2 plan counts) names
+exactly the gradients gathered.
 """
 
 import json
@@ -77,3 +78,10 @@ def test_bytes_each_optimizer_sends(tiny_recipe, tmp_path, monkeypatch):
     assert {whole for shape, _, whole in swan if shape[0] > shape[1]} == {False}
     assert {whole for shape, _, whole in swan if shape[0] <= shape[1]} == {True}
     assert found["swan"]["steps"] == [sum(swan_bytes(*case) for case in swan)] * 3
+    # what the FSDP2 plan counts as gathered (gathers_gradient, lowmem.planner.fsdp): the gradients gathered above
+    gathered = {"galore": lambda group, whole: bool(group["rank"]), "swan": lambda group, whole: whole,
+                "frugal-svd": lambda group, whole: bool(group["density"])}
+    for name in names:
+        for group in found[name]["groups"]:
+            said = gathered.get(name, lambda group, whole: False)
+            assert group["gathers"] == [said(group, whole) for whole in group["whole"]], (name, group)
