@@ -80,6 +80,29 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+class PhasePeaks:
+    """The measured peak RSS of each phase of a run (build, step, eval, save: what :mod:`lowmem.planner.phases`
+    predicts): ``VmHWM`` reset on entering a phase and read on leaving it, the max over its visits."""
+
+    def __init__(self):
+        self.bytes: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        reset_peak_rss()
+        try:
+            yield
+        finally:
+            self.bytes[name] = max(self.bytes.get(name, 0), window_peak_rss_bytes())
+
+    def gb(self) -> dict[str, float]:
+        return {k: round(v / 2**30, 3) for k, v in self.bytes.items()}
+
+    def run_peak_gb(self) -> float:
+        """The run's peak RSS: resetting ``VmHWM`` also resets ``ru_maxrss`` (Linux), so the phases' peaks count."""
+        return round(max(peak_rss_bytes(), *self.bytes.values()) / 2**30, 3)
+
+
 M_MMAP_THRESHOLD = -3      # mallopt parameter number (glibc malloc.h)
 MMAP_THRESHOLD = 128 * 1024  # glibc's default threshold, kept fixed
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")

@@ -72,9 +72,13 @@ def load_quantized(source: str, quantize: QuantizeSection, dtype: torch.dtype):
 def quantize_model(model, quantize: QuantizeSection, dtype: torch.dtype):
     """A model already in memory (config-built, or dequantized from GGUF), quantized the same way:
     written to a temporary directory and loaded back through :func:`load_quantized`."""
+    from safetensors.torch import save_model
+
     name = model.config.name_or_path
     with tempfile.TemporaryDirectory(prefix="lowmem-quantize-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # not save_pretrained: under a launcher transformers writes only on rank 0, and every process loads
+        model.config.save_pretrained(tmp)
+        save_model(model, f"{tmp}/model.safetensors")  # tied weights written once, tied again on load
         del model
         quantized = load_quantized(tmp, quantize, dtype)
     quantized.config.name_or_path = name  # the source, not the deleted directory (peft's saved adapter names it)

@@ -13,7 +13,6 @@ with finite gradients already).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from lowmem import checkpoint as ckpt
 from lowmem.build import build_run
 from lowmem.integrations.deepspeed import refuse_deepspeed_launch
-from lowmem.memory import cuda_peak_bytes, peak_rss_bytes, reset_peak_rss, state_bytes, window_peak_rss_bytes
+from lowmem.memory import PhasePeaks, cuda_peak_bytes, state_bytes
 from lowmem.recipe import Recipe
 from lowmem.run_dir import check_run_dir, clear_run
 from lowmem.steps import eval_mode, unwrap
@@ -66,29 +65,13 @@ class Trainer:
                 note(f"--overwrite: removed the previous run's {', '.join(removed)} from {self.out}")
         self.accelerator.wait_for_everyone()
         set_seed(recipe.train.seed)
-        self.phase_peaks: dict[str, int] = {}  # measured peak RSS of each phase (lowmem.planner.phases)
-        with self.phase("build"):
+        self.peaks = PhasePeaks()  # measured peak RSS of each phase (lowmem.planner.phases predicts them)
+        with self.peaks.phase("build"):
             self.run = build_run(recipe, self.accelerator)
         self.step = 0          # optimizer steps taken
         self.attempt = 0       # step attempts (taken or skipped): the data position
         self.bad_in_row = 0
         self.bad_total = 0
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        """Measure the peak RSS inside (``VmHWM`` reset on entry) into ``phase_peaks[name]`` (the max over visits)."""
-        reset_peak_rss()
-        try:
-            yield
-        finally:
-            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), window_peak_rss_bytes())
-
-    def phase_peaks_gb(self) -> dict[str, float]:
-        return {k: round(v / 2**30, 3) for k, v in self.phase_peaks.items()}
-
-    def peak_rss_gb(self) -> float:
-        """The run's peak RSS: resetting ``VmHWM`` also resets ``ru_maxrss`` (Linux), so the phases' peaks count."""
-        return round(max(peak_rss_bytes(), *self.phase_peaks.values()) / 2**30, 3)
 
     # ---------------------------------------------------------------- data
     def micro_batch(self, micro: int) -> dict[str, torch.Tensor]:
@@ -100,7 +83,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One step attempt of the run's step object (lowmem.steps); a NaN loss means it was skipped."""
         t0 = time.perf_counter()
-        with self.phase("step"):
+        with self.peaks.phase("step"):
             loss, norm = self.run.stepper.step(self.micro_batch)
         self.attempt += 1
         record = {"step": self.step + 1, "loss": loss, "lr": self.run.inner_optimizer.param_groups[0]["lr"]}
@@ -120,7 +103,7 @@ class Trainer:
     # ---------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float]:
         """:meth:`evaluate_all`, its peak RSS measured as the eval phase."""
-        with self.phase("eval"):
+        with self.peaks.phase("eval"):
             return self.evaluate_all()
 
     @torch.no_grad()
@@ -155,7 +138,7 @@ class Trainer:
         where["extra"].update(attempt=self.attempt, bad_total=self.bad_total)
         generator_states = self._generator_states()  # a collective: before the rank-0-only write
         if self.accelerator.is_main_process:
-            with stepper.saving(), self.phase("save"):
+            with stepper.saving(), self.peaks.phase("save"):
                 ckpt.save_checkpoint(self.out, self.step, optimizer=stepper.inner_optimizer,
                                      scheduler=self.run.scheduler,
                                      generator_states=generator_states,
@@ -249,13 +232,13 @@ class Trainer:
             "steps": self.step, "skipped_steps": self.bad_total, "wall_time_s": round(wall_s, 2),
             **{f"{k}_before": v for k, v in first.items() if k.startswith("eval_")}, **final,
             "eval_perplexity": math.exp(min(final["eval_loss"], 50.0)),
-            "peak_rss_gb": self.peak_rss_gb(),
+            "peak_rss_gb": self.peaks.run_peak_gb(),
             "peak_cuda_gb": None if cuda_peak_bytes() is None else round(cuda_peak_bytes() / 2**30, 3),
             "predicted_peak_gb": None if self.predicted_peak_bytes is None
             else round(self.predicted_peak_bytes / 2**30, 3),
             "optimizer_state_mb": round(state_bytes(self.run.inner_optimizer) / 2**20, 3),
             "optimizer": self.recipe.optim.name,
-            "peak_rss_by_phase_gb": self.phase_peaks_gb(),  # save: added once the model is saved
+            "peak_rss_by_phase_gb": self.peaks.gb(),  # save: added once the model is saved
             "data": self.run.data_counts,
             **self.run.stepper.summary(),  # the step's own figures (FSDP2: per-rank bytes)
         }
@@ -263,11 +246,11 @@ class Trainer:
             predicted = self.predict(unwrap(self.run.model).config)  # after the measurement
             summary["predicted_peak_gb"] = None if predicted is None else round(predicted / 2**30, 3)
         self.write_summary(summary)  # first: a kill during the save still leaves the summary
-        with self.phase("save"):
+        with self.peaks.phase("save"):
             self.save_model()
-        summary.update(peak_rss_by_phase_gb=self.phase_peaks_gb(), peak_rss_gb=self.peak_rss_gb())
+        summary.update(peak_rss_by_phase_gb=self.peaks.gb(), peak_rss_gb=self.peaks.run_peak_gb())
         if self.accelerator.num_processes > 1:  # every rank's (a collective), rank 0's first: what a host holds
-            summary["peak_rss_by_phase_gb_per_rank"] = gather_object([self.phase_peaks_gb()])
+            summary["peak_rss_by_phase_gb_per_rank"] = gather_object([self.peaks.gb()])
         self.write_summary(summary)
         self.accelerator.wait_for_everyone()
         return summary

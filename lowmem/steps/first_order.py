@@ -55,6 +55,9 @@ class FirstOrderStep(_Backprop):
                 and not recipe.offload.enabled)
 
     def setup(self, model, optimizer):
+        if self.recipe.model.dtype == "int8" and self.accelerator.num_processes > 1:
+            raise ValueError("model.dtype: int8 weights train in one process (DDP's first broadcast writes every "
+                             "weight, and an int8 layer's weight is a one-element placeholder); launch one process")
         return self.accelerator.prepare(model, optimizer)  # DDP wrapper, mixed precision, device
 
     def step(self, micro_batch: MicroBatch) -> tuple[float, float | None]:

@@ -28,11 +28,8 @@ from lowmem.steps.first_order import FirstOrderStep
 def loads_on_rank0(recipe, processes: int) -> bool:
     """Whether only rank 0 reads the weights of ``recipe``'s run on ``processes`` (the others build the
     model on ``meta`` and get their shards from rank 0 in :meth:`FSDP2Step.setup`): under FSDP2 on several
-    processes, for a model of plain weights or LoRA on them (a quantized base or int8 weights are built
-    on every rank). The same answer on every rank: every rank issues the collectives or none does."""
-    section = recipe.model
-    return (recipe.train.distributed == "fsdp2" and processes > 1
-            and section.quantize is None and section.dtype != "int8")
+    processes. The same answer on every rank: every rank issues the collectives or none does."""
+    return recipe.train.distributed == "fsdp2" and processes > 1
 
 
 class FSDP2Step(FirstOrderStep):
@@ -53,6 +50,12 @@ class FSDP2Step(FirstOrderStep):
         if recipe.optim.layerwise:
             raise ValueError(f"{where}: optim.layerwise updates inside backward, before FSDP2 has reduced "
                              f"the gradient shard; set optim.layerwise: false")
+        if recipe.model.quantize is not None:
+            raise ValueError(f"{where}: a quantized base (model.quantize) is not sharded here (bitsandbytes' packed "
+                             f"weights); use train.distributed: ddp, each process holding the quantized base")
+        if recipe.model.dtype == "int8":
+            raise ValueError(f"{where}: int8 weights (model.dtype: int8) are not sharded here; use "
+                             f"train.distributed: ddp, or a float model.dtype")
         if recipe.train.mixed_precision == "fp16":
             raise ValueError(f"{where}: fp16 needs a loss scaler over sharded gradients; use bf16")
 

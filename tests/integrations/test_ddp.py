@@ -138,3 +138,24 @@ def test_sft_two_processes_equal_one(tiny_recipe, tmp_path):
     two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two_summary["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
     assert two_summary["eval_loss"] < two_summary["eval_loss_before"]
+
+
+def test_quantized_base_two_processes_equal_one(tiny_recipe, tmp_path):
+    """QLoRA under DDP: each process quantizes the config-built base itself (through its own temporary
+    directory: transformers' save_pretrained writes only on rank 0 under a launcher, so it is not used there)
+    and the two processes train the adapters one process trains. Int8 weights are refused in one line."""
+    recipe = tiny_recipe(model={"quantize": {"bits": 4}, "lora": {"r": 4}}, train={"steps": 3, "checkpoint_every": 0})
+    summary = _reference(recipe, tmp_path / "one")
+    _launch("torchrun", recipe, tmp_path / "two")
+    files = sorted(p.name for p in (tmp_path / "one" / "model").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (tmp_path / "two" / "model").glob("*.safetensors"))
+    for name in files:
+        _assert_same_weights(load_file(tmp_path / "two" / "model" / name), load_file(tmp_path / "one" / "model" / name))
+    two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two_summary["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    int8 = [recipe, "model.dtype=int8", "model.quantize=null", "model.lora=null", f"output.dir={tmp_path / 'int8'}"]
+    done = subprocess.run(LAUNCHERS["accelerate"] + int8 + ["--quiet"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = {x for x in done.stderr.splitlines() if x.startswith("lowmem-train: ")}
+    assert done.returncode != 0 and len(lines) == 1 and "int8 weights train in one process" in lines.pop(), done.stderr

@@ -169,7 +169,9 @@ def test_two_processes_equal_one(tiny_recipe, tmp_path, monkeypatch):
     (["offload.enabled=true", "optim.max_grad_norm=null"], "the offload engines"),
     (["optim.name=mezo", "train.grad_accum=1", "offload.enabled=true"], "the offload engines"),  # ZO2
     (["optim.name=mezo", "train.grad_accum=2"], "zeroth-order optimizers take one batch per step"),
-], ids=["layerwise", "offload", "zo2-offload", "zeroth-order-accumulation"])
+    (["model.quantize={bits: 4}", "model.lora={r: 4}"], "a quantized base (model.quantize) is not sharded"),
+    (["model.dtype=int8"], "int8 weights (model.dtype: int8) are not sharded"),
+], ids=["layerwise", "offload", "zo2-offload", "zeroth-order-accumulation", "quantized-base", "int8-weights"])
 def test_unsupported_combinations_are_one_line(tiny_recipe, tmp_path, capsys, overrides, message):
     from lowmem.cli import main
 
