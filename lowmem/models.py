@@ -206,8 +206,8 @@ def load_model(section: ModelSection, streamed: bool = False, on_meta: bool = Fa
     Linear layers quantized by :func:`select_trained`). ``streamed`` (an offloaded run, where
     :func:`streamable`): the decoder blocks are left on ``meta`` and get their values, the same ones,
     when the offload engine stores them one by one (:mod:`lowmem.block_source`). ``on_meta`` (FSDP2's
-    ranks but the first, where :func:`streamable` or LoRA): every parameter is left on ``meta``, nothing read;
-    the buffers are made (rotary tables); rank 0's weights reach the shards (:func:`lowmem.fsdp.load_from_rank0`)."""
+    ranks but the first): every parameter is left on ``meta``, nothing read; the buffers are made (rotary
+    tables); rank 0's weights reach the shards (:func:`lowmem.fsdp.load_from_rank0`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = float_dtype(section.dtype)

@@ -54,8 +54,8 @@ class FSDP2Step(FirstOrderStep):
             raise ValueError(f"{where}: a quantized base (model.quantize) is not sharded here (bitsandbytes' packed "
                              f"weights); use train.distributed: ddp, each process holding the quantized base")
         if recipe.model.dtype == "int8":
-            raise ValueError(f"{where}: int8 weights (model.dtype: int8) are not sharded here; use "
-                             f"train.distributed: ddp, or a float model.dtype")
+            raise ValueError(f"{where}: int8 weights (model.dtype: int8) are not sharded here; they train in "
+                             f"one process, or choose a float model.dtype")
         if recipe.train.mixed_precision == "fp16":
             raise ValueError(f"{where}: fp16 needs a loss scaler over sharded gradients; use bf16")
 
