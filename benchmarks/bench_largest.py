@@ -19,8 +19,8 @@ disk_needs), on fake tensors, in this process, after the runs.
 Each run's files are removed after it is measured. Each run's row (with the load, date and command it ran
 under) is kept in ``results/largest_rows.json``, replacing an earlier row of the same way and shape, so the
 ladder can be measured in parts; the table (``results/largest.md``) and the figure (``results/largest.png``,
-:func:`plots.largest_ladder`) are drawn from all kept rows. An offloaded run builds its model streamed (lowmem.block_source), so its weights need not
-fit in RAM; an in-memory run builds it whole.
+:func:`plots.largest_ladder`) are drawn from all kept rows. An offloaded run builds its model streamed
+(lowmem.block_source), so its weights need not fit in RAM; an in-memory run builds it whole.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def run_one(shape: str, way: str, args) -> dict:
     row = {"shape": shape, "way": way, "params_b": round(params_of(SHAPES[shape]) / 1e9, 2),
            "wall_s": round(time.perf_counter() - t0, 1), "disk_gb": round(tree_bytes(work) / 1e9, 2),
            "load": round(load, 1), "date": datetime.date.today().isoformat(), "dtype": args.dtype,
-           "seq_len": args.seq_len, "device": device(), "command": command_line()}
+           "seq_len": args.seq_len, "device": device(), "commit": commit(), "command": command_line()}
     summary = work / "run" / "summary.json"
     if code == 0 and summary.exists() and (work / "run" / "model").is_dir():
         s = json.loads(summary.read_text())
@@ -142,6 +142,12 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def commit() -> str:
+    """The code a run or a plan used: ``git describe --always --dirty`` of this checkout."""
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip() or "?"
+
+
 def planned(row: dict) -> dict:
     """The planner's figures for ``row``'s run, from the recipe it ran (its way, shape, dtype, sequence length and
     device), as ``lowmem-train`` checks them before a run: the step as it will step (plan_run), the host peak RSS
@@ -154,9 +160,8 @@ def planned(row: dict) -> dict:
         step = plan_run(run, where, suggest=False)
         phases = run_host_phases(run, model_config(run.model), where, predicted=step)
         files = sum(n for *_, n in disk_needs(run, whole_run_plan(run, where, step)))
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT)
     return {"phases": {k: round(v / 2**30, 3) for k, v in phases.items()}, "disk_gib": round(files / 2**30, 2),
-            "commit": commit.stdout.strip() or "?", "date": datetime.date.today().isoformat(), "load": round(load, 1),
+            "commit": commit(), "date": datetime.date.today().isoformat(), "load": round(load, 1),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -208,24 +213,26 @@ def merge_rows(kept: list[dict], measured: list[dict]) -> list[dict]:
 
 def write_table(rows: list[dict], ram_gib: float) -> None:
     def run_of(r: dict) -> str:
-        return f"{r['date']}, {r['dtype']}: `{r['command']}`"
+        return f"{r['date']}, {r['dtype']}{', commit ' + r['commit'] if 'commit' in r else ''}: `{r['command']}`"
 
     def plan_of(r: dict) -> str:
-        return f"commit {r['plan']['commit']}, {r['plan']['date']}, load {r['plan']['load']}" if "plan" in r else "-"
+        return f"commit {r['plan']['commit']}, {r['plan']['date']}" if "plan" in r else "not planned"
 
     runs = list(dict.fromkeys(run_of(r) for r in rows))
     plans = list(dict.fromkeys(plan_of(r) for r in rows))
     table = markdown_table(
         ["way", "shape", "params (B)", "outcome", *(f"{p} (GiB)" for p in PHASES), "disk (GiB)",
-         "planned/measured - 1, widest", "s/step", "load", "run", "plan"],
+         "widest gap (planned/measured \u2212 1)", "s/step", "load", "run, plan"],
         [[WAYS[r["way"]][0], r["shape"], r["params_b"], r["outcome"], *side_by_side(r), widest_gap(r),
-          r.get("s_per_step", "-"), r["load"], f"[{runs.index(run_of(r)) + 1}]", f"({plans.index(plan_of(r)) + 1})"]
+          r.get("s_per_step", "-"), r["load"], f"[{runs.index(run_of(r)) + 1}] ({plans.index(plan_of(r)) + 1})"]
          for r in rows])
+    loads = [r["plan"]["load"] for r in rows if "plan" in r] or [0]
     largest = {WAYS[w][0]: max((r["shape"] for r in rows if r["way"] == w and r["outcome"] == "ok"),
                                key=list(SHAPES).index, default="none") for w in WAYS}
     notes = ("![largest model per way of training](results/largest.png)\n\n"
              + "\n".join(f"- [{i + 1}] {run}" for i, run in enumerate(runs)) + "\n"
-             + "\n".join(f"- ({i + 1}) planned at {plan}" for i, plan in enumerate(plans)) + "\n\n"
+             + "\n".join(f"- ({i + 1}) planned at {plan}" for i, plan in enumerate(plans))
+             + f" (load {min(loads)} to {max(loads)})\n\n"
              "Each row is one run in a fresh process (`load`: `uptime`'s 1-minute load at its start; `run`: its date, "
              "model dtype and command, above; rows of later runs replace earlier ones, kept in "
              "`results/largest_rows.json`). Batch 1 x 32 tokens, 2 steps, 1 eval batch, then the model saved; "
@@ -233,8 +240,9 @@ def write_table(rows: list[dict], ram_gib: float) -> None:
              "Each phase: the run's measured peak RSS (`summary.json`) / the planner's prediction for the same "
              "recipe, as `lowmem-train` checks it before a run (`--plan`'s \"host peak RSS by phase\": "
              "lowmem.planner.run_host_phases, on fake tensors, with the runtime baseline of a fresh process at "
-             "`plan` time, above; `--replan` plans every kept row again without running it); the widest gap is the "
-             "phase whose prediction is furthest from its measure. Disk: the files the run left (run directory + "
+             "`plan` time, above; `--replan` plans every kept row again without running it, so a row run before a "
+             "change of the engine is compared with the planner of after it); the widest gap is the phase whose "
+             "prediction is relatively furthest from its measure. Disk: the files the run left (run directory + "
              "NVMe tier) / the files the planner counts (lowmem.planner.disk_needs: NVMe tier, model, checkpoints). "
              "A refusal is the planner's, before anything is built or written: host RAM by phase "
              "(lowmem.planner.phases) or the files the run writes against the free disk (lowmem.planner.disk); "
@@ -245,8 +253,8 @@ def write_table(rows: list[dict], ram_gib: float) -> None:
 
 
 def side_by_side(row: dict) -> list[str]:
-    """"measured / planned" for each phase (GiB) and the disk (GiB; the rows keep the measured in GB), the planned
-    figure that refused a refused run in bold."""
+    """The cells "measured / planned" of each phase (GiB) and of the disk (GiB; the rows keep the measured in GB),
+    the planned figure that refused a refused run in bold."""
     done, plan = row["outcome"] == "ok", row.get("plan", {})
     refused = re.search(r"in the (\w+) phase", row["outcome"]) if row["outcome"].startswith("refused") else None
     cut = "disk" if row["outcome"].startswith("refused: disk") else refused and refused.group(1)
