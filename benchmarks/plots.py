@@ -80,7 +80,8 @@ def largest_ladder(rows: list[dict], out: Path, ram_gib: float) -> Path:
                     color=line.get_color() if line else None, label=None if line else f"{way} (stopped)")
     ax.axhline(ram_gib, color="gray", linestyle="--", label=f"RAM {ram_gib:.1f} GiB")
     ax.set_xscale("log")
-    ax.set_title("Build, 2 steps, eval, save: peak RSS by model size (x: did not complete; dotted: planned)")
+    ax.set_title("Build, 2 steps, eval, save: peak RSS by model size\n(solid: measured, x: did not complete; dotted: "
+                 "planned)", fontsize=10)
     return _save(fig, ax, out, xlabel="parameters (billions)", ylabel="peak RSS (GiB)")
 
 
