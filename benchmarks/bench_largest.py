@@ -7,16 +7,20 @@ byte tokenizer) and run ``lowmem-train`` on each in a fresh process: build -> 2 
 host check (lowmem.planner.phases: predicted not to fit the available RAM) or disk check (lowmem.planner.disk:
 its NVMe tier and model not fitting the free space), killed, failed or timed out.
 Reported per run: the outcome, the process's peak RSS and its peak per phase (``summary.json``'s
-``peak_rss_by_phase_gb``), the disk the run left (run directory + NVMe files) and seconds per step.
+``peak_rss_by_phase_gb``), the disk the run left (run directory + NVMe files) and seconds per step; beside
+them the planner's figures for the same recipe (:func:`planned`): the host peak per phase and the files the
+run writes, computed as ``lowmem-train`` checks them before a run (lowmem.planner.run_host_phases and
+disk_needs), on fake tensors, in this process, after the runs.
 
     python benchmarks/bench_largest.py [--shapes 0.5B,1B] [--ways adamw,zo2_nvme] [--dtype bfloat16]
                                        [--seq-len 32] [--timeout-min 60] [--workdir DIR] [--quick]
+    python benchmarks/bench_largest.py --replan    # plan every kept row again and redraw; runs nothing
 
 Each run's files are removed after it is measured. Each run's row (with the load, date and command it ran
 under) is kept in ``results/largest_rows.json``, replacing an earlier row of the same way and shape, so the
 ladder can be measured in parts; the table (``results/largest.md``) and the figure (``results/largest.png``,
-:func:`plots.largest_ladder`) are drawn from all kept rows. An offloaded run builds its model streamed (lowmem.block_source), so its weights need not
-fit in RAM; an in-memory run builds it whole.
+:func:`plots.largest_ladder`) are drawn from all kept rows. An offloaded run builds its model streamed
+(lowmem.block_source), so its weights need not fit in RAM; an in-memory run builds it whole.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from pathlib import Path
 
 import yaml
 
-from lowmem.planner import host_memory, tree_bytes
+from lowmem.planner import (PHASES, disk_needs, host_memory, model_config, plan_run, run_host_phases, tree_bytes,
+                            whole_run_plan)
+from lowmem.recipe import recipe_from_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plots  # noqa: E402
@@ -107,7 +113,7 @@ def run_one(shape: str, way: str, args) -> dict:
     row = {"shape": shape, "way": way, "params_b": round(params_of(SHAPES[shape]) / 1e9, 2),
            "wall_s": round(time.perf_counter() - t0, 1), "disk_gb": round(tree_bytes(work) / 1e9, 2),
            "load": round(load, 1), "date": datetime.date.today().isoformat(), "dtype": args.dtype,
-           "command": command_line()}
+           "seq_len": args.seq_len, "device": device(), "commit": commit(), "command": command_line()}
     summary = work / "run" / "summary.json"
     if code == 0 and summary.exists() and (work / "run" / "model").is_dir():
         s = json.loads(summary.read_text())
@@ -129,6 +135,42 @@ def run_one(shape: str, way: str, args) -> dict:
     return row
 
 
+def device() -> str:
+    """The device ``lowmem-train`` runs and plans on here (lowmem.cli.run_device without ``--device``)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def commit() -> str:
+    """The code a run or a plan used: ``git describe --always --dirty`` of this checkout."""
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip() or "?"
+
+
+def planned(row: dict) -> dict:
+    """The planner's figures for ``row``'s run, from the recipe it ran (its way, shape, dtype, sequence length and
+    device), as ``lowmem-train`` checks them before a run: the step as it will step (plan_run), the host peak RSS
+    by phase (run_host_phases, with the runtime baseline of a fresh process now) and the files written
+    (disk_needs of whole_run_plan), in GiB; with the commit, date, load and seconds it took."""
+    t0, load = time.perf_counter(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as work:  # the paths do not change the bytes
+        run = recipe_from_dict(recipe(row["shape"], row["way"], Path(work), row["dtype"], row.get("seq_len", 32)))
+        where = row.get("device", "cpu")
+        step = plan_run(run, where, suggest=False)
+        phases = run_host_phases(run, model_config(run.model), where, predicted=step)
+        files = sum(n for *_, n in disk_needs(run, whole_run_plan(run, where, step)))
+    return {"phases": {k: round(v / 2**30, 3) for k, v in phases.items()}, "disk_gib": round(files / 2**30, 2),
+            "commit": commit(), "date": datetime.date.today().isoformat(), "load": round(load, 1),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def with_plan(row: dict) -> dict:
+    row = {**row, "plan": planned(row)}
+    print(json.dumps({k: row[k] for k in ("way", "shape", "outcome", "plan")}), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated rungs, smallest first")
@@ -138,21 +180,28 @@ def main() -> None:
     parser.add_argument("--timeout-min", type=float, default=60)
     parser.add_argument("--quick", action="store_true", help="the first rung only (run_all.py --quick)")
     parser.add_argument("--workdir", default=None, help="where runs and NVMe files go (default: the temp dir)")
+    parser.add_argument("--replan", action="store_true", help="run nothing: plan every kept row again (the planner "
+                        "as it is now), rewrite the rows, the table and the figure")
     args = parser.parse_args()
     if args.quick:
         args.shapes = args.shapes.split(",")[0]
-    measured = []
-    for way in args.ways.split(","):
-        for shape in args.shapes.split(","):
-            row = run_one(shape, way, args)
-            measured.append(row)
-            if row["outcome"] != "ok":
-                break  # the next rung is larger
-    rows = merge_rows(json.loads(ROWS.read_text()) if ROWS.exists() else [], measured)
+    kept = json.loads(ROWS.read_text()) if ROWS.exists() else []
+    rows = [with_plan(r) for r in kept] if args.replan else merge_rows(kept, [with_plan(r) for r in ladder(args)])
     ROWS.write_text(json.dumps(rows, indent=1) + "\n")
     ram_gib = host_memory()[1] / 2**30
     plots.largest_ladder(rows, RESULTS_DIR / "largest.png", ram_gib=ram_gib)
     write_table(rows, ram_gib)
+
+
+def ladder(args) -> list[dict]:
+    """The measured rows: each way climbs the shapes until a rung does not complete (the next one is larger)."""
+    measured = []
+    for way in args.ways.split(","):
+        for shape in args.shapes.split(","):
+            measured.append(run_one(shape, way, args))
+            if measured[-1]["outcome"] != "ok":
+                break
+    return measured
 
 
 def merge_rows(kept: list[dict], measured: list[dict]) -> list[dict]:
@@ -164,28 +213,68 @@ def merge_rows(kept: list[dict], measured: list[dict]) -> list[dict]:
 
 def write_table(rows: list[dict], ram_gib: float) -> None:
     def run_of(r: dict) -> str:
-        return f"{r['date']}, {r['dtype']}: `{r['command']}`"
+        return f"{r['date']}, {r['dtype']}{', commit ' + r['commit'] if 'commit' in r else ''}: `{r['command']}`"
+
+    def plan_of(r: dict) -> str:
+        return f"commit {r['plan']['commit']}, {r['plan']['date']}" if "plan" in r else "not planned"
 
     runs = list(dict.fromkeys(run_of(r) for r in rows))
+    plans = list(dict.fromkeys(plan_of(r) for r in rows))
     table = markdown_table(
-        ["way", "shape", "params (B)", "outcome", "peak RSS (GiB)", "peak RSS by phase (GiB)", "disk (GB)", "s/step",
-         "load", "run"],
-        [[WAYS[r["way"]][0], r["shape"], r["params_b"], r["outcome"], r.get("peak_rss_gb", "-"),
-          ", ".join(f"{k} {v}" for k, v in r.get("phases", {}).items()) or "-", r["disk_gb"],
-          r.get("s_per_step", "-"), r["load"], f"[{runs.index(run_of(r)) + 1}]"] for r in rows])
+        ["way", "shape", "params (B)", "outcome", *(f"{p} (GiB)" for p in PHASES), "disk (GiB)",
+         "widest gap (planned/measured \u2212 1)", "s/step", "load", "run, plan"],
+        [[WAYS[r["way"]][0], r["shape"], r["params_b"], r["outcome"], *side_by_side(r), widest_gap(r),
+          r.get("s_per_step", "-"), r["load"], f"[{runs.index(run_of(r)) + 1}] ({plans.index(plan_of(r)) + 1})"]
+         for r in rows])
+    loads = [r["plan"]["load"] for r in rows if "plan" in r] or [0]
     largest = {WAYS[w][0]: max((r["shape"] for r in rows if r["way"] == w and r["outcome"] == "ok"),
                                key=list(SHAPES).index, default="none") for w in WAYS}
     notes = ("![largest model per way of training](results/largest.png)\n\n"
-             + "\n".join(f"- [{i + 1}] {run}" for i, run in enumerate(runs)) + "\n\n"
+             + "\n".join(f"- [{i + 1}] {run}" for i, run in enumerate(runs)) + "\n"
+             + "\n".join(f"- ({i + 1}) planned at {plan}" for i, plan in enumerate(plans))
+             + f" (load {min(loads)} to {max(loads)})\n\n"
              "Each row is one run in a fresh process (`load`: `uptime`'s 1-minute load at its start; `run`: its date, "
              "model dtype and command, above; rows of later runs replace earlier ones, kept in "
              "`results/largest_rows.json`). Batch 1 x 32 tokens, 2 steps, 1 eval batch, then the model saved; "
              "offloaded runs with a 2 GiB host budget, the rest of the blocks (and first-order states) on NVMe. "
+             "Each phase: the run's measured peak RSS (`summary.json`) / the planner's prediction for the same "
+             "recipe, as `lowmem-train` checks it before a run (`--plan`'s \"host peak RSS by phase\": "
+             "lowmem.planner.run_host_phases, on fake tensors, with the runtime baseline of a fresh process at "
+             "`plan` time, above; `--replan` plans every kept row again without running it, so a row run before a "
+             "change of the engine is compared with the planner of after it); the widest gap is the phase whose "
+             "prediction is relatively furthest from its measure. Disk: the files the run left (run directory + "
+             "NVMe tier) / the files the planner counts (lowmem.planner.disk_needs: NVMe tier, model, checkpoints). "
              "A refusal is the planner's, before anything is built or written: host RAM by phase "
-             "(lowmem.planner.phases) or the files the run writes against the free disk (lowmem.planner.disk). "
+             "(lowmem.planner.phases) or the files the run writes against the free disk (lowmem.planner.disk); "
+             "the planned figure that refused it is in bold (as planned now; the outcome quotes the run's). "
              f"RAM: {ram_gib:.1f} GiB. Largest completed shape: "
              + "; ".join(f"{k}: {v}" for k, v in largest.items()) + ".")
     write_result("largest", "Largest model per way of training (bench_largest.py)", table, notes)
+
+
+def side_by_side(row: dict) -> list[str]:
+    """The cells "measured / planned" of each phase (GiB) and of the disk (GiB; the rows keep the measured in GB),
+    the planned figure that refused a refused run in bold."""
+    done, plan = row["outcome"] == "ok", row.get("plan", {})
+    refused = re.search(r"in the (\w+) phase", row["outcome"]) if row["outcome"].startswith("refused") else None
+    cut = "disk" if row["outcome"].startswith("refused: disk") else refused and refused.group(1)
+
+    def pair(what: str, measured: float | None, planned: float | None) -> str:
+        shown = "-" if planned is None else f"{planned:.2f}"
+        return f"{'-' if measured is None else f'{measured:.2f}'} / {f'**{shown}**' if what == cut else shown}"
+
+    phases = [pair(p, row.get("phases", {}).get(p) if done else None, plan.get("phases", {}).get(p)) for p in PHASES]
+    return phases + [pair("disk", row["disk_gb"] * 1e9 / 2**30 if done else None, plan.get("disk_gib"))]
+
+
+def widest_gap(row: dict) -> str:
+    """The phase whose planned peak is relatively furthest from the measured one: "eval -17%"."""
+    measured, planned = row.get("phases", {}), row.get("plan", {}).get("phases", {})
+    gaps = {p: planned[p] / measured[p] - 1 for p in PHASES if measured.get(p) and p in planned}
+    if row["outcome"] != "ok" or not gaps:
+        return "-"
+    phase = max(gaps, key=lambda p: abs(gaps[p]))
+    return f"{phase} {gaps[phase]:+.0%}".replace("-", "\u2212")
 
 
 if __name__ == "__main__":

@@ -66,18 +66,22 @@ def loss_curves(run_dirs: list[Path], out: Path) -> Path | None:
 
 def largest_ladder(rows: list[dict], out: Path, ram_gib: float) -> Path:
     """Peak RSS (GiB) against parameters (B) per way of training; a rung that did not complete is an
-    ``x`` on the RAM line."""
+    ``x`` on the RAM line; dotted, the planned peak (the largest planned phase) of every rung planned."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for way in dict.fromkeys(r["way"] for r in rows):
         done = [(r["params_b"], r["peak_rss_gb"]) for r in rows if r["way"] == way and r["outcome"] == "ok"]
         line = ax.plot(*zip(*done), marker="o", label=way)[0] if done else None
+        plan = [(r["params_b"], max(r["plan"]["phases"].values())) for r in rows if r["way"] == way and "plan" in r]
+        if plan:
+            ax.plot(*zip(*plan), linestyle=":", marker=".", color=line.get_color() if line else None)
         stopped = [r["params_b"] for r in rows if r["way"] == way and r["outcome"] != "ok"]
         if stopped:
             ax.plot(stopped, [ram_gib] * len(stopped), "x", markersize=10,
                     color=line.get_color() if line else None, label=None if line else f"{way} (stopped)")
     ax.axhline(ram_gib, color="gray", linestyle="--", label=f"RAM {ram_gib:.1f} GiB")
     ax.set_xscale("log")
-    ax.set_title("Build, 2 steps, eval, save: peak RSS by model size (x: did not complete)")
+    ax.set_title("Build, 2 steps, eval, save: peak RSS by model size\n(solid: measured, x: did not complete; dotted: "
+                 "planned)", fontsize=10)
     return _save(fig, ax, out, xlabel="parameters (billions)", ylabel="peak RSS (GiB)")
 
 

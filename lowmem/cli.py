@@ -85,8 +85,8 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
     the ``LOCAL_WORLD_SIZE`` processes on this host must fit together: each builds the whole model and holds
     its own phases, except under FSDP2, where only rank 0 reads the weights (:func:`host_together`)."""
     from lowmem.models import model_source
-    from lowmem.planner import (format_phases, host_memory, host_phases, host_refusal, host_together, model_config, plan,
-                                plan_run, processes_of, runtime_baseline_bytes, weight_bytes)
+    from lowmem.planner import (format_phases, host_memory, host_refusal, host_together, model_config, processes_of,
+                                run_host_phases, weight_bytes)
     from lowmem.steps.fsdp import loads_on_rank0
 
     if recipe.model.lora is not None or recipe.model.quantize is not None:
@@ -104,12 +104,7 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
         return
     if recipe.model.path is not None and not args.plan:
         model_source(recipe.model.path, "model.path")  # an unreachable model is said first, in its own line
-    device = run_device(args)
-    step = predicted if predicted is not None and predicted.device == device \
-        else plan_run(recipe, device, processes=args.processes, suggest=False)  # FSDP2: one rank's step
-    forward = plan(recipe, device, suggest=False, forward_only=True) \
-        if device == "cpu" and not recipe.offload.enabled else None
-    phases = host_phases(recipe, config, step, runtime_baseline_bytes(config.model_type), forward)
+    phases = run_host_phases(recipe, config, run_device(args), args.processes, predicted)  # FSDP2: one rank's
     holds_rank0 = int(os.environ.get("RANK", "0")) == int(os.environ.get("LOCAL_RANK", "0"))  # this host's first is 0
     together = host_together(phases, local, loads_on_rank0(recipe, processes_of(args.processes)), holds_rank0)
     print(format_phases(together) + (f" (the {local} processes on this host together)" if local > 1 else ""),
@@ -123,15 +118,14 @@ def check_disk(recipe, args: argparse.Namespace, predicted=None) -> None:
     """The files the run writes (:mod:`lowmem.planner.disk`: the NVMe tier, the model, the checkpoints) against
     the free space where they go: printed with ``--plan``; a run that does not fit is refused in one line,
     unless ``--force``. Planned only when a bound without a plan does not fit (:func:`fits_unplanned`)."""
-    from lowmem.planner import disk_needs, disk_refusal, fits_unplanned, model_config, plan, reused_dirs
+    from lowmem.planner import disk_needs, disk_refusal, fits_unplanned, model_config, reused_dirs, whole_run_plan
 
     device = run_device(args)
     try:
         config = model_config(recipe.model)
         if fits_unplanned(recipe, config) and not args.plan:
             return
-        whole = predicted if predicted is not None and predicted.device == device and predicted.processes == 1 \
-            else plan(recipe, device, suggest=False)  # the whole run's files, under FSDP2 too
+        whole = whole_run_plan(recipe, device, predicted)  # the whole run's files, under FSDP2 too
     except Exception:  # noqa: BLE001 - a model the planner cannot read: the run itself says why, in one line
         if args.plan:
             raise

@@ -11,7 +11,8 @@ One package, one public interface (this module): :func:`plan` and its :class:`Pl
 * :mod:`lowmem.planner.fake_base`: LoRA adapters and a bitsandbytes base on fake tensors;
 * :mod:`lowmem.planner.phases`: the host's peak in each phase of a run (build, step, eval, save);
 * :mod:`lowmem.planner.disk`: the files a run writes (NVMe tier, model, checkpoints) against the free space;
-* :mod:`lowmem.planner.run`: the plan of a run as its step class declares it (:func:`plan_run`).
+* :mod:`lowmem.planner.run`: the plan of a run as its step class declares it (:func:`plan_run`), its host phases
+  (:func:`run_host_phases`) and the plan its files are counted from (:func:`whole_run_plan`).
 
 It sits above build/trainer (it builds the run's step object) and below the CLI and the tools.
 """
@@ -23,7 +24,7 @@ from lowmem.planner.disk import disk_needs, disk_refusal, fits_unplanned, reused
 from lowmem.planner.fsdp import plan_fsdp2, processes_of
 from lowmem.planner.phases import (PHASES, format_phases, host_memory, host_phases, host_refusal, host_together,
                                    weight_bytes)
-from lowmem.planner.run import plan_run
+from lowmem.planner.run import plan_run, run_host_phases, whole_run_plan
 from lowmem.planner.trace import fake_model, trace_phases, trace_step
 from lowmem.planner.zo2 import zo2_device_buffers
 from lowmem.recipe import with_overrides
@@ -31,5 +32,5 @@ from lowmem.recipe import with_overrides
 __all__ = ["CHANGES", "PHASES", "adapter_imports", "config_section", "disk_needs", "disk_refusal", "fake_model",
            "fits_unplanned", "format_phases", "format_plan", "host_memory", "host_phases", "host_refusal",
            "model_config", "Plan", "plan", "plan_fsdp2", "plan_run", "processes_of", "refusal", "reused_dirs",
-           "runtime_baseline_bytes", "suggestions", "trace_phases", "trace_step", "tree_bytes", "weight_bytes",
-           "with_overrides", "zo2_device_buffers"]
+           "run_host_phases", "runtime_baseline_bytes", "suggestions", "trace_phases", "trace_step", "tree_bytes", "weight_bytes",
+           "whole_run_plan", "with_overrides", "zo2_device_buffers"]
