@@ -85,12 +85,10 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
     the ``LOCAL_WORLD_SIZE`` processes on this host must fit together: each builds the whole model and holds
     its own phases, except under FSDP2, where only rank 0 reads the weights (:func:`host_together`)."""
     from lowmem.models import model_source
-    from lowmem.planner import (format_phases, host_memory, host_phases, host_refusal, host_together, model_config, plan,
-                                plan_run, processes_of, runtime_baseline_bytes, weight_bytes)
+    from lowmem.planner import (adapter_imports, format_phases, host_memory, host_phases, host_refusal, host_together,
+                                model_config, plan, plan_run, processes_of, runtime_baseline_bytes, weight_bytes)
     from lowmem.steps.fsdp import loads_on_rank0
 
-    if recipe.model.lora is not None or recipe.model.quantize is not None:
-        return  # the phases model the model's own weights, not adapters or a quantized base
     available, total = host_memory()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the launcher's processes on this host, each this big
     try:
@@ -109,7 +107,8 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
         else plan_run(recipe, device, processes=args.processes, suggest=False)  # FSDP2: one rank's step
     forward = plan(recipe, device, suggest=False, forward_only=True) \
         if device == "cpu" and not recipe.offload.enabled else None
-    phases = host_phases(recipe, config, step, runtime_baseline_bytes(config.model_type), forward)
+    runtime = runtime_baseline_bytes(config.model_type, adapter_imports(recipe.model))
+    phases = host_phases(recipe, config, step, runtime, forward)
     holds_rank0 = int(os.environ.get("RANK", "0")) == int(os.environ.get("LOCAL_RANK", "0"))  # this host's first is 0
     together = host_together(phases, local, loads_on_rank0(recipe, processes_of(args.processes)), holds_rank0)
     print(format_phases(together) + (f" (the {local} processes on this host together)" if local > 1 else ""),

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import psutil
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lowmem.dtypes import DTYPES
-from lowmem.models import streamable
+from lowmem.planner.trace import fake_model, held_tensors
 from lowmem.recipe import Recipe
 from lowmem.structure import block_container
 
@@ -61,6 +62,20 @@ def _sizes(config, dtype: torch.dtype) -> tuple[int, int, int]:
     return weights, block, max(p.numel() for p in model.parameters()) * size
 
 
+def held_bytes(recipe: Recipe, config) -> tuple[int, int]:
+    """(the weights the model object holds, the largest tensor its save writes from them) in bytes, of the model
+    as :func:`lowmem.models.load_model` returns it, built on fake tensors by the planner (:func:`fake_model`):
+    a frozen 4/8-bit base's codes and constants, the fp32 norms and embeddings of peft's k-bit preparation,
+    LoRA adapters, int8 payloads and scales. A LoRA model saves its adapters only (bound: its largest trained
+    tensor)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = fake_model(recipe.model, config)
+        held = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in held_tensors(model)}
+        saved = [t.untyped_storage().nbytes() for t in model.parameters() if t.requires_grad] \
+            if recipe.model.lora is not None else list(held.values())
+    return sum(held.values()), max(saved, default=0)
+
+
 def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=None) -> dict[str, int]:
     """Predicted host peak RSS (bytes) of each of :data:`PHASES`; ``step_plan``: the run's step plan on its
     device, ``forward_plan``: the no-grad forward's (used in memory on the CPU), ``runtime``: ``R``."""
@@ -88,23 +103,27 @@ def host_phases(recipe: Recipe, config, step_plan, runtime: int, forward_plan=No
     staging = step_plan.totals.get("nvme_staging", 0) if offload and not host and not cpu else 0
     step = step_plan.peak_bytes if cpu else runtime + (step_plan.host_rss_bytes - step_plan.host_runtime_bytes
                                                       if host else kept + staging)
+    streamed = runtime + outside + 2 * block + fp32(largest)
     if offload:
         resident = runtime + kept + (outside + step_plan.parts.get("transfer_buffers", 0) if cpu else staging)
         save = resident + part
         # first order: the masters stream through the NVMe stores' read and write buffers; ZO2: its step
         nvme = step_plan.totals.get("nvme_masters", 0) > 0
         evaluation = resident + nvme * (2 * recipe.offload.prefetch_depth + 3) * fp32(block) if host else step
-    else:
-        resident = runtime + (weights + state if cpu else 0)
-        save = resident + largest
-        evaluation = (forward_plan.peak_bytes + state) if cpu and forward_plan is not None else resident
-    streamed = runtime + outside + 2 * block + fp32(largest)
-    if offload and streamable(recipe.model):
-        build = streamed + built
-    elif recipe.model.config is not None and size < 4:  # in memory, filled block by block
-        build = max(streamed, runtime + weights + fp32(block))
-    else:
-        build = runtime + weights
+        return {"build": streamed + built, "step": step, "eval": evaluation, "save": save}
+    held, saved = held_bytes(recipe, config)
+    resident = runtime + (held + state if cpu else 0)
+    # int8 weights save dequantized: every fp32 weight at once (lowmem.int8_weights)
+    save = resident + (weights if recipe.model.dtype == "int8" else saved)
+    evaluation = (forward_plan.peak_bytes + state) if cpu and forward_plan is not None else resident
+    # the model in its dtype, built from a config (filled block by block) or read
+    whole = max(streamed, runtime + weights + fp32(block)) if recipe.model.config is not None and size < 4 \
+        else runtime + weights
+    if recipe.model.quantize is None:  # then adapters, or int8 payloads in its place
+        build = max(whole, runtime + held)
+    else:  # built in memory: saved for the quantized load; then peft casts each 16-bit tensor to fp32
+        written = whole + largest if recipe.model.config is not None or recipe.model.gguf_file else 0
+        build = max(written, runtime + (held if cpu else 0) + largest)
     return {"build": build, "step": step, "eval": evaluation, "save": save}
 
 
