@@ -95,7 +95,8 @@ sys.exit(main(sys.argv[2:]))
 """
 # block weights near the runtime's size (191M parameters, 364 MiB in bf16), a small embedding: the base's bytes
 # decide (a 4-bit base held as 16 bits would put the save 30% over)
-BLOCKS_MODEL = {**TINY_MODEL, "dtype": "bfloat16", "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+BLOCKS_MODEL = {**TINY_MODEL, "dtype": "bfloat16",
+                "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
                 "config": {**TINY_MODEL["config"], "hidden_size": 1024, "intermediate_size": 2816,
                            "num_hidden_layers": 16, "num_attention_heads": 8, "num_key_value_heads": 4,
                            "vocab_size": 2048, "tie_word_embeddings": True}}
