@@ -103,8 +103,13 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
     if recipe.model.path is not None and not args.plan:
         model_source(recipe.model.path, "model.path")  # an unreachable model is said first, in its own line
     device = run_device(args)
-    step = predicted if predicted is not None and predicted.device == device \
-        else plan_run(recipe, device, processes=args.processes, suggest=False)  # FSDP2: one rank's step
+    try:
+        step = predicted if predicted is not None and predicted.device == device \
+            else plan_run(recipe, device, processes=args.processes, suggest=False)  # FSDP2: one rank's step
+    except ValueError:  # a step the planner cannot plan (FSDP2 with LoRA): unchecked, as check_disk does
+        if args.plan:
+            raise
+        return
     forward = plan(recipe, device, suggest=False, forward_only=True) \
         if device == "cpu" and not recipe.offload.enabled else None
     runtime = runtime_baseline_bytes(config.model_type, adapter_imports(recipe.model))

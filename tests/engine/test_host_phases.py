@@ -1,6 +1,7 @@
 """The host's predicted peak RSS per phase (build, step, eval, save): printed by --plan; a run predicted not to
 fit the RAM available (psutil) is refused in one line before anything is built, unless --force."""
 
+import argparse
 import collections
 import json
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import lowmem.planner
 import lowmem.planner.disk as disk
 import lowmem.planner.phases as phases
-from lowmem.cli import main
+from lowmem.cli import check_host, main
 from lowmem.planner import adapter_imports, disk_needs, model_config, plan, runtime_baseline_bytes
 from lowmem.recipe import load_recipe
 from tests.engine.conftest import TINY_MODEL
@@ -68,7 +69,7 @@ def test_each_phase_is_predicted_within_15_percent(tiny_recipe, tmp_path, offloa
 BUILD_NEEDED = """
 import json, sys, threading
 import lowmem.trainer as trainer
-from lowmem.cli import main
+from lowmem.cli import check_host, main
 
 def rss(field):
     with open("/proc/self/status") as f:
@@ -190,6 +191,18 @@ def test_under_fsdp2_a_host_holds_the_whole_model_once():
     assert phases.host_refusal(fsdp, 20 * gib, 32 * gib, 4) is None
     refused = phases.host_refusal(phases.host_together(one, 4, False, True), 20 * gib, 32 * gib, 4)
     assert "40.00 GiB (4 processes on this host) in the build phase" in refused
+
+
+def test_a_step_the_planner_cannot_plan_leaves_the_host_unchecked(tiny_recipe, little_ram, monkeypatch):
+    """FSDP2 with LoRA has no step plan (lowmem.planner.fsdp): a model large enough to check is not refused with
+    the planner's error; the check is skipped (the disk check does the same), and --plan says why."""
+    recipe = load_recipe(tiny_recipe(model={"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}},
+                                     train={"distributed": "fsdp2"}))
+    monkeypatch.setattr(lowmem.planner, "weight_bytes", lambda recipe, config: (2**40, 0, 0))
+    args = argparse.Namespace(plan=False, force=False, device="cpu", processes=None)
+    assert check_host(recipe, args) is None
+    with pytest.raises(ValueError, match="FSDP2 plan does not model LoRA"):
+        check_host(recipe, argparse.Namespace(**{**vars(args), "plan": True}))
 
 
 def test_a_disk_that_fills_during_a_run_ends_it_in_one_line_naming_the_file(tiny_recipe, tmp_path, capsys,
