@@ -104,7 +104,8 @@ BLOCKS_MODEL = {**TINY_MODEL, "dtype": "bfloat16",
                            "vocab_size": 2048, "tie_word_embeddings": True}}
 
 
-@pytest.mark.parametrize("quantize,from_files", [(None, False), ({"bits": 4, "type": "nf4", "double_quant": True}, True),
+@pytest.mark.parametrize("quantize,from_files", [(None, False),
+                                                ({"bits": 4, "type": "nf4", "double_quant": True}, True),
                                                 ({"bits": 8}, False)], ids=["lora", "lora_nf4_files", "lora_int8"])
 def test_each_phase_is_predicted_with_lora_and_a_quantized_base(tiny_recipe, tmp_path, quantize, from_files):
     """LoRA on a bf16 base and on a frozen 4/8-bit one (issue 27's QLoRA; NF4 read from safetensors files and
