@@ -61,8 +61,8 @@ def _nf4_lora_step(s: Shapes) -> dict:
                      {"gradient_checkpointing": True, "lora": LORA,
                       "quantize": {"bits": 4, "type": "nf4", "double_quant": True}})
     started = time.perf_counter()
-    model = quantize_model(host_model(s.llama, torch.bfloat16), QuantizeSection(bits=4, type="nf4", double_quant=True),
-                           torch.bfloat16)
+    model = quantize_model(lambda: host_model(s.llama, torch.bfloat16),
+                           QuantizeSection(bits=4, type="nf4", double_quant=True), torch.bfloat16)
     load_s = time.perf_counter() - started
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = select_trained(model, recipe.model).train()

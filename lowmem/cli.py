@@ -89,8 +89,6 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
                                 run_host_phases, weight_bytes)
     from lowmem.steps.fsdp import loads_on_rank0
 
-    if recipe.model.lora is not None or recipe.model.quantize is not None:
-        return  # the phases model the model's own weights, not adapters or a quantized base
     available, total = host_memory()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the launcher's processes on this host, each this big
     try:
@@ -104,7 +102,12 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
         return
     if recipe.model.path is not None and not args.plan:
         model_source(recipe.model.path, "model.path")  # an unreachable model is said first, in its own line
-    phases = run_host_phases(recipe, config, run_device(args), args.processes, predicted)  # FSDP2: one rank's
+    try:
+        phases = run_host_phases(recipe, config, run_device(args), args.processes, predicted)  # FSDP2: one rank's
+    except ValueError:  # a step the planner cannot plan: unchecked, as check_disk does
+        if args.plan:
+            raise
+        return
     holds_rank0 = int(os.environ.get("RANK", "0")) == int(os.environ.get("LOCAL_RANK", "0"))  # this host's first is 0
     together = host_together(phases, local, loads_on_rank0(recipe, processes_of(args.processes)), holds_rank0)
     print(format_phases(together) + (f" (the {local} processes on this host together)" if local > 1 else ""),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import importlib.util
 import json
 import os
@@ -224,7 +225,7 @@ def load_model(section: ModelSection, streamed: bool = False, on_meta: bool = Fa
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         if streamed:
             return _prepared(build_streamed(config, section.seed, dtype), section)
-        model = build_in_memory(config, section.seed, dtype)
+        build = functools.partial(build_in_memory, config, section.seed, dtype)
     elif section.quantize is not None and not section.gguf_file:  # quantized as the weights are read
         return _prepared(load_quantized(model_source(section.path, "model.path"), section.quantize, dtype), section)
     else:
@@ -234,13 +235,17 @@ def load_model(section: ModelSection, streamed: bool = False, on_meta: bool = Fa
         model = load_streamed(source, dtype, section.gguf_file) if streamed else None
         if model is not None:
             return _prepared(model, section)
-        kwargs = {"gguf_file": section.gguf_file} if section.gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-        if section.gguf_file:
-            model = _plain_copy(model)
-    if section.quantize is not None:
-        model = quantize_model(model, section.quantize, dtype)
-    return _prepared(model, section)
+        build = functools.partial(_read, source, dtype, section.gguf_file)
+    # a quantized base: the 16-bit model is dropped before its quantized copy is loaded (never both held)
+    return _prepared(build() if section.quantize is None else quantize_model(build, section.quantize, dtype), section)
+
+
+def _read(source: str, dtype, gguf_file: str | None):
+    """``from_pretrained(source)`` in ``dtype``; a GGUF file de-quantized and copied into a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **({"gguf_file": gguf_file} if gguf_file else {}))
+    return _plain_copy(model) if gguf_file else model
 
 
 def _prepared(model, section: ModelSection):

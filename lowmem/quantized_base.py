@@ -69,11 +69,15 @@ def load_quantized(source: str, quantize: QuantizeSection, dtype: torch.dtype):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def quantize_model(model, quantize: QuantizeSection, dtype: torch.dtype):
-    """A model already in memory (config-built, or dequantized from GGUF), quantized the same way:
-    written to a temporary directory and loaded back through :func:`load_quantized`."""
+def quantize_model(build, quantize: QuantizeSection, dtype: torch.dtype):
+    """The model ``build()`` makes in memory (config-built, or de-quantized from GGUF), quantized the same way:
+    written to a temporary directory, dropped, and loaded back through :func:`load_quantized`. Taking the
+    builder, not the model, lets the 16-bit model go before the quantized one is loaded: a caller holding it
+    would keep both (measured on a 127M-parameter NF4 config: the build's anonymous peak 0.87 GiB, now 0.72;
+    its VmHWM 1.12, now 0.88 GiB, with about 0.25 GiB of checkpoint pages mapped while they are read)."""
     from safetensors.torch import save_model
 
+    model = build()
     name = model.config.name_or_path
     with tempfile.TemporaryDirectory(prefix="lowmem-quantize-") as tmp:
         # not save_pretrained: under a launcher transformers writes only on rank 0, and every process loads

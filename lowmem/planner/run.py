@@ -10,7 +10,7 @@ from __future__ import annotations
 from lowmem.optim.registry import get_spec
 from lowmem.planner.fsdp import plan_fsdp2
 from lowmem.planner.phases import host_phases
-from lowmem.planner.plan import Plan, plan, runtime_baseline_bytes
+from lowmem.planner.plan import Plan, adapter_imports, plan, runtime_baseline_bytes
 from lowmem.recipe import Recipe
 from lowmem.steps import step_class
 
@@ -32,7 +32,8 @@ def run_host_phases(recipe: Recipe, config, device: str, processes: int | None =
         else plan_run(recipe, device, processes=processes, suggest=False)
     forward = plan(recipe, device, suggest=False, forward_only=True) \
         if device == "cpu" and not recipe.offload.enabled else None
-    return host_phases(recipe, config, step, runtime_baseline_bytes(config.model_type), forward)
+    return host_phases(recipe, config, step, runtime_baseline_bytes(config.model_type, adapter_imports(recipe.model)),
+                       forward)
 
 
 def whole_run_plan(recipe: Recipe, device: str, predicted: Plan | None = None) -> Plan:

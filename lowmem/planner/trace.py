@@ -150,15 +150,20 @@ def fake_model(section, config):
         return select_trained(model, section).train()
 
 
+def held_tensors(model) -> list[torch.Tensor]:
+    """What a built model holds: its parameters (a tied one once), buffers and quantization constants."""
+    return list({id(p): p for p in model.parameters()}.values()) + list(model.buffers()) + \
+        quantization_constants(model)
+
+
 def _build_on_fake(recipe: Recipe, config, tracker: _LiveBytes):
     """Model (+ WTA-CRS, lean modules), optimizer and the trainer's step object, built by the engine's
     own functions on fake tensors."""
     model = fake_model(recipe.model, config)
     apply_activations(model, recipe.activations, recipe.train.seed)
-    params = list({id(p): p for p in model.parameters()}.values())
-    for t in params + list(model.buffers()) + quantization_constants(model):
+    for t in held_tensors(model):
         tracker.add(t, "weights")
-    trainable = [p for p in params if p.requires_grad]
+    trainable = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
 
     def gradient_done(p) -> None:
         tracker.add(p.grad, "gradients")
