@@ -102,12 +102,7 @@ def check_host(recipe, args: argparse.Namespace, predicted=None) -> None:
         return
     if recipe.model.path is not None and not args.plan:
         model_source(recipe.model.path, "model.path")  # an unreachable model is said first, in its own line
-    try:
-        phases = run_host_phases(recipe, config, run_device(args), args.processes, predicted)  # FSDP2: one rank's
-    except ValueError:  # a step the planner cannot plan: unchecked, as check_disk does
-        if args.plan:
-            raise
-        return
+    phases = run_host_phases(recipe, config, run_device(args), args.processes, predicted)  # FSDP2: one rank's
     holds_rank0 = int(os.environ.get("RANK", "0")) == int(os.environ.get("LOCAL_RANK", "0"))  # this host's first is 0
     together = host_together(phases, local, loads_on_rank0(recipe, processes_of(args.processes)), holds_rank0)
     print(format_phases(together) + (f" (the {local} processes on this host together)" if local > 1 else ""),

@@ -75,7 +75,8 @@ def test_processes_come_from_the_flag_or_the_launcher(monkeypatch):
 
 def test_rank_peak_rss_within_15_percent_on_two_processes(tmp_path):
     recipes = {name: make_recipe(tmp_path, "train.distributed=fsdp2", *overrides, config=WIDE) for name, overrides in
-               [("adamw", ["optim.name=adamw"]), ("apollo", ["optim.name=apollo", "optim.args={rank: 16}"])]}
+               [("adamw", ["optim.name=adamw"]), ("apollo", ["optim.name=apollo", "optim.args={rank: 16}"]),
+                ("lora", ["optim.name=adamw", "model.lora={r: 16}"])]}
     paths = []
     for name, recipe in recipes.items():
         paths.append(tmp_path / f"{name}.yaml")

@@ -97,9 +97,6 @@ def plan_fsdp2(recipe: Recipe, processes: int, device: str = "cpu", device_memor
     """The predicted peak of one rank (rank 0, the largest shards) of ``recipe`` under FSDP2 on
     ``processes`` processes, ``device`` as in :func:`lowmem.planner.plan` (cpu: peak RSS with the runtime
     baseline of a process that imported FSDP2 too; cuda: peak allocated)."""
-    if recipe.model.lora is not None:
-        raise ValueError("model.lora: the FSDP2 plan does not model LoRA adapters (plan one process without "
-                         "train.distributed: fsdp2 for an upper bound)")
     config = model_config(recipe.model)
     recipe = config_section(recipe, config)
     n = processes_of(processes)
