@@ -95,11 +95,13 @@ def test_saved_adapter_holds_the_trained_parameters(tiny_recipe, tmp_path, model
 
 
 def test_lora_mezo_resume_is_bit_exact(tiny_recipe, tmp_path):
-    recipe = tiny_recipe(model={**TINY_MODEL, "lora": LORA}, optim=OPTIMS["mezo"])
+    """LoRA with trained norms: the checkpoint holds both, so the resumed run saves the same adapter and norms."""
+    recipe = tiny_recipe(model={**TINY_MODEL, "lora": LORA, "trainable": ["*norm*"]}, optim=OPTIMS["mezo"])
     whole, broken = whole_and_resumed(recipe, tmp_path)
     assert _losses(broken) == _losses(whole)
     a = load_file(whole / "model" / "adapter_model.safetensors")
     b = load_file(broken / "model" / "adapter_model.safetensors")
+    assert any("norm" in k for k in a) and any("lora_" in k for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
