@@ -41,10 +41,13 @@ def add_modules_to_save(model: torch.nn.Module, directory: Path) -> None:
     modules = modules_to_save(model)
     if not modules:
         return
-    tensors = load_file(directory / WEIGHTS)
-    for name, module in modules.items():  # each its own copy: safetensors refuses shared storage
-        tensors.update({f"{name}.{k}": v.detach().to("cpu", copy=True).contiguous()
-                        for k, v in module.state_dict().items()})
+    tensors, seen = load_file(directory / WEIGHTS), set()
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            value = value.detach().to("cpu").contiguous()
+            storage = value.untyped_storage().data_ptr()  # safetensors refuses shared storage: a tied
+            tensors[f"{name}.{key}"] = value.clone() if storage in seen else value  # tensor's second owner copies
+            seen.add(storage)
     save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
     config = json.loads((directory / CONFIG).read_text())
     names = sorted({*(config.get("modules_to_save") or []), *(n.removeprefix(PREFIX) for n in modules)})
