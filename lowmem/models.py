@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from unittest import mock
 from urllib.parse import urlparse
 
+from lowmem.adapter_save import add_modules_to_save
 from lowmem.block_loading import load_streamed
 from lowmem.block_source import build_in_memory, build_streamed
 from lowmem.dtypes import float_dtype
@@ -279,6 +280,8 @@ def save_pretrained(model, tokenizer, directory: Path) -> None:
     with mock.patch.object(accelerate_other, "is_deepspeed_available", lambda: False) if probe \
             else contextlib.nullcontext():
         model.save_pretrained(directory, safe_serialization=True)
+    if hasattr(model, "peft_config"):  # a LoRA run: the other trained parameters join the adapter
+        add_modules_to_save(model, Path(directory))
     tokenizer.save_pretrained(directory)
 
 

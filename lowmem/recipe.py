@@ -63,7 +63,8 @@ class ModelSection(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward")
     seed: int = Field(0, description="Seed of a config-built model's initialisation")
     lora: LoraSection | None = Field(None, description="Train LoRA adapters (peft) instead of the weights; "
-                                                       "the saved model is the adapter")
+                                                       "the saved model is the adapter (with model.trainable's "
+                                                       "modules as peft's modules_to_save)")
     trainable: list[str] | None = Field(None, description="Glob patterns on parameter names (e.g. '*norm*'): "
                                                           "train only these (with lora: these plus the adapters)")
     quantize: QuantizeSection | None = Field(None, description="Frozen quantized base ({bits: 4, type: nf4, "

@@ -9,6 +9,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from conftest import TINY_MODEL
+from test_trainable import assert_peft_reloads_the_trained_model
 
 from lowmem.models import load_model
 from lowmem.recipe import ModelSection, RecipeError, load_recipe
@@ -95,6 +96,14 @@ def test_lora_on_a_quantized_base_trains_only_the_adapters(tiny_recipe, quantize
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert len(changed) == 2 * 2 * 2 and all("lora_" in n for n in changed)
     assert summary["eval_loss"] != summary["eval_loss_before"]
+
+
+def test_saved_adapter_on_a_4bit_base_holds_the_trained_norms(tiny_recipe, tmp_path):
+    """LoRA with trained norms (peft's k-bit preparation holds them in fp32) on a 4-bit base: peft reloads them
+    with the adapters onto the same quantized base."""
+    recipe = tiny_recipe(model={**QMODEL, "quantize": NF4, "lora": LORA, "trainable": ["*norm*"]},
+                         optim={"name": "adamw", "lr": 1e-2}, train={"steps": 2, "checkpoint_every": 0})
+    assert_peft_reloads_the_trained_model(recipe, tmp_path / "run")
 
 
 def test_mezo_perturbs_only_the_adapters(tiny_recipe):

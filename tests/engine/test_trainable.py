@@ -1,5 +1,6 @@
 """What is trained: ``model.trainable`` globs and ``model.lora`` (peft) adapters, with a first-order
-and a zeroth-order optimizer; a LoRA + MeZO run resumes bit-exactly."""
+and a zeroth-order optimizer; a LoRA + MeZO run resumes bit-exactly; peft reloads the saved adapter with
+the other trained parameters as the model that was trained."""
 
 import json
 
@@ -9,7 +10,9 @@ from conftest import TINY_MODEL
 from safetensors.torch import load_file
 from test_trainer import _cli, _losses, whole_and_resumed
 
+from lowmem.build import lm_metrics
 from lowmem.model_save import saved_tensors
+from lowmem.models import load_model
 from lowmem.recipe import load_recipe
 from lowmem.trainer import Trainer
 
@@ -57,12 +60,48 @@ def test_lora_with_extra_trainable_globs(tiny_recipe):
     assert changed == {n for n in names if "lora_" in n or n.endswith("model.norm.weight")}
 
 
+def assert_peft_reloads_the_trained_model(recipe_path, run_dir) -> None:
+    """Train ``recipe_path`` (LoRA with ``model.trainable``), then load its base and saved adapter with
+    ``PeftModel.from_pretrained``: the same eval loss (to 1e-6) and the same trained non-adapter tensors,
+    which peft holds in its ``modules_to_save`` copies."""
+    from peft import PeftModel
+
+    recipe = load_recipe(recipe_path)
+    trainer = Trainer(recipe, progress=False)
+    summary = trainer.train()
+    extra = {n: p for n, p in trainer.run.model.named_parameters() if p.requires_grad and "lora_" not in n}
+    base = load_model(recipe.model.model_copy(update={"lora": None, "trainable": None}))
+    loaded = PeftModel.from_pretrained(base, run_dir / "model").eval()
+    with torch.no_grad():
+        losses = [lm_metrics(loaded, batch)["eval_loss"] for batch in trainer.run.eval_batches]
+    assert abs(torch.stack(losses).mean().item() - summary["eval_loss"]) <= 1e-6
+    assert summary["eval_loss"] != summary["eval_loss_before"]
+    weights = dict(loaded.named_parameters())
+    for name, p in extra.items():
+        owner, leaf = name.rsplit(".", 1)
+        assert torch.equal(weights[f"{owner}.modules_to_save.default.{leaf}"], p.detach()), name
+
+
+TIED = {**TINY_MODEL["config"], "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("model", [{"trainable": ["*norm*"]},
+                                   {"config": TIED, "trainable": ["*embed_tokens*", "*model.norm.weight"]}])
+def test_saved_adapter_holds_the_trained_parameters(tiny_recipe, tmp_path, model):
+    """The norms (tied embeddings: ``lm_head`` saved with ``embed_tokens``) trained beside the adapters."""
+    recipe = tiny_recipe(model={**TINY_MODEL, "lora": LORA, **model}, optim=OPTIMS["adamw"],
+                         train={"steps": 2, "checkpoint_every": 0})
+    assert_peft_reloads_the_trained_model(recipe, tmp_path / "run")
+
+
 def test_lora_mezo_resume_is_bit_exact(tiny_recipe, tmp_path):
-    recipe = tiny_recipe(model={**TINY_MODEL, "lora": LORA}, optim=OPTIMS["mezo"])
+    """LoRA with trained norms: the checkpoint holds both, so the resumed run saves the same adapter and norms."""
+    recipe = tiny_recipe(model={**TINY_MODEL, "lora": LORA, "trainable": ["*norm*"]}, optim=OPTIMS["mezo"])
     whole, broken = whole_and_resumed(recipe, tmp_path)
     assert _losses(broken) == _losses(whole)
     a = load_file(whole / "model" / "adapter_model.safetensors")
     b = load_file(broken / "model" / "adapter_model.safetensors")
+    assert any("norm" in k for k in a) and any("lora_" in k for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
