@@ -103,6 +103,18 @@ def _scratch(like: torch.Tensor) -> torch.Tensor:
     return buf[: like.numel()]
 
 
+def release_scratch() -> None:
+    """Drop this thread's scratch buffers (the fake mode's, under the planner's trace); the next ``view``
+    allocates again. Called at the end of an in-memory zeroth-order step (:mod:`lowmem.steps.zeroth_order`):
+    kept, the largest parameter's buffer (a 128256 x 1024 bf16 embedding: 250 MiB) stayed resident through
+    the eval and the save, which hold no noise (issue 27); the price is one allocation per step."""
+    from torch._guards import detect_fake_mode
+
+    owner = detect_fake_mode() or _local
+    if getattr(owner, "lowmem_noise_scratch", None):
+        owner.lowmem_noise_scratch = {}
+
+
 @torch.no_grad()
 def restore_decay_step_(tensor: torch.Tensor, z: torch.Tensor, restore: float, decay: float, alpha: float) -> None:
     """``tensor += restore z`` (its own add, so the restored value rounds as the perturbation did),

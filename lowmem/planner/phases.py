@@ -23,9 +23,11 @@ blocks)::
             maps while transformers reads it are left out: clean page cache, counted in VmHWM while mapped but
             reclaimed under pressure (a 4-bit 70B base loads on a host smaller than its 16-bit files)
     step  : the step's plan on the CPU; on a GPU: R + H (+ the engines' host buffers: ZO2's NVMe staging)
-    eval  : in memory on the CPU: the no-grad forward's plan + S; first-order offloaded: what stays (as for the
-            save, below) + (2 depth + 3) fp32 blocks when masters are on NVMe (the stores' read-ahead and write
-            buffers, resident once a step has used them); ZO2: as its step (its eval streams the same blocks)
+    eval  : in memory on the CPU: the no-grad forward's plan + S (a zeroth-order step's noise buffer, the size
+            of the largest parameter, is dropped when the step ends: lowmem.optim.zo_noise.release_scratch);
+            first-order offloaded: what stays (as for the save, below) + (2 depth + 3) fp32 blocks when masters
+            are on NVMe (the stores' read-ahead and write buffers, resident once a step has used them); ZO2: as
+            its step (its eval streams the same blocks)
     save  : in memory: what stays (R + M + S on the CPU, R on a GPU) + the largest tensor written (safetensors
             0.8 writes each tensor from its own memory: at most one is copied, to make it contiguous; LoRA
             writes its adapters only; int8 weights are written dequantized, the L fp32 blocks at once); offloaded

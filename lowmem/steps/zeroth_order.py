@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
+from lowmem.optim.zo_noise import release_scratch
 from lowmem.steps.base import MicroBatch, Step, eval_mode
 from lowmem.steps.layerwise import check_layerwise
 
@@ -62,4 +63,5 @@ class ZerothOrderStep(Step):
         self.on_phase("forward")
         with eval_mode(self.model):
             loss = self.optimizer.step(closure)
+        release_scratch()  # the noise's buffer is not held through an eval or a save
         return (math.nan if self.optimizer.last_step_skipped else float(loss)), None
