@@ -41,14 +41,15 @@ def make_recipe(tmp_path, *overrides, config=MEDIUM, batch=2, seq=128):
 
 
 def measure_in_process(recipe) -> dict:
-    """Real tensors: parameter bytes, gradient bytes before step, state bytes after."""
+    """Real tensors: parameter bytes (all, and the trained ones), gradient bytes before step, state bytes after."""
     from lowmem.models import load_model
     from lowmem.build import recipe_step, sample_batch
 
     model = load_model(recipe.model)
     stepper, _ = recipe_step(recipe, model)
     params = list({id(p): p for p in model.parameters()}.values())
-    out = {"weights": sum(tensor_bytes(t) for t in params + list(model.buffers())), "gradients": 0}
+    out = {"weights": sum(tensor_bytes(t) for t in params + list(model.buffers())), "gradients": 0,
+           "trained": sum(tensor_bytes(p) for p in params if p.requires_grad)}
 
     def on_phase(phase):
         if phase == "step":

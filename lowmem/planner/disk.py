@@ -9,9 +9,10 @@ state)::
 
     nvme        : the plan's ``nvme_files``: first order, the blocks' (and moved embeddings') fp32 masters and
                   states beyond offload.host_memory_budget_gb; ZO2, the blocks' host copies beyond it
-    model       : P, when output.save_model (LoRA: the adapters only, taken as 0)
+    model       : P, when output.save_model (LoRA: the trained tensors ``P_t``, the plan's ``trained``: the
+                  adapters and what model.trainable trains beside them)
     checkpoints : min(keep_checkpoints + 1, steps // checkpoint_every) x (P, or P32 first-order offloaded
-                  (its checkpoints hold the fp32 masters), LoRA 0) + S) -- the newest is written whole
+                  (its checkpoints hold the fp32 masters), LoRA P_t) + S) -- the newest is written whole
                   before the oldest is removed
 
 Files the run rewrites or rotates out count as free (:func:`reused_dirs`: the NVMe tier's, and a resumed run's
@@ -33,7 +34,8 @@ from lowmem.recipe import Recipe
 def disk_needs(recipe: Recipe, step_plan) -> list[tuple[str, str, int]]:
     """[(what, directory, bytes)] the run will write (see the module docstring); empty entries left out."""
     train, out = recipe.train, recipe.output.dir
-    weights = 0 if recipe.model.lora is not None else step_plan.totals.get("weights", 0)
+    # LoRA: the adapter file holds the trained tensors (adapters, and modules model.trainable trains beside them)
+    weights = step_plan.totals.get("trained" if recipe.model.lora is not None else "weights", 0)
     needs = [("the NVMe tier", recipe.offload.nvme_dir, step_plan.totals.get("nvme_files", 0))]
     if recipe.output.save_model:
         needs.append(("the model", out, weights))

@@ -247,7 +247,7 @@ def _trace(recipe: Recipe, config, batch_factor: int, forward_only: bool, device
         states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         states = list({tracker.token(v): v for v in states}.values())
         grads = sum(tensor_bytes(p) for p in model.parameters() if p.requires_grad)
-    totals = {"weights": weights, "gradients": 0 if zeroth_order else grads,
+    totals = {"weights": weights, "gradients": 0 if zeroth_order else grads, "trained": grads,
               "optimizer_states": sum(tensor_bytes(v) for v in states)}
     return tracker, totals, states
 

@@ -133,6 +133,16 @@ def test_each_phase_is_predicted_with_lora_and_a_quantized_base(tiny_recipe, tmp
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), (ratios, {p: m / 2**20 for p, m in measured.items()})
 
 
+def test_a_lora_run_writes_what_it_trained(tiny_recipe, tmp_path):
+    """LoRA with trained norms: the adapter file and the checkpoint hold the adapters and the norms (and the
+    checkpoint their state), as lowmem.planner.disk plans them (it counted a LoRA run's files as 0 bytes)."""
+    config = {**TINY_MODEL["config"], "hidden_size": 256, "intermediate_size": 512}  # adapters well above headers
+    path = tiny_recipe(model={"config": config, "lora": {"r": 64, "target_modules": ["q_proj", "v_proj"]},
+                              "trainable": ["*norm*"]}, train={"steps": 2, "checkpoint_every": 2, "eval_batches": 1})
+    assert main([path, "--quiet"]) == 0
+    _assert_disk_as_planned(load_recipe(path), tmp_path)
+
+
 def _assert_disk_as_planned(recipe, tmp_path):
     """What the run left on disk (the NVMe tier, the model, its checkpoint) against lowmem.planner.disk's needs,
     each within 15% and 16 KiB (file headers, the tokenizer, the run's JSON: a few KiB on this tiny model)."""
