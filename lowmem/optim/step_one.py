@@ -34,7 +34,7 @@ def all_finite(t: torch.Tensor) -> bool:
     allocates 1.25x the bytes of an fp32 ``t`` (135 MiB for SmolLM2's embedding gradient), and a bf16/fp16
     ``t.sum(dtype=torch.float32)`` copies ``t`` to fp32 inside the CPU kernel, where the planner's trace does not
     see it: 128 MiB on a 65536 x 512 bf16 embedding gradient, the layer-wise step's measured peak above its
-    plan (issue 27)."""
+    plan."""
     if t.numel() == 0:
         return True
     low, high = torch.aminmax(t)

@@ -107,7 +107,7 @@ def release_scratch() -> None:
     """Drop this thread's scratch buffers (the fake mode's, under the planner's trace); the next ``view``
     allocates again. Called at the end of an in-memory zeroth-order step (:mod:`lowmem.steps.zeroth_order`):
     kept, the largest parameter's buffer (a 128256 x 1024 bf16 embedding: 250 MiB) stayed resident through
-    the eval and the save, which hold no noise (issue 27); the price is one allocation per step."""
+    the eval and the save, which hold no noise; the price is one allocation per step."""
     from torch._guards import detect_fake_mode
 
     owner = detect_fake_mode() or _local
