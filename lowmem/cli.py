@@ -234,7 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if summary is not None and main_rank:
         print(json.dumps(summary, indent=2))
+    end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Under a launcher: once every rank is here, end the process group, the run's objects gone first (a gloo
+    group alive at exit can abort the process, "terminate called without an active exception")."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
